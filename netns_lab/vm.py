@@ -1,0 +1,285 @@
+"""Throw-away kernel-lab VM: run one command under the distribution kernel with virtme-ng.
+
+Owns how a command gets from this machine into a VM and how its result comes back. The
+running kernel may lack gretap, 802.1Q, bonding, VRF or VLAN-filtering bridges (see
+``netns_lab.features``) and may not be able to load modules. virtme-ng boots the
+distribution's kernel (``/boot/vmlinuz-*``, Debian package linux-image-amd64) in qemu with
+this machine's file system as the guest's root, read-only: the same checkout and the same
+``.venv`` run inside, so there is no image to build. One directory (``rwdir``) is shared
+read-write; the guest script, the exit code and any artefacts (junit XML, captures) pass
+through it.
+
+Inside the guest, before the command runs: the kernel modules of the data plane are
+loaded, loopback is up, Python is told not to write into the read-only tree, and
+``OPENHNV_IN_VM=1`` tells tests and ``hnv-lab`` where they are.
+
+    python -m netns_lab.vm -- python -m pytest tests/kernel
+    result = run_in_vm(["python", "-m", "pytest", "tests/kernel"])
+
+Boot costs ~25-40 s without KVM: callers boot once per batch of work, not per test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from netns_lab.features import MODULES
+
+# The checkout: netns_lab/ sits at its top.
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+IN_VM_ENV = "OPENHNV_IN_VM"
+RWDIR_ENV = "OPENHNV_VM_RWDIR"
+KVM_ENV = "OPENHNV_VM_KVM"  # "0" or "1" overrides the KVM check
+
+EXIT_CODE_FILE = "exit-code"
+GUEST_SCRIPT_FILE = "guest.sh"
+
+# Loaded in the guest besides MODULES; missing ones are fine (tc netem for impairment).
+OPTIONAL_MODULES: tuple[str, ...] = ("sch_netem",)
+
+
+def in_vm() -> bool:
+    """True inside a VM started by :func:`run_in_vm`."""
+    return os.environ.get(IN_VM_ENV) == "1"
+
+
+def _version_key(release: str) -> list[tuple[int, int | str]]:
+    # "6.1.0-56-amd64" -> numbers compare as numbers, the rest as text.
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in re.split(r"[.\-+~]", release)]
+
+
+def newest_kernel(boot: Path = Path("/boot"), modules: Path = Path("/lib/modules")) -> Path:
+    """The newest ``vmlinuz-<release>`` whose modules are installed (the guest loads them)."""
+    candidates = [
+        p for p in boot.glob("vmlinuz-*")
+        if (modules / p.name.removeprefix("vmlinuz-")).is_dir()
+    ]
+    if not candidates:
+        raise FileNotFoundError(
+            f"no kernel with modules in {boot} and {modules}: install linux-image-amd64"
+        )
+    return max(candidates, key=lambda p: _version_key(p.name.removeprefix("vmlinuz-")))
+
+
+def kvm_usable() -> bool:
+    """Whether qemu can run a vCPU under KVM here.
+
+    ``/dev/kvm`` can exist, open and even create VMs and vCPUs on hosts where qemu then
+    aborts at the first register write (nested virtualisation without the MSRs qemu
+    sets, "failed to set MSR 0x10a"). So ask qemu itself: start a paused microvm with
+    ``-cpu host`` and quit from the monitor; ~40 ms either way.
+    """
+    override = os.environ.get(KVM_ENV)
+    if override in ("0", "1"):
+        return override == "1"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK) or not shutil.which("qemu-system-x86_64"):
+        return False
+    try:
+        proc = subprocess.run(
+            ["qemu-system-x86_64", "-accel", "kvm", "-cpu", "host", "-M", "microvm",
+             "-m", "64", "-nodefaults", "-display", "none", "-monitor", "stdio", "-S"],
+            input="quit\n", capture_output=True, text=True, timeout=20, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
+def _venv_bin() -> Path:
+    # sys.executable is <venv>/bin/python when run from the venv; keep the symlink path.
+    return Path(sys.executable).parent
+
+
+def _find_vng() -> str:
+    local = _venv_bin() / "vng"
+    if local.exists():
+        return str(local)
+    found = shutil.which("vng")
+    if not found:
+        raise FileNotFoundError("vng not found: pip install -e '.[test]' (virtme-ng)")
+    return found
+
+
+def guest_script(
+    command: Sequence[str] | str,
+    *,
+    rwdir: Path,
+    cwd: Path = CHECKOUT,
+    env: Mapping[str, str] | None = None,
+) -> str:
+    """The shell script the guest runs: set-up, the command, the exit code into ``rwdir``.
+
+    ``command`` is an argv list (quoted here) or a shell command line (used as is).
+    """
+    cmdline = command if isinstance(command, str) else shlex.join(command)
+    modules = " ".join((*MODULES, *OPTIONAL_MODULES))
+    guest_env = {
+        IN_VM_ENV: "1",
+        RWDIR_ENV: str(rwdir),
+        # The tree is read-only in the guest: no bytecode, no pytest cache, and a
+        # writable home and hypothesis database on the guest's own tmpfs.
+        "HOME": "/tmp/openhnv-home",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTEST_ADDOPTS": "-p no:cacheprovider",
+        "HYPOTHESIS_STORAGE_DIRECTORY": "/tmp/openhnv-home/hypothesis",
+        "PATH": f"{_venv_bin()}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        **(env or {}),
+    }
+    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in guest_env.items())
+    rc_file = shlex.quote(str(rwdir / EXIT_CODE_FILE))
+    return f"""\
+#!/bin/sh
+# Generated by netns_lab.vm: runs inside the throw-away VM.
+# Modules first: the command may expect gretap, VLAN, bond, VRF devices to be creatable
+# without relying on autoload. A module the kernel lacks is not fatal here; the feature
+# probe inside the tests says what is missing.
+for m in {modules}; do modprobe -q "$m" 2>/dev/null || true; done
+ip link set lo up
+mkdir -p /run/netns
+{exports}
+mkdir -p "$HOME" "$HYPOTHESIS_STORAGE_DIRECTORY"
+cd {shlex.quote(str(cwd))} || {{ echo 126 > {rc_file}; exit 126; }}
+{cmdline}
+rc=$?
+# Written to the shared directory as well: some vng versions lose the guest's exit code.
+echo "$rc" > {rc_file}
+sync
+exit "$rc"
+"""
+
+
+def vng_command(
+    script: Path,
+    *,
+    rwdir: Path,
+    kernel: Path,
+    kvm: bool,
+    memory: str = "2G",
+    cpus: int = 2,
+) -> list[str]:
+    """The ``vng`` argv that boots ``kernel`` and runs ``script`` with ``rwdir`` writable."""
+    cmd = [_find_vng(), "--run", str(kernel)]
+    if not kvm:
+        cmd.append("--disable-kvm")
+    cmd += [
+        "--memory", memory,
+        "--cpus", str(cpus),
+        "--rwdir", str(rwdir),
+        "--cwd", str(CHECKOUT),
+        "--exec", f"sh {shlex.quote(str(script))}",
+    ]
+    return cmd
+
+
+@dataclass(frozen=True)
+class VMResult:
+    """What came back from the guest."""
+
+    returncode: int  # the command's exit code, or vng's when the command never finished
+    completed: bool  # the command ran to the end and reported its exit code
+    rwdir: Path  # shared directory; holds the exit code and any artefacts
+    seconds: float  # wall time including boot
+    kvm: bool
+    output: str | None = None  # stdout+stderr when run with capture=True
+
+
+def run_in_vm(
+    command: Sequence[str] | str,
+    *,
+    rwdir: Path | None = None,
+    cwd: Path = CHECKOUT,
+    env: Mapping[str, str] | None = None,
+    kernel: Path | None = None,
+    memory: str = "2G",
+    cpus: int = 2,
+    timeout: float | None = None,
+    capture: bool = False,
+) -> VMResult:
+    """Boot a throw-away VM, run ``command`` in ``cwd`` as root, return its result.
+
+    Output streams to this process's stdout/stderr unless ``capture`` is set. ``rwdir``
+    (created under the system temp dir when not given, and left for the caller) is
+    writable inside the guest at the same path; the guest also finds it in
+    ``$OPENHNV_VM_RWDIR``.
+    """
+    if rwdir is None:
+        rwdir = Path(tempfile.mkdtemp(prefix="openhnv-vm-"))
+    rwdir = rwdir.resolve()
+    rwdir.mkdir(parents=True, exist_ok=True)
+    rc_file = rwdir / EXIT_CODE_FILE
+    rc_file.unlink(missing_ok=True)
+    script = rwdir / GUEST_SCRIPT_FILE
+    script.write_text(guest_script(command, rwdir=rwdir, cwd=cwd, env=env))
+
+    kvm = kvm_usable()
+    argv = vng_command(script, rwdir=rwdir, kernel=kernel or newest_kernel(),
+                       kvm=kvm, memory=memory, cpus=cpus)
+    # vng calls virtme-run by name: the venv's bin must be on PATH.
+    host_env = dict(os.environ, PATH=f"{_venv_bin()}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+    started = time.monotonic()
+    # A session of its own, so a timeout can stop vng and its qemu together.
+    proc = subprocess.Popen(
+        argv, env=host_env, cwd=CHECKOUT, start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.STDOUT if capture else None,
+        text=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+    seconds = time.monotonic() - started
+
+    try:
+        returncode, completed = int(rc_file.read_text().strip()), True
+    except (OSError, ValueError):
+        # The guest never reported: boot failure, crash or timeout. Never report success.
+        returncode, completed = (proc.returncode or 1), False
+    return VMResult(returncode, completed, rwdir, seconds, kvm, output if capture else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m netns_lab.vm",
+        description="Run a command as root inside a throw-away VM booting the distribution kernel.",
+    )
+    parser.add_argument("--kernel", type=Path, help="kernel image (default: newest /boot/vmlinuz-*)")
+    parser.add_argument("--memory", default="2G")
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--rwdir", type=Path, help="directory shared read-write (default: a temp dir, removed afterwards)")
+    parser.add_argument("--timeout", type=float, help="seconds before the VM is killed")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given")
+
+    kernel = args.kernel or newest_kernel()
+    print(f"vm: booting {kernel} to run: {shlex.join(command)}", file=sys.stderr, flush=True)
+    result = run_in_vm(command, rwdir=args.rwdir, kernel=kernel, memory=args.memory,
+                       cpus=args.cpus, timeout=args.timeout)
+    how = "exit code" if result.completed else "guest did not report; vng exit code"
+    print(f"vm: {how} {result.returncode} after {result.seconds:.0f} s "
+          f"({'KVM' if result.kvm else 'TCG, no KVM'})", file=sys.stderr)
+    if args.rwdir is None:
+        shutil.rmtree(result.rwdir, ignore_errors=True)
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
