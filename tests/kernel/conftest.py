@@ -1,0 +1,37 @@
+"""kernel tier: needs gretap, 802.1Q, bonding, VRF and VLAN-filtering bridges.
+
+When the running kernel lacks any of them, every test of the tier fails with a message
+saying so and how to run the tier in a VM (``python -m tests.run_tiers kernel`` or
+``make test`` do that by themselves). Never skipped: a skipped kernel tier would look
+like a passing one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from netns_lab import features, vm
+
+
+@pytest.fixture(scope="session")
+def kernel_tier_problem() -> str | None:
+    if os.geteuid() != 0:
+        return "the kernel tier needs root: run `sudo make test`"
+    results = features.probe_details()
+    lacking = [r for r in results.values() if not r.present]
+    if not lacking:
+        return None
+    what = ", ".join(f"{r.name} ({r.reason})" for r in lacking)
+    if vm.in_vm():
+        return f"even the VM's kernel lacks: {what}"
+    return (f"the running kernel ({os.uname().release}) lacks: {what}. "
+            "Run this tier in a VM with the distribution kernel: "
+            "`python -m tests.run_tiers kernel` (or `make test`)")
+
+
+@pytest.fixture(autouse=True)
+def _require_kernel_tier(kernel_tier_problem: str | None) -> None:
+    if kernel_tier_problem:
+        pytest.fail(kernel_tier_problem, pytrace=False)

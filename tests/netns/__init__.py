@@ -1,0 +1,1 @@
+"""netns tier: root and the running kernel's namespaces, veth, bridges, VXLAN."""
