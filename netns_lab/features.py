@@ -102,14 +102,23 @@ def probe_details(load_modules: bool = True) -> dict[str, FeatureResult]:
         return {n: FeatureResult(n, False, reason) for n in KERNEL_TIER_FEATURES}
     proc = subprocess.run([*_unshare_prefix(), "sh", "-c", _probe_script()],
                           capture_output=True, text=True, check=False, timeout=30)
+    return parse_probe_output(proc.stdout, proc.stderr)
+
+
+def parse_probe_output(stdout: str, stderr: str = "") -> dict[str, FeatureResult]:
+    """Results from the probe script's "<feature> ok|fail <reason>" lines.
+
+    No lines at all means the namespace could not be made (``unshare`` failed, its
+    stderr says why): then every feature is reported missing with that reason.
+    """
     results: dict[str, FeatureResult] = {}
-    for line in proc.stdout.splitlines():
+    for line in stdout.splitlines():
         name, _, rest = line.partition(" ")
         status, _, reason = rest.partition(" ")
         if name in _CHECKS:
             results[name] = FeatureResult(name, status == "ok", reason.strip())
-    namespace_ok = bool(results)  # the script printed, so the namespace was made
-    reason = "" if namespace_ok else (proc.stderr.strip().splitlines() or ["unshare failed"])[0]
+    namespace_ok = bool(results)
+    reason = "" if namespace_ok else (stderr.strip().splitlines() or ["unshare failed"])[0]
     results["netns"] = FeatureResult("netns", namespace_ok, reason)
     for name in _CHECKS:
         results.setdefault(name, FeatureResult(name, False, reason or "not probed"))

@@ -152,7 +152,10 @@ mkdir -p /run/netns
 {exports}
 mkdir -p "$HOME" "$HYPOTHESIS_STORAGE_DIRECTORY"
 cd {shlex.quote(str(cwd))} || {{ echo 126 > {rc_file}; exit 126; }}
+# In a subshell: an `exit` in a shell command line must still reach the lines below.
+(
 {cmdline}
+)
 rc=$?
 # Written to the shared directory as well: some vng versions lose the guest's exit code.
 echo "$rc" > {rc_file}
