@@ -1,0 +1,277 @@
+"""The lab topology: which hosts, clusters, NICs and switch VLANs the lab builds.
+
+Owns the YAML model of a lab (pydantic, every refusal names the field and the reason),
+the derived names the builder and the other lab commands share (namespaces, switch
+ports, the controller's URL), and loading the default topology: the seed walkthrough's
+fabric, shipped as ``netns_lab/topologies/seed.yaml``. It is plain data: this module
+never touches the kernel and never starts a process (mininet's and containerlab's
+habit: the topology is separate from the code that builds it).
+
+    topology = load_topology()                 # the seed fabric
+    topology = load_topology(Path("my.yaml"))  # raises TopologyError("field: reason", ...)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import Counter
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Iterator
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    IPvAnyNetwork,
+    ValidationError,
+    model_validator,
+)
+
+from agent.state import IfName, VlanId, describe_validation_error
+
+SEED_TOPOLOGY = "seed.yaml"
+
+# Network namespace names live as files in /run/netns: no '/', not '.', not '..'.
+_NAMESPACE_FORBIDDEN = set("/ \t\n")
+
+
+def _check_namespace_name(value: str) -> str:
+    if not value or value in (".", "..") or any(c in _NAMESPACE_FORBIDDEN for c in value):
+        raise ValueError(f"{value!r} cannot name a network namespace (no '/', white space, '.' or '..')")
+    if len(value) > 64:
+        raise ValueError(f"{value!r} is longer than 64 characters")
+    return value
+
+
+NodeName = Annotated[str, AfterValidator(_check_namespace_name)]
+
+
+class ClusterRole(StrEnum):
+    """What a cluster is for in the walkthrough (the seed's three clusters)."""
+
+    management = "management"  # runs the controller (the VMM server)
+    vlan = "vlan"  # tenants isolated by VLAN (part I's HOSTCLUSTER)
+    virtualization = "virtualization"  # tenants isolated by network virtualisation
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SwitchSpec(_Model):
+    """The physical switch: one VLAN-filtering bridge in a namespace of its own.
+
+    Every host NIC is a trunk port: ``native_vlan`` untagged (the management network),
+    ``trunk_vlans`` tagged.
+    """
+
+    namespace: NodeName = "lab-switch"
+    bridge: IfName = "br0"
+    native_vlan: VlanId = 1
+    trunk_vlans: tuple[VlanId, ...] = (802, 100, 101)
+
+    @model_validator(mode="after")
+    def _vlans_distinct(self) -> SwitchSpec:
+        if self.native_vlan in self.trunk_vlans:
+            raise ValueError(
+                f"trunk_vlans: VLAN {self.native_vlan} is the native VLAN; "
+                "a port carries it untagged, not tagged as well"
+            )
+        twice = [vlan for vlan, count in Counter(self.trunk_vlans).items() if count > 1]
+        if twice:
+            raise ValueError(f"trunk_vlans: VLAN {twice[0]} is listed twice")
+        return self
+
+
+class HostSpec(_Model):
+    """One Hyper-V host: a namespace with NICs cabled to the switch."""
+
+    name: NodeName
+    address: IPvAnyAddress  # management address, first on nics[0] as on a fresh host
+    nics: tuple[IfName, ...] = ("eth0", "eth1")
+    # Switch-side port names are "<port_prefix>-<nic>" (IFNAMSIZ allows 15 bytes, too
+    # few for "CON-HyperV6-eth0"); default "h<position of the host in the file>".
+    port_prefix: str | None = Field(default=None, min_length=1, max_length=10)
+
+    @model_validator(mode="after")
+    def _nics_distinct(self) -> HostSpec:
+        if not self.nics:
+            raise ValueError("nics: a host needs at least one NIC")
+        twice = [nic for nic, count in Counter(self.nics).items() if count > 1]
+        if twice:
+            raise ValueError(f"nics: NIC {twice[0]} is listed twice")
+        return self
+
+
+class ClusterSpec(_Model):
+    name: str = Field(min_length=1, max_length=64)
+    host_group: str = Field(min_length=1, max_length=64)
+    role: ClusterRole
+    hosts: tuple[HostSpec, ...]
+
+    @model_validator(mode="after")
+    def _has_hosts(self) -> ClusterSpec:
+        if not self.hosts:
+            raise ValueError(f"hosts: cluster {self.name} has no host")
+        return self
+
+
+class ManagementSpec(_Model):
+    """The management network: untagged on the switch's native VLAN."""
+
+    subnet: IPvAnyNetwork = ipaddress.ip_network("10.0.0.0/24")
+
+
+class ControllerSpec(_Model):
+    """Where the controller (the VMM server) runs: a host of the management cluster."""
+
+    host: NodeName
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class AgentSpec(_Model):
+    metrics_port: int = Field(default=9477, ge=1, le=65535)
+
+
+class Topology(_Model):
+    name: str = Field(default="seed", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
+    switch: SwitchSpec = SwitchSpec()
+    management: ManagementSpec = ManagementSpec()
+    controller: ControllerSpec
+    agent: AgentSpec = AgentSpec()
+    clusters: tuple[ClusterSpec, ...]
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Topology:
+        if not self.clusters:
+            raise ValueError("clusters: a lab needs at least one cluster")
+        names: dict[str, str] = {self.switch.namespace: "switch.namespace"}
+        addresses: dict[object, str] = {}
+        prefixes: dict[str, str] = {}
+        for path, host in self._host_paths():
+            if host.name in names:
+                raise ValueError(f"{path}.name: {host.name} is already used by {names[host.name]}")
+            names[host.name] = f"{path}.name"
+            if host.address not in self.management.subnet:
+                raise ValueError(
+                    f"{path}.address: {host.address} is outside the management subnet "
+                    f"{self.management.subnet}"
+                )
+            net = self.management.subnet
+            if host.address in (net.network_address, net.broadcast_address):
+                raise ValueError(f"{path}.address: {host.address} is not a host address of {net}")
+            if host.address in addresses:
+                raise ValueError(f"{path}.address: {host.address} is already {addresses[host.address]}'s")
+            addresses[host.address] = host.name
+            prefix = self.port_prefix(host)
+            if prefix in prefixes:
+                raise ValueError(f"{path}.port_prefix: {prefix} is already {prefixes[prefix]}'s")
+            prefixes[prefix] = host.name
+            for j, nic in enumerate(host.nics):
+                port = f"{prefix}-{nic}"
+                if len(port.encode()) > 15:
+                    raise ValueError(
+                        f"{path}.nics[{j}]: switch port name {port} is over the kernel's 15 bytes; "
+                        "shorten the NIC name or set port_prefix"
+                    )
+        controller_host = self.host(self.controller.host)
+        if controller_host is None:
+            raise ValueError(f"controller.host: {self.controller.host} is not a host of any cluster")
+        if self.cluster_of(controller_host.name).role is not ClusterRole.management:
+            raise ValueError(
+                f"controller.host: {self.controller.host} is not in a cluster with role management"
+            )
+        return self
+
+    # --- derived names, shared by build, processes, demo, capture and graph ---------------
+
+    def _host_paths(self) -> Iterator[tuple[str, HostSpec]]:
+        for i, cluster in enumerate(self.clusters):
+            for j, host in enumerate(cluster.hosts):
+                yield f"clusters[{i}].hosts[{j}]", host
+
+    @property
+    def hosts(self) -> tuple[HostSpec, ...]:
+        return tuple(host for cluster in self.clusters for host in cluster.hosts)
+
+    def host(self, name: str) -> HostSpec | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+    def cluster_of(self, host_name: str) -> ClusterSpec:
+        return next(c for c in self.clusters if any(h.name == host_name for h in c.hosts))
+
+    def clusters_with_role(self, role: ClusterRole) -> tuple[ClusterSpec, ...]:
+        return tuple(c for c in self.clusters if c.role is role)
+
+    def port_prefix(self, host: HostSpec) -> str:
+        if host.port_prefix:
+            return host.port_prefix
+        return f"h{[h.name for h in self.hosts].index(host.name) + 1}"
+
+    def switch_port(self, host: HostSpec, nic: str) -> str:
+        """The switch-side end of ``host``'s ``nic`` (``h6-eth0`` for CON-HyperV6 eth0)."""
+        return f"{self.port_prefix(host)}-{nic}"
+
+    def management_interface(self, host: HostSpec) -> str:
+        return f"{host.address}/{self.management.subnet.prefixlen}"
+
+    @property
+    def controller_address(self) -> str:
+        host = self.host(self.controller.host)
+        assert host is not None  # validated
+        return str(host.address)
+
+    @property
+    def controller_url(self) -> str:
+        address = self.controller_address
+        if ":" in address:
+            address = f"[{address}]"
+        return f"http://{address}:{self.controller.port}"
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """Every namespace the lab builds itself (agents add the VMs' on top)."""
+        return (self.switch.namespace, *(h.name for h in self.hosts))
+
+
+class TopologyError(ValueError):
+    """A topology file was refused; ``problems`` holds one 'field: reason' line each."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def parse_topology(text: str, source: str = "<topology>") -> Topology:
+    """Validate YAML text; raise TopologyError naming each bad field and why."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TopologyError(source, [f"not valid YAML: {exc}"]) from None
+    if not isinstance(document, dict):
+        raise TopologyError(source, ["the top level must be a mapping (name, switch, clusters, ...)"])
+    try:
+        return Topology.model_validate(document)
+    except ValidationError as exc:
+        raise TopologyError(source, describe_validation_error(exc)) from None
+
+
+def seed_topology_text() -> str:
+    return resources.files("netns_lab.topologies").joinpath(SEED_TOPOLOGY).read_text()
+
+
+def load_topology(path: Path | None = None) -> Topology:
+    """The topology in ``path``, or the seed's fabric when ``path`` is None."""
+    if path is None:
+        return parse_topology(seed_topology_text(), f"netns_lab/topologies/{SEED_TOPOLOGY}")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TopologyError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
+    return parse_topology(text, str(path))
