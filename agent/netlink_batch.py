@@ -257,13 +257,14 @@ def _create_in_netns(netns: str | None, factory: Callable[[], socket.socket]) ->
     return result["socket"]  # type: ignore[return-value]
 
 
-def _open_rtnetlink() -> socket.socket:
+def _open_rtnetlink(receive_buffer: int) -> socket.socket:
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
+    for force, plain, size in ((33, socket.SO_RCVBUF, receive_buffer),  # SO_RCVBUFFORCE
+                               (32, socket.SO_SNDBUF, _SOCKET_BUFFER)):  # SO_SNDBUFFORCE
         try:
-            sock.setsockopt(socket.SOL_SOCKET, force, _SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
         except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, plain, _SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
     # CAP_ACK: acks carry only the failed request's header, not the whole request.
     # EXT_ACK: errors carry the kernel's own one-line reason ("FDB entry ... ").
     for option in (NETLINK_CAP_ACK, NETLINK_EXT_ACK):
@@ -286,10 +287,14 @@ class NeighbourSocket:
     Not thread-safe: one caller at a time (the agent's applier).
     """
 
-    def __init__(self, netns: str | None = None, bufsize: int = 1 << 20):
+    def __init__(self, netns: str | None = None, bufsize: int = 1 << 20, *,
+                 receive_buffer: int = _SOCKET_BUFFER):
+        """``netns``: a name in /run/netns or a path (/proc/PID/ns/net); None: ours.
+        ``bufsize``: bytes per sendmsg and per receive. ``receive_buffer``: the socket's
+        receive queue (acks); the kernel may round it."""
         self.netns = netns
         self.bufsize = bufsize
-        self._sock = _create_in_netns(netns, _open_rtnetlink)
+        self._sock = _create_in_netns(netns, lambda: _open_rtnetlink(receive_buffer))
         self._recv_buffer = bytearray(max(bufsize, 1 << 16))
         self._seq = 0
 
