@@ -1,0 +1,240 @@
+"""A typed client of the controller's REST API (controller/API.md), over httpx.
+
+Used by hnvctl, the lab and the benchmarks. One `ControllerClient` keeps one HTTP
+connection pool; every call returns the controller's own models (`controller.models`
+stored objects, `Lease`, `agent.state.LookupRecord`, `HostSync`) or raises:
+
+- `ApiRefused` for a 4xx: the controller's `error`, `field` and `reason`, the status;
+- `ControllerUnavailable` for a refused connection, a time-out or a 5xx.
+
+This module owns HTTP mechanics (URLs, tokens, status codes, JSON decoding). It holds no
+fabric rules and never prints; it never logs the token.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+
+from agent.state import HostState, LookupRecord
+from controller.models import STORED_OF, Kind, Lease, VirtualSwitch, Vm
+
+DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
+
+
+class ControllerError(Exception):
+    """Anything that kept a request from being answered with success."""
+
+
+class ApiRefused(ControllerError):
+    """The controller refused the request (4xx): bad input, missing object, in use."""
+
+    def __init__(self, status: int, error: str, field: str | None = None, reason: str = ""):
+        self.status, self.error, self.field, self.reason = status, error, field, reason
+        super().__init__(error)
+
+
+class ControllerUnavailable(ControllerError):
+    """No answer, or a server error (5xx): the request may be retried later."""
+
+
+class HostSync(BaseModel):
+    """A host as `GET /v1/hosts` shows it: the host and its sync status."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    cluster: str | None = None
+    host_group: str | None = None
+    sync: str = "Pending"
+    reason: str = ""
+    desired_generation: int | None = None
+    applied_generation: int | None = None
+
+
+def read_token(token_file: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> str | None:
+    """The bearer token: --token-file, else $HNV_TOKEN_FILE, else $HNV_TOKEN."""
+    environ = os.environ if environ is None else environ
+    path = token_file or environ.get("HNV_TOKEN_FILE")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise ControllerError(f"token file {path}: {exc.strerror or exc}") from None
+    return environ.get("HNV_TOKEN") or None
+
+
+def _item_path(kind: Kind, key: str) -> str:
+    # VM subnets and IP pools have path keys (Fabrikam2/Default): keep their slashes.
+    safe = "/" if kind in (Kind.vm_subnet, Kind.ip_pool) else ""
+    return f"/v1/{kind.value}/{quote(key, safe=safe)}"
+
+
+class ControllerClient:
+    """One controller, one token, one connection pool. Use as a context manager."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_CONTROLLER,
+        token: str | None = None,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ):
+        headers = {"User-Agent": "hnvctl/0.1"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> ControllerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- transport --------------------------------------------------------------------
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request; the decoded JSON body (None for 204) or an exception."""
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException:
+            raise ControllerUnavailable(f"controller {self.base_url}: no answer to {method} {path} in time") from None
+        except httpx.TransportError as exc:
+            raise ControllerUnavailable(f"controller {self.base_url}: {_transport_reason(exc)}") from None
+        if response.status_code >= 500:
+            raise ControllerUnavailable(
+                f"controller {self.base_url}: {method} {path} failed with HTTP {response.status_code}"
+                + _body_excerpt(response)
+            )
+        if response.status_code >= 400:
+            raise _refusal(method, path, response)
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise ControllerUnavailable(
+                f"controller {self.base_url}: {method} {path} answered HTTP {response.status_code} "
+                "with a body that is not JSON"
+            ) from None
+
+    # --- fabric objects -----------------------------------------------------------------
+
+    def list(self, kind: Kind, **filters: str) -> list[BaseModel]:
+        params = {name: value for name, value in filters.items() if value is not None}
+        if kind is Kind.host:
+            return [HostSync.model_validate(obj) for obj in self.request("GET", "/v1/hosts", params=params)]
+        return [STORED_OF[kind].model_validate(obj) for obj in self.request("GET", f"/v1/{kind.value}", params=params)]
+
+    def list_json(self, kind: Kind, **filters: str) -> list[dict[str, Any]]:
+        """The objects as the controller sent them (for `-o json` and for diffing)."""
+        params = {name: value for name, value in filters.items() if value is not None}
+        return self.request("GET", f"/v1/{kind.value}", params=params)
+
+    def get_json(self, kind: Kind, key: str) -> dict[str, Any]:
+        return self.request("GET", _item_path(kind, key))
+
+    def get(self, kind: Kind, key: str) -> BaseModel:
+        body = self.get_json(kind, key)
+        return HostSync.model_validate(body) if kind is Kind.host else STORED_OF[kind].model_validate(body)
+
+    def create(self, kind: Kind, body: dict[str, Any] | BaseModel) -> dict[str, Any]:
+        return self.request("POST", f"/v1/{kind.value}", json=_json_body(body))
+
+    def update(self, kind: Kind, key: str, changes: dict[str, Any]) -> dict[str, Any]:
+        return self.request("PATCH", _item_path(kind, key), json=changes)
+
+    def delete(self, kind: Kind, key: str) -> None:
+        self.request("DELETE", _item_path(kind, key))
+
+    # --- hosts ----------------------------------------------------------------------------
+
+    def hosts(self) -> list[HostSync]:
+        return [HostSync.model_validate(obj) for obj in self.request("GET", "/v1/hosts")]
+
+    def set_virtual_switch(self, host: str, body: dict[str, Any] | BaseModel) -> VirtualSwitch:
+        answer = self.request("PUT", f"{_item_path(Kind.host, host)}/virtual-switch", json=_json_body(body))
+        return VirtualSwitch.model_validate(answer)
+
+    def virtual_switch(self, host: str) -> VirtualSwitch | None:
+        """The host's virtual switch, or None when it has none."""
+        try:
+            answer = self.request("GET", f"{_item_path(Kind.host, host)}/virtual-switch")
+        except ApiRefused as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return VirtualSwitch.model_validate(answer)
+
+    def delete_virtual_switch(self, host: str) -> None:
+        self.request("DELETE", f"{_item_path(Kind.host, host)}/virtual-switch")
+
+    def lookup_records(self, host: str) -> list[LookupRecord]:
+        answer = self.request("GET", f"{_item_path(Kind.host, host)}/lookup-records")
+        return [LookupRecord.model_validate(record) for record in answer]
+
+    def host_state(self, host: str) -> HostState:
+        return HostState.model_validate(self.request("GET", f"{_item_path(Kind.host, host)}/state"))
+
+    # --- VMs and leases ---------------------------------------------------------------------
+
+    def migrate_vm(self, vm: str, host: str) -> Vm:
+        answer = self.request("POST", f"{_item_path(Kind.vm, vm)}/migrate", json={"host": host})
+        return Vm.model_validate(answer)
+
+    def ip_addresses(
+        self,
+        pool: str | None = None,
+        kind: str | None = None,
+        host: str | None = None,
+        vm_network: str | None = None,
+    ) -> list[Lease]:
+        """Get-SCIPAddress: every lease and what holds it, optionally filtered."""
+        params = {"pool": pool, "kind": kind, "host": host, "vm_network": vm_network}
+        answer = self.request("GET", "/v1/ip-addresses", params={k: v for k, v in params.items() if v is not None})
+        return [Lease.model_validate(lease) for lease in answer]
+
+    def live_fabric(self) -> Iterator[tuple[Kind, list[dict[str, Any]]]]:
+        """Every object of every kind, as JSON: what `hnvctl apply` diffs against."""
+        for kind in Kind:
+            yield kind, self.list_json(kind)
+
+
+def _json_body(body: dict[str, Any] | BaseModel) -> dict[str, Any]:
+    if isinstance(body, BaseModel):
+        return body.model_dump(mode="json", exclude_unset=True)
+    return body
+
+
+def _transport_reason(exc: httpx.TransportError) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError) and "refused" in text.lower():
+        return "connection refused (is hnv-controller running there?)"
+    return text
+
+
+def _body_excerpt(response: httpx.Response) -> str:
+    text = response.text.strip().replace("\n", " ")
+    return f": {text[:200]}" if text else ""
+
+
+def _refusal(method: str, path: str, response: httpx.Response) -> ApiRefused:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and "error" in body:
+        return ApiRefused(response.status_code, str(body["error"]), body.get("field"), str(body.get("reason", "")))
+    if isinstance(body, dict) and "detail" in body:  # FastAPI's own 404/405 for unknown routes
+        detail = body["detail"] if isinstance(body["detail"], str) else str(body["detail"])
+        return ApiRefused(response.status_code, f"{method} {path}: {detail}", None, detail)
+    return ApiRefused(response.status_code, f"{method} {path}: HTTP {response.status_code}", None, "")
