@@ -19,7 +19,7 @@ STAMP := $(VENV)/.openhnv-installed
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev \
 	iproute2 iputils-ping tcpdump procps util-linux \
-	systemd vagrant
+	systemd vagrant graphviz
 
 .PHONY: help setup debs venv test unit netns kernel demo bench features clean
 
