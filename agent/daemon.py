@@ -1,0 +1,549 @@
+"""The long-running agent: ``hnv-agent run``.
+
+Owns the reconcile loop and the wiring of the agent's threads; the kernel is reached only
+through the Reconciler (agent.reconcile), the controller only through agent.watch, the
+disk only through agent.intake.
+
+Threads, and who may do what (Neutron's lesson: callbacks record what changed, one loop
+does the work):
+
+- watch (agent.watch.WatchStream): reads the controller's stream; records the newest
+  document in the inbox and wakes the loop. Never validates, never applies.
+- kernel events (agent.events.KernelEventWatch): records "a link or static neighbour
+  changed" in the inbox and wakes the loop.
+- status (agent.watch.StatusReporter): sends the latest status to the controller.
+- metrics (agent.metrics.ObservabilityServer): answers /metrics and /healthz.
+- the loop (this module): the only thread that decides, persists and reconciles. It
+  wakes for a document, for kernel events (debounced: a burst of notifications, most of
+  them caused by our own writes, becomes one reconcile), and every resync interval.
+
+Restart semantics: the last accepted state is loaded from disk before the controller is
+contacted, and the first reconcile runs against it; when the kernel already matches, its
+plan is empty and nothing is written, so tenant traffic never notices the restart. With
+the controller down the agent keeps holding (and repairing) that state. Stopping, by
+signal or kill -9, leaves the kernel as it is: there is no cleanup on exit, on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from agent.events import KernelEventWatch
+from agent.intake import IntakeDecision, StateFileError, StateStore, Verdict, decide
+from agent.metrics import AgentMetrics, ObservabilityServer
+from agent.state import HostState
+from agent.watch import Backoff, ControllerEndpoint, StatusReport, StatusReporter, WatchStream
+
+log = logging.getLogger("agent.daemon")
+
+DEFAULT_STATE_DIR = "/var/lib/openhnv-agent"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
+
+
+class ReconcilerLike(Protocol):
+    """What the loop needs from agent.reconcile.Reconciler."""
+
+    def reconcile(self, desired: HostState) -> Any: ...
+    def tunnel_stats(self) -> list[Any]: ...
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    host: str
+    state_dir: Path
+    controller_url: str
+    token: str = field(repr=False)
+    metrics_address: str | None = DEFAULT_METRICS_ADDRESS
+    resync_interval: float = 2.0
+    netns: str | None = None
+    heartbeat: float = 5.0  # asked of the controller; 3 missed ones mean a dead stream
+    event_debounce: float = 0.2
+    reconnect_max_delay: float = 30.0
+    watch_kernel_events: bool = True
+
+
+@dataclass
+class Wakeup:
+    """What woke the loop: the newest document (if any) and kernel event descriptions."""
+
+    has_document: bool = False
+    document: Any = None
+    kernel_events: list[str] = field(default_factory=list)
+
+
+class Inbox:
+    """Where other threads record what happened; the loop takes it. Latest document wins:
+    a generation superseded before the loop got to it is never applied."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._wakeup = Wakeup()
+        self._stopping = False
+
+    def put_document(self, document: Any) -> None:
+        with self._condition:
+            self._wakeup.has_document = True
+            self._wakeup.document = document
+            self._condition.notify_all()
+
+    def note_kernel_event(self, description: str) -> None:
+        with self._condition:
+            if len(self._wakeup.kernel_events) < 100:  # a burst needs one reconcile, not a log
+                self._wakeup.kernel_events.append(description)
+            self._condition.notify_all()
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+
+    def take(self, timeout: float) -> Wakeup:
+        with self._condition:
+            self._condition.wait_for(
+                lambda: self._stopping or self._wakeup.has_document or self._wakeup.kernel_events,
+                timeout=max(0.0, timeout),
+            )
+            taken, self._wakeup = self._wakeup, Wakeup()
+            return taken
+
+
+def _error_entry(error: Any) -> dict[str, Any]:
+    """A reconciler ObjectError (or a dict) as the status protocol's error object."""
+    if isinstance(error, dict):
+        return {k: error.get(k) for k in ("kind", "object", "errno", "message")}
+    return {
+        "kind": error.kind, "object": error.object,
+        "errno": error.errno, "message": error.message,
+    }
+
+
+def _q(value: object) -> str:
+    """A log value, double-quoted when it holds spaces or quotes (logfmt)."""
+    text = str(value)
+    if text and not any(c in text for c in ' "=\n'):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+class AgentDaemon:
+    """The reconcile loop and its helpers; ``start`` then ``stop`` (or ``run_forever``)."""
+
+    def __init__(self, config: DaemonConfig, reconciler: ReconcilerLike):
+        self.config = config
+        self.reconciler = reconciler
+        self.store = StateStore(config.state_dir)
+        self.inbox = Inbox()
+        self.metrics = AgentMetrics(reconciler.tunnel_stats)
+        self.endpoint = ControllerEndpoint(config.controller_url, config.host, config.token)
+        backoff = Backoff(initial=0.5, cap=config.reconnect_max_delay)
+        self.watch = WatchStream(
+            self.endpoint,
+            on_state=self._on_document,
+            on_connection=self._on_connection,
+            on_heartbeat=self._on_heartbeat,
+            heartbeat=config.heartbeat,
+            backoff=backoff,
+        )
+        self.reporter = StatusReporter(self.endpoint, backoff=backoff)
+        self.kernel_events = (
+            KernelEventWatch(self.inbox.note_kernel_event, netns=config.netns)
+            if config.watch_kernel_events else None
+        )
+        self.server = (
+            ObservabilityServer(config.metrics_address, self.metrics, self.health)
+            if config.metrics_address else None
+        )
+        # Held by the loop thread; read (never written) by /healthz.
+        self.held: HostState | None = None
+        self.applied_generation: int | None = None
+        self.desired_generation: int | None = None
+        self.controller_connected = False
+        self.last_reconcile: dict[str, Any] | None = None
+        self.reconcile_count = 0
+        self._last_clean_generation: int | None = None  # reconciled without errors
+        self._object_errors: list[dict[str, Any]] = []
+        self._refusal: dict[str, Any] | None = None  # the last refused document, as an error
+        self._unsaved: HostState | None = None  # accepted but not yet persisted
+        self._loop_tick = time.monotonic()
+        self._stop = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+
+    # --- life cycle -----------------------------------------------------------------
+
+    def start(self) -> None:
+        # Why this order: the state on disk is loaded before anything can reach the
+        # controller, so a controller outage at start-up still finds the agent holding
+        # (and repairing) the last accepted state; the kernel event watch subscribes
+        # before the first reconcile so that no change after it goes unnoticed.
+        self._load_from_disk()
+        if self.server is not None:
+            self.server.start()
+            log.info("event=metrics_listening address=%s port=%d", self.config.metrics_address, self.server.port)
+        if self.kernel_events is not None:
+            self.kernel_events.start()
+            self.kernel_events.ready.wait(5.0)
+        self._loop_thread = threading.Thread(target=self._loop, name="hnv-loop", daemon=True)
+        self._loop_thread.start()
+        self.reporter.start()
+        self.watch.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the threads. The kernel is left exactly as it is (no cleanup on exit)."""
+        self._stop.set()
+        self.inbox.stop()
+        self.watch.stop()
+        self.reporter.stop(timeout)
+        if self.kernel_events is not None:
+            self.kernel_events.stop(timeout)
+        if self._loop_thread is not None:
+            self._loop_thread.join(timeout)
+        if self.server is not None:
+            self.server.stop()
+
+    def run_forever(self) -> int:
+        def on_signal(signum: int, frame: Any) -> None:
+            log.info("event=agent_stopping signal=%s kernel=left_in_place", signal.Signals(signum).name)
+            self._stop.set()
+            self.inbox.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        while not self._stop.wait(1.0):
+            pass
+        self.stop()
+        log.info("event=agent_stopped")
+        return 0
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        # The loop ticks at least once per resync interval; a loop stuck far longer (a
+        # hung netlink call) is not alive even if the process is.
+        stall_limit = max(5 * self.config.resync_interval, 15.0)
+        alive = (
+            self._loop_thread is not None
+            and self._loop_thread.is_alive()
+            and time.monotonic() - self._loop_tick < stall_limit
+        )
+        body = {
+            "applied_generation": self.applied_generation,
+            "desired_generation": self.desired_generation,
+            "controller_connected": self.controller_connected,
+            "last_reconcile": self.last_reconcile,
+        }
+        return alive, body
+
+    # --- callbacks from other threads: record and signal only ---------------------------
+
+    def _on_document(self, document: Any) -> None:
+        self.inbox.put_document(document)
+
+    def _on_connection(self, connected: bool, reason: str) -> None:
+        self.controller_connected = connected
+        self.metrics.controller_connected.set(1 if connected else 0)
+        if connected:
+            # The controller may have restarted and forgotten our status: send it again.
+            self.reporter.resend()
+
+    def _on_heartbeat(self, generation: int | None) -> None:
+        if generation is not None:
+            self._note_desired(generation)
+
+    def _note_desired(self, generation: int) -> None:
+        self.desired_generation = generation
+        self.metrics.desired_generation.set(generation)
+
+    # --- the loop -------------------------------------------------------------------
+
+    def _load_from_disk(self) -> None:
+        try:
+            state = self.store.load(host=self.config.host)
+        except StateFileError as exc:
+            # Unusable file: hold nothing and change nothing until the controller gives a
+            # valid state. Never "nothing held, so delete everything".
+            log.error("event=state_file_unusable reason=%s", _q(exc))
+            return
+        if state is None:
+            log.info("event=state_file_absent path=%s", self.store.path)
+            return
+        self.held = state
+        self._note_desired(state.generation)
+        self.metrics.set_lookup_records(state)
+        log.info("event=state_loaded generation=%d path=%s", state.generation, self.store.path)
+
+    def _loop(self) -> None:
+        if self.held is not None:
+            self._reconcile(self.held, reason="startup")
+        next_resync = time.monotonic() + self.config.resync_interval
+        while not self._stop.is_set():
+            self._loop_tick = time.monotonic()
+            wakeup = self.inbox.take(timeout=next_resync - time.monotonic())
+            if self._stop.is_set():
+                break
+            if wakeup.kernel_events and not wakeup.has_document:
+                # Debounce: let the burst (a deleted bridge takes its ports and FDB
+                # entries with it) finish, then reconcile once for all of it.
+                self._stop.wait(self.config.event_debounce)
+                later = self.inbox.take(timeout=0)
+                wakeup.kernel_events += later.kernel_events
+                if later.has_document:
+                    wakeup.has_document, wakeup.document = True, later.document
+            reconciled = False
+            if wakeup.has_document:
+                reconciled = self._take_document(wakeup.document)
+            elif self._unsaved is not None and time.monotonic() >= next_resync:
+                reconciled = self._accept(self._unsaved)
+            if reconciled:
+                next_resync = time.monotonic() + self.config.resync_interval
+                continue
+            if self.held is None:
+                next_resync = time.monotonic() + self.config.resync_interval
+                continue
+            if wakeup.kernel_events:
+                log.info(
+                    "event=kernel_changed count=%d first=%s",
+                    len(wakeup.kernel_events), _q(wakeup.kernel_events[0]),
+                )
+                self._reconcile(self.held, reason="event")
+                next_resync = time.monotonic() + self.config.resync_interval
+            elif time.monotonic() >= next_resync:
+                self._reconcile(self.held, reason="periodic")
+                next_resync = time.monotonic() + self.config.resync_interval
+
+    def _take_document(self, document: Any) -> bool:
+        """Decide on one document; returns whether it led to a reconcile."""
+        decision = decide(document, host=self.config.host, held=self.held)
+        if decision.generation is not None and decision.verdict is not Verdict.stale:
+            self._note_desired(decision.generation)
+        if decision.verdict is Verdict.stale:
+            log.info(
+                "event=state_ignored reason=stale generation=%s held=%s",
+                decision.generation, self.held.generation if self.held else None,
+            )
+            return False
+        if decision.verdict is Verdict.unchanged:
+            log.info("event=state_unchanged generation=%s", decision.generation)
+            if self._refusal is not None:
+                # The controller is back to what we hold: the refused document is gone.
+                self._refusal = None
+                self._report()
+            return False
+        if decision.verdict is Verdict.refused:
+            self._refuse(decision)
+            return False
+        assert decision.state is not None
+        return self._accept(decision.state)
+
+    def _refuse(self, decision: IntakeDecision) -> None:
+        self.metrics.state_refusals.inc()
+        for problem in decision.problems:
+            log.error(
+                "event=state_refused generation=%s held=%s problem=%s",
+                decision.generation, self.held.generation if self.held else None, _q(problem),
+            )
+        shown = f"generation {decision.generation}" if decision.generation is not None else "without a generation"
+        self._refusal = {
+            "kind": "state",
+            "object": f"host state {self.config.host} {shown}",
+            "errno": None,
+            "message": decision.reason,
+        }
+        self._report()
+
+    def _accept(self, state: HostState) -> bool:
+        # Why persist first: if the agent dies half-way through applying, the restart
+        # must resume the generation the kernel was moving towards, not the one before.
+        try:
+            self.store.save(state)
+        except OSError as exc:
+            self._unsaved = state
+            message = f"cannot persist generation {state.generation}: {exc.strerror or exc}"
+            log.error("event=state_unsaved path=%s reason=%s", self.store.path, _q(message))
+            self._refusal = {"kind": "state", "object": str(self.store.path), "errno": exc.errno, "message": message}
+            self._report()
+            return False
+        self._unsaved = None
+        self._refusal = None
+        previous = self.held.generation if self.held else None
+        self.held = state
+        self.metrics.set_lookup_records(state)
+        log.info("event=state_accepted generation=%d previous=%s", state.generation, previous)
+        self._reconcile(state, reason="generation")
+        return True
+
+    def _reconcile(self, state: HostState, *, reason: str) -> None:
+        started = time.monotonic()
+        try:
+            result = self.reconciler.reconcile(state)
+            planned, applied = int(result.planned), int(result.applied)
+            errors = [_error_entry(e) for e in result.errors]
+            objects_by_kind = dict(result.objects_by_kind)
+        except Exception as exc:  # a reconciler bug must not kill the loop
+            log.exception("event=reconcile_crashed generation=%d", state.generation)
+            planned, applied, objects_by_kind = -1, 0, {}
+            errors = [{
+                "kind": "agent", "object": f"reconcile of generation {state.generation}",
+                "errno": None, "message": f"{type(exc).__name__}: {exc}",
+            }]
+        duration = time.monotonic() - started
+        self.reconcile_count += 1
+        self.metrics.reconcile_duration.observe(duration)
+        if objects_by_kind:
+            self.metrics.set_objects(objects_by_kind)
+        for error in errors:
+            self.metrics.count_apply_error(error.get("errno"))
+        same_generation = state.generation == self._last_clean_generation
+        if reason in ("periodic", "event") and same_generation and planned > 0:
+            # The kernel moved away from a generation we had fully applied: drift.
+            self.metrics.drift_repairs.inc()
+            log.warning("event=drift_repaired generation=%d reason=%s planned=%d", state.generation, reason, planned)
+        self._last_clean_generation = state.generation if not errors else None
+        self._object_errors = errors
+        self.applied_generation = state.generation
+        self.metrics.applied_generation.set(state.generation)
+        self.last_reconcile = {
+            "time": time.time(), "reason": reason, "generation": state.generation,
+            "planned": planned, "applied": applied, "errors": len(errors),
+            "duration_s": round(duration, 6),
+        }
+        # A quiet periodic reconcile is not an event worth a line; everything else is.
+        if planned != 0 or errors or reason != "periodic":
+            level = logging.WARNING if errors else logging.INFO
+            log.log(
+                level,
+                "event=reconcile reason=%s generation=%d planned=%d applied=%d errors=%d duration_ms=%.1f",
+                reason, state.generation, planned, applied, len(errors), duration * 1000,
+            )
+            if reason == "startup" and planned == 0 and not errors:
+                log.info("event=startup_in_sync generation=%d kernel=unchanged", state.generation)
+            for error in errors[:20]:
+                log.warning(
+                    "event=object_error kind=%s object=%s errno=%s message=%s",
+                    _q(error["kind"]), _q(error["object"]), error["errno"], _q(error["message"]),
+                )
+        self._report()
+
+    def _report(self) -> None:
+        if self.applied_generation is None:
+            return  # nothing applied yet: nothing truthful to report
+        errors = ([self._refusal] if self._refusal else []) + self._object_errors
+        self.reporter.submit(StatusReport(self.applied_generation, tuple(errors)))
+
+
+
+# --- command line -----------------------------------------------------------------------
+
+
+class _LogfmtFormatter(logging.Formatter):
+    """ts=... level=... component=... followed by the event's own key=value pairs."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        component = record.name.removeprefix("agent.")
+        line = f"ts={ts} level={record.levelname.lower()} component={component} {record.getMessage()}"
+        if record.exc_info:
+            line += " traceback=" + _q(self.formatException(record.exc_info))
+        return line
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs every request at INFO; the watch stream logs what matters itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    logging.getLogger("pyroute2").setLevel(logging.WARNING)
+
+
+def read_token(path: str) -> str:
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"hnv-agent run: --token-file {path}: cannot read: {exc.strerror}") from None
+    if not token:
+        raise SystemExit(f"hnv-agent run: --token-file {path}: the file is empty")
+    return token
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be more than 0 seconds")
+    return value
+
+
+def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``run`` to hnv-agent's subcommands (agent/cli.py calls this)."""
+    parser = subparsers.add_parser(
+        "run",
+        help="follow the controller and keep the kernel in the desired state",
+        description="Follow the controller's watch stream, keep the last accepted state on "
+        "disk and reconcile the kernel to it; stopping leaves the kernel as it is.",
+    )
+    parser.add_argument("--controller", required=True, metavar="URL", help="controller base URL, e.g. http://10.0.0.2:8700")
+    parser.add_argument("--host", required=True, metavar="NAME", help="this host's name in the fabric")
+    parser.add_argument("--token-file", required=True, metavar="FILE", help="file holding this host's bearer token")
+    parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                        help=f"where the last accepted state is kept (default {DEFAULT_STATE_DIR})")
+    parser.add_argument("--metrics-address", default=DEFAULT_METRICS_ADDRESS, metavar="HOST:PORT",
+                        help=f"/metrics and /healthz listen here; '' disables (default {DEFAULT_METRICS_ADDRESS})")
+    parser.add_argument("--resync-interval", type=_positive_seconds, default=2.0, metavar="SECONDS",
+                        help="periodic reconcile (drift repair) interval (default 2)")
+    parser.add_argument("--netns", default=None, metavar="NS", help="manage this network namespace instead of the agent's own")
+    parser.add_argument("--heartbeat", type=_positive_seconds, default=5.0, metavar="SECONDS",
+                        help="heartbeat interval asked of the controller; 3 missed = dead stream (default 5)")
+    parser.add_argument("--reconnect-max-delay", type=_positive_seconds, default=30.0, metavar="SECONDS",
+                        help="cap of the reconnect backoff (default 30)")
+    parser.add_argument("--no-kernel-events", action="store_true",
+                        help="reconcile only periodically, not on netlink link/neighbour events")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.set_defaults(func=run_command)
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> int:
+    configure_logging(getattr(logging, args.log_level.upper()))
+    config = DaemonConfig(
+        host=args.host,
+        state_dir=Path(args.state_dir),
+        controller_url=args.controller,
+        token=read_token(args.token_file),
+        metrics_address=args.metrics_address or None,
+        resync_interval=args.resync_interval,
+        netns=args.netns,
+        heartbeat=args.heartbeat,
+        reconnect_max_delay=args.reconnect_max_delay,
+        watch_kernel_events=not args.no_kernel_events,
+    )
+    from agent.reconcile import Reconciler  # the kernel side; imported only to run
+
+    reconciler = Reconciler(netns=config.netns)
+    try:
+        try:
+            daemon = AgentDaemon(config, reconciler)
+        except ValueError as exc:  # a bad URL or metrics address
+            raise SystemExit(f"hnv-agent run: {exc}") from None
+        except OSError as exc:  # the metrics port is taken
+            raise SystemExit(f"hnv-agent run: --metrics-address {args.metrics_address}: {exc.strerror}") from None
+        log.info(
+            "event=agent_starting host=%s controller=%s state_dir=%s netns=%s resync_s=%g",
+            config.host, config.controller_url, config.state_dir, config.netns, config.resync_interval,
+        )
+        return daemon.run_forever()
+    finally:
+        reconciler.close()

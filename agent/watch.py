@@ -1,0 +1,333 @@
+"""The agent's side of the controller protocol: the watch stream in, the sync status out.
+
+Owns the HTTP conversation with the controller and nothing else:
+
+- ``WatchStream`` follows ``GET /v1/hosts/{host}/state?watch=1`` (NDJSON, never closed by
+  the server) in its own thread. It hands every ``state`` message's document to a
+  callback as it came, undecoded beyond JSON: deciding whether to hold it is intake's job,
+  applying it the loop's. A stream that stays silent longer than a few heartbeats is dead
+  (a half-open TCP connection never says so): the read timeout is ``heartbeat x
+  missed_heartbeats``. Every way a connection ends (refused, 4xx, 5xx, timeout, garbage on
+  the line) leads to the same place: reconnect after a capped exponential backoff with
+  jitter, so a thousand agents do not hammer a controller that just came back.
+- ``StatusReporter`` sends ``PUT /v1/hosts/{host}/status`` from its own thread, latest
+  status wins, retried with the same backoff until the controller has it.
+
+A failed or empty fetch produces no document at all; nothing here can turn an outage into
+"the desired state is empty". The bearer token goes into a header and nowhere else: it is
+never logged, never part of a URL or an exception message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+try:
+    AGENT_VERSION = metadata.version("openhnv")
+except metadata.PackageNotFoundError:  # running from a checkout that was not installed
+    AGENT_VERSION = "0.0.0"
+AGENT_NAME = "openhnv-agent/" + ".".join(AGENT_VERSION.split(".")[:2])
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Capped exponential backoff with "equal jitter": half fixed, half random.
+
+    Attempt n waits between d/2 and d, d = min(cap, initial * 2**n): never zero (no
+    hot loop), never more than the cap, and agents restarted together drift apart.
+    """
+
+    initial: float = 0.5
+    cap: float = 30.0
+
+    def delay(self, attempt: int, rng: Callable[[], float] = random.random) -> float:
+        ceiling = min(self.cap, self.initial * (2 ** min(attempt, 32)))
+        return ceiling / 2 + rng() * ceiling / 2
+
+
+def describe_error_response(response: httpx.Response) -> str:
+    """One line from a controller error body ({"error", "field", "reason"}), else the status."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and body.get("error"):
+        text = str(body["error"])
+        if body.get("field"):
+            text += f" (field {body['field']})"
+        return text
+    return f"HTTP {response.status_code} {response.reason_phrase}".strip()
+
+
+def _quote(value: object) -> str:
+    return json.dumps(str(value))
+
+
+class ControllerEndpoint:
+    """Where the controller is and how to authenticate: URL, host name, bearer token."""
+
+    def __init__(self, url: str, host: str, token: str):
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"controller URL {url!r} must start with http:// or https://")
+        if not token:
+            raise ValueError("the host token is empty")
+        self.url = url.rstrip("/")
+        self.host = host
+        self._headers = {"Authorization": f"Bearer {token}", "User-Agent": AGENT_NAME}
+
+    def __repr__(self) -> str:  # never show the token
+        return f"ControllerEndpoint(url={self.url!r}, host={self.host!r})"
+
+    def state_path(self) -> str:
+        return f"/v1/hosts/{self.host}/state"
+
+    def status_path(self) -> str:
+        return f"/v1/hosts/{self.host}/status"
+
+    def client(self, timeout: httpx.Timeout) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout)
+
+
+class WatchStream:
+    """Follows the controller's watch stream in a thread and reconnects forever.
+
+    Callbacks run on the watch thread and must only record and signal (the reconcile
+    loop does the work): ``on_state(document)`` for each state message,
+    ``on_connection(connected, reason)`` when the stream comes up or goes down,
+    ``on_heartbeat(generation)`` for each heartbeat.
+    """
+
+    def __init__(
+        self,
+        endpoint: ControllerEndpoint,
+        *,
+        on_state: Callable[[Any], None],
+        on_connection: Callable[[bool, str], None] = lambda connected, reason: None,
+        on_heartbeat: Callable[[int | None], None] = lambda generation: None,
+        heartbeat: float = 5.0,
+        missed_heartbeats: int = 3,
+        backoff: Backoff = Backoff(),
+    ):
+        self.endpoint = endpoint
+        self.on_state = on_state
+        self.on_connection = on_connection
+        self.on_heartbeat = on_heartbeat
+        self.heartbeat = heartbeat
+        self.missed_heartbeats = missed_heartbeats
+        self.backoff = backoff
+        self.connects = 0  # successful connections so far (a reconnect makes it 2+)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hnv-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop reconnecting; a read in progress ends within one read timeout."""
+        self._stop.set()
+        if self._thread is not None and timeout:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            received = self._follow_once()
+            if self._stop.is_set():
+                break
+            # A connection that delivered messages resets the backoff: the controller was
+            # fine, the stream merely ended. One that failed before any message backs off.
+            attempt = 0 if received else attempt + 1
+            delay = self.backoff.delay(attempt)
+            log.info("event=watch_retry delay_s=%.2f attempt=%d", delay, attempt)
+            self._stop.wait(delay)
+
+    def _follow_once(self) -> int:
+        """One connection, from connect to its end. Returns the number of messages read."""
+        read_timeout = self.heartbeat * self.missed_heartbeats
+        timeout = httpx.Timeout(connect=5.0, read=read_timeout, write=5.0, pool=5.0)
+        params = {"watch": "1", "heartbeat": f"{self.heartbeat:g}"}
+        received = 0
+        connected = False
+        reason = "stream ended"
+        try:
+            with self.endpoint.client(timeout) as client:
+                with client.stream("GET", self.endpoint.state_path(), params=params) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        reason = describe_error_response(response)
+                        log.warning(
+                            "event=watch_refused controller=%s status=%d error=%s",
+                            self.endpoint.url, response.status_code, _quote(reason),
+                        )
+                        return 0
+                    connected = True
+                    self.connects += 1
+                    log.info("event=watch_connected controller=%s", self.endpoint.url)
+                    self.on_connection(True, "connected")
+                    for line in response.iter_lines():
+                        if self._stop.is_set():
+                            reason = "agent stopping"
+                            break
+                        if not line.strip():
+                            continue
+                        self._dispatch(json.loads(line))
+                        received += 1
+        except httpx.ReadTimeout:
+            reason = f"no message for {read_timeout:g}s ({self.missed_heartbeats} heartbeats missed)"
+        except httpx.HTTPError as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except (ValueError, KeyError, TypeError) as exc:
+            # Not NDJSON, or not our messages: the stream is out of step; start over.
+            reason = f"malformed message on the stream: {exc}"
+        if connected:
+            log.warning("event=watch_lost controller=%s reason=%s", self.endpoint.url, _quote(reason))
+            self.on_connection(False, reason)
+        else:
+            log.warning("event=watch_unreachable controller=%s reason=%s", self.endpoint.url, _quote(reason))
+        return received
+
+    def _dispatch(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            raise ValueError(f"expected a JSON object, got {type(message).__name__}")
+        kind = message.get("type")
+        if kind == "state":
+            log.info("event=watch_state generation=%s", message.get("generation"))
+            self.on_state(message.get("state"))
+        elif kind == "heartbeat":
+            generation = message.get("generation")
+            self.on_heartbeat(generation if isinstance(generation, int) else None)
+        else:
+            # A message type from a newer controller: skip it, keep the stream.
+            log.info("event=watch_unknown_message type=%s", _quote(kind))
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """The body of PUT /v1/hosts/{host}/status."""
+
+    generation: int
+    errors: tuple[dict[str, Any], ...] = ()
+
+    def body(self) -> dict[str, Any]:
+        return {"generation": self.generation, "errors": list(self.errors), "agent": AGENT_NAME}
+
+
+class StatusReporter:
+    """Sends the latest status to the controller from its own thread; latest wins.
+
+    ``submit`` never blocks on the network. A report that fails is retried with backoff
+    until it succeeds or a newer one replaces it; ``resend`` asks for the last report to
+    go out again (after a reconnect the controller may have restarted and forgotten it).
+    """
+
+    def __init__(
+        self,
+        endpoint: ControllerEndpoint,
+        *,
+        backoff: Backoff = Backoff(),
+        on_reply: Callable[[dict[str, Any]], None] = lambda reply: None,
+        timeout: float = 5.0,
+    ):
+        self.endpoint = endpoint
+        self.backoff = backoff
+        self.on_reply = on_reply
+        self.timeout = timeout
+        self.last_reply: dict[str, Any] | None = None
+        self._pending: StatusReport | None = None
+        self._last_sent: StatusReport | None = None
+        self._condition = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="hnv-status", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._condition:
+            self._stop = True
+            self._condition.notify_all()
+        if self._thread is not None and timeout:
+            self._thread.join(timeout)
+
+    def submit(self, report: StatusReport) -> None:
+        with self._condition:
+            if report == self._last_sent and self._pending is None:
+                return  # the controller already has exactly this
+            self._pending = report
+            self._condition.notify_all()
+
+    def resend(self) -> None:
+        with self._condition:
+            if self._pending is None and self._last_sent is not None:
+                self._pending = self._last_sent
+                self._condition.notify_all()
+
+    def _run(self) -> None:
+        client = self.endpoint.client(httpx.Timeout(self.timeout))
+        attempt = 0
+        try:
+            while True:
+                with self._condition:
+                    while self._pending is None and not self._stop:
+                        self._condition.wait()
+                    if self._stop:
+                        return
+                    report = self._pending
+                if self._put(client, report):
+                    attempt = 0
+                    with self._condition:
+                        self._last_sent = report
+                        if self._pending == report:
+                            self._pending = None
+                    continue
+                attempt += 1
+                delay = self.backoff.delay(attempt)
+                with self._condition:
+                    # Wake early only to stop; a newer report waits for the backoff too.
+                    self._condition.wait_for(lambda: self._stop, timeout=delay)
+        finally:
+            client.close()
+
+    def _put(self, client: httpx.Client, report: StatusReport) -> bool:
+        try:
+            response = client.put(self.endpoint.status_path(), json=report.body())
+        except httpx.HTTPError as exc:
+            log.warning(
+                "event=status_unsent generation=%d reason=%s",
+                report.generation, _quote(f"{type(exc).__name__}: {exc}"),
+            )
+            return False
+        if response.status_code != 200:
+            log.warning(
+                "event=status_refused generation=%d status=%d error=%s",
+                report.generation, response.status_code, _quote(describe_error_response(response)),
+            )
+            # A 4xx will not get better by retrying the same body, but the controller may
+            # be mid-restart (e.g. host not yet known): retry with backoff like a 5xx.
+            return False
+        try:
+            reply = response.json()
+        except ValueError:
+            reply = {}
+        self.last_reply = reply if isinstance(reply, dict) else {}
+        log.info(
+            "event=status_sent generation=%d errors=%d sync=%s reason=%s",
+            report.generation, len(report.errors),
+            self.last_reply.get("sync"), _quote(self.last_reply.get("reason", "")),
+        )
+        self.on_reply(self.last_reply)
+        return True
