@@ -242,6 +242,12 @@ class Located:
 
     spec: _Document
     path: str
+    source: str = ""
+
+    @property
+    def where(self) -> str:
+        """'fabric.yaml: vms[3]'."""
+        return f"{self.source}: {self.path}" if self.source else self.path
 
     @property
     def kind(self) -> Kind:
@@ -406,7 +412,7 @@ def _load_section(
         except FabricError as exc:
             problems.extend(exc.problems)
             continue
-        document.objects.append(Located(spec, where))
+        document.objects.append(Located(spec, where, document.sources[0]))
         for child_key, (child_kind, grandchildren) in children.items():
             _load_section(
                 item.get(child_key),
@@ -463,15 +469,15 @@ def check_references(document: FabricDocument, live: dict[Kind, dict[str, BaseMo
             for j, ref in enumerate(value if isinstance(value, tuple) else (value,)):
                 if ref is not None and ref not in known[target]:
                     at = f"{to_camel(name)}[{j}]" if isinstance(value, tuple) else to_camel(name)
-                    problems.append(f"{item.path}.{at}: {target.label} {ref} is not in the document nor on the controller")
+                    problems.append(f"{item.where}.{at}: {target.label} {ref} is not in the document nor on the controller")
         subnet = getattr(spec, "vm_subnet", None)
         if subnet is not None and f"{spec.vm_network}/{subnet}" not in known[Kind.vm_subnet]:
             problems.append(
-                f"{item.path}.vmSubnet: VM subnet {subnet} of VM network {spec.vm_network} "
+                f"{item.where}.vmSubnet: VM subnet {subnet} of VM network {spec.vm_network} "
                 "is not in the document nor on the controller"
             )
         if isinstance(spec, HostDoc) and spec.virtual_switch is not None:
-            vswitch, at = spec.virtual_switch, f"{item.path}.virtualSwitch"
+            vswitch, at = spec.virtual_switch, f"{item.where}.virtualSwitch"
             if vswitch.logical_switch not in known[Kind.logical_switch]:
                 problems.append(
                     f"{at}.logicalSwitch: logical switch {vswitch.logical_switch} "
@@ -483,8 +489,32 @@ def check_references(document: FabricDocument, live: dict[Kind, dict[str, BaseMo
                     f"{at}.managementAdapter.vmNetwork: VM network {adapter.vm_network} "
                     "is not in the document nor on the controller"
                 )
+        if isinstance(spec, IpPoolDoc):
+            problems += _pool_inside_owner(item, spec, known)
     problems += _host_group_cycles(document, known[Kind.host_group])
     return problems
+
+
+def _pool_inside_owner(item: Located, pool: IpPoolDoc, known: dict[Kind, dict[str, Any]]) -> list[str]:
+    """A pool's range lies in its VM subnet's prefix, or in one of its site's subnets."""
+    if pool.network_site is not None:
+        site = known[Kind.network_site].get(pool.network_site)
+        prefixes = [sv.subnet for sv in getattr(site, "subnet_vlans", ())]
+        owner = f"network site {pool.network_site}"
+    else:
+        subnet = known[Kind.vm_subnet].get(f"{pool.vm_network}/{pool.vm_subnet}")
+        prefixes = [subnet.prefix] if getattr(subnet, "prefix", None) is not None else []
+        owner = f"VM subnet {pool.vm_network}/{pool.vm_subnet}"
+    nets = [ipaddress.ip_network(str(p)) for p in prefixes]
+    if not nets:
+        return []
+    if pool.subnet is not None and pool.subnet not in nets:
+        return [f"{item.where}.subnet: {pool.subnet} is not a subnet of {owner} ({', '.join(map(str, nets))})"]
+    for name in ("range_start", "range_end", "gateway"):
+        address = getattr(pool, name)
+        if address is not None and not any(address in net for net in nets if net.version == address.version):
+            return [f"{item.where}.{to_camel(name)}: {address} is outside {owner} ({', '.join(map(str, nets))})"]
+    return []
 
 
 def _host_group_cycles(document: FabricDocument, groups: dict[str, BaseModel]) -> list[str]:
@@ -493,7 +523,7 @@ def _host_group_cycles(document: FabricDocument, groups: dict[str, BaseModel]) -
         seen, parent = {item.key}, item.spec.parent
         while parent is not None and parent != ROOT_HOST_GROUP:
             if parent in seen:
-                problems.append(f"{item.path}.parent: host group {item.key} would be its own ancestor")
+                problems.append(f"{item.where}.parent: host group {item.key} would be its own ancestor")
                 break
             seen.add(parent)
             parent = getattr(groups.get(parent), "parent", None)
@@ -548,9 +578,23 @@ def _comparable(value: Any, name: str = "") -> Any:
     return value
 
 
+def _matches(stated: Any, live: Any, name: str) -> bool:
+    """Does the live value hold what the document states? A nested object (a host's
+    virtual switch) matches when every field the document states matches."""
+    if isinstance(stated, dict) and isinstance(live, dict):
+        return all(_matches(value, live.get(key), key) for key, value in stated.items())
+    return _comparable(stated, name) == _comparable(live, name)
+
+
 def stated_fields(spec: BaseModel) -> dict[str, Any]:
-    """What the document states about an object (snake_case, JSON forms)."""
-    return spec.model_dump(mode="json", exclude_unset=True)
+    """What the document states about an object (snake_case, JSON forms). A nested
+    object keeps only the fields it states; a list keeps its items whole."""
+    full = spec.model_dump(mode="json")
+    out = {}
+    for name in spec.model_fields_set:
+        value = getattr(spec, name)
+        out[name] = stated_fields(value) if isinstance(value, BaseModel) else full[name]
+    return out
 
 
 def plan_changes(
@@ -573,9 +617,7 @@ def plan_changes(
             continue
         wanted = stated_fields(item.spec)
         differ = tuple(
-            name
-            for name, value in wanted.items()
-            if name != "name" and _comparable(current.get(name), name) != _comparable(value, name)
+            name for name, value in wanted.items() if name != "name" and not _matches(value, current.get(name), name)
         )
         if differ:
             changes.append(
