@@ -1,0 +1,401 @@
+"""The controller's HTTP API: REST under /v1, the agents' watch stream, /metrics.
+
+Routes and their schemas are listed in controller/API.md. Every refusal is JSON
+{"error": ..., "field": ..., "reason": ...}. Handlers are thin: they check the token and
+call `controller.fabric.Fabric`, which does the validation, allocation and compilation.
+Fabric calls are synchronous (SQLite, CPU); FastAPI runs plain `def` handlers in its
+thread pool, so the event loop stays free for the watch streams.
+
+The watch stream: each watcher holds an asyncio.Event registered under its host. When
+the fabric bumps a host's generation (in a worker thread) it calls `_wake`, which sets
+exactly that host's events through `loop.call_soon_threadsafe`; the watcher wakes, reads
+the host's current entry and writes it. No polling, and a burst of bumps coalesces into
+the newest state (agents want the newest state, not every intermediate one).
+
+This module owns HTTP concerns (routes, status codes, streaming, metrics exposition);
+it must not touch the store or compute fabric rules itself.
+"""
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from typing import Any, Literal
+
+from fastapi import Body, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.state import LookupRecord
+from controller.auth import Authenticator
+from controller.fabric import Fabric, HostView, SyncView
+from controller.models import (
+    STORED_OF,
+    SPEC_OF,
+    FabricError,
+    Kind,
+    Lease,
+    LeaseKind,
+    Vm,
+    VirtualSwitch,
+    VirtualSwitchSpec,
+)
+
+log = logging.getLogger("openhnv.controller.api")
+
+AGENT_VERSION_HEADER = "openhnv-controller/0.1"
+
+
+# --- request/response schemas beyond the fabric objects --------------------------------
+
+
+class ErrorBody(BaseModel):
+    error: str
+    field: str | None = None
+    reason: str
+
+
+class MigrateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    host: str = Field(min_length=1, description="the destination host")
+
+
+class StatusErrorItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str
+    object: str
+    errno: int | None = None
+    message: str
+
+
+class StatusReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    generation: int = Field(ge=0)
+    errors: list[StatusErrorItem] = []
+    agent: str = ""
+
+
+class StatusResponse(BaseModel):
+    host: str
+    sync: Literal["InSync", "Pending", "Error"]
+    reason: str
+    desired_generation: int
+    applied_generation: int | None
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422)
+}
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+
+class _FabricCollector:
+    """Gauges computed at scrape time from the fabric (no bookkeeping on every write)."""
+
+    def __init__(self, fabric: Fabric, watchers: "_Watchers"):
+        self.fabric = fabric
+        self.watchers = watchers
+
+    def collect(self):
+        numbers = self.fabric.metrics_snapshot()
+        hosts = GaugeMetricFamily("hnv_controller_hosts", "Hosts by sync state", labels=["sync"])
+        for sync in ("InSync", "Pending", "Error"):
+            hosts.add_metric([sync], numbers["hosts"].get(sync, 0))
+        yield hosts
+        pools = GaugeMetricFamily(
+            "hnv_controller_pool_addresses", "Addresses of each IP pool", labels=["pool", "state"]
+        )
+        for pool, (used, free) in sorted(numbers["pools"].items()):
+            pools.add_metric([pool, "used"], used)
+            pools.add_metric([pool, "free"], free)
+        yield pools
+        yield GaugeMetricFamily("hnv_controller_vsids_in_use", "VSIDs allocated", value=numbers["vsids"])
+        yield GaugeMetricFamily("hnv_controller_vms", "VMs in the fabric", value=numbers["vms"])
+        yield GaugeMetricFamily(
+            "hnv_controller_watchers", "Open watch streams", value=self.watchers.count()
+        )
+
+
+class _Watchers:
+    """Per-host sets of asyncio.Events; woken from any thread."""
+
+    def __init__(self) -> None:
+        self.by_host: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def count(self) -> int:
+        return sum(len(events) for events in self.by_host.values())
+
+    def wake_threadsafe(self, hosts: list[str]) -> None:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._wake, hosts)
+
+    def _wake(self, hosts: list[str]) -> None:
+        for host in hosts:
+            for event in self.by_host.get(host, ()):
+                event.set()
+
+
+# --- the app --------------------------------------------------------------------------------
+
+
+def create_app(fabric: Fabric) -> FastAPI:
+    app = FastAPI(
+        title="openhnv controller",
+        version="0.1.0",
+        description="Hyper-V Network Virtualization fabric as System Center VMM models it. "
+        "Admin bearer token for the fabric; a host token reads only its own state.",
+    )
+    auth = Authenticator(fabric.store)
+    watchers = _Watchers()
+    registry = CollectorRegistry()
+    registry.register(_FabricCollector(fabric, watchers))
+    pushed = Counter(
+        "hnv_controller_generations_pushed", "Host states written to watch streams", registry=registry
+    )
+    push_latency = Histogram(
+        "hnv_controller_push_latency_seconds",
+        "From a host's generation bump to the write on its watch stream",
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        registry=registry,
+    )
+    fabric.add_listener(watchers.wake_threadsafe)
+    app.state.fabric = fabric
+    app.state.watchers = watchers
+
+    @app.on_event("startup")
+    async def _remember_loop() -> None:
+        watchers.loop = asyncio.get_running_loop()
+
+    @app.exception_handler(FabricError)
+    async def _fabric_error(request: Request, exc: FabricError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content=exc.body())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        field = ".".join(loc) or None
+        reason = str(first.get("msg", "invalid")).removeprefix("Value error, ")
+        # A model-level check names its own field first ("nics: a NIC is listed twice").
+        if ": " in reason and not field:
+            field, reason = reason.split(": ", 1)
+        elif ": " in reason and reason.split(": ", 1)[0].replace("_", "").replace(".", "").isalnum():
+            head, rest = reason.split(": ", 1)
+            if head.islower():
+                field, reason = (f"{field}.{head}" if field else head), rest
+        where = request.url.path
+        return JSONResponse(
+            status_code=422,
+            content={"error": f"{request.method} {where}: {field or 'body'}: {reason}", "field": field, "reason": reason},
+        )
+
+    # --- unauthenticated -------------------------------------------------------------
+
+    @app.get("/healthz", tags=["meta"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["meta"], response_class=Response)
+    def metrics() -> Response:
+        """Prometheus exposition, unauthenticated and read-only (what scrapers expect)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # --- generic collections -------------------------------------------------------------
+
+    for kind in Kind:
+        _add_collection(app, fabric, auth, kind)
+
+    # --- hosts: virtual switch, state, status, lookup records --------------------------
+
+    @app.put("/v1/hosts/{host}/virtual-switch", response_model=VirtualSwitch, tags=["hosts"], responses=ERRORS)
+    def put_virtual_switch(
+        host: str, body: VirtualSwitchSpec, authorization: str | None = Header(default=None)
+    ) -> VirtualSwitch:
+        auth.require_admin(authorization, "setting a virtual switch")
+        return fabric.set_virtual_switch(host, body)
+
+    @app.get("/v1/hosts/{host}/virtual-switch", response_model=VirtualSwitch, tags=["hosts"], responses=ERRORS)
+    def get_virtual_switch(host: str, authorization: str | None = Header(default=None)) -> VirtualSwitch:
+        auth.require_admin(authorization, "reading a virtual switch")
+        return fabric.get_virtual_switch(host)
+
+    @app.delete("/v1/hosts/{host}/virtual-switch", status_code=204, tags=["hosts"], responses=ERRORS)
+    def delete_virtual_switch(host: str, authorization: str | None = Header(default=None)) -> Response:
+        auth.require_admin(authorization, "removing a virtual switch")
+        fabric.delete_virtual_switch(host)
+        return Response(status_code=204)
+
+    @app.get(
+        "/v1/hosts/{host}/lookup-records", response_model=list[LookupRecord], tags=["hosts"], responses=ERRORS
+    )
+    def lookup_records(host: str, authorization: str | None = Header(default=None)) -> list[LookupRecord]:
+        auth.require_admin(authorization, "reading lookup records")
+        return list(fabric.lookup_records(host))
+
+    @app.put("/v1/hosts/{host}/status", response_model=StatusResponse, tags=["agents"], responses=ERRORS)
+    def put_status(
+        host: str, body: StatusReport, authorization: str | None = Header(default=None)
+    ) -> StatusResponse:
+        auth.require_host(authorization, host, "write the status")
+        view = fabric.report_status(host, body.generation, [e.model_dump() for e in body.errors], body.agent)
+        return StatusResponse(**_sync_fields(view))
+
+    @app.get(
+        "/v1/hosts/{host}/state",
+        tags=["agents"],
+        responses={
+            **ERRORS,
+            200: {
+                "description": "The HostState document, or with watch=1 an NDJSON stream of "
+                '{"type": "state", "generation", "state"} and {"type": "heartbeat", "generation", "time"}',
+                "content": {"application/json": {}, "application/x-ndjson": {}},
+            },
+        },
+    )
+    async def get_state(
+        host: str,
+        watch: bool = Query(default=False),
+        heartbeat: float = Query(default=5.0, gt=0, le=3600),
+        authorization: str | None = Header(default=None),
+    ) -> Response:
+        auth.require_host(authorization, host, "read the state")
+        entry = fabric.host_entry(host)  # raises NotFound
+        if not watch:
+            return Response(entry.state_json, media_type="application/json")
+        return StreamingResponse(
+            _watch_stream(fabric, watchers, host, heartbeat, pushed, push_latency),
+            media_type="application/x-ndjson",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    # --- leases, migrate ----------------------------------------------------------------
+
+    @app.get("/v1/ip-addresses", response_model=list[Lease], tags=["leases"], responses=ERRORS)
+    def ip_addresses(
+        pool: str | None = None,
+        kind: LeaseKind | None = None,
+        host: str | None = None,
+        vm_network: str | None = None,
+        authorization: str | None = Header(default=None),
+    ) -> list[Lease]:
+        """Get-SCIPAddress: every lease and what holds it."""
+        auth.require_admin(authorization, "listing IP addresses")
+        return fabric.leases(pool=pool, kind=kind, host=host, vm_network=vm_network)
+
+    @app.post("/v1/vms/{vm}/migrate", response_model=Vm, tags=["vms"], responses=ERRORS)
+    def migrate(vm: str, body: MigrateRequest, authorization: str | None = Header(default=None)) -> Vm:
+        auth.require_admin(authorization, "migrating a VM")
+        return fabric.migrate(vm, body.host)
+
+    return app
+
+
+def _sync_fields(view: SyncView) -> dict[str, Any]:
+    return {
+        "host": view.host,
+        "sync": view.sync,
+        "reason": view.reason,
+        "desired_generation": view.desired_generation,
+        "applied_generation": view.applied_generation,
+    }
+
+
+async def _watch_stream(fabric: Fabric, watchers: _Watchers, host: str, heartbeat: float, pushed, push_latency):
+    event = asyncio.Event()
+    watchers.by_host[host].add(event)
+    sent: int | None = None
+    try:
+        while True:
+            # Clear before reading: a bump landing after the read sets the event again,
+            # so no generation is ever missed between the read and the wait.
+            event.clear()
+            entry = fabric.host_entry_or_none(host)
+            if entry is None:
+                return  # the host was deleted; the agent's reconnect gets 404
+            if entry.generation != sent:
+                yield b'{"type":"state","generation":%d,"state":' % entry.generation + entry.state_json + b"}\n"
+                if sent is not None:
+                    push_latency.observe(max(0.0, time.monotonic() - entry.bumped_at))
+                pushed.inc()
+                sent = entry.generation
+                continue
+            try:
+                await asyncio.wait_for(event.wait(), heartbeat)
+            except asyncio.TimeoutError:
+                line = {"type": "heartbeat", "generation": sent, "time": time.time()}
+                yield (json.dumps(line) + "\n").encode()
+    finally:
+        watchers.by_host[host].discard(event)
+        if not watchers.by_host[host]:
+            watchers.by_host.pop(host, None)
+
+
+def _add_collection(app: FastAPI, fabric: Fabric, auth: Authenticator, kind: Kind) -> None:
+    """POST/GET on /v1/<kind>, GET/PATCH/DELETE on /v1/<kind>/<key>."""
+    spec_model = SPEC_OF[kind]
+    stored_model = HostView if kind is Kind.host else STORED_OF[kind]
+    collection = f"/v1/{kind.value}"
+    # Scoped kinds have keys with '/' (Fabrikam2/Default), so their key is a path.
+    item = f"{collection}/{{key:path}}" if kind in (Kind.vm_subnet, Kind.ip_pool) else f"{collection}/{{key}}"
+    label = kind.label
+    tags = [kind.value]
+
+    def create(body: spec_model, authorization: str | None = Header(default=None)):  # type: ignore[valid-type]
+        auth.require_admin(authorization, f"creating a {label}")
+        return fabric.view(kind, fabric.create(kind, body))
+
+    def list_all(
+        request: Request, authorization: str | None = Header(default=None)
+    ):
+        auth.require_admin(authorization, f"listing {label}s")
+        filters = {name: value for name, value in request.query_params.items()}
+        return [fabric.view(kind, obj) for obj in fabric.list(kind, filters)]
+
+    def read(key: str, authorization: str | None = Header(default=None)):
+        auth.require_admin(authorization, f"reading a {label}")
+        return fabric.view(kind, fabric.get(kind, key))
+
+    def patch(
+        key: str,
+        body: dict[str, Any] = Body(..., examples=[{"description": "new text"}]),
+        authorization: str | None = Header(default=None),
+    ):
+        auth.require_admin(authorization, f"changing a {label}")
+        return fabric.view(kind, fabric.patch(kind, key, body))
+
+    def delete(key: str, authorization: str | None = Header(default=None)) -> Response:
+        auth.require_admin(authorization, f"deleting a {label}")
+        fabric.delete(kind, key)
+        return Response(status_code=204)
+
+    list_all.__doc__ = f"List {label}s. Query parameters filter on equal fields ({_FILTER_HELP.get(kind, 'name')})."
+    app.add_api_route(collection, create, methods=["POST"], status_code=201, response_model=stored_model,
+                      tags=tags, responses=ERRORS, summary=f"Create a {label}")
+    app.add_api_route(collection, list_all, methods=["GET"], response_model=list[stored_model],
+                      tags=tags, responses=ERRORS, summary=f"List {label}s")
+    app.add_api_route(item, read, methods=["GET"], response_model=stored_model, tags=tags,
+                      responses=ERRORS, summary=f"Read a {label}")
+    app.add_api_route(item, patch, methods=["PATCH"], response_model=stored_model, tags=tags,
+                      responses=ERRORS, summary=f"Change a {label} ({', '.join(sorted(spec_model.patchable))})")
+    app.add_api_route(item, delete, methods=["DELETE"], status_code=204, tags=tags, responses=ERRORS,
+                      summary=f"Delete a {label} (refused while in use)")
+
+
+_FILTER_HELP = {
+    Kind.vm: "vm_network, vm_subnet, host",
+    Kind.vm_subnet: "vm_network",
+    Kind.ip_pool: "network_site, vm_network, vm_subnet",
+    Kind.host: "host_group, cluster",
+    Kind.network_site: "logical_network",
+    Kind.vm_network: "logical_network, isolation",
+}

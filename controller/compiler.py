@@ -1,0 +1,200 @@
+"""Fabric -> one `agent.state.HostState` per host.
+
+For a host with a virtual switch:
+- team: the switch's NICs, team mode and load balancing of its uplink port profile;
+- switch: the logical switch's name; management: the host's address when the virtual
+  switch has a management adapter;
+- provider: the transport site (VLAN, subnet), its pool's gateway, the logical
+  network's MTU and encapsulation, and this host's PAs (one per routing domain here);
+- routing_domains: every network-virtualised VM network with a VM on this host, with
+  all its VM subnets; vlan_networks: every VLAN VM network with a VM here;
+- ports: every VM on this host;
+- records: for each routing domain here, every VM of that VM network anywhere (Static:
+  CA, MAC, the PA of the VM's host) and one Gateway record per VM subnet.
+
+Cost: the records of a VM network are built once and cached (`invalidate` drops a VM
+network's entry when one of its VMs, subnets or PAs changes), so compiling a host costs
+its own VMs plus a concatenation of shared tuples, and a migration recompiles only the
+hosts of one VM network.
+
+Pure: reads the inventory, returns models; never writes.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from agent.state import (
+    HostState,
+    LookupRecord,
+    Management,
+    ProviderAddress,
+    ProviderNetwork,
+    RecordType,
+    RoutingDomain,
+    Switch,
+    Team,
+    VlanNetwork,
+    VmPort,
+)
+from agent.state import VmSubnet as StateSubnet
+from controller.inventory import Inventory
+from controller.models import Isolation, Kind, VmSubnet, first_host_address
+from controller.placement import transport_of
+
+UNSPECIFIED_PA = {4: ipaddress.IPv4Address("0.0.0.0"), 6: ipaddress.IPv6Address("::")}
+
+
+def subnet_gateway(inventory: Inventory, subnet: VmSubnet):
+    """The gateway of the VM subnet's first pool that names one, else the prefix's first address."""
+    for pool_key in inventory.pools_by_owner.get(subnet.key, ()):
+        pool = inventory.get(Kind.ip_pool, pool_key)
+        if pool is not None and pool.gateway is not None:
+            return pool.gateway
+    return first_host_address(subnet.prefix)
+
+
+class Compiler:
+    def __init__(self, inventory: Inventory):
+        self.inventory = inventory
+        self._records: dict[str, tuple[LookupRecord, ...]] = {}
+        self._domains: dict[str, RoutingDomain] = {}
+
+    def invalidate(self, networks: set[str] | None = None) -> None:
+        """Forget cached records of these VM networks (None: of all)."""
+        if networks is None:
+            self._records.clear()
+            self._domains.clear()
+            return
+        for name in networks:
+            self._records.pop(name, None)
+            self._domains.pop(name, None)
+
+    # --- per VM network (cached) ----------------------------------------------------------
+
+    def routing_domain(self, network_name: str) -> RoutingDomain:
+        cached = self._domains.get(network_name)
+        if cached is None:
+            inv = self.inventory
+            network = inv.get(Kind.vm_network, network_name)
+            subnets = [inv.get(Kind.vm_subnet, key) for key in inv.subnets_by_network.get(network_name, ())]
+            cached = RoutingDomain(
+                id=network.routing_domain_id,
+                name=network.name,
+                subnets=tuple(
+                    StateSubnet(name=s.name, vsid=s.vsid, prefix=s.prefix, gateway=subnet_gateway(inv, s))
+                    for s in sorted(subnets, key=lambda s: s.vsid)
+                ),
+            )
+            self._domains[network_name] = cached
+        return cached
+
+    def records(self, network_name: str) -> tuple[LookupRecord, ...]:
+        cached = self._records.get(network_name)
+        if cached is None:
+            inv = self.inventory
+            vsid_of = {
+                s.name: s.vsid
+                for s in (inv.get(Kind.vm_subnet, key) for key in inv.subnets_by_network.get(network_name, ()))
+            }
+            records = []
+            for vm in inv.vms_of_network(network_name):
+                pa = inv.pa_leases.get((vm.host, network_name))
+                if vm.ca is None or pa is None:
+                    continue
+                records.append(
+                    LookupRecord(
+                        vsid=vsid_of[vm.vm_subnet], ca=vm.ca, mac=vm.mac, pa=pa.address,
+                        type=RecordType.Static, vm_name=vm.name,
+                    )
+                )
+            domain = self.routing_domain(network_name)
+            for subnet in domain.subnets:
+                key = f"{network_name}/{subnet.name}"
+                gateway_mac = inv.get(Kind.vm_subnet, key).gateway_mac
+                records.append(
+                    LookupRecord(
+                        vsid=subnet.vsid, ca=subnet.gateway, mac=gateway_mac,
+                        pa=UNSPECIFIED_PA[subnet.prefix.version], type=RecordType.Gateway,
+                        vm_name="Gateway",
+                    )
+                )
+            cached = tuple(records)
+            self._records[network_name] = cached
+        return cached
+
+    # --- per host -------------------------------------------------------------------------
+
+    def compile(self, host_name: str, generation: int = 0) -> HostState:
+        inv = self.inventory
+        host = inv.get(Kind.host, host_name)
+        switch = inv.switches.get(host_name)
+        if switch is None:
+            return HostState(host=host_name, generation=generation)
+        profile = inv.get(Kind.uplink_port_profile, switch.uplink_port_profile)
+        team = Team(members=switch.nics, mode=profile.team_mode, load_balancing=profile.load_balancing)
+        management = None
+        if switch.management_adapter is not None and host.management_address is not None:
+            management = Management(address=host.management_address, gateway=host.management_gateway)
+
+        vms = sorted((inv.get(Kind.vm, name) for name in inv.vms_by_host.get(host_name, ())), key=lambda v: v.name)
+        nv_networks: list[str] = []
+        vlan_networks: dict[int, VlanNetwork] = {}
+        ports: list[VmPort] = []
+        for vm in vms:
+            network = inv.get(Kind.vm_network, vm.vm_network)
+            subnet = inv.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")
+            ca = ipaddress.ip_interface(f"{vm.ca}/{subnet.prefix.prefixlen}") if vm.ca is not None else None
+            if network.isolation is Isolation.WindowsNetworkVirtualization:
+                if network.name not in nv_networks:
+                    nv_networks.append(network.name)
+                port_net = {"vsid": subnet.vsid}
+            else:
+                vlan_networks.setdefault(subnet.vlan, VlanNetwork(name=network.name, vlan=subnet.vlan))
+                port_net = {"vlan": subnet.vlan}
+            ports.append(
+                VmPort(
+                    name=vm.name, mac=vm.mac, ca=ca, kind=vm.nic_kind, netns=vm.netns, device=vm.device,
+                    **port_net,
+                )
+            )
+
+        provider = None
+        transport = transport_of(inv, host)
+        if transport is not None:
+            pools = [inv.get(Kind.ip_pool, key) for key in inv.pools_by_owner.get(transport.site.name, ())]
+            gateway = next(
+                (p.gateway for p in pools if p.gateway is not None and p.subnet == transport.subnet_vlan.subnet),
+                None,
+            )
+            addresses = []
+            for name in sorted(nv_networks):
+                lease = inv.pa_leases.get((host_name, name))
+                if lease is not None:
+                    addresses.append(ProviderAddress(routing_domain=name, address=lease.address))
+            if transport.subnet_vlan.vlan != 0:
+                provider = ProviderNetwork(
+                    logical_network=transport.logical_network.name,
+                    vlan=transport.subnet_vlan.vlan,
+                    subnet=transport.subnet_vlan.subnet,
+                    gateway=gateway,
+                    mtu=transport.logical_network.mtu,
+                    encapsulation=transport.logical_network.encapsulation,
+                    addresses=tuple(addresses),
+                )
+        domains = tuple(self.routing_domain(name) for name in sorted(nv_networks))
+        records: tuple[LookupRecord, ...] = ()
+        for name in sorted(nv_networks):
+            records += self.records(name)
+        return HostState(
+            host=host_name,
+            generation=generation,
+            team=team,
+            switch=Switch(logical_switch=switch.logical_switch),
+            management=management,
+            provider=provider,
+            vlan_networks=tuple(sorted(vlan_networks.values(), key=lambda n: n.vlan)),
+            routing_domains=domains,
+            ports=tuple(ports),
+            records=records,
+        )

@@ -1,0 +1,1047 @@
+"""The service layer: every fabric operation, validated, allocated and compiled as one.
+
+An operation runs under one write lock (writes are serialised; the API's worker threads
+queue here) in four steps, and any refusal leaves nothing changed:
+
+1. *build*: check the request against the fabric and put every change - objects,
+   VSIDs, MACs, leases - into a `Tx` (refusals raise `Invalid` 422, `NotFound` 404,
+   `Conflict` 409, naming the object, the field and the reason);
+2. *trial*: apply the Tx to the in-memory inventory and compile every affected host;
+   a HostState that agent.state refuses undoes the Tx and refuses the request, so the
+   controller never publishes a state an agent would reject;
+3. *commit*: write the Tx to the store in one BEGIN IMMEDIATE transaction (the store's
+   primary keys refuse any value taken twice; a failure undoes the Tx in memory too);
+4. *publish*: for each affected host whose `content_digest()` changed, bump its
+   generation, persist it, and wake that host's watchers.
+
+Affected hosts are narrow for VM operations (the hosts of the VM network, before and
+after, plus source and destination) and all hosts for fabric-wide objects (switches,
+sites, profiles: rare and cheap). Generations only move when content changes, so a
+wide recompile bumps only hosts that really differ.
+
+This module owns the rules across objects; storage is `controller.store`, choices are
+`controller.allocate`/`controller.placement`, host states `controller.compiler`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ValidationError
+
+from agent.state import HostState, LookupRecord, describe_validation_error
+from controller.allocate import (
+    allocate_address,
+    allocate_mac,
+    allocate_routing_domain_id,
+    allocate_vsid,
+    mac_text,
+    mac_value,
+)
+from controller.compiler import Compiler
+from controller.inventory import (
+    SPACE_MAC,
+    SPACE_ROUTING_DOMAIN,
+    SPACE_VSID,
+    VIRTUAL_SWITCH,
+    Inventory,
+    Tx,
+)
+from controller.models import (
+    ROOT_HOST_GROUP,
+    SPEC_OF,
+    STORED_OF,
+    Conflict,
+    Host,
+    HostGroup,
+    Invalid,
+    IpPool,
+    Isolation,
+    Kind,
+    Lease,
+    LeaseKind,
+    NotFound,
+    VirtualSwitch,
+    VirtualSwitchSpec,
+    Vm,
+    VmNetwork,
+    VmSubnet,
+    first_host_address,
+    key_of,
+    last_host_address,
+)
+from controller.placement import place, transport_of, why_not
+from controller.store import HostRow, Store
+
+ALL = None  # scope: every host
+
+
+@dataclass
+class HostEntry:
+    """What a host's watchers and GET /state read: one generation, already serialised."""
+
+    generation: int
+    digest: str
+    state: HostState
+    state_json: bytes
+    bumped_at: float  # time.monotonic() of the bump, for push latency
+
+
+@dataclass
+class SyncView:
+    host: str
+    sync: str  # InSync | Pending | Error
+    reason: str
+    desired_generation: int
+    applied_generation: int | None
+
+
+class HostView(Host):
+    """A host as GET /v1/hosts shows it: the object plus its sync status."""
+
+    sync: str = "Pending"
+    reason: str = ""
+    desired_generation: int = 0
+    applied_generation: int | None = None
+    virtual_switch: VirtualSwitch | None = None
+
+
+@dataclass
+class _Scope:
+    networks: set[str] | None = field(default_factory=set)  # None: every host, all caches
+    hosts: set[str] = field(default_factory=set)
+
+
+class Fabric:
+    def __init__(self, store: Store):
+        self.store = store
+        self.inventory = Inventory()
+        self.compiler = Compiler(self.inventory)
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[list[str]], None]] = []
+        self.entries: dict[str, HostEntry] = {}
+        self.statuses: dict[str, dict[str, Any]] = {}
+        self.applied: dict[str, int | None] = {}
+        snapshot = store.load()
+        self.inventory.load(snapshot)
+        if self.inventory.get(Kind.host_group, ROOT_HOST_GROUP) is None:
+            tx = Tx()
+            root = HostGroup(name=ROOT_HOST_GROUP, parent=None, uuid=str(uuidlib.uuid4()))
+            tx.put(Kind.host_group, ROOT_HOST_GROUP, root)
+            store.commit(tx.changeset(_uuid_of))
+            self.inventory.apply(tx)
+        # Recompile every host; a generation moves only if the content differs from what
+        # was last published (the controller's code may have changed across the restart).
+        rows = []
+        for name in self.inventory.objects[Kind.host]:
+            row = snapshot.hosts.get(name)
+            state = self.compiler.compile(name)
+            digest = state.content_digest()
+            generation = row.generation if row is not None else 0
+            if row is None or row.digest != digest:
+                generation += 1
+                rows.append(HostRow(name, generation, digest, row.applied_generation if row else None,
+                                    row.status if row else None))
+            self._set_entry(name, state, generation, digest)
+            if row is not None:
+                self.applied[name] = row.applied_generation
+                self.statuses[name] = row.status or {}
+        store.save_host_rows(rows)
+
+    @classmethod
+    def open(cls, state_dir: str | Path) -> Fabric:
+        return cls(Store(Path(state_dir) / "controller.db"))
+
+    def add_listener(self, listener: Callable[[list[str]], None]) -> None:
+        """`listener(hosts)` is called (from a worker thread) after their generations moved."""
+        self._listeners.append(listener)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def get(self, kind: Kind, key: str) -> Any:
+        obj = self.inventory.get(kind, key)
+        if obj is None:
+            raise NotFound(f"{kind.label} {key} does not exist", "name", f"no {kind.label} is called {key}")
+        return obj
+
+    def list(self, kind: Kind, filters: dict[str, str] | None = None) -> list[Any]:
+        model = STORED_OF[kind]
+        filters = dict(filters or {})
+        for name in filters:
+            if name not in model.model_fields and name != "key":
+                raise Invalid(f"cannot filter {kind.label}s on {name}", name, f"{kind.label}s have no field {name}")
+        with self._lock:
+            objects = self.inventory.all(kind)
+        if filters:
+            objects = [
+                obj for obj in objects
+                if all(_text(getattr(obj, name)) == value for name, value in filters.items())
+            ]
+        return sorted(objects, key=lambda obj: obj.key)
+
+    def view(self, kind: Kind, obj: Any) -> Any:
+        if kind is not Kind.host:
+            return obj
+        sync = self.sync_of(obj.name)
+        return HostView(
+            **obj.model_dump(exclude={"key"}),
+            sync=sync.sync,
+            reason=sync.reason,
+            desired_generation=sync.desired_generation,
+            applied_generation=sync.applied_generation,
+            virtual_switch=self.inventory.switches.get(obj.name),
+        )
+
+    def get_virtual_switch(self, host: str) -> VirtualSwitch:
+        self.get(Kind.host, host)
+        switch = self.inventory.switches.get(host)
+        if switch is None:
+            raise NotFound(f"host {host} has no virtual switch", "host", "no virtual switch was set on it")
+        return switch
+
+    def leases(self, pool=None, kind=None, host=None, vm_network=None) -> list[Lease]:
+        with self._lock:
+            pools = [pool] if pool is not None else sorted(self.inventory.leases)
+            found = []
+            for name in pools:
+                for lease in self.inventory.leases.get(name, {}).values():
+                    if kind is not None and lease.kind != kind:
+                        continue
+                    if host is not None and lease.host != host:
+                        continue
+                    if vm_network is not None and lease.vm_network != vm_network:
+                        continue
+                    found.append(lease)
+        return sorted(found, key=lambda lease: (lease.pool, int(lease.address)))
+
+    def host_entry(self, host: str) -> HostEntry:
+        entry = self.entries.get(host)
+        if entry is None:
+            raise NotFound(f"host {host} does not exist", "host", f"no host is called {host}")
+        return entry
+
+    def host_entry_or_none(self, host: str) -> HostEntry | None:
+        return self.entries.get(host)
+
+    def lookup_records(self, host: str) -> tuple[LookupRecord, ...]:
+        return self.host_entry(host).state.records
+
+    def sync_of(self, host: str) -> SyncView:
+        entry = self.host_entry(host)
+        applied = self.applied.get(host)
+        status = self.statuses.get(host) or {}
+        errors = status.get("errors") or []
+        if applied is None:
+            return SyncView(host, "Pending", f"host {host} has not reported; desired generation "
+                            f"{entry.generation}", entry.generation, None)
+        if errors:
+            first = errors[0]
+            return SyncView(host, "Error", f"{first.get('object')}: {first.get('message')}",
+                            entry.generation, applied)
+        if applied < entry.generation:
+            return SyncView(host, "Pending", f"applied generation {applied}, desired generation "
+                            f"{entry.generation}", entry.generation, applied)
+        return SyncView(host, "InSync", f"applied generation {applied}", entry.generation, applied)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            hosts: dict[str, int] = {}
+            for name in self.entries:
+                sync = self.sync_of(name).sync
+                hosts[sync] = hosts.get(sync, 0) + 1
+            pools = {}
+            for pool in self.inventory.all(Kind.ip_pool):
+                used = len(self.inventory.leases.get(pool.key, ()))
+                pools[pool.key] = (used, max(0, pool.size - used - len(_skipped(pool))))
+            return {
+                "hosts": hosts,
+                "pools": pools,
+                "vsids": len(self.inventory.taken(SPACE_VSID)),
+                "vms": len(self.inventory.objects[Kind.vm]),
+            }
+
+    # --- agent status ------------------------------------------------------------------------
+
+    def report_status(self, host: str, generation: int, errors: list[dict], agent: str) -> SyncView:
+        with self._lock:
+            entry = self.host_entry(host)
+            if generation > entry.generation:
+                raise Invalid(
+                    f"host {host} reports generation {generation}, beyond the desired generation "
+                    f"{entry.generation}",
+                    "generation",
+                    f"the controller never published generation {generation} for host {host}",
+                )
+            status = {"errors": errors, "agent": agent, "time": time.time()}
+            self.store.save_host_rows([HostRow(host, entry.generation, entry.digest, generation, status)])
+            self.applied[host] = generation
+            self.statuses[host] = status
+            return self.sync_of(host)
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def create(self, kind: Kind, spec: BaseModel) -> Any:
+        builder = getattr(self, f"_create_{kind.name}")
+        return self._run(lambda tx: builder(tx, spec))
+
+    def patch(self, kind: Kind, key: str, changes: dict[str, Any]) -> Any:
+        return self._run(lambda tx: self._patch(tx, kind, key, changes))
+
+    def delete(self, kind: Kind, key: str) -> None:
+        builder = getattr(self, f"_delete_{kind.name}")
+        self._run(lambda tx: builder(tx, self.get(kind, key)))
+
+    def set_virtual_switch(self, host: str, spec: VirtualSwitchSpec) -> VirtualSwitch:
+        return self._run(lambda tx: self._set_virtual_switch(tx, host, spec))
+
+    def delete_virtual_switch(self, host: str) -> None:
+        self._run(lambda tx: self._delete_virtual_switch(tx, host))
+
+    def migrate(self, vm_name: str, destination: str) -> Vm:
+        return self._run(lambda tx: self._migrate(tx, vm_name, destination))
+
+    # --- the transaction engine ----------------------------------------------------------------
+
+    def _run(self, build: Callable[[Tx], tuple[Any, _Scope]]) -> Any:
+        with self._lock:
+            tx = Tx()
+            result, scope = build(tx)
+            before_hosts = self._affected_hosts(scope)
+            undo = self._undo_of(tx)
+            self.inventory.apply(tx)
+            self.compiler.invalidate(scope.networks)
+            try:
+                hosts = (before_hosts | self._affected_hosts(scope)) & set(self.inventory.objects[Kind.host])
+                states = {name: self.compiler.compile(name) for name in sorted(hosts)}
+            except (ValidationError, ValueError) as exc:
+                self._undo(undo, scope)
+                problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
+                raise Invalid(
+                    f"the change would give a host a state its agent refuses: {problems[0]}",
+                    None,
+                    problems[0],
+                ) from None
+            try:
+                self.store.commit(tx.changeset(_uuid_of))
+            except sqlite3.IntegrityError as exc:
+                self._undo(undo, scope)
+                raise Conflict("the store refused the change", None, str(exc)) from None
+            except BaseException:
+                self._undo(undo, scope)
+                raise
+            self._publish(states, before_hosts - set(self.inventory.objects[Kind.host]))
+            return result
+
+    def _affected_hosts(self, scope: _Scope) -> set[str]:
+        if scope.networks is ALL:
+            return set(self.inventory.objects[Kind.host])
+        hosts = set(scope.hosts)
+        for network in scope.networks:
+            hosts |= self.inventory.hosts_of_network(network)
+        return hosts
+
+    def _undo_of(self, tx: Tx) -> Tx:
+        inv = self.inventory
+        undo = Tx()
+        for (kind, key) in tx.objects:
+            if kind == VIRTUAL_SWITCH:
+                old = inv.switches.get(key)
+            else:
+                old = inv.get(Kind(kind), key)
+            undo.objects[(kind, key)] = old
+        for (space, value) in tx.allocations:
+            undo.allocations[(space, value)] = inv.allocations[space].get(value)
+        for (pool, address) in tx.leases:
+            undo.leases[(pool, address)] = inv.leases[pool].get(address)
+        return undo
+
+    def _undo(self, undo: Tx, scope: _Scope) -> None:
+        self.inventory.apply(undo)
+        self.compiler.invalidate(scope.networks)
+
+    def _publish(self, states: dict[str, HostState], deleted: set[str]) -> None:
+        rows, bumped = [], []
+        for name, state in states.items():
+            digest = state.content_digest()
+            entry = self.entries.get(name)
+            if entry is not None and entry.digest == digest:
+                continue
+            generation = entry.generation + 1 if entry is not None else 1
+            rows.append(HostRow(name, generation, digest, self.applied.get(name), self.statuses.get(name)))
+            self._set_entry(name, state, generation, digest)
+            bumped.append(name)
+        for name in deleted:
+            self.entries.pop(name, None)
+            self.applied.pop(name, None)
+            self.statuses.pop(name, None)
+            bumped.append(name)
+        self.store.save_host_rows(rows, sorted(deleted))
+        if bumped:
+            for listener in self._listeners:
+                listener(bumped)
+
+    def _set_entry(self, name: str, state: HostState, generation: int, digest: str) -> None:
+        state = state.model_copy(update={"generation": generation})
+        self.entries[name] = HostEntry(
+            generation, digest, state, state.model_dump_json().encode(), time.monotonic()
+        )
+
+    # --- helpers for builders ------------------------------------------------------------------
+
+    def _require(self, kind: Kind, key: str | None, field: str, owner: str) -> Any:
+        obj = self.inventory.get(kind, key) if key is not None else None
+        if obj is None:
+            raise NotFound(f"{owner}: {kind.label} {key} does not exist", field, f"no {kind.label} is called {key}")
+        return obj
+
+    def _refuse_existing(self, kind: Kind, key: str) -> None:
+        if self.inventory.get(kind, key) is not None:
+            raise Conflict(f"{kind.label} {key} already exists", "name", f"{kind.label} names are unique")
+
+    def _new(self, kind: Kind, tx: Tx, spec: BaseModel, **decided: Any) -> Any:
+        data = spec.model_dump()
+        data.update(decided)
+        obj = STORED_OF[kind](uuid=str(uuidlib.uuid4()), **data)
+        self._refuse_existing(kind, obj.key)
+        tx.put(kind, obj.key, obj)
+        return obj
+
+    def _taken_values(self, tx: Tx, space: str) -> set[str]:
+        taken = set(self.inventory.taken(space))
+        taken.update(value for (s, value), holder in tx.allocations.items() if s == space and holder)
+        return taken
+
+    def _new_mac(self, tx: Tx, holder: str) -> str:
+        taken = {mac_value(v) for v in self._taken_values(tx, SPACE_MAC)}
+        hint = self.inventory.mac_hint
+        value = allocate_mac(taken, hint if hint is not None else 0)
+        self.inventory.mac_hint = value + 1
+        mac = mac_text(value)
+        tx.take(SPACE_MAC, mac, holder)
+        return mac
+
+    def _take_mac(self, tx: Tx, mac: str, holder: str, field: str = "mac") -> None:
+        owner = self.inventory.taken(SPACE_MAC).get(mac) or tx.allocations.get((SPACE_MAC, mac))
+        if owner:
+            raise Conflict(f"MAC {mac} is already in use by {owner}", field, f"MAC {mac} is held by {owner}")
+        tx.take(SPACE_MAC, mac, holder)
+
+    def _lease_from(self, tx: Tx, pool: IpPool, kind: LeaseKind, holder_kind: str, holder: str,
+                    host: str | None, vm_network: str | None, description: str, address=None) -> Lease:
+        taken = set(self.inventory.pool_taken.get(pool.key, ()))
+        taken.update(int(ipaddress.ip_address(a)) for (p, a), lease in tx.leases.items() if p == pool.key and lease)
+        if address is None:
+            address = allocate_address(pool.key, pool.range_start, pool.range_end, taken, _skipped(pool),
+                                       self.inventory.pool_hint.get(pool.key))
+            self.inventory.pool_hint[pool.key] = int(address) + 1
+        elif int(address) in taken:
+            holder_of = self.inventory.leases[pool.key].get(str(address))
+            raise Conflict(
+                f"address {address} of IP pool {pool.key} is already leased",
+                "ca",
+                f"held by {holder_of.holder if holder_of else 'another object'}",
+            )
+        lease = Lease(address=address, pool=pool.key, kind=kind, holder_kind=holder_kind, holder=holder,
+                      host=host, vm_network=vm_network, description=description)
+        tx.lease(lease)
+        return lease
+
+    # --- host groups, clusters, hosts -----------------------------------------------------------
+
+    def _create_host_group(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        if spec.parent is None:
+            raise Invalid(f"host group {spec.name} needs a parent", "parent", f"only {ROOT_HOST_GROUP} has no parent")
+        self._require(Kind.host_group, spec.parent, "parent", f"host group {spec.name}")
+        return self._new(Kind.host_group, tx, spec), _Scope()
+
+    def _delete_host_group(self, tx: Tx, group) -> tuple[None, _Scope]:
+        if group.name == ROOT_HOST_GROUP:
+            raise Conflict(f"host group {ROOT_HOST_GROUP} cannot be deleted", "name", "it is the root of all host groups")
+        users = (
+            [f"host group {g.name}" for g in self.inventory.all(Kind.host_group) if g.parent == group.name]
+            + [f"cluster {c.name}" for c in self.inventory.all(Kind.cluster) if c.host_group == group.name]
+            + [f"host {h.name}" for h in self.inventory.all(Kind.host) if h.host_group == group.name]
+            + [f"network site {s.name}" for s in self.inventory.all(Kind.network_site) if group.name in s.host_groups]
+        )
+        _refuse_in_use(Kind.host_group, group.name, users)
+        tx.delete(Kind.host_group, group.name)
+        return None, _Scope(networks=ALL)
+
+    def _create_cluster(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        self._require(Kind.host_group, spec.host_group, "host_group", f"cluster {spec.name}")
+        return self._new(Kind.cluster, tx, spec), _Scope()
+
+    def _delete_cluster(self, tx: Tx, cluster) -> tuple[None, _Scope]:
+        users = [f"host {h.name}" for h in self.inventory.all(Kind.host) if h.cluster == cluster.name]
+        _refuse_in_use(Kind.cluster, cluster.name, users)
+        tx.delete(Kind.cluster, cluster.name)
+        return None, _Scope()
+
+    def _create_host(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        group = spec.host_group
+        if spec.cluster is not None:
+            cluster = self._require(Kind.cluster, spec.cluster, "cluster", f"host {spec.name}")
+            if group is not None and group != cluster.host_group:
+                raise Invalid(
+                    f"host {spec.name}: host group {group} is not the host group of cluster {cluster.name}",
+                    "host_group",
+                    f"cluster {cluster.name} is in host group {cluster.host_group}",
+                )
+            group = cluster.host_group
+        group = group or ROOT_HOST_GROUP
+        self._require(Kind.host_group, group, "host_group", f"host {spec.name}")
+        host = self._new(Kind.host, tx, spec, host_group=group)
+        return host, _Scope(hosts={host.name})
+
+    def _delete_host(self, tx: Tx, host) -> tuple[None, _Scope]:
+        vms = sorted(self.inventory.vms_by_host.get(host.name, ()))
+        _refuse_in_use(Kind.host, host.name, [f"VM {name}" for name in vms])
+        if host.name in self.inventory.switches:
+            self._delete_virtual_switch(tx, host.name)
+        tx.delete(Kind.host, host.name)
+        return None, _Scope(hosts={host.name})
+
+    def _set_virtual_switch(self, tx: Tx, host_name: str, spec: VirtualSwitchSpec) -> tuple[Any, _Scope]:
+        host = self._require(Kind.host, host_name, "host", "virtual switch")
+        switch = self._require(Kind.logical_switch, spec.logical_switch, "logical_switch",
+                               f"virtual switch of host {host_name}")
+        nics = spec.nics if spec.nics is not None else host.nics
+        for i, nic in enumerate(nics):
+            if nic not in host.nics:
+                raise Invalid(
+                    f"virtual switch of host {host_name}: NIC {nic} is not a NIC of the host",
+                    f"nics[{i}]",
+                    f"host {host_name} has NICs {', '.join(host.nics)}",
+                )
+        if not nics:
+            raise Invalid(f"virtual switch of host {host_name} has no NIC", "nics", "a switch needs an uplink")
+        if len(set(nics)) != len(nics):
+            raise Invalid(f"virtual switch of host {host_name}: a NIC is listed twice", "nics", "NICs are unique")
+        profile = spec.uplink_port_profile or switch.uplink_port_profiles[0]
+        if profile not in switch.uplink_port_profiles:
+            raise Invalid(
+                f"virtual switch of host {host_name}: uplink port profile {profile} is not in logical switch "
+                f"{switch.name}",
+                "uplink_port_profile",
+                f"logical switch {switch.name} has {', '.join(switch.uplink_port_profiles)}",
+            )
+        if switch.uplink_mode.value == "NoTeam" and len(nics) != 1:
+            raise Invalid(
+                f"virtual switch of host {host_name}: logical switch {switch.name} is NoTeam",
+                "nics",
+                f"a NoTeam switch takes exactly one NIC, got {len(nics)}",
+            )
+        if spec.management_adapter is not None:
+            self._require(Kind.vm_network, spec.management_adapter.vm_network, "management_adapter.vm_network",
+                          f"virtual switch of host {host_name}")
+        result = VirtualSwitch(host=host_name, logical_switch=switch.name, nics=tuple(nics),
+                               uplink_port_profile=profile, management_adapter=spec.management_adapter)
+        # The management address becomes a lease when a pool of the management VM network's
+        # logical network covers it (Get-SCIPAddress lists it as the host's).
+        self._release_held(tx, "host", host_name, LeaseKind.Management)
+        if spec.management_adapter is not None and host.management_address is not None:
+            self._lease_management(tx, host, spec.management_adapter.vm_network)
+        tx.put(VIRTUAL_SWITCH, host_name, result)
+        # Every VM already on the host must still be reachable through the new switch.
+        old = self.inventory.switches.get(host_name)
+        self.inventory.switches[host_name] = result
+        try:
+            for vm_name in sorted(self.inventory.vms_by_host.get(host_name, ())):
+                vm = self.inventory.get(Kind.vm, vm_name)
+                network = self.inventory.get(Kind.vm_network, vm.vm_network)
+                subnet = self.inventory.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")
+                reason = why_not(self.inventory, host, network, subnet)
+                if reason is not None:
+                    raise Conflict(
+                        f"virtual switch of host {host_name}: VM {vm_name} would lose VM network {network.name}",
+                        "logical_switch",
+                        reason,
+                    )
+        finally:
+            if old is None:
+                self.inventory.switches.pop(host_name, None)
+            else:
+                self.inventory.switches[host_name] = old
+        return result, _Scope(hosts={host_name})
+
+    def _lease_management(self, tx: Tx, host: Host, vm_network_name: str) -> None:
+        network = self.inventory.get(Kind.vm_network, vm_network_name)
+        address = host.management_address.ip
+        for site in self.inventory.all(Kind.network_site):
+            if site.logical_network != network.logical_network:
+                continue
+            for pool_key in self.inventory.pools_by_owner.get(site.name, ()):
+                pool = self.inventory.get(Kind.ip_pool, pool_key)
+                if not int(pool.range_start) <= int(address) <= int(pool.range_end):
+                    continue
+                current = self.inventory.leases[pool.key].get(str(address))
+                if current is None:
+                    self._lease_from(tx, pool, LeaseKind.Management, "host", host.name, host.name,
+                                     vm_network_name, f"Management of {host.name}", address=address)
+                elif current.holder == host.name and current.kind is LeaseKind.Management:
+                    tx.lease(current)  # keep it (the release above is overridden)
+                else:
+                    raise Conflict(
+                        f"management address {address} of host {host.name} is leased by {current.holder}",
+                        "management_address",
+                        f"IP pool {pool.key} already gave it to {current.holder}",
+                    )
+                return
+
+    def _release_held(self, tx: Tx, holder_kind: str, holder: str, kind: LeaseKind | None = None) -> None:
+        for lease in list(self.inventory.leases_by_holder.get(f"{holder_kind}:{holder}", ())):
+            if kind is None or lease.kind == kind:
+                tx.release(lease)
+
+    def _delete_virtual_switch(self, tx: Tx, host_name: str) -> tuple[None, _Scope]:
+        self.get_virtual_switch(host_name)
+        vms = sorted(self.inventory.vms_by_host.get(host_name, ()))
+        if vms:
+            raise Conflict(
+                f"the virtual switch of host {host_name} is in use",
+                "host",
+                f"VMs {', '.join(vms[:5])} are connected to it",
+            )
+        self._release_held(tx, "host", host_name, LeaseKind.Management)
+        tx.delete(VIRTUAL_SWITCH, host_name)
+        return None, _Scope(hosts={host_name})
+
+    # --- logical networks, sites, pools, profiles, switches --------------------------------------
+
+    def _create_logical_network(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        return self._new(Kind.logical_network, tx, spec), _Scope()
+
+    def _delete_logical_network(self, tx: Tx, network) -> tuple[None, _Scope]:
+        users = [f"network site {s.name}" for s in self.inventory.all(Kind.network_site)
+                 if s.logical_network == network.name]
+        users += [f"VM network {n.name}" for n in self.inventory.all(Kind.vm_network)
+                  if n.logical_network == network.name]
+        _refuse_in_use(Kind.logical_network, network.name, users)
+        tx.delete(Kind.logical_network, network.name)
+        return None, _Scope()
+
+    def _create_network_site(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        self._require(Kind.logical_network, spec.logical_network, "logical_network", f"network site {spec.name}")
+        for i, group in enumerate(spec.host_groups):
+            self._require(Kind.host_group, group, f"host_groups[{i}]", f"network site {spec.name}")
+        return self._new(Kind.network_site, tx, spec), _Scope(networks=ALL)
+
+    def _delete_network_site(self, tx: Tx, site) -> tuple[None, _Scope]:
+        users = [f"IP pool {key}" for key in self.inventory.pools_by_owner.get(site.name, ())]
+        users += [f"uplink port profile {p.name}" for p in self.inventory.all(Kind.uplink_port_profile)
+                  if site.name in p.network_sites]
+        _refuse_in_use(Kind.network_site, site.name, users)
+        tx.delete(Kind.network_site, site.name)
+        return None, _Scope(networks=ALL)
+
+    def _create_ip_pool(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        what = f"IP pool {spec.name}"
+        if spec.network_site is not None:
+            site = self._require(Kind.network_site, spec.network_site, "network_site", what)
+            subnets = [pair.subnet for pair in site.subnet_vlans]
+            if spec.subnet is None:
+                if len(subnets) != 1:
+                    raise Invalid(f"{what}: network site {site.name} has {len(subnets)} subnets", "subnet",
+                                  "name the subnet of the site this pool serves")
+                subnet = subnets[0]
+            elif spec.subnet not in subnets:
+                raise Invalid(f"{what}: subnet {spec.subnet} is not a subnet of network site {site.name}", "subnet",
+                              f"network site {site.name} has {', '.join(map(str, subnets))}")
+            else:
+                subnet = spec.subnet
+            gateway = spec.gateway
+            scope: _Scope = _Scope(networks=ALL)
+            siblings = [self.inventory.get(Kind.ip_pool, key)
+                        for s in self.inventory.all(Kind.network_site) if s.logical_network == site.logical_network
+                        for key in self.inventory.pools_by_owner.get(s.name, ())]
+        else:
+            network = self._require(Kind.vm_network, spec.vm_network, "vm_network", what)
+            subnet_name = spec.vm_subnet or self._only_subnet(network, what)
+            vm_subnet = self._require(Kind.vm_subnet, f"{network.name}/{subnet_name}", "vm_subnet", what)
+            if spec.subnet is not None and spec.subnet != vm_subnet.prefix:
+                raise Invalid(f"{what}: subnet {spec.subnet} is not the prefix of VM subnet {vm_subnet.key}",
+                              "subnet", f"VM subnet {vm_subnet.key} is {vm_subnet.prefix}")
+            subnet = vm_subnet.prefix
+            gateway = spec.gateway if spec.gateway is not None else first_host_address(subnet)
+            scope = _Scope(networks={network.name})
+            siblings = [self.inventory.get(Kind.ip_pool, key)
+                        for key in self.inventory.pools_by_owner.get(vm_subnet.key, ())]
+            spec = spec.model_copy(update={"vm_subnet": subnet_name})
+        for name in ("range_start", "range_end", "gateway"):
+            value = getattr(spec, name)
+            if value is not None and value not in subnet:
+                raise Invalid(f"{what}: {name} {value} is outside the subnet {subnet}", name,
+                              f"{value} is not in {subnet}")
+        for i, value in enumerate(spec.reserved):
+            if value not in subnet:
+                raise Invalid(f"{what}: reserved address {value} is outside {subnet}", f"reserved[{i}]",
+                              f"{value} is not in {subnet}")
+        start = spec.range_start
+        if start is None:
+            start = first_host_address(subnet)
+            if gateway is not None and start == gateway:
+                start += 1
+        end = spec.range_end if spec.range_end is not None else last_host_address(subnet)
+        if int(start) > int(end):
+            raise Invalid(f"{what}: the range {start} - {end} is empty", "range_end", f"{end} is before {start}")
+        for other in siblings:
+            if other.subnet == subnet and int(other.range_start) <= int(end) and int(start) <= int(other.range_end):
+                raise Conflict(
+                    f"{what}: range {start} - {end} overlaps IP pool {other.key} ({other.range_start} - "
+                    f"{other.range_end})",
+                    "range_start",
+                    "two pools of one subnet would hand out the same address",
+                )
+        pool = self._new(Kind.ip_pool, tx, spec, subnet=subnet, range_start=start, range_end=end, gateway=gateway)
+        return pool, scope
+
+    def _delete_ip_pool(self, tx: Tx, pool) -> tuple[None, _Scope]:
+        leases = sorted(self.inventory.leases.get(pool.key, {}).values(), key=lambda lease: int(lease.address))
+        _refuse_in_use(Kind.ip_pool, pool.key, [f"{lease.address} ({lease.description or lease.holder})"
+                                                for lease in leases], noun="leases")
+        tx.delete(Kind.ip_pool, pool.key)
+        return None, _Scope(networks=ALL)
+
+    def _create_uplink_port_profile(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        for i, site in enumerate(spec.network_sites):
+            self._require(Kind.network_site, site, f"network_sites[{i}]", f"uplink port profile {spec.name}")
+        return self._new(Kind.uplink_port_profile, tx, spec), _Scope()
+
+    def _delete_uplink_port_profile(self, tx: Tx, profile) -> tuple[None, _Scope]:
+        users = [f"logical switch {s.name}" for s in self.inventory.all(Kind.logical_switch)
+                 if profile.name in s.uplink_port_profiles]
+        _refuse_in_use(Kind.uplink_port_profile, profile.name, users)
+        tx.delete(Kind.uplink_port_profile, profile.name)
+        return None, _Scope()
+
+    def _create_logical_switch(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        for i, profile in enumerate(spec.uplink_port_profiles):
+            self._require(Kind.uplink_port_profile, profile, f"uplink_port_profiles[{i}]",
+                          f"logical switch {spec.name}")
+        return self._new(Kind.logical_switch, tx, spec), _Scope()
+
+    def _delete_logical_switch(self, tx: Tx, switch) -> tuple[None, _Scope]:
+        users = [f"host {host}" for host, vs in sorted(self.inventory.switches.items())
+                 if vs.logical_switch == switch.name]
+        _refuse_in_use(Kind.logical_switch, switch.name, users)
+        tx.delete(Kind.logical_switch, switch.name)
+        return None, _Scope()
+
+    # --- VM networks, VM subnets --------------------------------------------------------------------
+
+    def _create_vm_network(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        what = f"VM network {spec.name}"
+        logical = self._require(Kind.logical_network, spec.logical_network, "logical_network", what)
+        decided: dict[str, Any] = {}
+        if spec.isolation is Isolation.WindowsNetworkVirtualization:
+            if not logical.network_virtualization:
+                raise Invalid(
+                    f"{what}: logical network {logical.name} does not allow network virtualisation",
+                    "isolation",
+                    f"create it with network_virtualization true, or choose isolation VLAN or NoIsolation",
+                )
+            taken = {int(v) for v in self._taken_values(tx, SPACE_ROUTING_DOMAIN)}
+            decided["routing_domain_id"] = allocate_routing_domain_id(taken)
+        network = self._new(Kind.vm_network, tx, spec, **decided)
+        if network.routing_domain_id is not None:
+            tx.take(SPACE_ROUTING_DOMAIN, str(network.routing_domain_id), f"vm-network:{network.name}")
+        return network, _Scope()
+
+    def _delete_vm_network(self, tx: Tx, network) -> tuple[None, _Scope]:
+        users = [f"VM {name}" for name in sorted(self.inventory.vms_by_network.get(network.name, ()))]
+        users += [f"VM subnet {key}" for key in self.inventory.subnets_by_network.get(network.name, ())]
+        users += [f"the management adapter of host {host}" for host, vs in sorted(self.inventory.switches.items())
+                  if vs.management_adapter is not None and vs.management_adapter.vm_network == network.name]
+        _refuse_in_use(Kind.vm_network, network.name, users)
+        tx.delete(Kind.vm_network, network.name)
+        if network.routing_domain_id is not None:
+            tx.free(SPACE_ROUTING_DOMAIN, str(network.routing_domain_id))
+        return None, _Scope()
+
+    def _only_subnet(self, network: VmNetwork, what: str) -> str:
+        keys = self.inventory.subnets_by_network.get(network.name, [])
+        if len(keys) != 1:
+            raise Invalid(f"{what}: VM network {network.name} has {len(keys)} VM subnets", "vm_subnet",
+                          "name the VM subnet")
+        return keys[0].split("/", 1)[1]
+
+    def _create_vm_subnet(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        what = f"VM subnet {spec.vm_network}/{spec.name}"
+        network = self._require(Kind.vm_network, spec.vm_network, "vm_network", what)
+        decided: dict[str, Any] = {}
+        if network.isolation is Isolation.NoIsolation:
+            raise Invalid(f"{what}: VM network {network.name} has no isolation", "vm_network",
+                          "VM subnets belong to network-virtualised or VLAN VM networks")
+        if network.isolation is Isolation.WindowsNetworkVirtualization:
+            if spec.vlan is not None:
+                raise Invalid(f"{what}: a network-virtualised VM subnet has no VLAN", "vlan",
+                              "its traffic is carried in NVGRE on the transport VLAN")
+            if spec.prefix.version != network.ca_family.version:
+                raise Invalid(f"{what}: {spec.prefix} is not {network.ca_family.value}", "prefix",
+                              f"VM network {network.name} has ca_family {network.ca_family.value}; "
+                              "network virtualisation is never dual-stack")
+            for key in self.inventory.subnets_by_network.get(network.name, ()):
+                other = self.inventory.get(Kind.vm_subnet, key)
+                if other.prefix.overlaps(spec.prefix):
+                    raise Conflict(f"{what}: {spec.prefix} overlaps VM subnet {key} ({other.prefix})", "prefix",
+                                   "VM subnets of one VM network share a routing domain")
+            vsid = allocate_vsid({int(v) for v in self._taken_values(tx, SPACE_VSID)})
+            decided["vsid"] = vsid
+            decided["gateway_mac"] = self._new_mac(tx, f"gateway:{network.name}/{spec.name}")
+        else:
+            if spec.vlan is None:
+                raise Invalid(f"{what}: a VLAN VM subnet names its VLAN", "vlan",
+                              f"VM network {network.name} is isolated by VLAN")
+            pairs = [(site.name, pair) for site in self.inventory.all(Kind.network_site)
+                     if site.logical_network == network.logical_network for pair in site.subnet_vlans]
+            if not any(pair.vlan == spec.vlan and pair.subnet == spec.prefix for _, pair in pairs):
+                offered = ", ".join(f"{pair.subnet} VLAN {pair.vlan} ({site})" for site, pair in pairs) or "none"
+                raise Invalid(
+                    f"{what}: {spec.prefix} on VLAN {spec.vlan} is not a subnet/VLAN of logical network "
+                    f"{network.logical_network}",
+                    "vlan",
+                    f"the sites of logical network {network.logical_network} offer: {offered}",
+                )
+        subnet = self._new(Kind.vm_subnet, tx, spec, **decided)
+        if subnet.vsid is not None:
+            tx.take(SPACE_VSID, str(subnet.vsid), f"vm-subnet:{subnet.key}")
+        return subnet, _Scope(networks={network.name})
+
+    def _delete_vm_subnet(self, tx: Tx, subnet) -> tuple[None, _Scope]:
+        users = [f"VM {vm.name}" for vm in self.inventory.vms_of_network(subnet.vm_network)
+                 if vm.vm_subnet == subnet.name]
+        users += [f"IP pool {key}" for key in self.inventory.pools_by_owner.get(subnet.key, ())]
+        _refuse_in_use(Kind.vm_subnet, subnet.key, users)
+        tx.delete(Kind.vm_subnet, subnet.key)
+        if subnet.vsid is not None:
+            tx.free(SPACE_VSID, str(subnet.vsid))
+        if subnet.gateway_mac is not None:
+            tx.free(SPACE_MAC, subnet.gateway_mac)
+        return None, _Scope(networks={subnet.vm_network})
+
+    # --- VMs ---------------------------------------------------------------------------------------
+
+    def _create_vm(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        what = f"VM {spec.name}"
+        self._refuse_existing(Kind.vm, spec.name)
+        network = self._require(Kind.vm_network, spec.vm_network, "vm_network", what)
+        if network.isolation is Isolation.NoIsolation:
+            raise Invalid(f"{what}: VM network {network.name} has no isolation", "vm_network",
+                          "VMs join network-virtualised or VLAN VM networks")
+        subnet_name = spec.vm_subnet or self._only_subnet(network, what)
+        subnet = self._require(Kind.vm_subnet, f"{network.name}/{subnet_name}", "vm_subnet", what)
+        if spec.host_group is not None:
+            self._require(Kind.host_group, spec.host_group, "host_group", what)
+        if spec.host is not None:
+            host = self._require(Kind.host, spec.host, "host", what)
+            reason = why_not(self.inventory, host, network, subnet)
+            if reason is not None:
+                raise Conflict(f"{what}: host {host.name} cannot carry VM network {network.name}", "host", reason)
+        else:
+            host = place(self.inventory, network, subnet, spec.host_group)
+        if spec.mac is not None:
+            self._take_mac(tx, spec.mac, f"vm:{spec.name}")
+            mac = spec.mac
+        else:
+            mac = self._new_mac(tx, f"vm:{spec.name}")
+        ca = self._lease_ca(tx, spec.name, spec.ca, network, subnet, host.name)
+        if network.isolation is Isolation.WindowsNetworkVirtualization:
+            self._ensure_pa(tx, host, network)
+        vm = self._new(Kind.vm, tx, spec, vm_subnet=subnet.name, host=host.name, mac=mac, ca=ca)
+        return vm, _Scope(networks={network.name}, hosts={host.name})
+
+    def _lease_ca(self, tx: Tx, vm_name: str, wanted, network: VmNetwork, subnet: VmSubnet, host: str):
+        pools = [self.inventory.get(Kind.ip_pool, key) for key in self.inventory.pools_by_owner.get(subnet.key, ())]
+        description = f"CA of {vm_name} in {network.name}"
+        if wanted is not None:
+            if wanted not in subnet.prefix:
+                raise Invalid(f"VM {vm_name}: CA {wanted} is outside VM subnet {subnet.key} ({subnet.prefix})", "ca",
+                              f"{wanted} is not in {subnet.prefix}")
+            for other in self.inventory.vms_of_network(network.name):
+                if other.ca == wanted and other.vm_subnet == subnet.name:
+                    raise Conflict(f"VM {vm_name}: CA {wanted} is already used by VM {other.name}", "ca",
+                                   f"CAs are unique within VM subnet {subnet.key}")
+            for pool in pools:
+                if int(pool.range_start) <= int(wanted) <= int(pool.range_end):
+                    self._lease_from(tx, pool, LeaseKind.CA, "vm", vm_name, host, network.name, description,
+                                     address=wanted)
+                    break
+            return wanted
+        if not pools:
+            if network.isolation is Isolation.VLAN:
+                return None
+            raise Conflict(f"VM {vm_name}: VM subnet {subnet.key} has no IP pool", "ca",
+                           "create an IP pool on the VM subnet or give the VM a CA")
+        last: Conflict | None = None
+        for pool in pools:
+            try:
+                return self._lease_from(tx, pool, LeaseKind.CA, "vm", vm_name, host, network.name,
+                                        description).address
+            except Conflict as exc:
+                last = exc
+        raise last  # every pool is exhausted
+
+    def _ensure_pa(self, tx: Tx, host: Host, network: VmNetwork) -> None:
+        """One PA per (host, VM network): taken with the host's first VM of that network."""
+        if (host.name, network.name) in self.inventory.pa_leases:
+            return
+        transport = transport_of(self.inventory, host)
+        pools = [self.inventory.get(Kind.ip_pool, key) for key in self.inventory.pools_by_owner.get(transport.site.name, ())]
+        pools = [pool for pool in pools if pool.subnet == transport.subnet_vlan.subnet]
+        if not pools:
+            raise Conflict(
+                f"host {host.name} has no provider address for VM network {network.name}",
+                "host",
+                f"the transport site {transport.site.name} ({transport.subnet_vlan.subnet}) has no IP pool for PAs",
+            )
+        description = f"PA of {host.name} for {network.name}"
+        last: Conflict | None = None
+        for pool in pools:
+            try:
+                self._lease_from(tx, pool, LeaseKind.PA, "host", host.name, host.name, network.name, description)
+                return
+            except Conflict as exc:
+                last = exc
+        raise last
+
+    def _release_pa_if_last(self, tx: Tx, host: str, network: str) -> None:
+        if self.inventory.network_hosts.get(network, {}).get(host, 0) <= 1:
+            lease = self.inventory.pa_leases.get((host, network))
+            if lease is not None:
+                tx.release(lease)
+
+    def _delete_vm(self, tx: Tx, vm) -> tuple[None, _Scope]:
+        tx.delete(Kind.vm, vm.name)
+        tx.free(SPACE_MAC, vm.mac)
+        self._release_held(tx, "vm", vm.name)
+        self._release_pa_if_last(tx, vm.host, vm.vm_network)
+        return None, _Scope(networks={vm.vm_network}, hosts={vm.host})
+
+    def _migrate(self, tx: Tx, vm_name: str, destination: str) -> tuple[Any, _Scope]:
+        vm = self.get(Kind.vm, vm_name)
+        host = self._require(Kind.host, destination, "host", f"migration of VM {vm_name}")
+        if host.name == vm.host:
+            return vm, _Scope()
+        network = self.inventory.get(Kind.vm_network, vm.vm_network)
+        subnet = self.inventory.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")
+        reason = why_not(self.inventory, host, network, subnet)
+        if reason is not None:
+            raise Conflict(f"VM {vm_name} cannot migrate to host {host.name}", "host", reason)
+        # Release the source PA first, so that if the destination takes a new one the
+        # pool's accounting sees both (they are different (host, network) keys anyway).
+        self._release_pa_if_last(tx, vm.host, network.name)
+        if network.isolation is Isolation.WindowsNetworkVirtualization:
+            self._ensure_pa(tx, host, network)
+        for lease in self.inventory.leases_by_holder.get(f"vm:{vm.name}", ()):
+            tx.lease(lease.model_copy(update={"host": host.name}))
+        moved = vm.model_copy(update={"host": host.name})
+        tx.put(Kind.vm, vm.name, moved)
+        return moved, _Scope(networks={network.name}, hosts={vm.host, host.name})
+
+    # --- PATCH ---------------------------------------------------------------------------------------
+
+    def _patch(self, tx: Tx, kind: Kind, key: str, changes: dict[str, Any]) -> tuple[Any, _Scope]:
+        current = self.get(kind, key)
+        spec_model = SPEC_OF[kind]
+        if not isinstance(changes, dict):
+            raise Invalid(f"{kind.label} {key}: a PATCH body is a JSON object", None, "send the fields to change")
+        for name, value in changes.items():
+            if name not in spec_model.model_fields:
+                raise Invalid(f"{kind.label} {key}: unknown field {name}", name, f"{kind.label}s have no field {name}")
+        spec_data = {name: getattr(current, name) for name in spec_model.model_fields}
+        try:
+            merged = spec_model.model_validate({**_plain(spec_data), **changes})
+        except ValidationError as exc:
+            problem = describe_validation_error(exc)[0]
+            field, _, reason = problem.partition(": ")
+            raise Invalid(f"{kind.label} {key}: {problem}", field or None, reason or problem) from None
+        for name in spec_model.model_fields:
+            if getattr(merged, name) != getattr(current, name) and name not in spec_model.patchable:
+                raise Invalid(
+                    f"{kind.label} {key}: {name} cannot be changed",
+                    name,
+                    f"only {', '.join(sorted(spec_model.patchable))} can change; delete and recreate "
+                    f"the {kind.label} to change {name}",
+                )
+        if kind is Kind.host and merged.nics != current.nics:
+            switch = self.inventory.switches.get(key)
+            missing = [nic for nic in (switch.nics if switch else ()) if nic not in merged.nics]
+            if missing:
+                raise Conflict(f"host {key}: NIC {missing[0]} is used by its virtual switch", "nics",
+                               "remove it from the virtual switch first")
+        if kind is Kind.network_site:
+            for i, group in enumerate(merged.host_groups):
+                self._require(Kind.host_group, group, f"host_groups[{i}]", f"network site {key}")
+        if kind is Kind.uplink_port_profile:
+            for i, site in enumerate(merged.network_sites):
+                self._require(Kind.network_site, site, f"network_sites[{i}]", f"uplink port profile {key}")
+        updated = current.model_copy(update={name: getattr(merged, name) for name in spec_model.patchable})
+        updated = type(current).model_validate(updated.model_dump(exclude={"key"}))
+        tx.put(kind, key, updated)
+        if kind in (Kind.network_site, Kind.uplink_port_profile):
+            self._check_vms_still_placed(updated, kind)
+        return updated, _Scope(networks=ALL)
+
+    def _check_vms_still_placed(self, updated: Any, kind: Kind) -> None:
+        """After a site or profile change, every VM's host must still reach its VM network."""
+        previous = self.inventory.objects[kind][updated.key]
+        self.inventory.objects[kind][updated.key] = updated
+        try:
+            for vm in self.inventory.all(Kind.vm):
+                host = self.inventory.get(Kind.host, vm.host)
+                network = self.inventory.get(Kind.vm_network, vm.vm_network)
+                subnet = self.inventory.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")
+                reason = why_not(self.inventory, host, network, subnet)
+                if reason is not None:
+                    raise Conflict(f"{kind.label} {updated.key}: VM {vm.name} would lose VM network {network.name}",
+                                   None, reason)
+        finally:
+            self.inventory.objects[kind][updated.key] = previous
+
+
+def _refuse_in_use(kind: Kind, key: str, users: list[str], noun: str = "users") -> None:
+    if users:
+        shown = ", ".join(users[:5]) + (f" and {len(users) - 5} more" if len(users) > 5 else "")
+        raise Conflict(f"{kind.label} {key} is in use", "name", f"still used by {shown}" if noun == "users"
+                       else f"it still has {len(users)} {noun}: {shown}")
+
+
+def _skipped(pool: IpPool) -> set:
+    skip = set(pool.reserved)
+    if pool.gateway is not None:
+        skip.add(pool.gateway)
+    return {a for a in skip if int(pool.range_start) <= int(a) <= int(pool.range_end)}
+
+
+def _text(value: Any) -> str:
+    if hasattr(value, "value"):
+        return str(value.value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
+
+
+def _plain(data: dict[str, Any]) -> dict[str, Any]:
+    """Model values back to JSON-like input (for re-validation after a merge)."""
+    out = {}
+    for name, value in data.items():
+        if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address, ipaddress.IPv4Network,
+                              ipaddress.IPv6Network, ipaddress.IPv4Interface, ipaddress.IPv6Interface)):
+            value = str(value)
+        elif isinstance(value, tuple):
+            value = [str(v) if not isinstance(v, (BaseModel, int, str)) else v for v in value]
+        out[name] = value
+    return out
+
+
+def _uuid_of(kind: str, key: str, obj: Any) -> str:
+    if kind == VIRTUAL_SWITCH:
+        return str(uuidlib.uuid5(uuidlib.NAMESPACE_URL, f"openhnv:virtual-switch:{key}"))
+    return obj.uuid

@@ -1,0 +1,207 @@
+"""The fabric in memory, with the indexes the compiler and placement need.
+
+The store is the record; this is the controller's working copy, loaded once at start-up
+and changed only by `apply(tx)` after the store has committed the same `Tx`. Indexes
+are kept per VM network and per host so that a migration touches the VMs of one VM
+network, never every VM of the fabric.
+
+`Tx` is one operation's pending change: objects put or deleted, allocations and leases
+taken or released. It answers "is this value taken?" for the inventory *and* itself,
+so one operation can allocate twice from one space without colliding with itself.
+
+This module owns the in-memory shapes; it must not touch the store or decide fabric
+rules (that is `controller.fabric`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from controller.models import STORED_OF, Kind, Lease, LeaseKind, VirtualSwitch
+from controller.store import ChangeSet, Snapshot
+
+VIRTUAL_SWITCH = "virtual-switch"  # the store kind of a host's virtual switch (keyed by host)
+
+SPACE_VSID = "vsid"
+SPACE_MAC = "mac"
+SPACE_ROUTING_DOMAIN = "routing_domain"
+
+
+@dataclass
+class Tx:
+    objects: dict[tuple[str, str], Any] = field(default_factory=dict)  # None = delete
+    allocations: dict[tuple[str, str], str | None] = field(default_factory=dict)  # None = free
+    leases: dict[tuple[str, str], Lease | None] = field(default_factory=dict)  # None = release
+
+    def put(self, kind: str, key: str, obj: Any) -> None:
+        self.objects[(str(kind), key)] = obj
+
+    def delete(self, kind: str, key: str) -> None:
+        self.objects[(str(kind), key)] = None
+
+    def take(self, space: str, value: str, holder: str) -> None:
+        self.allocations[(space, value)] = holder
+
+    def free(self, space: str, value: str) -> None:
+        self.allocations[(space, value)] = None
+
+    def lease(self, lease: Lease) -> None:
+        self.leases[(lease.pool, str(lease.address))] = lease
+
+    def release(self, lease: Lease) -> None:
+        self.leases[(lease.pool, str(lease.address))] = None
+
+    def changeset(self, uuid_of) -> ChangeSet:
+        changes = ChangeSet()
+        for (kind, key), obj in self.objects.items():
+            if obj is None:
+                changes.delete_objects.add((kind, key))
+            else:
+                doc = obj.model_dump_json(exclude={"key"})
+                changes.put_objects[(kind, key)] = (uuid_of(kind, key, obj), doc)
+        for (space, value), holder in self.allocations.items():
+            if holder is None:
+                changes.delete_allocations.add((space, value))
+            else:
+                changes.put_allocations[(space, value)] = holder
+        for (pool, address), lease in self.leases.items():
+            if lease is None:
+                changes.delete_leases.add((pool, address))
+            else:
+                changes.put_leases[(pool, address)] = lease.model_dump_json()
+        return changes
+
+
+class Inventory:
+    def __init__(self) -> None:
+        self.objects: dict[Kind, dict[str, Any]] = {kind: {} for kind in Kind}
+        self.switches: dict[str, VirtualSwitch] = {}
+        self.allocations: dict[str, dict[str, str]] = defaultdict(dict)
+        self.leases: dict[str, dict[str, Lease]] = defaultdict(dict)  # pool -> address -> lease
+        self.pool_taken: dict[str, set[int]] = defaultdict(set)
+        self.pool_hint: dict[str, int] = {}
+        self.mac_hint: int | None = None
+        # indexes
+        self.vms_by_network: dict[str, set[str]] = defaultdict(set)
+        self.vms_by_host: dict[str, set[str]] = defaultdict(set)
+        self.network_hosts: dict[str, Counter[str]] = defaultdict(Counter)
+        self.subnets_by_network: dict[str, list[str]] = defaultdict(list)
+        self.pools_by_owner: dict[str, list[str]] = defaultdict(list)  # site name / VM subnet key
+        self.pa_leases: dict[tuple[str, str], Lease] = {}  # (host, VM network) -> PA lease
+        self.leases_by_holder: dict[str, list[Lease]] = defaultdict(list)  # 'vm:X' / 'host:Y'
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def get(self, kind: Kind, key: str) -> Any | None:
+        return self.objects[kind].get(key)
+
+    def all(self, kind: Kind) -> list[Any]:
+        return list(self.objects[kind].values())
+
+    def taken(self, space: str) -> dict[str, str]:
+        return self.allocations[space]
+
+    def vms_of_network(self, network: str) -> Iterator[Any]:
+        vms = self.objects[Kind.vm]
+        for name in sorted(self.vms_by_network.get(network, ())):
+            yield vms[name]
+
+    def hosts_of_network(self, network: str) -> set[str]:
+        return {host for host, count in self.network_hosts.get(network, {}).items() if count > 0}
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def apply(self, tx: Tx) -> None:
+        """Make a committed Tx true in memory (deletes before puts, like the store)."""
+        for (kind, key), obj in tx.objects.items():
+            if obj is None:
+                self._remove_object(kind, key)
+        for (kind, key), obj in tx.objects.items():
+            if obj is not None:
+                self._put_object(kind, key, obj)
+        for (space, value), holder in tx.allocations.items():
+            if holder is None:
+                self.allocations[space].pop(value, None)
+        for (space, value), holder in tx.allocations.items():
+            if holder is not None:
+                self.allocations[space][value] = holder
+        for (pool, address), lease in tx.leases.items():
+            if lease is None:
+                self._remove_lease(pool, address)
+        for (pool, address), lease in tx.leases.items():
+            if lease is not None:
+                self._put_lease(lease)
+
+    def load(self, snapshot: Snapshot) -> None:
+        tx = Tx()
+        for kind, key, _uuid, doc in snapshot.objects:
+            if kind == VIRTUAL_SWITCH:
+                tx.put(kind, key, VirtualSwitch.model_validate_json(doc))
+            else:
+                data = json.loads(doc)
+                tx.put(kind, key, STORED_OF[Kind(kind)].model_validate(data))
+        for space, value, holder in snapshot.allocations:
+            tx.take(space, value, holder)
+        for _pool, _address, doc in snapshot.leases:
+            tx.lease(Lease.model_validate_json(doc))
+        self.apply(tx)
+
+    def _put_object(self, kind: str, key: str, obj: Any) -> None:
+        if kind == VIRTUAL_SWITCH:
+            self.switches[key] = obj
+            return
+        kind = Kind(kind)
+        self._remove_object(kind, key)
+        self.objects[kind][key] = obj
+        if kind is Kind.vm:
+            self.vms_by_network[obj.vm_network].add(key)
+            self.vms_by_host[obj.host].add(key)
+            self.network_hosts[obj.vm_network][obj.host] += 1
+        elif kind is Kind.vm_subnet:
+            self.subnets_by_network[obj.vm_network].append(key)
+        elif kind is Kind.ip_pool:
+            owner = obj.network_site if obj.network_site is not None else f"{obj.vm_network}/{obj.vm_subnet}"
+            self.pools_by_owner[owner].append(key)
+
+    def _remove_object(self, kind: str, key: str) -> None:
+        if kind == VIRTUAL_SWITCH:
+            self.switches.pop(key, None)
+            return
+        kind = Kind(kind)
+        old = self.objects[kind].pop(key, None)
+        if old is None:
+            return
+        if kind is Kind.vm:
+            self.vms_by_network[old.vm_network].discard(key)
+            self.vms_by_host[old.host].discard(key)
+            counter = self.network_hosts[old.vm_network]
+            counter[old.host] -= 1
+            if counter[old.host] <= 0:
+                del counter[old.host]
+        elif kind is Kind.vm_subnet:
+            self.subnets_by_network[old.vm_network].remove(key)
+        elif kind is Kind.ip_pool:
+            owner = old.network_site if old.network_site is not None else f"{old.vm_network}/{old.vm_subnet}"
+            self.pools_by_owner[owner].remove(key)
+
+    def _put_lease(self, lease: Lease) -> None:
+        address = str(lease.address)
+        self._remove_lease(lease.pool, address)
+        self.leases[lease.pool][address] = lease
+        self.pool_taken[lease.pool].add(int(lease.address))
+        self.leases_by_holder[f"{lease.holder_kind}:{lease.holder}"].append(lease)
+        if lease.kind is LeaseKind.PA and lease.host and lease.vm_network:
+            self.pa_leases[(lease.host, lease.vm_network)] = lease
+
+    def _remove_lease(self, pool: str, address: str) -> None:
+        old = self.leases[pool].pop(address, None)
+        if old is None:
+            return
+        self.pool_taken[pool].discard(int(old.address))
+        held = self.leases_by_holder[f"{old.holder_kind}:{old.holder}"]
+        held[:] = [lease for lease in held if not (lease.pool == pool and str(lease.address) == address)]
+        if old.kind is LeaseKind.PA and self.pa_leases.get((old.host, old.vm_network)) == old:
+            del self.pa_leases[(old.host, old.vm_network)]

@@ -1,0 +1,549 @@
+"""The fabric objects, as users write them and as the controller keeps them.
+
+Every kind mirrors a VMM cmdlet of the seed walkthrough (New-SCVMHostGroup,
+New-SCLogicalNetwork, New-SCLogicalNetworkDefinition, New-SCStaticIPAddressPool,
+New-SCNativeUplinkPortProfile, New-SCLogicalSwitch, New-SCVirtualNetwork, New-SCVMNetwork,
+New-SCVMSubnet, New-SCVirtualMachine, Get-SCIPAddress). For each kind there is a *spec*
+(what a user sends on create; `extra="forbid"`, so a misspelt field is refused by name)
+and a stored model (the spec plus what the controller decided: uuid, VSID, MAC, CA...).
+
+Names are what users type. Most kinds have names unique per kind; two kinds are scoped,
+because the seed itself repeats their names: a VM subnet's name is unique within its VM
+network (both Fabrikam2 and Fabrikam3 have a VM subnet "Default"), and an IP pool's
+name is unique within its network site or VM subnet (three pools are called "Default").
+Their keys are therefore paths: ``Fabrikam2/Default`` for a VM subnet,
+``Virtualization/Default`` for a site's pool, ``Fabrikam2/Default/Default`` for a VM
+subnet's pool. `key_of` computes every kind's key.
+
+This module owns the shapes and the checks that need no other object (a range inside
+its subnet, a family that matches). Checks across objects live in `controller.fabric`.
+It must not touch the store or the network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    computed_field,
+    IPvAnyAddress,
+    IPvAnyInterface,
+    IPvAnyNetwork,
+    model_validator,
+)
+
+from agent.state import (
+    Encapsulation,
+    IfName,
+    LoadBalancing,
+    PortKind,
+    TeamMode,
+    normalize_mac,
+)
+
+ROOT_HOST_GROUP = "All Hosts"
+
+_NAME_FORBIDDEN = re.compile(r"[/\x00-\x1f\x7f]")
+
+
+def _check_name(value: str) -> str:
+    if value != value.strip():
+        raise ValueError(f"name {value!r} has leading or trailing white space")
+    if _NAME_FORBIDDEN.search(value):
+        raise ValueError(f"name {value!r} may not contain '/' or control characters")
+    return value
+
+
+# A name users type: 1..256 characters, no '/', which separates the parts of a key.
+Name = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_check_name)]
+MacAddress = Annotated[str, BeforeValidator(normalize_mac)]
+
+
+class Isolation(StrEnum):
+    """New-SCVMNetwork -IsolationType."""
+
+    NoIsolation = "NoIsolation"
+    WindowsNetworkVirtualization = "WindowsNetworkVirtualization"
+    VLAN = "VLAN"
+
+
+class AddressFamily(StrEnum):
+    IPv4 = "IPv4"
+    IPv6 = "IPv6"
+
+    @property
+    def version(self) -> int:
+        return 4 if self is AddressFamily.IPv4 else 6
+
+
+class UplinkMode(StrEnum):
+    Team = "Team"
+    NoTeam = "NoTeam"
+
+
+class LeaseKind(StrEnum):
+    CA = "CA"  # a VM's customer address, from its VM subnet's pool
+    PA = "PA"  # a host's provider address for one VM network, from the transport pool
+    Management = "Management"  # a host's management address, when a pool covers it
+
+
+class Kind(StrEnum):
+    """Object kinds; the value is the collection's path segment under /v1."""
+
+    host_group = "host-groups"
+    cluster = "clusters"
+    host = "hosts"
+    logical_network = "logical-networks"
+    network_site = "network-sites"
+    ip_pool = "ip-pools"
+    uplink_port_profile = "uplink-port-profiles"
+    logical_switch = "logical-switches"
+    vm_network = "vm-networks"
+    vm_subnet = "vm-subnets"
+    vm = "vms"
+
+    @property
+    def label(self) -> str:
+        """How an error message names the kind: 'VM subnet', 'IP pool'."""
+        return _LABELS[self]
+
+
+_LABELS = {
+    Kind.host_group: "host group",
+    Kind.cluster: "cluster",
+    Kind.host: "host",
+    Kind.logical_network: "logical network",
+    Kind.network_site: "network site",
+    Kind.ip_pool: "IP pool",
+    Kind.uplink_port_profile: "uplink port profile",
+    Kind.logical_switch: "logical switch",
+    Kind.vm_network: "VM network",
+    Kind.vm_subnet: "VM subnet",
+    Kind.vm: "VM",
+}
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ClassVar[Kind]
+    # Fields a PATCH may change; everything else is fixed at create (delete and recreate).
+    patchable: ClassVar[frozenset[str]] = frozenset({"description"})
+
+
+class _Stored(BaseModel):
+    """Mixin for what the controller adds: the object's uuid (and its key, computed)."""
+
+    uuid: str
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def key(self) -> str:
+        """The identifier in its collection: the name, or a path for scoped kinds."""
+        return key_of(self.kind, self)  # type: ignore[attr-defined]
+
+
+# --- host groups, clusters, hosts --------------------------------------------------------
+
+
+class HostGroupSpec(_Spec):
+    kind: ClassVar[Kind] = Kind.host_group
+    name: Name
+    parent: Name | None = ROOT_HOST_GROUP
+    description: str = ""
+
+
+class HostGroup(HostGroupSpec, _Stored):
+    pass
+
+
+class ClusterSpec(_Spec):
+    kind: ClassVar[Kind] = Kind.cluster
+    name: Name
+    host_group: Name = ROOT_HOST_GROUP
+    description: str = ""
+
+
+class Cluster(ClusterSpec, _Stored):
+    pass
+
+
+class HostSpec(_Spec):
+    kind: ClassVar[Kind] = Kind.host
+    patchable: ClassVar[frozenset[str]] = frozenset(
+        {"description", "management_address", "management_gateway", "nics"}
+    )
+    name: Name
+    # Default: the cluster's host group if a cluster is given, else All Hosts.
+    host_group: Name | None = None
+    cluster: Name | None = None
+    management_address: IPvAnyInterface | None = None  # e.g. 10.0.0.16/24
+    management_gateway: IPvAnyAddress | None = None
+    nics: tuple[IfName, ...] = Field(min_length=1)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> HostSpec:
+        if len(set(self.nics)) != len(self.nics):
+            raise ValueError("nics: a NIC is listed twice")
+        if (
+            self.management_gateway is not None
+            and self.management_address is not None
+            and self.management_gateway not in self.management_address.network
+        ):
+            raise ValueError(
+                f"management_gateway: {self.management_gateway} is outside "
+                f"{self.management_address.network}"
+            )
+        return self
+
+
+class Host(HostSpec, _Stored):
+    host_group: Name = ROOT_HOST_GROUP
+
+
+class ManagementAdapter(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Name = "Management"
+    vm_network: Name
+
+
+class VirtualSwitchSpec(BaseModel):
+    """New-SCVirtualNetwork: a logical switch instantiated on one host."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    logical_switch: Name
+    # Default: every NIC of the host.
+    nics: tuple[IfName, ...] | None = None
+    # Default: the logical switch's first uplink port profile.
+    uplink_port_profile: Name | None = None
+    management_adapter: ManagementAdapter | None = None
+
+
+class VirtualSwitch(VirtualSwitchSpec):
+    host: Name
+    nics: tuple[IfName, ...]
+    uplink_port_profile: Name
+
+
+# --- logical networks, sites, pools --------------------------------------------------------
+
+
+class LogicalNetworkSpec(_Spec):
+    kind: ClassVar[Kind] = Kind.logical_network
+    patchable: ClassVar[frozenset[str]] = frozenset({"description", "mtu"})
+    name: Name
+    network_virtualization: bool = False
+    encapsulation: Encapsulation = Encapsulation.nvgre  # UseGRE $true
+    mtu: int = Field(default=1500, ge=1280, le=9216)
+    description: str = ""
+
+
+class LogicalNetwork(LogicalNetworkSpec, _Stored):
+    pass
+
+
+class SubnetVlan(BaseModel):
+    """New-SCSubnetVLan: a subnet and its VLAN; VLAN 0 is untagged (the native VLAN)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    subnet: IPvAnyNetwork
+    vlan: int = Field(default=0, ge=0, le=4094)
+
+
+class NetworkSiteSpec(_Spec):
+    """New-SCLogicalNetworkDefinition."""
+
+    kind: ClassVar[Kind] = Kind.network_site
+    patchable: ClassVar[frozenset[str]] = frozenset({"description", "host_groups"})
+    name: Name
+    logical_network: Name
+    host_groups: tuple[Name, ...] = Field(min_length=1)
+    subnet_vlans: tuple[SubnetVlan, ...] = Field(min_length=1)
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> NetworkSiteSpec:
+        for i, a in enumerate(self.subnet_vlans):
+            for b in self.subnet_vlans[:i]:
+                if a.subnet.overlaps(b.subnet):
+                    raise ValueError(f"subnet_vlans[{i}].subnet: {a.subnet} overlaps {b.subnet}")
+        return self
+
+
+class NetworkSite(NetworkSiteSpec, _Stored):
+    pass
+
+
+class IpPoolSpec(_Spec):
+    """New-SCStaticIPAddressPool: on a network site, or on a VM subnet (CA space)."""
+
+    kind: ClassVar[Kind] = Kind.ip_pool
+    patchable: ClassVar[frozenset[str]] = frozenset({"description", "dns_servers"})
+    name: Name
+    network_site: Name | None = None
+    vm_network: Name | None = None
+    vm_subnet: Name | None = None
+    # Default: the site's only subnet, or the VM subnet's prefix.
+    subnet: IPvAnyNetwork | None = None
+    # Default: the subnet's usable addresses (after the gateway when it is the first).
+    range_start: IPvAnyAddress | None = None
+    range_end: IPvAnyAddress | None = None
+    gateway: IPvAnyAddress | None = None
+    dns_servers: tuple[IPvAnyAddress, ...] = ()
+    reserved: tuple[IPvAnyAddress, ...] = ()
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> IpPoolSpec:
+        on_site = self.network_site is not None
+        on_subnet = self.vm_network is not None or self.vm_subnet is not None
+        if on_site == on_subnet:
+            raise ValueError(
+                "network_site: a pool is on exactly one of a network site (network_site) "
+                "or a VM subnet (vm_network + vm_subnet)"
+            )
+        if on_subnet and self.vm_network is None:
+            raise ValueError("vm_network: a VM subnet's pool names its VM network")
+        if self.subnet is not None:
+            for field in ("range_start", "range_end", "gateway", *()):
+                value = getattr(self, field)
+                if value is not None and value not in self.subnet:
+                    raise ValueError(f"{field}: {value} is outside the pool's subnet {self.subnet}")
+            for i, value in enumerate(self.reserved):
+                if value not in self.subnet:
+                    raise ValueError(f"reserved[{i}]: {value} is outside the pool's subnet {self.subnet}")
+        if self.range_start is not None and self.range_end is not None:
+            if self.range_start.version != self.range_end.version:
+                raise ValueError("range_end: range_start and range_end are of different families")
+            if int(self.range_start) > int(self.range_end):
+                raise ValueError(f"range_end: {self.range_end} is before range_start {self.range_start}")
+        return self
+
+
+class IpPool(IpPoolSpec, _Stored):
+    subnet: IPvAnyNetwork
+    range_start: IPvAnyAddress
+    range_end: IPvAnyAddress
+    gateway: IPvAnyAddress | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.range_end) - int(self.range_start) + 1
+
+
+# --- port profiles and switches ------------------------------------------------------------
+
+
+class UplinkPortProfileSpec(_Spec):
+    """New-SCNativeUplinkPortProfile."""
+
+    kind: ClassVar[Kind] = Kind.uplink_port_profile
+    patchable: ClassVar[frozenset[str]] = frozenset(
+        {"description", "team_mode", "load_balancing", "network_sites"}
+    )
+    name: Name
+    network_sites: tuple[Name, ...] = ()
+    network_virtualization: bool = False
+    team_mode: TeamMode = TeamMode.SwitchIndependent
+    load_balancing: LoadBalancing = LoadBalancing.HostDefault
+    description: str = ""
+
+
+class UplinkPortProfile(UplinkPortProfileSpec, _Stored):
+    pass
+
+
+class LogicalSwitchSpec(_Spec):
+    """New-SCLogicalSwitch plus its uplink port profile sets (one per profile)."""
+
+    kind: ClassVar[Kind] = Kind.logical_switch
+    patchable: ClassVar[frozenset[str]] = frozenset({"description"})
+    name: Name
+    uplink_mode: UplinkMode = UplinkMode.Team
+    uplink_port_profiles: tuple[Name, ...] = Field(min_length=1)
+    description: str = ""
+
+
+class LogicalSwitch(LogicalSwitchSpec, _Stored):
+    pass
+
+
+# --- VM networks, VM subnets, VMs ----------------------------------------------------------
+
+
+class VmNetworkSpec(_Spec):
+    kind: ClassVar[Kind] = Kind.vm_network
+    name: Name
+    logical_network: Name
+    isolation: Isolation = Isolation.WindowsNetworkVirtualization
+    ca_family: AddressFamily = AddressFamily.IPv4
+    pa_family: AddressFamily = AddressFamily.IPv4
+    description: str = ""
+
+
+class VmNetwork(VmNetworkSpec, _Stored):
+    # Network-virtualised VM networks only: the routing domain's id (a VRF), 1..65535.
+    routing_domain_id: int | None = None
+
+
+class VmSubnetSpec(_Spec):
+    """New-SCVMSubnet: a prefix (NV: a VSID is allocated) or a site's subnet + VLAN."""
+
+    kind: ClassVar[Kind] = Kind.vm_subnet
+    name: Name = "Default"
+    vm_network: Name
+    prefix: IPvAnyNetwork
+    vlan: int | None = Field(default=None, ge=1, le=4094)  # VLAN VM networks only
+    description: str = ""
+
+
+class VmSubnet(VmSubnetSpec, _Stored):
+    vsid: int | None = None  # network-virtualised VM networks only
+    gateway_mac: MacAddress | None = None  # the distributed router's MAC, same on every host
+
+
+class VmSpec(_Spec):
+    kind: ClassVar[Kind] = Kind.vm
+    patchable: ClassVar[frozenset[str]] = frozenset({"description", "nic_kind", "device", "netns"})
+    name: Name
+    vm_network: Name
+    vm_subnet: Name | None = None  # default: the VM network's only VM subnet
+    host: Name | None = None  # default: placement picks one
+    host_group: Name | None = None  # placement only among hosts in this group
+    mac: MacAddress | None = None  # default: from the MAC pool
+    ca: IPvAnyAddress | None = None  # default: from the VM subnet's pool
+    nic_kind: PortKind = PortKind.namespace
+    device: IfName | None = None
+    netns: Name | None = None
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> VmSpec:
+        if self.nic_kind is PortKind.tap and self.device is None:
+            raise ValueError("device: a tap NIC names its existing tap device")
+        if self.nic_kind is PortKind.namespace and self.device is not None:
+            raise ValueError("device: only a tap NIC names a device")
+        return self
+
+
+class Vm(VmSpec, _Stored):
+    vm_subnet: Name
+    host: Name
+    mac: MacAddress
+
+
+# --- leases ------------------------------------------------------------------------------
+
+
+class Lease(BaseModel):
+    """One row of Get-SCIPAddress: an address taken from a pool and what holds it."""
+
+    model_config = ConfigDict(frozen=True)
+    address: IPvAnyAddress
+    pool: str  # the pool's key
+    kind: LeaseKind
+    holder_kind: str  # "vm" or "host"
+    holder: str  # the VM's or the host's name
+    host: str | None = None
+    vm_network: str | None = None
+    description: str = ""
+
+
+# --- keys --------------------------------------------------------------------------------
+
+SPEC_OF: dict[Kind, type[_Spec]] = {
+    Kind.host_group: HostGroupSpec,
+    Kind.cluster: ClusterSpec,
+    Kind.host: HostSpec,
+    Kind.logical_network: LogicalNetworkSpec,
+    Kind.network_site: NetworkSiteSpec,
+    Kind.ip_pool: IpPoolSpec,
+    Kind.uplink_port_profile: UplinkPortProfileSpec,
+    Kind.logical_switch: LogicalSwitchSpec,
+    Kind.vm_network: VmNetworkSpec,
+    Kind.vm_subnet: VmSubnetSpec,
+    Kind.vm: VmSpec,
+}
+STORED_OF: dict[Kind, type[BaseModel]] = {
+    Kind.host_group: HostGroup,
+    Kind.cluster: Cluster,
+    Kind.host: Host,
+    Kind.logical_network: LogicalNetwork,
+    Kind.network_site: NetworkSite,
+    Kind.ip_pool: IpPool,
+    Kind.uplink_port_profile: UplinkPortProfile,
+    Kind.logical_switch: LogicalSwitch,
+    Kind.vm_network: VmNetwork,
+    Kind.vm_subnet: VmSubnet,
+    Kind.vm: Vm,
+}
+
+
+def key_of(kind: Kind, obj: Any) -> str:
+    """The object's identifier in its collection (its name, or a path for scoped kinds)."""
+    if kind is Kind.vm_subnet:
+        return f"{obj.vm_network}/{obj.name}"
+    if kind is Kind.ip_pool:
+        if obj.network_site is not None:
+            return f"{obj.network_site}/{obj.name}"
+        return f"{obj.vm_network}/{obj.vm_subnet}/{obj.name}"
+    return obj.name
+
+
+def first_host_address(network: ipaddress.IPv4Network | ipaddress.IPv6Network):
+    """The first usable address of a prefix: the default gateway (192.168.0.1)."""
+    if network.num_addresses == 1:
+        return network.network_address
+    return network.network_address + 1
+
+
+def last_host_address(network: ipaddress.IPv4Network | ipaddress.IPv6Network):
+    if network.version == 4 and network.num_addresses > 2:
+        return network.broadcast_address - 1
+    return network.broadcast_address
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+class FabricError(Exception):
+    """A refused operation: HTTP status, a line naming the object, the field, the reason.
+
+    The API turns it into {"error": ..., "field": ..., "reason": ...}.
+    """
+
+    status = 422
+
+    def __init__(self, error: str, field: str | None = None, reason: str | None = None):
+        super().__init__(error)
+        self.error = error
+        self.field = field
+        self.reason = reason or error
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.error, "field": self.field, "reason": self.reason}
+
+
+class Invalid(FabricError):
+    """The request itself is wrong (a field's value): 422."""
+
+    status = 422
+
+
+class NotFound(FabricError):
+    status = 404
+
+
+class Conflict(FabricError):
+    """The request is well formed but the fabric refuses it (exists, in use, exhausted): 409."""
+
+    status = 409
