@@ -15,11 +15,12 @@ STAMP := $(VENV)/.openhnv-installed
 # Debian packages: python3-venv/pip build .venv; qemu + linux-image-amd64 + busybox are what
 # virtme-ng boots for the kernel tier; iproute2, iputils-ping, tcpdump, kmod and procps are
 # used by the tests and the lab inside and outside the VM; systemd (systemd-analyze) and
-# vagrant check the unit files and the Vagrantfile. Append here; keep one list.
+# vagrant check the unit files and the Vagrantfile; iperf3 is bench/datapath's load.
+# Append here; keep one list.
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev \
 	iproute2 iputils-ping tcpdump procps util-linux \
-	systemd vagrant graphviz
+	systemd vagrant graphviz iperf3
 
 .PHONY: help setup debs venv test unit netns kernel demo bench features clean
 
@@ -79,7 +80,7 @@ demo: setup
 	fi
 
 bench: setup
-	@if [ -d bench ]; then $(PY) -m bench; else echo "bench: no benchmarks yet"; fi
+	$(PY) -m bench $(BENCH)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
