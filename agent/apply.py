@@ -1,0 +1,477 @@
+"""Apply: the only code that writes to the kernel.
+
+Owns carrying out a `Plan` (agent.plan) on one namespace's sockets: a pyroute2 IPRoute
+for links, VLANs, addresses and routes, and a netlink_batch NeighbourSocket for FDB and
+neighbour entries (batched: 10,000 lookup records in one round of sends). Both are
+opened once per namespace by the caller and reused.
+
+Rules:
+- idempotent verbs: ``replace`` for routes, FDB and neighbours; EEXIST on an add means
+  "already there" and the link is converged with ``set``; ENODEV/ENOENT on a delete
+  means "already gone";
+- kernel errno values become typed errors at this boundary (ENODEV -> InterfaceNotFound,
+  ...), recorded per object as an `ObjectError`, never escaping the loop: one refused
+  tunnel does not stop the other 999;
+- a link is converged in a fixed order: alias, MTU and MAC, kind settings, master, port
+  flags, then up. MTU before master, because a port with a bigger MTU than its bridge
+  would raise nothing but a smaller one lowers the bridge's; master before port flags,
+  because port flags only exist on a port; up last, so nothing forwards half-configured.
+- a NIC joins a bond only while down (the bonding driver refuses an up device with
+  EPERM), so a team member is set down, enslaved, then up again.
+
+It may not decide what to do (that is the plan) and never deletes what the plan did not
+name. Lab ports (kind namespace): the agent plays the hypervisor and builds the VM's end
+in the VM's namespace (created when missing): a veth whose host end is the port and
+whose VM end is ``eth0`` with the VM's MAC, CA and a default route via the gateway.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pyroute2 import IPRoute, netns as pyroute2_netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from agent import naming
+from agent.kernel_model import Address, BridgeVlan, Fdb, Link, Neighbour, Route
+from agent.netlink_batch import EntryError, FdbEntry, NeighbourSocket, NeighEntry
+from agent.plan import Op, Plan
+from agent.tunnels import GRE_KEY_FLAG
+
+log = logging.getLogger("openhnv.agent.apply")
+
+BRIDGE_FLAGS_SELF = 2
+BRIDGE_VLAN_INFO_PVID = 0x2
+BRIDGE_VLAN_INFO_UNTAGGED = 0x4
+LINK_ROLES = {naming.TEAM, "member", naming.SWITCH, naming.PROVIDER, naming.VRF,
+              naming.BRIDGE, naming.TUNNEL, naming.VXLAN, naming.PORT, "external"}
+
+
+# --- typed errors ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectError:
+    """One object the kernel refused: its kind, name, errno and a readable reason."""
+
+    kind: str
+    object: str
+    errno: int | None
+    message: str
+
+
+class KernelError(Exception):
+    """A kernel refusal, typed by errno at the netlink boundary."""
+
+    errno: int | None = None
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        if errno is not None:
+            self.errno = errno
+
+
+class InterfaceNotFound(KernelError):
+    errno = errno_codes.ENODEV
+
+
+class ObjectExists(KernelError):
+    errno = errno_codes.EEXIST
+
+
+class NotPermitted(KernelError):
+    errno = errno_codes.EPERM
+
+
+class DeviceBusy(KernelError):
+    errno = errno_codes.EBUSY
+
+
+class InvalidArgument(KernelError):
+    errno = errno_codes.EINVAL
+
+
+class NotSupported(KernelError):
+    errno = errno_codes.EOPNOTSUPP
+
+
+_BY_ERRNO: dict[int, type[KernelError]] = {
+    errno_codes.ENODEV: InterfaceNotFound, errno_codes.ENOENT: InterfaceNotFound,
+    errno_codes.EEXIST: ObjectExists, errno_codes.EPERM: NotPermitted,
+    errno_codes.EBUSY: DeviceBusy, errno_codes.EINVAL: InvalidArgument,
+    errno_codes.EOPNOTSUPP: NotSupported,
+}
+
+
+def typed_error(code: int, what: str) -> KernelError:
+    """The KernelError subclass for errno `code`, its message naming `what`."""
+    cls = _BY_ERRNO.get(code, KernelError)
+    name = errno_codes.errorcode.get(code, str(code))
+    return cls(f"{what}: {os.strerror(code)} ({name})", code)
+
+
+_GONE = (errno_codes.ENODEV, errno_codes.ENOENT, errno_codes.EADDRNOTAVAIL, errno_codes.ESRCH)
+
+
+# --- namespaces ----------------------------------------------------------------------------
+
+
+def in_netns(netns: str | None, func: Callable[[], Any]) -> Any:
+    """Run `func` with the calling thread in network namespace `netns` (None: here).
+
+    setns() moves only the calling thread, so a short-lived thread does it and the
+    agent's own threads never change namespace. /proc/sys/net follows the thread's
+    namespace, which is what the sysctl writes below rely on.
+    """
+    if netns is None:
+        return func()
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            pyroute2_netns.setns(netns)
+            result["value"] = func()
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"netns-{netns}")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result.get("value")
+
+
+def write_sysctl(netns: str | None, path: str, value: int) -> None:
+    def write() -> None:
+        with open(path, "w") as handle:
+            handle.write(str(value))
+    in_netns(netns, write)
+
+
+def ensure_netns(name: str) -> None:
+    if name not in pyroute2_netns.listnetns():
+        pyroute2_netns.create(name)
+
+
+# --- the applier -----------------------------------------------------------------------
+
+
+class Applier:
+    """Carries out plans on one namespace. Not thread-safe: one reconcile at a time."""
+
+    def __init__(self, ipr: IPRoute, records: NeighbourSocket, netns: str | None = None):
+        self.ipr = ipr
+        self.records = records
+        self.netns = netns
+        self._index: dict[str, int] = {}
+
+    # -- the loop --------------------------------------------------------------------
+
+    def apply(self, plan: Plan) -> tuple[int, list[ObjectError]]:
+        """Carry out every op; returns (ops applied, errors). Never raises for a kernel
+        refusal of one object."""
+        self._index = {m.get_attr("IFLA_IFNAME"): m["index"] for m in self.ipr.get_links()}
+        errors: list[ObjectError] = []
+        applied = 0
+        ops = list(plan.ops)
+        i = 0
+        while i < len(ops):
+            op = ops[i]
+            if op.kind in ("fdb", "neighbour"):
+                # Consecutive FDB/neighbour ops of one action go to the kernel as a batch.
+                j = i
+                while j < len(ops) and ops[j].kind == op.kind and _is_delete(ops[j]) == _is_delete(op):
+                    j += 1
+                done, failed = self._apply_records(ops[i:j])
+                applied += done
+                errors.extend(failed)
+                i = j
+                continue
+            try:
+                self._apply_one(op)
+                applied += 1
+            except KernelError as exc:
+                errors.append(ObjectError(op.kind, op.name, exc.errno, str(exc)))
+            except NetlinkError as exc:
+                err = typed_error(exc.code, op.describe())
+                errors.append(ObjectError(op.kind, op.name, err.errno, str(err)))
+            except OSError as exc:
+                errors.append(ObjectError(op.kind, op.name, exc.errno, f"{op.describe()}: {exc}"))
+            i += 1
+        for error in errors:
+            log.warning("apply failed: %s %s: %s", error.kind, error.object, error.message)
+        return applied, errors
+
+    def _apply_one(self, op: Op) -> None:
+        if op.kind in LINK_ROLES:
+            self._apply_link(op)
+        elif op.kind == "vlan":
+            self._apply_vlan(op)
+        elif op.kind == "address":
+            self._apply_address(op)
+        elif op.kind == "route":
+            self._apply_route(op)
+        else:
+            raise InvalidArgument(f"{op.describe()}: unknown object kind {op.kind}")
+
+    def index(self, name: str | None) -> int:
+        if name is None:
+            return 0
+        index = self._index.get(name)
+        if index is None:
+            found = self.ipr.link_lookup(ifname=name)
+            if not found:
+                raise InterfaceNotFound(f"interface {name} not found", errno_codes.ENODEV)
+            index = self._index[name] = found[0]
+        return index
+
+    # -- links ------------------------------------------------------------------------
+
+    def _apply_link(self, op: Op) -> None:
+        if op.action in ("delete", "release"):
+            self._remove_link(op)
+            return
+        link: Link = op.desired
+        old: Link | None = op.observed
+        if op.action == "add" and old is not None and link.owned and not old.owned:
+            raise ObjectExists(
+                f"{link.role} {link.name}: the name is taken by a device openhnv does not "
+                "own; rename or remove it", errno_codes.EEXIST)
+        if not link.owned and old is None:
+            what = "NIC" if link.role == "member" else "device"
+            raise InterfaceNotFound(
+                f"{link.role} {link.name}: {what} {link.name} not found on this host", errno_codes.ENODEV)
+        if op.action == "replace" and old is not None:
+            self._delete_link(old.name)
+            old = None
+        if old is None:
+            self._create_link(link)
+        self._converge_link(link, old)
+
+    def _create_link(self, link: Link) -> None:
+        spec: dict[str, Any] = {"ifname": link.name, "kind": link.kind}
+        opt = dict(link.options)
+        if link.kind == "bond":
+            spec.update(bond_mode=opt["mode"])
+        elif link.kind == "bridge":
+            if "vlan_default_pvid" in opt:
+                spec.update(br_vlan_default_pvid=opt["vlan_default_pvid"])
+            if link.setting("vlan_filtering") is not None:
+                spec.update(br_vlan_filtering=link.setting("vlan_filtering"))
+        elif link.kind == "vlan":
+            spec.update(vlan_id=opt["vlan_id"], link=self.index(opt["link"]))
+        elif link.kind == "vrf":
+            spec.update(vrf_table=opt["table"])
+        elif link.kind in ("gretap", "ip6gretap"):
+            spec.update(gre_local=opt["local"], gre_remote=opt["remote"],
+                        gre_ikey=opt["ikey"], gre_okey=opt["okey"],
+                        gre_iflags=GRE_KEY_FLAG, gre_oflags=GRE_KEY_FLAG,
+                        gre_ttl=opt["ttl"], gre_pmtudisc=opt["pmtudisc"])
+        elif link.kind == "vxlan":
+            spec.update(vxlan_id=opt["vni"], vxlan_local=opt["local"], vxlan_port=opt["port"],
+                        vxlan_learning=opt["learning"], vxlan_ttl=opt["ttl"])
+        elif link.kind == "veth":
+            self._create_vm_port(link)
+            return
+        if link.mtu is not None and link.kind != "vrf":
+            spec["mtu"] = link.mtu
+        self.ipr.link("add", **spec)
+        self._index.pop(link.name, None)
+
+    def _converge_link(self, link: Link, old: Link | None) -> None:
+        index = self.index(link.name)
+        if link.owned and (old is None or old.alias != link.alias):
+            self.ipr.link("set", index=index, ifalias=link.alias)
+        changes: dict[str, Any] = {}
+        if link.mtu is not None and (old is None or old.mtu != link.mtu):
+            changes["mtu"] = link.mtu
+        if link.mac is not None and (old is None or old.mac != link.mac):
+            changes["address"] = link.mac
+        if changes:
+            self.ipr.link("set", index=index, **changes)
+        self._converge_settings(link, old, index)
+        if old is None or old.master != link.master:
+            if link.role == "member" and link.master is not None:
+                # The bonding driver refuses to enslave an up device (EPERM).
+                self.ipr.link("set", index=index, state="down")
+            self.ipr.link("set", index=index, master=self.index(link.master))
+        if link.port_flags:
+            have = dict(old.port_flags) if old is not None and old.master == link.master else {}
+            flags = {k: v for k, v in link.port_flags if have.get(k) != v}
+            if flags:
+                self.ipr.brport("set", index=index, **flags)
+        self.ipr.link("set", index=index, state="up" if link.up else "down")
+
+    def _converge_settings(self, link: Link, old: Link | None, index: int) -> None:
+        wanted = {k: v for k, v in link.settings if old is None or old.setting(k) != v}
+        forwarding = wanted.pop("forwarding", None)
+        if forwarding is not None:
+            # Per-device IPv4 forwarding on a VSID bridge: routing between the VM
+            # subnets of one VRF needs it on the ingress device only, and leaves the
+            # host's global ip_forward (and every other device) alone.
+            write_sysctl(self.netns, f"/proc/sys/net/ipv4/conf/{link.name}/forwarding", forwarding)
+        if not wanted:
+            return
+        if link.kind == "bond":
+            self.ipr.link("set", index=index, kind="bond",
+                          **{f"bond_{k}": v for k, v in wanted.items()})
+        elif link.kind == "bridge":
+            self.ipr.link("set", index=index, kind="bridge",
+                          **{f"br_{k}": v for k, v in wanted.items()})
+
+    def _remove_link(self, op: Op) -> None:
+        old: Link = op.observed
+        if op.action == "release":
+            try:
+                self.ipr.link("set", index=self.index(old.name), master=0)
+            except NetlinkError as exc:
+                if exc.code not in _GONE:
+                    raise
+            return
+        self._delete_link(old.name)
+
+    def _delete_link(self, name: str) -> None:
+        try:
+            self.ipr.link("del", index=self.index(name))
+        except InterfaceNotFound:
+            pass
+        except NetlinkError as exc:
+            if exc.code not in _GONE:
+                raise
+        self._index.pop(name, None)
+
+    # -- lab VM ports -----------------------------------------------------------------
+
+    def _create_vm_port(self, link: Link) -> None:
+        end = link.vm
+        assert end is not None
+        ensure_netns(end.namespace)
+        vm_name = link.key.rpartition(":")[0]
+        with IPRoute(netns=end.namespace) as vm:
+            stale = vm.link_lookup(ifname=naming.VM_IFNAME)
+            if stale:
+                # The VM's NIC exists but its host end is not ours: the VM was running on
+                # another host (the lab's live migration). Take the port over; deleting
+                # one end of a veth removes the other end on the old host.
+                log.warning("VM %s: taking over %s in namespace %s from its previous host",
+                            vm_name, naming.VM_IFNAME, end.namespace)
+                vm.link("del", index=stale[0])
+            peer: dict[str, Any] = {"ifname": naming.VM_IFNAME, "net_ns_fd": end.namespace,
+                                    "address": end.mac}
+            if end.mtu is not None:
+                peer["mtu"] = end.mtu
+            spec: dict[str, Any] = {"ifname": link.name, "kind": "veth", "peer": peer}
+            if link.mtu is not None:
+                spec["mtu"] = link.mtu
+            self.ipr.link("add", **spec)
+            self._index.pop(link.name, None)
+            eth0 = vm.link_lookup(ifname=naming.VM_IFNAME)[0]
+            for lo in vm.link_lookup(ifname="lo"):
+                vm.link("set", index=lo, state="up")
+            if end.ca:
+                address, _, prefixlen = end.ca.partition("/")
+                vm.addr("add", index=eth0, address=address, prefixlen=int(prefixlen))
+            vm.link("set", index=eth0, state="up")
+            if end.gateway:
+                vm.route("replace", dst="default", gateway=end.gateway, oif=eth0)
+
+    # -- VLANs, addresses, routes --------------------------------------------------------
+
+    def _apply_vlan(self, op: Op) -> None:
+        vlan: BridgeVlan = op.desired or op.observed
+        index = self.index(vlan.device)
+        flags = (BRIDGE_VLAN_INFO_PVID if vlan.pvid else 0) | (BRIDGE_VLAN_INFO_UNTAGGED if vlan.untagged else 0)
+        spec: dict[str, Any] = {"index": index, "vlan_info": {"vid": vlan.vid, "flags": flags}}
+        if self._is_bridge(vlan.device):
+            # The bridge's own VLANs (what its upper devices see) need BRIDGE_FLAGS_SELF.
+            spec["IFLA_AF_SPEC"] = {"attrs": [["IFLA_BRIDGE_FLAGS", BRIDGE_FLAGS_SELF]]}
+        try:
+            self.ipr.vlan_filter("del" if op.action == "delete" else "add", **spec)
+        except NetlinkError as exc:
+            if not (op.action == "delete" and exc.code in _GONE):
+                raise
+
+    def _is_bridge(self, name: str) -> bool:
+        link = self.ipr.link("get", index=self.index(name))[0]
+        info = link.get_attr("IFLA_LINKINFO")
+        return info is not None and info.get_attr("IFLA_INFO_KIND") == "bridge"
+
+    def _apply_address(self, op: Op) -> None:
+        address: Address = op.desired or op.observed
+        ip, _, prefixlen = address.cidr.partition("/")
+        try:
+            self.ipr.addr("del" if op.action == "delete" else "add", index=self.index(address.device),
+                          address=ip, prefixlen=int(prefixlen))
+        except NetlinkError as exc:
+            if op.action == "delete" and exc.code in _GONE:
+                return
+            if op.action != "delete" and exc.code == errno_codes.EEXIST:
+                return
+            raise
+
+    def _apply_route(self, op: Op) -> None:
+        route: Route = op.desired or op.observed
+        spec: dict[str, Any] = {
+            "dst": "0.0.0.0/0" if route.family == 4 else "::/0",
+            "table": route.table, "family": 2 if route.family == 4 else 10,
+        }
+        if route.type == "unreachable":
+            spec.update(type="unreachable", priority=route.metric)
+        else:
+            if route.gateway:
+                spec["gateway"] = route.gateway
+            if route.device:
+                spec["oif"] = self.index(route.device)
+            if route.metric:
+                spec["priority"] = route.metric
+        try:
+            self.ipr.route("del" if op.action == "delete" else "replace", **spec)
+        except NetlinkError as exc:
+            if not (op.action == "delete" and exc.code in _GONE):
+                raise
+
+    # -- FDB and neighbours, batched ----------------------------------------------------
+
+    def _apply_records(self, ops: list[Op]) -> tuple[int, list[ObjectError]]:
+        delete = _is_delete(ops[0])
+        kind = ops[0].kind
+        entries: list[Any] = []
+        owners: dict[Any, Op] = {}
+        errors: list[ObjectError] = []
+        for op in ops:
+            try:
+                entry = self._entry(op.desired or op.observed)
+            except KernelError as exc:
+                errors.append(ObjectError(op.kind, op.name, exc.errno, f"{op.describe()}: {exc}"))
+                continue
+            entries.append(entry)
+            owners[entry] = op
+        if kind == "fdb":
+            refused = (self.records.delete_fdb if delete else self.records.replace_fdb)(entries)
+        else:
+            refused = (self.records.delete_neigh if delete else self.records.replace_neigh)(entries)
+        for failure in refused:
+            op = owners[failure.entry]
+            errors.append(_record_error(op, failure))
+        return len(entries) - len(refused), errors
+
+    def _entry(self, obj: Fdb | Neighbour) -> FdbEntry | NeighEntry:
+        if isinstance(obj, Neighbour):
+            return NeighEntry(self.index(obj.device), obj.ip, obj.mac)
+        if obj.port is not None:
+            return FdbEntry(self.index(obj.port), obj.mac, master=True)
+        return FdbEntry(self.index(obj.device), obj.mac, master=False, dst=obj.dst)
+
+
+def _is_delete(op: Op) -> bool:
+    return op.action == "delete"
+
+
+def _record_error(op: Op, failure: EntryError) -> ObjectError:
+    return ObjectError(op.kind, op.name, failure.errno, f"{op.describe()}: {failure.message}")

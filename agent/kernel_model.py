@@ -1,0 +1,179 @@
+"""The kernel-keyed object model shared by plan, observe, tunnels and apply.
+
+Owns plain frozen records of the kernel objects the agent manages, keyed the way the
+kernel keys them: links by name, bridge VLANs by (device, vid), addresses by (device,
+address/prefix), routes by (table, destination), FDB entries by (bridge or VXLAN device,
+MAC) and neighbours by (device, IP). `KernelState` holds one set of them; the desired
+state (compiled from a HostState by ``agent.plan``) and the observed state (read back by
+``agent.observe``) are both a `KernelState`, so the diff compares like with like.
+
+Pure data: no kernel access, no pyroute2 import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import naming
+
+Options = tuple[tuple[str, Any], ...]
+
+# Bridge port flags of a tunnel port (gretap or VXLAN device on a VSID bridge),
+# l2population style: no learning (the lookup records are the truth), ARP/ND for a
+# remote CA answered on the host from the permanent neighbour entry (neigh_suppress),
+# and no flooding of unknown unicast, multicast or broadcast onto the PA network.
+TUNNEL_PORT_FLAGS: Options = (
+    ("learning", 0),
+    ("neigh_suppress", 1),
+    ("unicast_flood", 0),
+    ("mcast_flood", 0),
+    ("bcast_flood", 0),
+)
+
+
+@dataclass(frozen=True)
+class VmEnd:
+    """The VM side of a lab (namespace) port: what the agent, as hypervisor, sets up."""
+
+    namespace: str
+    mac: str
+    ca: str | None  # "192.168.0.10/24"
+    gateway: str | None
+    mtu: int | None
+
+
+@dataclass(frozen=True)
+class Link:
+    """One network device. `owned` links carry the ifalias marker and may be deleted;
+    external ones (team member NICs, a hypervisor's tap) are only configured."""
+
+    name: str
+    kind: str  # bond, bridge, vlan, vrf, gretap, vxlan, veth, nic, tap
+    role: str  # naming.TEAM, SWITCH, ... or "member" / "external"
+    key: str = ""
+    owned: bool = True
+    options: Options = ()  # fixed at creation; a difference means delete and recreate
+    settings: Options = ()  # kind-specific, changeable in place (bond hash policy, ...)
+    master: str | None = None
+    mtu: int | None = None  # None: not managed
+    mac: str | None = None  # None: not managed
+    up: bool = True
+    port_flags: Options = ()  # bridge port flags; empty: not managed
+    vm: VmEnd | None = None
+    index: int = 0  # observed only
+
+    @property
+    def alias(self) -> str | None:
+        return naming.marker(self.role, self.key) if self.owned else None
+
+    def option(self, name: str) -> Any:
+        return dict(self.options).get(name)
+
+    def setting(self, name: str) -> Any:
+        return dict(self.settings).get(name)
+
+
+@dataclass(frozen=True)
+class BridgeVlan:
+    """A VLAN on a port of the switch (or on the switch itself: ``self``)."""
+
+    device: str
+    vid: int
+    pvid: bool = False
+    untagged: bool = False
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.device, self.vid)
+
+
+@dataclass(frozen=True)
+class Address:
+    device: str
+    cidr: str  # "10.80.2.20/24"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.device, self.cidr)
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route the agent manages: a VRF's unreachable default (so nothing leaks into the
+    main table) or the management default route."""
+
+    table: int
+    dst: str  # "default" or a prefix
+    family: int  # 4 or 6
+    type: str = "unicast"  # unicast | unreachable
+    gateway: str | None = None
+    device: str | None = None
+    metric: int = 0
+
+    @property
+    def key(self) -> tuple[int, int, str]:
+        return (self.table, self.family, self.dst)
+
+
+@dataclass(frozen=True)
+class Fdb:
+    """A forwarding entry. A bridge entry (``port`` set) says which port of ``device`` (a
+    bridge) a MAC lives behind; the kernel keys it by (bridge, MAC), so moving a MAC to
+    another port is a replace, never a delete then add. A VXLAN entry (``dst`` set, on the
+    VXLAN device itself) says which PA a MAC lives behind."""
+
+    device: str
+    mac: str
+    port: str | None = None
+    dst: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.device, self.mac)
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    """A permanent neighbour (ARP/ND) entry CA -> MAC on a VSID bridge."""
+
+    device: str
+    ip: str
+    mac: str
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.device, self.ip)
+
+
+@dataclass
+class KernelState:
+    """One complete set of managed kernel objects, desired or observed."""
+
+    links: dict[str, Link] = field(default_factory=dict)
+    vlans: dict[tuple[str, int], BridgeVlan] = field(default_factory=dict)
+    addresses: dict[tuple[str, str], Address] = field(default_factory=dict)
+    routes: dict[tuple[int, int, str], Route] = field(default_factory=dict)
+    fdb: dict[tuple[str, str], Fdb] = field(default_factory=dict)
+    neighbours: dict[tuple[str, str], Neighbour] = field(default_factory=dict)
+
+    def add(self, obj: Link | BridgeVlan | Address | Route | Fdb | Neighbour) -> None:
+        if isinstance(obj, Link):
+            self.links[obj.name] = obj
+        else:
+            table = {
+                BridgeVlan: self.vlans, Address: self.addresses, Route: self.routes,
+                Fdb: self.fdb, Neighbour: self.neighbours,
+            }[type(obj)]
+            table[obj.key] = obj  # type: ignore[index]
+
+    def counts(self) -> dict[str, int]:
+        """Objects by kind, as the daemon's metrics report them."""
+        counts: dict[str, int] = {}
+        for link in self.links.values():
+            counts[link.role] = counts.get(link.role, 0) + 1
+        counts.update(
+            vlan=len(self.vlans), address=len(self.addresses), route=len(self.routes),
+            fdb=len(self.fdb), neighbour=len(self.neighbours),
+        )
+        return counts

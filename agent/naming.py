@@ -1,0 +1,97 @@
+"""Kernel names and ownership markers of every object the agent creates.
+
+Owns the rules that turn a HostState object into a deterministic kernel name (at most
+15 bytes, IFNAMSIZ) and an ``ifalias`` ownership marker ``openhnv:<kind>:<key>``, and
+the reverse: reading a marker back into (kind, key). Names are derived from ids only,
+never from a counter, so an agent restarted with no memory finds its own objects again
+(Calico Felix's "restartable at any moment"; Neutron's deterministic tap names).
+
+    VSID bridge      hnvb<vsid>                  hnvb3535905
+    VRF              hnvr<routing domain id>     hnvr1       (table VRF_TABLE_BASE + id)
+    NVGRE tunnel     hnvt<10 hex of sha1(vsid, local PA, remote PA)>
+    VXLAN device     hnvx<vsid>
+    VM port          hnvp<10 hex of sha1(VM name)>   host end of the veth / record of a tap
+    provider VLAN    <switch>.<vlan>             hnv-sw.802  (hash form when too long)
+
+Pure: no kernel access, no pyroute2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+PREFIX = "hnv"
+MARKER = "openhnv"
+IFNAMSIZ = 15
+VRF_TABLE_BASE = 10_000  # VRF routing table = base + routing domain id (1..65535)
+VM_IFNAME = "eth0"  # the VM end of a lab (namespace) port, inside the VM's namespace
+DEFAULT_TTL = 64
+
+# Link kinds in markers. "switch"/"team" are the host's fabric; the rest are per tenant.
+TEAM, SWITCH, PROVIDER, VRF, BRIDGE, TUNNEL, VXLAN, PORT = (
+    "team", "switch", "provider", "vrf", "bridge", "tunnel", "vxlan", "port",
+)
+
+
+def _short_hash(*parts: object, size: int = 10) -> str:
+    text = "|".join(str(p) for p in parts)
+    return hashlib.sha1(text.encode()).hexdigest()[:size]
+
+
+def marker(kind: str, key: str) -> str:
+    """The ifalias that marks a link as ours: ``openhnv:<kind>:<key>``."""
+    return f"{MARKER}:{kind}:{key}"
+
+
+def parse_marker(alias: str | None) -> tuple[str, str] | None:
+    """(kind, key) of an ownership marker, or None when the link is not ours."""
+    if not alias or not alias.startswith(MARKER + ":"):
+        return None
+    kind, _, key = alias[len(MARKER) + 1 :].partition(":")
+    return (kind, key) if kind else None
+
+
+def vsid_bridge(vsid: int) -> str:
+    return f"{PREFIX}b{vsid}"
+
+
+def vrf(routing_domain_id: int) -> str:
+    return f"{PREFIX}r{routing_domain_id}"
+
+
+def vrf_table(routing_domain_id: int) -> int:
+    return VRF_TABLE_BASE + routing_domain_id
+
+
+def nvgre_tunnel(vsid: int, local: object, remote: object) -> str:
+    """One gretap per (VSID, local PA, remote PA); the local PA is in the hash so that a
+    changed PA yields a new tunnel next to the old one (make-before-break)."""
+    return f"{PREFIX}t{_short_hash(vsid, local, remote)}"
+
+
+def tunnel_key(vsid: int, local: object, remote: object) -> str:
+    """Marker key of a tunnel; "/" separates because IPv6 PAs contain ":"."""
+    return f"{vsid}/{local}/{remote}"
+
+
+def vxlan_device(vsid: int) -> str:
+    return f"{PREFIX}x{vsid}"
+
+
+def vm_port(vm_name: str) -> str:
+    """Host end of a VM's port. Hashed: VM names are free text of up to 256 characters."""
+    return f"{PREFIX}p{_short_hash(vm_name)}"
+
+
+def provider_vlan(switch: str, vlan: int) -> str:
+    name = f"{switch}.{vlan}"
+    if len(name.encode()) <= IFNAMSIZ:
+        return name
+    return f"{PREFIX}v{_short_hash(switch, vlan, size=6)}.{vlan}"
+
+
+def gateway_mac(vsid: int) -> str:
+    """The VSID bridge's MAC when no Gateway record names one: locally administered,
+    derived from the VSID alone, so that every host answers the gateway with the same
+    MAC and a migrated VM's ARP cache stays right."""
+    return "02:48:4e:%02x:%02x:%02x" % ((vsid >> 16) & 0xFF, (vsid >> 8) & 0xFF, vsid & 0xFF)

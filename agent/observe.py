@@ -1,0 +1,208 @@
+"""Observe: read the kernel back into the kernel-keyed model (agent.kernel_model).
+
+Owns every netlink *read* of the agent: one dump each of links, bridge VLANs,
+addresses, routes, FDB and neighbours on a socket the caller owns (one per namespace,
+reused). It reports what it finds, filtered to what the agent may manage:
+
+- every link (the plan decides what is ours from the ifalias marker), with the
+  creation-time options and changeable settings of the kinds the agent creates;
+- bridge VLANs only of VLAN-filtering bridges and their ports (a non-filtering VSID
+  bridge keeps a meaningless default PVID on each port);
+- FDB entries only on owned devices and only the static kind the agent writes: bridge
+  entries in state NOARP without PERMANENT (a port's own MAC is a PERMANENT "local"
+  entry of the bridge itself: never ours) and VXLAN entries with a remote PA;
+- neighbours only PERMANENT ones on owned devices;
+- routes only default routes (a VRF's catch-all, the management default route).
+
+Writes nothing. `read_tunnel_stats` reads the per-tunnel counters.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from agent import naming
+from agent.kernel_model import (
+    Address,
+    BridgeVlan,
+    Fdb,
+    KernelState,
+    Link,
+    Neighbour,
+    Route,
+)
+from agent.netlink_batch import NeighbourSocket
+from agent.tunnels import GRE_KEY_FLAG, TunnelStats, tunnel_identity
+
+AF_BRIDGE = 7
+IFF_UP = 0x1
+BRIDGE_VLAN_INFO_PVID = 0x2
+BRIDGE_VLAN_INFO_UNTAGGED = 0x4
+RTN_UNREACHABLE = 7
+
+# Kernel attribute -> option/setting name, per link kind.
+_OPTIONS = {
+    "bond": {"IFLA_BOND_MODE": "mode"},
+    "bridge": {"IFLA_BR_VLAN_DEFAULT_PVID": "vlan_default_pvid"},
+    "vlan": {"IFLA_VLAN_ID": "vlan_id"},
+    "vrf": {"IFLA_VRF_TABLE": "table"},
+    "gretap": {"IFLA_GRE_LOCAL": "local", "IFLA_GRE_REMOTE": "remote",
+               "IFLA_GRE_TTL": "ttl", "IFLA_GRE_PMTUDISC": "pmtudisc"},
+    "vxlan": {"IFLA_VXLAN_ID": "vni", "IFLA_VXLAN_LOCAL": "local", "IFLA_VXLAN_PORT": "port",
+              "IFLA_VXLAN_LEARNING": "learning", "IFLA_VXLAN_TTL": "ttl"},
+}
+_OPTIONS["ip6gretap"] = _OPTIONS["gretap"]
+_SETTINGS = {
+    "bond": {"IFLA_BOND_MIIMON": "miimon", "IFLA_BOND_XMIT_HASH_POLICY": "xmit_hash_policy"},
+    "bridge": {"IFLA_BR_VLAN_FILTERING": "vlan_filtering"},
+}
+_PORT_FLAGS = {
+    "IFLA_BRPORT_LEARNING": "learning", "IFLA_BRPORT_NEIGH_SUPPRESS": "neigh_suppress",
+    "IFLA_BRPORT_UNICAST_FLOOD": "unicast_flood", "IFLA_BRPORT_MCAST_FLOOD": "mcast_flood",
+    "IFLA_BRPORT_BCAST_FLOOD": "bcast_flood",
+}
+
+
+def _attr_list(nla: Any) -> list[tuple[str, Any]]:
+    """An NLA's nested attributes as (name, value) pairs, in kernel order."""
+    if nla is None or isinstance(nla, (str, bytes)) or "attrs" not in nla:
+        return []
+    return [(item[0], item[1]) for item in nla["attrs"]]
+
+
+def _attrs(nla: Any) -> dict[str, Any]:
+    """An NLA's nested attributes as a dict (first value of each name)."""
+    out: dict[str, Any] = {}
+    for name, value in _attr_list(nla):
+        out.setdefault(name, value)
+    return out
+
+
+def _value(nla: Any) -> Any:
+    # pyroute2 returns scalars as-is, structs as dicts; normalise booleans to ints.
+    return int(nla) if isinstance(nla, bool) else nla
+
+
+def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
+    name = msg.get_attr("IFLA_IFNAME")
+    info = _attrs(msg.get_attr("IFLA_LINKINFO"))
+    kind = info.get("IFLA_INFO_KIND") or "nic"
+    data = _attrs(info.get("IFLA_INFO_DATA"))
+    options = {opt: _value(data[attr]) for attr, opt in _OPTIONS.get(kind, {}).items() if attr in data}
+    if kind == "vlan":
+        options["link"] = names.get(msg.get_attr("IFLA_LINK") or 0)
+    if kind in ("gretap", "ip6gretap"):
+        # The key only counts when the KEY flag is set; otherwise the kernel sends no key.
+        for direction in ("i", "o"):
+            flags = data.get(f"IFLA_GRE_{direction.upper()}FLAGS") or 0
+            key = data.get(f"IFLA_GRE_{direction.upper()}KEY")
+            options[f"{direction}key"] = key if flags & GRE_KEY_FLAG else None
+    settings = {opt: _value(data[attr]) for attr, opt in _SETTINGS.get(kind, {}).items() if attr in data}
+    if kind == "bridge":
+        af_spec = _attrs(msg.get_attr("IFLA_AF_SPEC"))
+        inet = af_spec.get("AF_INET")
+        if inet is not None and "forwarding" in inet:
+            settings["forwarding"] = inet["forwarding"]
+    port_flags: dict[str, int] = {}
+    if info.get("IFLA_INFO_SLAVE_KIND") == "bridge":
+        slave = _attrs(info.get("IFLA_INFO_SLAVE_DATA"))
+        port_flags = {flag: _value(slave[attr]) for attr, flag in _PORT_FLAGS.items() if attr in slave}
+    alias = msg.get_attr("IFLA_IFALIAS")
+    owner = naming.parse_marker(alias)
+    return Link(
+        name=name,
+        kind=kind,
+        role=owner[0] if owner else "external",
+        key=owner[1] if owner else "",
+        owned=owner is not None and name.startswith(naming.PREFIX),
+        options=tuple(sorted(options.items())),
+        settings=tuple(sorted(settings.items())),
+        master=names.get(msg.get_attr("IFLA_MASTER") or 0),
+        mtu=msg.get_attr("IFLA_MTU"),
+        mac=msg.get_attr("IFLA_ADDRESS"),
+        up=bool(msg["flags"] & IFF_UP),
+        port_flags=tuple(sorted(port_flags.items())),
+        index=msg["index"],
+    )
+
+
+def observe(ipr: Any, records: NeighbourSocket) -> KernelState:
+    """One read of everything the agent manages in the namespace of `ipr` (a pyroute2
+    IPRoute) and `records` (the same namespace's netlink_batch socket)."""
+    have = KernelState()
+    messages = list(ipr.get_links())
+    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in messages}
+    for msg in messages:
+        have.add(_link_from_msg(msg, names))
+    owned = {l.index for l in have.links.values() if l.owned}
+    owned_names = {names[i] for i in owned}
+
+    filtering = {l.name for l in have.links.values() if l.kind == "bridge" and l.setting("vlan_filtering")}
+    vlan_devices = filtering | {l.name for l in have.links.values() if l.master in filtering}
+    for msg in ipr.get_vlans():
+        device = names.get(msg["index"])
+        if device not in vlan_devices:
+            continue
+        for attr, value in _attr_list(msg.get_attr("IFLA_AF_SPEC")):
+            if attr == "IFLA_BRIDGE_VLAN_INFO":
+                flags = value["flags"]
+                have.add(BridgeVlan(device, value["vid"], pvid=bool(flags & BRIDGE_VLAN_INFO_PVID),
+                                    untagged=bool(flags & BRIDGE_VLAN_INFO_UNTAGGED)))
+
+    for msg in ipr.get_addr():
+        address = msg.get_attr("IFA_ADDRESS") if msg["family"] == socket.AF_INET6 else (
+            msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS"))
+        if msg["family"] == socket.AF_INET6 and address.lower().startswith("fe80"):
+            continue  # link-local: the kernel's own
+        have.add(Address(names.get(msg["index"], "?"), f"{address}/{msg['prefixlen']}"))
+
+    vrf_tables = {l.option("table") for l in have.links.values() if l.owned and l.kind == "vrf"}
+    for msg in ipr.get_routes():
+        if msg["dst_len"] != 0:
+            continue
+        table = msg.get_attr("RTA_TABLE") or msg["table"]
+        if table not in vrf_tables and table != 254:
+            continue
+        family = 4 if msg["family"] == socket.AF_INET else 6
+        if msg["type"] == RTN_UNREACHABLE:
+            have.add(Route(table, "default", family, type="unreachable",
+                           metric=msg.get_attr("RTA_PRIORITY") or 0))
+        elif msg["type"] == 1:
+            have.add(Route(table, "default", family, gateway=msg.get_attr("RTA_GATEWAY"),
+                           device=names.get(msg.get_attr("RTA_OIF") or 0)))
+
+    # FDB and neighbours can number tens of thousands: dumped through netlink_batch's
+    # lean parser rather than pyroute2's generic one.
+    for entry in records.dump_fdb(owned):
+        port = names[entry.ifindex]
+        if not entry.master and entry.dst is not None and port.startswith(naming.PREFIX + "x"):
+            have.add(Fdb(port, entry.mac, dst=entry.dst))
+        elif entry.master and entry.static and entry.vlan is None:
+            bridge = have.links[port].master
+            if bridge in owned_names:
+                have.add(Fdb(bridge, entry.mac, port=port))
+    for entry in records.dump_neigh(owned):
+        have.add(Neighbour(names[entry.ifindex], entry.ip, entry.mac))
+    return have
+
+
+def read_tunnel_stats(ipr: Any) -> list[TunnelStats]:
+    """Counters of every owned tunnel device (gretap per peer, VXLAN per VSID)."""
+    stats = []
+    messages = list(ipr.get_links())
+    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in messages}
+    for msg in messages:
+        link = _link_from_msg(msg, names)
+        if not link.owned:
+            continue
+        identity = tunnel_identity(link.role, link.key, dict(link.options))
+        if identity is None:
+            continue
+        counters = msg.get_attr("IFLA_STATS64") or msg.get_attr("IFLA_STATS") or {}
+        stats.append(TunnelStats(
+            name=link.name, vsid=identity[0], local=identity[1], remote=identity[2],
+            rx_packets=counters.get("rx_packets", 0), tx_packets=counters.get("tx_packets", 0),
+            rx_bytes=counters.get("rx_bytes", 0), tx_bytes=counters.get("tx_bytes", 0),
+        ))
+    return sorted(stats, key=lambda s: (s.vsid, s.remote))

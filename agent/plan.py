@@ -1,0 +1,457 @@
+"""Plan: the pure diff between what a HostState wants and what the kernel holds.
+
+Owns two pure functions and the `Plan` they produce:
+
+- `desired_kernel_state(state)` compiles a validated HostState into kernel terms (the
+  kernel mapping of DESIGN.md section 2, realised as the table in README "Agent");
+- `diff(desired, observed)` compares two `KernelState`s and returns the ordered
+  operations that turn the observed kernel into the desired one.
+
+Never flush: only objects the agent owns (ifalias marker, see agent.naming) are deleted,
+FDB and neighbour entries only on owned devices and only the static/permanent kind the
+agent writes. An empty HostState is a real answer ("hold nothing") but a failed fetch is
+never turned into one; that is the daemon's job.
+
+Ordering ("why this order"): links first, in dependency order (the switch, then the
+team that becomes its trunk port, then the NICs that join the team; the switch before
+the provider VLAN and VM ports, the VRF before its VSID
+bridges, bridges before tunnels and ports); then bridge VLANs, addresses and routes,
+which need the links; then FDB before neighbours, so that by the time a neighbour entry
+makes the VRF or neigh_suppress use a MAC, the bridge already knows which port the MAC is
+behind (otherwise the first frames flood, and flooding is off on tunnel ports: they are
+lost). Every add and replace comes before any delete (make-before-break): a moved VM gets
+its new tunnel and its FDB entry moved (an atomic replace) before the old tunnel goes.
+Deletes run in the reverse order: neighbours, FDB, routes, addresses, VLANs, then links
+from the leaves (ports, tunnels) to the trunk (team).
+
+No pyroute2 import, no kernel access: unit-testable without root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent import naming
+from agent.kernel_model import (
+    Address,
+    BridgeVlan,
+    Fdb,
+    KernelState,
+    Link,
+    Neighbour,
+    Route,
+    VmEnd,
+)
+from agent.state import (
+    HostState,
+    LoadBalancing,
+    PortKind,
+    RecordType,
+    TeamMode,
+    encapsulation_overhead,
+)
+from agent.tunnels import RemoteEndpoint, tunnel_objects
+
+# Team -> bond. Kernel bond mode numbers: 1 active-backup, 2 balance-xor, 4 802.3ad.
+BOND_MODE = {TeamMode.SwitchIndependent: 1, TeamMode.Static: 2, TeamMode.LACP: 4}
+BOND_MIIMON_MS = 100
+# LBFO load balancing -> xmit_hash_policy (0 layer2, 1 layer3+4, 2 layer2+3).
+# HostDefault/Dynamic hash on transport ports on Windows; HyperVPort pins each VM port
+# (each VM MAC) to one member, which the MAC hash (layer2) reproduces.
+XMIT_HASH_POLICY = {
+    LoadBalancing.HostDefault: 1,
+    LoadBalancing.Dynamic: 1,
+    LoadBalancing.TransportPorts: 1,
+    LoadBalancing.IPAddresses: 2,
+    LoadBalancing.MacAddresses: 0,
+    LoadBalancing.HyperVPort: 0,
+}
+MANAGEMENT_VLAN = 1  # the native VLAN of the trunk: untagged, the switch's default PVID
+MAIN_TABLE = 254
+# A VRF's catch-all: without it a lookup that misses the VRF table falls through the
+# l3mdev rule to the main table and a tenant packet could leave by the management route.
+VRF_UNREACHABLE_METRIC = 4278198272
+
+# Link creation order; deletes run in reverse.
+ROLE_ORDER = {
+    naming.SWITCH: 0, naming.TEAM: 1, "member": 2, naming.PROVIDER: 3, naming.VRF: 4,
+    naming.BRIDGE: 5, naming.TUNNEL: 6, naming.VXLAN: 6, naming.PORT: 7, "external": 7,
+}
+
+
+# --- desired state ---------------------------------------------------------------------
+
+
+def tenant_mtu(state: HostState, vsid: int) -> int:
+    subnet = state.subnet_of(vsid)
+    assert subnet is not None and state.provider is not None
+    if subnet.mtu is not None:
+        return subnet.mtu
+    return state.provider.mtu - encapsulation_overhead(
+        state.provider.encapsulation, state.provider.subnet.version
+    )
+
+
+def _port_digest(end: VmEnd) -> str:
+    """Part of a port's marker: a changed MAC, CA or gateway recreates the VM end, which
+    the kernel cannot show us from the host side."""
+    text = f"{end.namespace}|{end.mac}|{end.ca}|{end.gateway}|{end.mtu}"
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def desired_kernel_state(state: HostState) -> KernelState:
+    """Everything `state` asks of the kernel, in kernel terms."""
+    want = KernelState()
+    switch = state.switch.name if state.switch else None
+    provider = state.provider
+
+    if state.team is not None:
+        team = state.team
+        want.add(Link(
+            name=team.name, kind="bond", role=naming.TEAM, key=team.name,
+            options=(("mode", BOND_MODE[team.mode]),),
+            settings=(("miimon", BOND_MIIMON_MS),
+                      ("xmit_hash_policy", XMIT_HASH_POLICY[team.load_balancing])),
+            master=switch, mtu=provider.mtu if provider else None,
+        ))
+        for nic in team.members:
+            want.add(Link(name=nic, kind="nic", role="member", owned=False, master=team.name))
+
+    if state.switch is not None:
+        assert switch is not None
+        want.add(Link(
+            name=switch, kind="bridge", role=naming.SWITCH, key=state.switch.logical_switch,
+            options=(("vlan_default_pvid", MANAGEMENT_VLAN),),
+            settings=(("vlan_filtering", 1),),
+            mtu=provider.mtu if provider else None,
+        ))
+        # The switch itself (its management address) sits untagged on the native VLAN.
+        want.add(BridgeVlan(switch, MANAGEMENT_VLAN, pvid=True, untagged=True))
+        trunk_vlans = [net.vlan for net in state.vlan_networks]
+        if provider is not None:
+            trunk_vlans.append(provider.vlan)
+            want.add(BridgeVlan(switch, provider.vlan))  # tagged on the bridge: the VLAN device
+        if state.team is not None:
+            want.add(BridgeVlan(state.team.name, MANAGEMENT_VLAN, pvid=True, untagged=True))
+            for vid in trunk_vlans:
+                want.add(BridgeVlan(state.team.name, vid))
+
+    if state.management is not None and switch is not None:
+        want.add(Address(switch, str(state.management.address)))
+        if state.management.gateway is not None:
+            gateway = state.management.gateway
+            want.add(Route(MAIN_TABLE, "default", gateway.version, gateway=str(gateway), device=switch))
+
+    local_pas: set[str] = set()
+    if provider is not None and switch is not None:
+        vlan_dev = naming.provider_vlan(switch, provider.vlan)
+        want.add(Link(
+            name=vlan_dev, kind="vlan", role=naming.PROVIDER, key=str(provider.vlan),
+            options=(("vlan_id", provider.vlan), ("link", switch)), mtu=provider.mtu,
+        ))
+        for pa in provider.addresses:
+            local_pas.add(str(pa.address))
+            want.add(Address(vlan_dev, f"{pa.address}/{provider.subnet.prefixlen}"))
+
+    gateway_macs = {r.vsid: r.mac for r in state.records if r.type is RecordType.Gateway}
+    for rd in state.routing_domains:
+        vrf = naming.vrf(rd.id)
+        table = naming.vrf_table(rd.id)
+        want.add(Link(name=vrf, kind="vrf", role=naming.VRF, key=str(rd.id),
+                      options=(("table", table),)))
+        family = rd.subnets[0].prefix.version
+        want.add(Route(table, "default", family, type="unreachable", metric=VRF_UNREACHABLE_METRIC))
+        # Distributed router: a bridge (and the gateway address) for every subnet of
+        # the VM network, whether or not a local VM uses it.
+        for subnet in rd.subnets:
+            bridge = naming.vsid_bridge(subnet.vsid)
+            want.add(Link(
+                name=bridge, kind="bridge", role=naming.BRIDGE, key=str(subnet.vsid),
+                settings=(("forwarding", 1),), master=vrf, mtu=tenant_mtu(state, subnet.vsid),
+                mac=gateway_macs.get(subnet.vsid, naming.gateway_mac(subnet.vsid)),
+            ))
+            if subnet.gateway is not None:
+                want.add(Address(bridge, f"{subnet.gateway}/{subnet.prefix.prefixlen}"))
+
+    port_devices: dict[str, str] = {}  # VM MAC -> host-side device of its port
+    for port in state.ports:
+        if port.vsid is not None:
+            master = naming.vsid_bridge(port.vsid)
+            mtu: int | None = tenant_mtu(state, port.vsid)
+            subnet = state.subnet_of(port.vsid)
+            gateway = str(subnet.gateway) if subnet and subnet.gateway else None
+        else:
+            master, mtu, gateway = switch, None, None
+        if port.kind is PortKind.tap:
+            assert port.device is not None
+            device = port.device
+            link = Link(name=device, kind="tap", role="external", owned=False, master=master, mtu=mtu)
+        else:
+            device = naming.vm_port(port.name)
+            end = VmEnd(namespace=port.namespace, mac=port.mac,
+                        ca=str(port.ca) if port.ca else None, gateway=gateway, mtu=mtu)
+            link = Link(name=device, kind="veth", role=naming.PORT,
+                        key=f"{port.name}:{_port_digest(end)}", master=master, mtu=mtu, vm=end)
+        want.add(link)
+        port_devices[port.mac] = device
+        if port.vlan is not None:
+            # The VLAN network's VLAN is the port's only VLAN, untagged: the VM never
+            # sees a tag and never reaches the native (management) VLAN.
+            want.add(BridgeVlan(device, port.vlan, pvid=True, untagged=True))
+
+    _add_records(state, want, local_pas, port_devices)
+    return want
+
+
+def _add_records(state: HostState, want: KernelState, local_pas: set[str],
+                 port_devices: dict[str, str]) -> None:
+    provider = state.provider
+    remotes: dict[int, list[RemoteEndpoint]] = {}
+    for record in state.records:
+        if record.type is RecordType.Gateway:
+            continue  # the local VSID bridge owns the gateway address and MAC
+        bridge = naming.vsid_bridge(record.vsid)
+        pa = str(record.pa)
+        if pa in local_pas:
+            device = port_devices.get(record.mac)
+            if device is not None:
+                want.add(Fdb(bridge, record.mac, port=device))
+        else:
+            remotes.setdefault(record.vsid, []).append(RemoteEndpoint(record.mac, pa))
+        if record.type is RecordType.Static:
+            # Permanent: answered by neigh_suppress for ARP from local VMs, and what the
+            # VRF routes with for traffic from other subnets.
+            want.add(Neighbour(bridge, str(record.ca), record.mac))
+    if provider is None:
+        return
+    for vsid, endpoints in sorted(remotes.items()):
+        rd = state.routing_domain_of(vsid)
+        local = provider.address_for(rd.name) if rd else None
+        if local is None:
+            continue
+        for obj in tunnel_objects(provider.encapsulation.value, vsid, str(local),
+                                  naming.vsid_bridge(vsid), tenant_mtu(state, vsid), endpoints):
+            want.add(obj)
+
+
+# --- the plan --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Op:
+    """One kernel operation. `action` is add, replace, set, release or delete."""
+
+    action: str
+    kind: str  # team, member, switch, provider, vrf, bridge, tunnel, vxlan, port, external,
+    #            vlan, address, route, fdb, neighbour
+    name: str
+    desired: Any = None
+    observed: Any = None
+    detail: str = ""
+
+    def describe(self) -> str:
+        text = f"{self.action} {self.kind} {self.name}"
+        return f"{text} {self.detail}" if self.detail else text
+
+
+@dataclass(frozen=True)
+class Plan:
+    ops: tuple[Op, ...] = ()
+    desired: KernelState = field(default_factory=KernelState, compare=False, repr=False)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.ops
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def __iter__(self):
+        return iter(self.ops)
+
+    def describe(self) -> str:
+        return "\n".join(op.describe() for op in self.ops) if self.ops else "nothing to do"
+
+    def by_kind(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for op in self.ops:
+            counts[op.kind] = counts.get(op.kind, 0) + 1
+        return counts
+
+
+def _link_detail(link: Link) -> str:
+    if link.role == naming.TUNNEL:
+        return (f"vsid {link.option('ikey') >> 8} {link.option('local')} -> "
+                f"{link.option('remote')}")
+    if link.role == naming.VXLAN:
+        return f"vni {link.option('vni')} local {link.option('local')} port {link.option('port')}"
+    if link.role == naming.PORT and link.vm is not None:
+        vm = link.key.rpartition(":")[0]
+        return f"vm {vm} netns {link.vm.namespace} mac {link.vm.mac} ca {link.vm.ca}"
+    parts = [f"{k} {v}" for k, v in link.options]
+    if link.master:
+        parts.append(f"master {link.master}")
+    return " ".join(parts)
+
+
+def link_changes(want: Link, have: Link) -> list[str]:
+    """What an existing link must change to become `want`, as 'field old -> new'."""
+    changes = []
+    if want.owned and have.alias != want.alias:
+        changes.append(f"alias {have.alias} -> {want.alias}")
+    if have.master != want.master:
+        changes.append(f"master {have.master or 'none'} -> {want.master or 'none'}")
+    if want.mtu is not None and have.mtu != want.mtu:
+        changes.append(f"mtu {have.mtu} -> {want.mtu}")
+    if want.mac is not None and have.mac != want.mac:
+        changes.append(f"mac {have.mac} -> {want.mac}")
+    if have.up != want.up:
+        changes.append(f"state {'up' if have.up else 'down'} -> {'up' if want.up else 'down'}")
+    for name, value in want.settings:
+        if have.setting(name) != value:
+            changes.append(f"{name} {have.setting(name)} -> {value}")
+    for name, value in want.port_flags:
+        old = dict(have.port_flags).get(name)
+        if old != value:
+            changes.append(f"{name} {old} -> {value}")
+    return changes
+
+
+def option_changes(want: Link, have: Link) -> list[str]:
+    """Creation-time attributes that differ: the link must be recreated."""
+    if have.kind != want.kind:
+        return [f"kind {have.kind} -> {want.kind}"]
+    return [f"{k} {have.option(k)} -> {v}" for k, v in want.options if have.option(k) != v]
+
+
+def _link_ops(want: KernelState, have: KernelState) -> tuple[list[Op], list[Op]]:
+    make, destroy = [], []
+    for link in sorted(want.links.values(), key=lambda l: (ROLE_ORDER.get(l.role, 9), l.name)):
+        old = have.links.get(link.name)
+        if old is None:
+            make.append(Op("add", link.role, link.name, link, None, _link_detail(link)))
+            continue
+        if link.owned:
+            if not old.owned:
+                # A foreign device holds our name: never take over or delete it.
+                make.append(Op("add", link.role, link.name, link, old,
+                               "(name taken by a device openhnv does not own)"))
+                continue
+            recreate = option_changes(link, old)
+            if recreate:
+                make.append(Op("replace", link.role, link.name, link, old,
+                               f"{_link_detail(link)} ({', '.join(recreate)})"))
+                continue
+        changes = link_changes(link, old)
+        if changes:
+            make.append(Op("set", link.role, link.name, link, old, ", ".join(changes)))
+    owned_masters = {name for name, l in have.links.items() if l.owned} | set(want.links)
+    for old in sorted(have.links.values(), key=lambda l: (-ROLE_ORDER.get(l.role, 9), l.name)):
+        if old.name in want.links:
+            continue
+        if old.owned:
+            destroy.append(Op("delete", old.role, old.name, None, old, _link_detail(old)))
+        elif old.master in owned_masters:
+            # A NIC or tap we once enslaved and no longer want: release, never delete.
+            destroy.append(Op("release", "external", old.name, None, old, f"from {old.master}"))
+    return make, destroy
+
+
+def _managed_devices(want: KernelState, have: KernelState) -> set[str]:
+    """Devices whose addresses and VLANs the agent owns exactly: its own links and the
+    NICs it teamed (a team member's address is useless once the NIC is enslaved)."""
+    devices = {n for n, l in want.links.items() if l.owned or l.role == "member"}
+    devices |= {n for n, l in have.links.items() if l.owned}
+    return devices
+
+
+def _table_ops(kind: str, want: dict, have: dict, managed=None, describe=str,
+               replaceable=True) -> tuple[list[Op], list[Op]]:
+    """add/replace ops for `want` - `have`, delete ops for `have` - `want`."""
+    make, destroy = [], []
+    for key, obj in want.items():
+        old = have.get(key)
+        if old is None:
+            make.append(Op("add", kind, describe(obj), obj))
+        elif old != obj:
+            if replaceable:
+                make.append(Op("replace", kind, describe(obj), obj, old, f"(was {describe(old)})"))
+            else:
+                destroy.append(Op("delete", kind, describe(old), None, old))
+                make.append(Op("add", kind, describe(obj), obj))
+    for key, old in have.items():
+        if key not in want and (managed is None or managed(old)):
+            destroy.append(Op("delete", kind, describe(old), None, old))
+    return make, destroy
+
+
+def _describe_vlan(v: BridgeVlan) -> str:
+    flags = " pvid" * v.pvid + " untagged" * v.untagged
+    return f"{v.vid} on {v.device}{flags}"
+
+
+def _describe_route(r: Route) -> str:
+    what = f"{r.type} {r.dst}" if r.type != "unicast" else r.dst
+    via = f" via {r.gateway}" if r.gateway else ""
+    dev = f" dev {r.device}" if r.device else ""
+    return f"{what}{via}{dev} table {r.table}"
+
+
+def _describe_fdb(f: Fdb) -> str:
+    return f"{f.mac} on {f.device} -> {f.port or f.dst}"
+
+
+def _describe_neighbour(n: Neighbour) -> str:
+    return f"{n.ip} on {n.device} -> {n.mac}"
+
+
+def _with_default_pvid(want: KernelState, have: KernelState, link_make: list[Op]) -> dict:
+    """Observed VLANs plus the ones the kernel will add by itself: a port that joins a
+    VLAN-filtering bridge gets the bridge's default PVID (VLAN 1, untagged). A VLAN
+    network's port must lose it in the same plan, or the VM would sit on the management
+    VLAN until the next reconcile."""
+    vlans = dict(have.vlans)
+    filtering = {n for n, l in want.links.items() if l.setting("vlan_filtering")}
+    for op in link_make:
+        link = op.desired
+        if link.master not in filtering:
+            continue
+        was_port = op.observed is not None and op.observed.master == link.master and op.action != "replace"
+        if not was_port:
+            vlans.setdefault((link.name, MANAGEMENT_VLAN),
+                             BridgeVlan(link.name, MANAGEMENT_VLAN, pvid=True, untagged=True))
+    return vlans
+
+
+def diff(want: KernelState, have: KernelState) -> Plan:
+    """The ordered operations that turn `have` (observed) into `want` (desired)."""
+    managed = _managed_devices(want, have)
+    owned_tables = {l.option("table") for l in have.links.values() if l.owned and l.role == naming.VRF}
+    owned_tables |= {l.option("table") for l in want.links.values() if l.role == naming.VRF}
+
+    link_make, link_destroy = _link_ops(want, have)
+    vlan_make, vlan_destroy = _table_ops(
+        "vlan", want.vlans, _with_default_pvid(want, have, link_make),
+        lambda v: v.device in managed, _describe_vlan)
+    addr_make, addr_destroy = _table_ops(
+        "address", want.addresses, have.addresses, lambda a: a.device in managed,
+        lambda a: f"{a.cidr} on {a.device}")
+    # Routes: only a VRF's own catch-all may be deleted; the main table's default route
+    # is replaced when the management gateway asks for one, never removed.
+    route_make, route_destroy = _table_ops(
+        "route", want.routes, have.routes, lambda r: r.table in owned_tables, _describe_route)
+    fdb_make, fdb_destroy = _table_ops("fdb", want.fdb, have.fdb, None, _describe_fdb)
+    neigh_make, neigh_destroy = _table_ops(
+        "neighbour", want.neighbours, have.neighbours, None, _describe_neighbour)
+
+    ops = (link_make + vlan_make + addr_make + route_make + fdb_make + neigh_make
+           + neigh_destroy + fdb_destroy + route_destroy + addr_destroy + vlan_destroy
+           + link_destroy)
+    return Plan(tuple(ops), want)
+
+
+def plan(state: HostState, observed: KernelState) -> Plan:
+    return diff(desired_kernel_state(state), observed)
+

@@ -1,0 +1,145 @@
+"""The tunnel layer: which tunnel devices and tunnel FDB entries a VSID needs.
+
+Owns the mapping of one VSID's remote lookup records onto encapsulation devices, for
+both encapsulations, so that a flow-based variant (one collect-metadata gretap with
+per-destination keys) can replace it later without touching the rest of the plan:
+
+- NVGRE (the plain mapping): one gretap per (VSID, remote PA), local = this host's PA
+  of the VM network, key = VSID << 8 (FlowID 0) in both directions, a port of the VSID
+  bridge. A remote MAC is a bridge FDB entry MAC -> that gretap. Devices grow as
+  VSIDs x peers; fine for hundreds, the flow-based variant is the answer beyond.
+- VXLAN: one VXLAN device per VSID (VNI = VSID, UDP 4789, local = PA, no learning), a
+  port of the VSID bridge. A remote MAC is a bridge FDB entry MAC -> the VXLAN device
+  plus a VXLAN FDB entry MAC -> remote PA on the device itself.
+
+MTU: the gretap is created with ``pmtudisc`` (outer DF set) and ``ttl 64``. With DF the
+PA network never fragments an encapsulated frame; the tenant MTU (provider MTU - 42, set
+on the VSID bridge, the tunnel port and the VM's NIC, and checked by agent.state) is what
+keeps frames small enough, and an oversized frame is dropped at the bridge port (counted
+in tx_dropped) instead of being fragmented silently. A fixed TTL is required with DF:
+the kernel refuses ``nopmtudisc`` only with a fixed TTL, and an inherited TTL would copy
+the tenant's TTL onto the PA network.
+
+Also reads tunnel statistics back from observed links. Pure: no pyroute2 import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import ip_address
+from typing import Any
+
+from agent import naming
+from agent.kernel_model import TUNNEL_PORT_FLAGS, Fdb, Link
+
+VXLAN_PORT = 4789
+GRE_KEY_FLAG = 0x2000  # GRE_KEY in the GRE header flags (host order; the kernel wants it big-endian)
+
+
+def gre_key(vsid: int, flow_id: int = 0) -> int:
+    """The 32-bit GRE key of NVGRE: VSID in the upper 24 bits, FlowID in the lower 8."""
+    return (vsid << 8) | flow_id
+
+
+@dataclass(frozen=True)
+class RemoteEndpoint:
+    """One remote MAC of a VSID and the PA it lives behind."""
+
+    mac: str
+    pa: str
+
+
+def nvgre_tunnel(vsid: int, local_pa: str, remote_pa: str, bridge: str, mtu: int) -> Link:
+    key = gre_key(vsid)
+    version = ip_address(local_pa).version
+    return Link(
+        name=naming.nvgre_tunnel(vsid, local_pa, remote_pa),
+        kind="gretap" if version == 4 else "ip6gretap",
+        role=naming.TUNNEL,
+        key=naming.tunnel_key(vsid, local_pa, remote_pa),
+        options=(
+            ("local", local_pa),
+            ("remote", remote_pa),
+            ("ikey", key),
+            ("okey", key),
+            ("ttl", naming.DEFAULT_TTL),
+            ("pmtudisc", 1),
+        ),
+        master=bridge,
+        mtu=mtu,
+        port_flags=TUNNEL_PORT_FLAGS,
+    )
+
+
+def vxlan_device(vsid: int, local_pa: str, bridge: str, mtu: int) -> Link:
+    return Link(
+        name=naming.vxlan_device(vsid),
+        kind="vxlan",
+        role=naming.VXLAN,
+        key=str(vsid),
+        options=(
+            ("vni", vsid),
+            ("local", local_pa),
+            ("port", VXLAN_PORT),
+            ("learning", 0),
+            ("ttl", naming.DEFAULT_TTL),
+        ),
+        master=bridge,
+        mtu=mtu,
+        port_flags=TUNNEL_PORT_FLAGS,
+    )
+
+
+def tunnel_objects(
+    encapsulation: str,
+    vsid: int,
+    local_pa: str,
+    bridge: str,
+    mtu: int,
+    remotes: list[RemoteEndpoint],
+) -> list[Link | Fdb]:
+    """Tunnel devices and FDB entries carrying `remotes` of one VSID from `local_pa`."""
+    objects: list[Link | Fdb] = []
+    if not remotes:
+        return objects
+    if encapsulation == "vxlan":
+        device = vxlan_device(vsid, local_pa, bridge, mtu)
+        objects.append(device)
+        for remote in remotes:
+            objects.append(Fdb(device=bridge, mac=remote.mac, port=device.name))
+            objects.append(Fdb(device=device.name, mac=remote.mac, dst=remote.pa))
+        return objects
+    tunnels: dict[str, Link] = {}
+    for remote in remotes:
+        tunnel = tunnels.get(remote.pa)
+        if tunnel is None:
+            tunnel = tunnels[remote.pa] = nvgre_tunnel(vsid, local_pa, remote.pa, bridge, mtu)
+            objects.append(tunnel)
+        objects.append(Fdb(device=bridge, mac=remote.mac, port=tunnel.name))
+    return objects
+
+
+@dataclass(frozen=True)
+class TunnelStats:
+    """Per-tunnel counters from the kernel's link statistics."""
+
+    name: str
+    vsid: int
+    local: str
+    remote: str  # "" for a VXLAN device (one device serves every peer)
+    rx_packets: int
+    tx_packets: int
+    rx_bytes: int
+    tx_bytes: int
+
+
+def tunnel_identity(role: str, key: str, options: dict[str, Any]) -> tuple[int, str, str] | None:
+    """(VSID, local, remote) of an observed tunnel link from its marker, or None."""
+    if role == naming.TUNNEL:
+        parts = key.split("/")
+        if len(parts) != 3 or not parts[0].isdigit():
+            return None
+        return int(parts[0]), parts[1], parts[2]
+    if role == naming.VXLAN and key.isdigit():
+        return int(key), str(options.get("local", "")), ""
+    return None

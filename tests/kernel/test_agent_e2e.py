@@ -1,0 +1,246 @@
+"""The agent end to end on real kernel objects: two hosts, a trunked switch, tenant VMs.
+
+One module-scoped lab (tests/kernel/agentlab.py): host A is configured with
+``hnv-agent apply`` (the CLI), host B with a Reconciler; then real pings between VM
+namespaces, with captures on the switch's trunk ports decoded by scapy. The tests run in
+file order and share the lab: the VXLAN test converts both hosts last.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.layers.vxlan import VXLAN
+from scapy.utils import rdpcap
+
+from agent import naming
+from agent.reconcile import Reconciler
+from agent.state import parse_host_state
+from tests.kernel.agentlab import F2_VSID, F3_VSID, PA, PROVIDER_VLAN, AgentLab, without_record
+from tests.lib.netns import NamespaceFactory
+from tests.lib.nvgre import IPPROTO_GRE, decode_nvgre
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def hnv_agent(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
+                          text=True, cwd=CHECKOUT, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    factory = NamespaceFactory(prefix="ag")
+    try:
+        lab = AgentLab(factory).build()
+        lab.reconcilers = {h: Reconciler(netns=lab.hosts[h].name) for h in lab.hosts}
+        state_a = tmp_path_factory.mktemp("agent") / "host-a.json"
+        state_a.write_text(json.dumps(lab.state("a")))
+        lab.state_file_a = state_a
+        proc = hnv_agent("apply", str(state_a), "--netns", lab.hosts["a"].name)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        lab.apply_output = proc.stdout
+        result = lab.reconcilers["b"].reconcile(parse_host_state(lab.state("b")))
+        assert result.errors == [], result.errors
+        yield lab
+    finally:
+        for rec in getattr(lab, "reconcilers", {}).values():
+            rec.close()
+        factory.close()
+
+
+def tunnel_name(host: str, vsid: int, network: str) -> str:
+    peer = "b" if host == "a" else "a"
+    return naming.nvgre_tunnel(vsid, PA[(host, network)], PA[(peer, network)])
+
+
+def icmp_in_echos(ns) -> int:
+    lines = ns.run("cat", "/proc/net/snmp").stdout.splitlines()
+    header, values = [l.split() for l in lines if l.startswith("Icmp:")][:2]
+    return int(values[header.index("InEchos")])
+
+
+def capture_trunks(lab, tmp_path, host: str, name: str):
+    """Captures on both switch ports of `host` (the team may use either)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    pcaps = [stack.enter_context(lab.switch.capture(f"{host}{nic}", tmp_path / f"{name}{nic}.pcap"))
+             for nic in (0, 1)]
+    return stack, pcaps
+
+
+def read_all(pcaps):
+    return [p for pcap in pcaps for p in rdpcap(str(pcap))]
+
+
+def test_nvgre_ping_crosses_trunk_with_vlan_802_and_vsid_key(lab, tmp_path):
+    assert "add tunnel" in lab.apply_output and "vsid 5001 10.80.2.20 -> 10.80.2.21" in lab.apply_output
+    vm_a = lab.vms["vmA2"]
+    stack, pcaps = capture_trunks(lab, tmp_path, "a", "nvgre")
+    with stack:
+        assert vm_a.ping("192.168.0.11", count=3), "vmA2 could not ping vmB2 over NVGRE"
+    packets = read_all(pcaps)
+    gre = [p for p in packets if IP in p and p[IP].proto == IPPROTO_GRE]
+    assert gre, "no GRE packet crossed host A's trunk"
+    for packet in gre:
+        assert Dot1Q in packet and packet[Dot1Q].vlan == PROVIDER_VLAN, packet.summary()
+        frame = decode_nvgre(packet)
+        assert frame is not None, f"not NVGRE: {packet.summary()}"
+        assert frame.vsid == F2_VSID and frame.flow_id == 0
+        assert {frame.outer_src, frame.outer_dst} == {PA[("a", "Fabrikam2")], PA[("b", "Fabrikam2")]}
+    inner = [decode_nvgre(p).inner for p in gre]
+    assert any(ICMP in f and f[IP].dst == "192.168.0.11" and f[ICMP].type == 8 for f in inner)
+    assert any(ICMP in f and f[IP].src == "192.168.0.11" and f[ICMP].type == 0 for f in inner)
+
+
+def test_overlapping_tenants_reach_only_their_own_vm(lab, tmp_path):
+    b2, b3 = lab.vms["vmB2"], lab.vms["vmB3"]
+    before = icmp_in_echos(b2), icmp_in_echos(b3)
+    assert lab.vms["vmA3"].ping("192.168.0.11", count=3), "Fabrikam3's pair cannot ping"
+    after_f3 = icmp_in_echos(b2), icmp_in_echos(b3)
+    assert after_f3[1] - before[1] >= 3 and after_f3[0] == before[0], (before, after_f3)
+    assert lab.vms["vmA2"].ping("192.168.0.11", count=3), "Fabrikam2's pair cannot ping"
+    after_f2 = icmp_in_echos(b2), icmp_in_echos(b3)
+    assert after_f2[0] - after_f3[0] >= 3 and after_f2[1] == after_f3[1], (after_f3, after_f2)
+
+
+def test_distributed_router_gateway_and_other_subnet_but_not_other_network(lab):
+    vm_a = lab.vms["vmA2"]
+    assert vm_a.ping("192.168.0.1"), "the gateway .1 does not answer on host A"
+    assert vm_a.ping("192.168.1.11", count=2), "vmB2s (other subnet, host B) unreachable via the distributed router"
+    assert lab.vms["vmA3"].ping("10.30.0.11", count=2), "Fabrikam3's own second subnet must work"
+    assert not vm_a.ping("10.30.0.11", wait=0.5), "Fabrikam2 reached a subnet of Fabrikam3"
+    assert not vm_a.ping("10.0.0.1", wait=0.5), "a tenant reached the management network"
+
+
+def test_arp_for_remote_ca_is_answered_locally(lab, tmp_path):
+    vm_a = lab.vms["vmA2"]
+    vm_a.ip("neigh", "flush", "dev", "eth0")
+    stack, pcaps = capture_trunks(lab, tmp_path, "a", "arp")
+    with stack:
+        assert vm_a.ping("192.168.0.11", count=2)
+    neigh = vm_a.ip("neigh", "show", "192.168.0.11", "dev", "eth0").stdout
+    assert "00:15:5d:00:02:0b" in neigh, f"vmA2 did not learn vmB2's MAC by ARP: {neigh!r}"
+    packets = read_all(pcaps)
+    frames = [decode_nvgre(p) for p in packets]
+    inner = [f.inner for f in frames if f is not None]
+    assert inner, "no tenant traffic crossed: the negative check below would prove nothing"
+    assert not [f for f in inner if ARP in f], "a tenant ARP crossed the provider network"
+    assert not [f for f in inner if f[Ether].dst == "ff:ff:ff:ff:ff:ff"], "a tenant broadcast crossed"
+    tenant_arp = [p for p in packets if ARP in p and p[ARP].pdst in ("192.168.0.11", "192.168.0.10")]
+    assert not tenant_arp, "ARP for a CA reached the physical switch"
+
+
+def test_vlan_networks_isolated_on_the_trunk(lab, tmp_path):
+    stack, pcaps = capture_trunks(lab, tmp_path, "a", "vlan")
+    with stack:
+        assert lab.vms["vmA100"].ping("10.100.0.20", count=2), "VLAN 100 VMs cannot ping across hosts"
+    tagged = [p for p in read_all(pcaps) if Dot1Q in p and ICMP in p]
+    assert tagged and all(p[Dot1Q].vlan == 100 for p in tagged), [p.summary() for p in tagged]
+    assert not lab.vms["vmA101"].ping("10.100.0.20", wait=0.5), "VLAN 101 reached VLAN 100"
+
+
+def test_team_survives_a_member_nic_failure(lab):
+    host = lab.hosts["a"]
+    active = host.run("cat", "/sys/class/net/hnv-team/bonding/active_slave").stdout.strip()
+    assert active in ("eth0", "eth1"), active
+    try:
+        lab.switch.ip("link", "set", f"a{active[-1]}", "down")  # the cable is pulled
+        time.sleep(0.5)  # miimon 100 ms
+        assert lab.vms["vmA2"].ping("192.168.0.11", count=3), "pings stopped after a member failed"
+        now = host.run("cat", "/sys/class/net/hnv-team/bonding/active_slave").stdout.strip()
+        assert now != active
+    finally:
+        lab.switch.ip("link", "set", f"a{active[-1]}", "up")
+
+
+def test_reapply_is_empty_and_one_record_removal_is_exact(lab):
+    rec = lab.reconcilers["a"]
+    state = parse_host_state(lab.state("a"))
+    assert rec.plan(state).is_empty, rec.plan(state).describe()
+    proc = hnv_agent("apply", str(lab.state_file_a), "--netns", lab.hosts["a"].name, "--dry-run")
+    assert proc.returncode == 0 and proc.stdout.strip() == "nothing to do", proc.stdout + proc.stderr
+
+    smaller = parse_host_state(without_record(lab.state("a"), "vmB2"))
+    plan = rec.plan(smaller)
+    described = plan.describe().splitlines()
+    assert described == [
+        f"delete neighbour 192.168.0.11 on hnvb{F2_VSID} -> 00:15:5d:00:02:0b",
+        f"delete fdb 00:15:5d:00:02:0b on hnvb{F2_VSID} -> {tunnel_name('a', F2_VSID, 'Fabrikam2')}",
+        f"delete tunnel {tunnel_name('a', F2_VSID, 'Fabrikam2')} vsid {F2_VSID} 10.80.2.20 -> 10.80.2.21",
+    ], plan.describe()
+    result = rec.reconcile(smaller)
+    assert result.errors == [] and result.applied == 3
+    have = rec.observe()
+    assert (f"hnvb{F2_VSID}", "192.168.0.11") not in have.neighbours
+    assert (f"hnvb{F3_VSID}", "192.168.0.11") in have.neighbours, "the other tenant's record went too"
+    assert not lab.vms["vmA2"].ping("192.168.0.11", wait=0.5)
+    assert rec.reconcile(state).errors == []
+    assert lab.vms["vmA2"].ping("192.168.0.11", count=2)
+
+
+def test_drift_deleted_tunnel_and_fdb_entry_are_repaired(lab):
+    host, rec = lab.hosts["a"], lab.reconcilers["a"]
+    state = parse_host_state(lab.state("a"))
+    tunnel = tunnel_name("a", F3_VSID, "Fabrikam3")
+    host.ip("link", "del", tunnel)
+    host.run("bridge", "fdb", "del", "00:15:5d:00:02:0b", "dev", tunnel_name("a", F2_VSID, "Fabrikam2"), "master")
+    assert not lab.vms["vmA3"].ping("192.168.0.11", wait=0.5)
+    result = rec.reconcile(state)
+    assert result.errors == []
+    described = result.plan.describe()
+    assert f"add tunnel {tunnel}" in described and "add fdb 00:15:5d:00:02:0b" in described, described
+    assert rec.plan(state).is_empty
+    assert lab.vms["vmA3"].ping("192.168.0.11", count=2) and lab.vms["vmA2"].ping("192.168.0.11", count=2)
+
+
+def test_bad_document_is_refused_and_kernel_untouched(lab, tmp_path):
+    rec = lab.reconcilers["a"]
+    before = rec.observe()
+    doc = lab.state("a")
+    doc["records"][0]["vsid"] = 42
+    doc["routing_domains"][0]["subnets"][0]["mtu"] = 1500
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    proc = hnv_agent("apply", str(bad), "--netns", lab.hosts["a"].name)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "records[0].vsid: VSID 42 is outside 4096..16777214" in proc.stderr, proc.stderr
+    assert "nothing was changed" in proc.stderr
+    assert rec.observe() == before
+
+
+def test_show_reads_records_and_provider_addresses_from_the_kernel(lab):
+    proc = hnv_agent("show", "records", "--netns", lab.hosts["a"].name, "-o", "json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert {"CustomerAddress": "192.168.0.11", "VirtualSubnetID": F2_VSID, "MACAddress": "00:15:5d:00:02:0b",
+            "ProviderAddress": "10.80.2.21", "Type": "Static", "VMName": ""} in rows
+    local = [r for r in rows if r["VMName"] == "vmA2"]
+    assert local and local[0]["CustomerAddress"] == "192.168.0.10"
+    proc = hnv_agent("show", "provider-addresses", "--netns", lab.hosts["a"].name)
+    assert "10.80.2.20" in proc.stdout and "802" in proc.stdout and "Preferred" in proc.stdout, proc.stdout
+
+
+def test_vxlan_mode_carries_vni_equal_vsid_on_udp_4789(lab, tmp_path):
+    for host in ("a", "b"):
+        result = lab.reconcilers[host].reconcile(parse_host_state(lab.state(host, generation=5, encapsulation="vxlan")))
+        assert result.errors == [], result.errors
+        assert not any(l.role == naming.TUNNEL for l in lab.reconcilers[host].observe().links.values())
+    stack, pcaps = capture_trunks(lab, tmp_path, "a", "vxlan")
+    with stack:
+        assert lab.vms["vmA2"].ping("192.168.0.11", count=3), "no ping over VXLAN"
+    udp = [p for p in read_all(pcaps) if UDP in p and p[UDP].dport == 4789]
+    assert udp, "no VXLAN packet crossed the trunk"
+    for packet in udp:
+        assert packet[Dot1Q].vlan == PROVIDER_VLAN
+        assert packet[VXLAN].vni == F2_VSID, packet.summary()
+        assert {packet[IP].src, packet[IP].dst} == {PA[("a", "Fabrikam2")], PA[("b", "Fabrikam2")]}
+    assert not [p for p in read_all(pcaps) if IP in p and p[IP].proto == IPPROTO_GRE]
