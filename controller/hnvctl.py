@@ -64,7 +64,7 @@ class UsageError(Exception):
 # --- output ------------------------------------------------------------------------------
 
 
-def format_value(value: Any) -> str:
+def format_value(value: Any, nested: bool = False) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -72,9 +72,11 @@ def format_value(value: Any) -> str:
     if isinstance(value, dict):
         if set(value) == {"subnet", "vlan"}:
             return f"{value['subnet']}:{value['vlan']}"
-        return ", ".join(f"{to_pascal(k)}={format_value(v)}" for k, v in value.items() if v not in (None, ""))
+        text = ", ".join(f"{to_pascal(k)}={format_value(v, True)}" for k, v in value.items() if v not in (None, ""))
+        return "{" + text + "}" if nested else text
     if isinstance(value, (list, tuple)):
-        return ", ".join(format_value(v) for v in value)
+        text = ", ".join(format_value(v, True) for v in value)
+        return "[" + text + "]" if nested else text
     return str(value)
 
 
