@@ -1,0 +1,172 @@
+"""agent.plan over hand-made desired and observed kernel states: no root, no kernel."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+
+from agent import naming
+from agent.kernel_model import BridgeVlan, Fdb, KernelState, Link, Neighbour
+from agent.plan import desired_kernel_state, diff
+from agent.state import parse_host_state
+from tests.unit.test_state_validation import BASE
+
+VSID = 3535905
+BRIDGE = naming.vsid_bridge(VSID)
+TUNNEL_21 = naming.nvgre_tunnel(VSID, "10.80.2.20", "10.80.2.21")
+TUNNEL_22 = naming.nvgre_tunnel(VSID, "10.80.2.20", "10.80.2.22")
+
+
+def state(mutate=None):
+    doc = copy.deepcopy(BASE)
+    if mutate:
+        mutate(doc)
+    return parse_host_state(json.dumps(doc))
+
+
+def as_observed(want: KernelState) -> KernelState:
+    """What the kernel shows once `want` is realised (a VM's end is not visible)."""
+    have = copy.deepcopy(want)
+    for name, link in want.links.items():
+        have.links[name] = replace(link, vm=None, kind="veth" if link.kind == "nic" else link.kind)
+    return have
+
+
+def test_first_plan_builds_in_dependency_order():
+    plan = diff(desired_kernel_state(state()), KernelState())
+    kinds = [op.kind for op in plan]
+    assert [op.name for op in plan][:4] == ["hnv-sw", "hnv-team", "eth0", "eth1"]
+    assert all(op.action in ("add", "set") for op in plan if op.kind != "vlan")
+    # links, then VLANs, addresses, routes, then FDB before neighbours
+    last_link = max(i for i, k in enumerate(kinds) if k in ("switch", "team", "member", "provider", "vrf", "bridge", "tunnel", "port"))
+    assert last_link < kinds.index("vlan") < kinds.index("address") < kinds.index("fdb") < kinds.index("neighbour")
+    assert f"add tunnel {TUNNEL_21} vsid {VSID} 10.80.2.20 -> 10.80.2.21" in plan.describe().splitlines()
+    assert f"add fdb 00:15:5d:01:02:04 on {BRIDGE} -> {TUNNEL_21}" in plan.describe()
+    assert f"add neighbour 192.168.0.11 on {BRIDGE} -> 00:15:5d:01:02:04" in plan.describe()
+    assert "add route unreachable default table 10001" in plan.describe()
+
+
+def test_tunnel_is_keyed_by_vsid_and_flagged_for_l2population():
+    want = desired_kernel_state(state())
+    tunnel = want.links[TUNNEL_21]
+    assert tunnel.kind == "gretap" and tunnel.master == BRIDGE and tunnel.mtu == 1458
+    assert tunnel.option("ikey") == tunnel.option("okey") == VSID << 8
+    assert dict(tunnel.port_flags) == {"learning": 0, "neigh_suppress": 1, "unicast_flood": 0,
+                                       "mcast_flood": 0, "bcast_flood": 0}
+    assert want.links[BRIDGE].mac == naming.gateway_mac(VSID)
+    assert want.links[BRIDGE].master == naming.vrf(1)
+
+
+def test_realised_state_gives_an_empty_plan():
+    want = desired_kernel_state(state())
+    plan = diff(want, as_observed(want))
+    assert plan.is_empty and len(plan) == 0 and plan.describe() == "nothing to do"
+
+
+def test_removing_one_record_removes_exactly_it():
+    want = desired_kernel_state(state())
+    have = as_observed(want)
+    smaller = state(lambda d: d["records"].append(
+        {"vsid": VSID, "ca": "192.168.0.12", "mac": "00:15:5d:01:02:05", "pa": "10.80.2.21"}))
+    have = as_observed(desired_kernel_state(smaller))
+    plan = diff(want, have)
+    assert plan.describe().splitlines() == [
+        f"delete neighbour 192.168.0.12 on {BRIDGE} -> 00:15:5d:01:02:05",
+        f"delete fdb 00:15:5d:01:02:05 on {BRIDGE} -> {TUNNEL_21}",
+    ]
+
+
+def test_migration_is_make_before_break():
+    before = desired_kernel_state(state())
+    moved = desired_kernel_state(state(lambda d: d["records"][1].update(pa="10.80.2.22")))
+    plan = diff(moved, as_observed(before))
+    lines = plan.describe().splitlines()
+    assert lines[0].startswith(f"add tunnel {TUNNEL_22}")
+    assert lines[1] == f"replace fdb 00:15:5d:01:02:04 on {BRIDGE} -> {TUNNEL_22} (was 00:15:5d:01:02:04 on {BRIDGE} -> {TUNNEL_21})"
+    assert lines[-1].startswith(f"delete tunnel {TUNNEL_21}")
+    assert len(lines) == 3  # the neighbour (CA -> MAC) did not change
+
+
+def test_foreign_objects_are_never_touched():
+    want = desired_kernel_state(state())
+    have = as_observed(want)
+    have.add(Link(name="docker0", kind="bridge", role="external", owned=False))
+    have.add(Link(name="hnvb4242", kind="bridge", role="external", owned=False))  # our prefix, no marker
+    have.add(BridgeVlan("docker0", 5))
+    plan = diff(want, have)
+    assert plan.is_empty, plan.describe()
+
+
+def test_stale_owned_objects_are_deleted_leaves_first():
+    want = desired_kernel_state(state())
+    have = as_observed(want)
+    have.add(Link(name="hnvb9999", kind="bridge", role=naming.BRIDGE, key="9999"))
+    have.add(Link(name="hnvp0000000000", kind="veth", role=naming.PORT, key="OldVM:abcd", master="hnvb9999"))
+    have.add(Fdb("hnvb9999", "00:15:5d:09:09:09", port="hnvp0000000000"))
+    have.add(Neighbour("hnvb9999", "10.9.9.9", "00:15:5d:09:09:09"))
+    lines = diff(want, have).describe().splitlines()
+    assert [l.split()[:2] for l in lines] == [
+        ["delete", "neighbour"], ["delete", "fdb"], ["delete", "port"], ["delete", "bridge"]]
+
+
+def test_changed_creation_option_recreates_and_says_why():
+    want = desired_kernel_state(state())
+    have = as_observed(want)
+    vlan_dev = naming.provider_vlan("hnv-sw", 802)
+    have.links[vlan_dev] = replace(have.links[vlan_dev], options=(("link", "hnv-sw"), ("vlan_id", 803)))
+    (op,) = diff(want, have).ops
+    assert op.action == "replace" and op.name == vlan_dev and "vlan_id 803 -> 802" in op.detail
+
+
+def test_changed_settable_attribute_is_set_in_place():
+    want = desired_kernel_state(state())
+    have = as_observed(want)
+    have.links[TUNNEL_21] = replace(have.links[TUNNEL_21], mtu=1500, port_flags=(("learning", 1),))
+    (op,) = diff(want, have).ops
+    assert op.action == "set" and "mtu 1500 -> 1458" in op.detail and "learning 1 -> 0" in op.detail
+
+
+def test_name_taken_by_foreign_device_is_reported_not_taken_over():
+    want = desired_kernel_state(state())
+    have = as_observed(want)
+    have.links[BRIDGE] = Link(name=BRIDGE, kind="bridge", role="external", owned=False)
+    ops = [op for op in diff(want, have) if op.name == BRIDGE]
+    assert ops and ops[0].action == "add" and "does not own" in ops[0].detail
+
+
+def test_new_vlan_port_loses_the_default_pvid_in_the_same_plan():
+    vlan_state = state(lambda d: d["ports"].append({"name": "HostVM100", "mac": "00:15:5d:64:00:01", "vlan": 100}))
+    want = desired_kernel_state(vlan_state)
+    have = as_observed(desired_kernel_state(state()))
+    port = naming.vm_port("HostVM100")
+    lines = diff(want, have).describe().splitlines()
+    assert f"add vlan 100 on {port} pvid untagged" in lines
+    assert f"delete vlan 1 on {port} pvid untagged" in lines
+
+
+def test_team_member_removed_from_the_team_is_released_not_deleted():
+    want = desired_kernel_state(state(lambda d: d["team"].update(members=["eth0"])))
+    have = as_observed(desired_kernel_state(state()))
+    lines = diff(want, have).describe().splitlines()
+    assert lines == ["release external eth1 from hnv-team"]
+
+
+def test_vxlan_mode_uses_one_device_per_vsid_with_remote_fdb():
+    want = desired_kernel_state(state(lambda d: d["provider"].update(encapsulation="vxlan")))
+    vx = want.links[naming.vxlan_device(VSID)]
+    assert vx.option("vni") == VSID and vx.option("port") == 4789 and vx.option("learning") == 0
+    assert want.fdb[(vx.name, "00:15:5d:01:02:04")].dst == "10.80.2.21"
+    assert want.fdb[(BRIDGE, "00:15:5d:01:02:04")].port == vx.name
+    assert not [l for l in want.links.values() if l.role == naming.TUNNEL]
+    assert vx.mtu == 1450
+
+
+def test_management_address_moves_off_the_team_members():
+    want = desired_kernel_state(state())
+    have = as_observed(want)
+    del have.addresses[("hnv-sw", "10.0.0.16/24")]
+    from agent.kernel_model import Address
+    have.add(Address("eth0", "10.0.0.16/24"))
+    lines = diff(want, have).describe().splitlines()
+    assert lines == ["add address 10.0.0.16/24 on hnv-sw", "delete address 10.0.0.16/24 on eth0"]
