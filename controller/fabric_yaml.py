@@ -334,7 +334,7 @@ def describe_validation_error(exc: ValidationError, path: str = "") -> list[str]
         elif kind == "missing":
             message = "is required"
         elif kind in ("less_than_equal", "greater_than_equal", "less_than", "greater_than"):
-            message = f"{given!r} is out of range: {message[0].lower()}{message[1:]}"
+            message = f"{given} is out of range: {message[0].lower()}{message[1:]}"
         elif kind not in ("value_error", "assertion_error") and given is not None and not isinstance(given, (dict, list)):
             message = f"{given!r}: {message}"
         # A model-level check starts its message with its own field path: nest it.

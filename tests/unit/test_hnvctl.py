@@ -1,0 +1,372 @@
+"""hnvctl against a real controller on loopback (tests/lib/controller.py).
+
+One controller per module, built from examples/seed-fabric.yaml by `hnvctl apply`; tests
+run hnvctl through `main(argv)` with captured output (one through the installed console
+script as a real process) and check what an administrator would: tables, JSON, exit
+codes, one-line refusals, and that a refused command changed nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller.client import ControllerClient
+from controller.hnvctl import main
+from tests.lib.controller import CHECKOUT, LiveController, free_port
+
+SEED = CHECKOUT / "examples" / "seed-fabric.yaml"
+TENANTS = CHECKOUT / "examples" / "seed-tenants.yaml"
+VIRTUALISATION_HOSTS = {"CON-HyperV6", "CON-HyperV7"}
+
+
+class Hnvctl:
+    def __init__(self, ctl: LiveController):
+        self.ctl = ctl
+        self.token_file = ctl.state_dir / "admin.token"
+
+    def __call__(self, *argv: str, controller: str | None = None) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        environ = {"HNV_CONTROLLER": controller or self.ctl.base_url, "HNV_TOKEN_FILE": str(self.token_file)}
+        code = main(list(argv), stdout=out, stderr=err, environ=environ)
+        return code, out.getvalue(), err.getvalue()
+
+    def ok(self, *argv: str) -> str:
+        code, out, err = self(*argv)
+        assert code == 0, err
+        assert err == ""
+        return out
+
+    def json(self, *argv: str):
+        return json.loads(self.ok("-o", "json", *argv))
+
+    def snapshot(self, generations: bool = True) -> dict:
+        """Every object and every lease: what 'nothing changed' compares."""
+        with ControllerClient(self.ctl.base_url, self.ctl.admin_token) as client:
+            fabric = {kind.value: sorted(client.list_json(kind), key=json.dumps) for kind, _ in client.live_fabric()}
+            fabric["leases"] = sorted(json.dumps(lease.model_dump(mode="json")) for lease in client.ip_addresses())
+        for host in fabric["hosts"]:  # sync status moves with agents, not with hnvctl
+            for name in ("sync", "reason", "applied_generation", *(() if generations else ("desired_generation",))):
+                host.pop(name, None)
+        return fabric
+
+
+@pytest.fixture(scope="module")
+def ctl(tmp_path_factory):
+    with LiveController(tmp_path_factory.mktemp("controller") / "state", hosts=["CON-HyperV6"]) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def hnvctl(ctl):
+    run = Hnvctl(ctl)
+    out = run.ok("apply", "-f", str(SEED))
+    assert "+ host group Virtualization" in out and "+ host CON-HyperV7" in out
+    assert out.strip().endswith(f"applied 34 changes from {SEED}")
+    out = run.ok("apply", "-f", str(SEED), "-f", str(TENANTS))
+    assert out.splitlines()[-1] == f"applied 10 changes from {SEED}, {TENANTS}"
+    return run
+
+
+def one_line(err: str) -> str:
+    assert err.endswith("\n") and err.count("\n") == 1, f"stderr is not one line: {err!r}"
+    return err.strip()
+
+
+# --- apply ------------------------------------------------------------------------------
+
+
+def test_second_apply_reports_no_changes(hnvctl):
+    before = hnvctl.snapshot()
+    out = hnvctl.ok("apply", "-f", str(SEED), "-f", str(TENANTS))
+    assert out == f"no changes: the fabric already matches {SEED}, {TENANTS}\n"
+    assert hnvctl.snapshot() == before
+
+
+def test_seed_fabric_is_built(hnvctl):
+    hosts = {h["name"]: h for h in hnvctl.json("host", "list")}
+    assert len(hosts) == 7
+    assert hosts["CON-HyperV6"]["cluster"] == "VIRTUALCLUSTER"
+    assert hosts["CON-HyperV6"]["host_group"] == "Virtualization"
+    assert hosts["CON-HyperV6"]["management_address"] == "10.0.0.16/24"
+    switch = hosts["CON-HyperV6"]["virtual_switch"]
+    assert switch["logical_switch"] == "Virtualization" and switch["nics"] == ["eth0", "eth1"]
+    assert switch["management_adapter"]["vm_network"] == "Management"
+    site = hnvctl.json("network-site", "show", "Virtualization")
+    assert site["subnet_vlans"] == [{"subnet": "10.80.2.0/24", "vlan": 802}]
+    assert site["host_groups"] == ["Virtualization"]
+    subnets = {s["vm_network"]: s for s in hnvctl.json("vm-subnet", "list")}
+    assert subnets["Fabrikam2"]["prefix"] == subnets["Fabrikam3"]["prefix"] == "192.168.0.0/24"
+    assert subnets["Fabrikam2"]["vsid"] != subnets["Fabrikam3"]["vsid"]
+    assert 4096 <= subnets["Fabrikam2"]["vsid"] <= 16_777_214
+    assert subnets["TenantA"]["vlan"] == 100 and subnets["TenantB"]["vlan"] == 101
+
+
+def test_dry_run_prints_exactly_the_change_and_changes_nothing(hnvctl, tmp_path):
+    modified = tmp_path / "fabric.yaml"
+    text = SEED.read_text()
+    assert text.count("    encapsulation: nvgre\n") == 1
+    modified.write_text(text.replace("    encapsulation: nvgre\n", "    encapsulation: nvgre\n    mtu: 1600\n"))
+    before, settled = hnvctl.snapshot(), hnvctl.snapshot(generations=False)
+    out = hnvctl.ok("apply", "-f", str(modified), "--dry-run")
+    assert out.splitlines() == [
+        "~ logical network Virtualization (mtu: 1500 -> 1600)",
+        "dry run: 0 to create, 1 to update, 0 to delete; nothing changed",
+    ]
+    assert hnvctl.snapshot() == before
+    # The real apply makes exactly that change. The seed does not state the MTU, so it
+    # leaves 1600 alone; a document stating 1500 puts it back.
+    assert hnvctl.ok("apply", "-f", str(modified)).splitlines()[0] == "~ logical network Virtualization (mtu: 1500 -> 1600)"
+    assert hnvctl.json("logical-network", "show", "Virtualization")["mtu"] == 1600
+    assert hnvctl.ok("apply", "-f", str(SEED)).startswith("no changes")
+    modified.write_text(text.replace("    encapsulation: nvgre\n", "    encapsulation: nvgre\n    mtu: 1500\n"))
+    assert hnvctl.ok("apply", "-f", str(modified)).splitlines()[0] == "~ logical network Virtualization (mtu: 1600 -> 1500)"
+    assert hnvctl.snapshot(generations=False) == settled  # the hosts' generations moved on, as they must
+
+
+def test_prune_dry_run_lists_what_the_documents_omit(hnvctl):
+    out = hnvctl.ok("apply", "-f", str(SEED), "--prune", "--dry-run")
+    lines = out.splitlines()
+    assert lines[:4] == ["- VM TenantVM01", "- VM TenantVM02", "- VM TenantVM03", "- VM TenantVM04"]
+    assert "- VM network Fabrikam2" in lines and "- VM subnet Fabrikam3/Default" in lines
+    assert lines.index("- IP pool Fabrikam2/Default/Default") < lines.index("- VM subnet Fabrikam2/Default")
+    assert lines[-1] == "dry run: 0 to create, 0 to update, 10 to delete; nothing changed"
+
+
+# --- leases, records, hosts ---------------------------------------------------------------
+
+
+def test_ip_list_shows_ca_and_pa_leases_with_descriptions(hnvctl):
+    out = hnvctl.ok("ip", "list")
+    header, dashes, *rows = out.splitlines()
+    assert header.split() == ["Address", "Pool", "Kind", "HeldBy", "Description"]
+    assert dashes.split() == ["-------", "----", "----", "------", "-----------"]
+    leases = hnvctl.json("ip", "list")
+    pas = {(l["holder"], l["description"]) for l in leases if l["kind"] == "PA"}
+    assert pas == {
+        (host, f"PA of {host} for {network}") for host in VIRTUALISATION_HOSTS for network in ("Fabrikam2", "Fabrikam3")
+    }
+    cas = {l["holder"]: l["address"] for l in leases if l["kind"] == "CA" and l["holder"].startswith("TenantVM0")}
+    assert cas["TenantVM01"] == cas["TenantVM03"]  # the same CA in two VM networks
+    assert any("PA of CON-HyperV6 for Fabrikam2" in row and "10.80.2." in row for row in rows)
+    only_pa = hnvctl.json("ip", "list", "--kind", "PA", "--host", "CON-HyperV7")
+    assert {l["description"] for l in only_pa} == {"PA of CON-HyperV7 for Fabrikam2", "PA of CON-HyperV7 for Fabrikam3"}
+
+
+def test_lookup_records_map_every_vm_of_the_hosts_networks(hnvctl):
+    records = hnvctl.json("lookup-records", "--host", "CON-HyperV6")
+    static = {(r["vm_name"], r["ca"]) for r in records if r["type"] == "Static"}
+    vms = {vm["name"]: vm for vm in hnvctl.json("vm", "list")}
+    assert static >= {(name, vms[name]["ca"]) for name in ("TenantVM01", "TenantVM02", "TenantVM03", "TenantVM04")}
+    pa_of = {(l["holder"], l["vm_network"]): l["address"] for l in hnvctl.json("ip", "list", "--kind", "PA")}
+    record = next(r for r in records if r["vm_name"] == "TenantVM02")
+    assert record["pa"] == pa_of[("CON-HyperV7", "Fabrikam2")]
+    gateways = [r for r in records if r["type"] == "Gateway"]
+    assert {g["ca"] for g in gateways} == {"192.168.0.1"} and len(gateways) == 2
+    table = hnvctl.ok("lookup-records", "--host", "CON-HyperV6", "--vsid", str(record["vsid"]))
+    assert table.splitlines()[0].split() == [
+        "CustomerAddress", "VirtualSubnetID", "MACAddress", "ProviderAddress", "Type", "VMName"
+    ]
+    assert "TenantVM02" in table and "TenantVM03" not in table
+
+
+def test_hosts_show_sync_status_moving_with_the_agents_report(hnvctl, ctl):
+    rows = {h["name"]: h for h in hnvctl.json("hosts")}
+    assert set(rows) == {f"CON-HyperV{i}" for i in range(1, 8)}
+    host = rows["CON-HyperV6"]
+    assert host["sync"] == "Pending" and host["applied_generation"] is None
+    desired = host["desired_generation"]
+    answer = ctl.client_for("CON-HyperV6").put(
+        "/v1/hosts/CON-HyperV6/status", json={"generation": desired, "errors": [], "agent": "test"}
+    )
+    assert answer.status_code == 200, answer.text
+    out = hnvctl.ok("hosts")
+    line = next(l for l in out.splitlines() if l.startswith("CON-HyperV6 "))
+    assert line.split()[:5] == ["CON-HyperV6", "VIRTUALCLUSTER", "InSync", str(desired), str(desired)]
+    assert out.splitlines()[0].split() == ["Name", "Cluster", "Sync", "Desired", "Applied", "Reason"]
+
+
+# --- VMs ----------------------------------------------------------------------------------
+
+
+def test_vm_create_with_placement_migrate_delete(hnvctl):
+    before = {l["address"] for l in hnvctl.json("ip", "list", "--kind", "CA")}
+    out = hnvctl.ok("vm", "create", "PlacedVM", "--vm-network", "Fabrikam2")
+    placed = hnvctl.json("vm", "show", "PlacedVM")
+    assert placed["host"] in VIRTUALISATION_HOSTS
+    assert out == f"created VM PlacedVM placed on {placed['host']} (CA {placed['ca']}, MAC {placed['mac']})\n"
+    other = (VIRTUALISATION_HOSTS - {placed["host"]}).pop()
+
+    out = hnvctl.ok("vm", "migrate", "PlacedVM", "--host", other)
+    assert out.startswith(f"VM PlacedVM now on {other}")
+    pa_of = {(l["holder"], l["vm_network"]): l["address"] for l in hnvctl.json("ip", "list", "--kind", "PA")}
+    for host in VIRTUALISATION_HOSTS:  # every host of the VM network follows the move
+        record = next(r for r in hnvctl.json("lookup-records", "--host", host) if r["vm_name"] == "PlacedVM")
+        assert record["pa"] == pa_of[(other, "Fabrikam2")]
+
+    hnvctl.ok("vm", "create", "PinnedVM", "--vm-network", "Fabrikam3", "--host", "CON-HyperV7", "--mac", "00-15-5D-01-02-03")
+    pinned = hnvctl.json("vm", "show", "PinnedVM")
+    assert pinned["host"] == "CON-HyperV7" and pinned["mac"] == "00:15:5d:01:02:03"
+
+    for name in ("PlacedVM", "PinnedVM"):
+        assert hnvctl.ok("vm", "delete", name) == f"deleted VM {name}\n"
+    assert {vm["name"] for vm in hnvctl.json("vm", "list")} == {"TenantVM01", "TenantVM02", "TenantVM03", "TenantVM04"}
+    assert {l["address"] for l in hnvctl.json("ip", "list", "--kind", "CA")} == before
+
+
+def test_placement_refusal_names_the_reason(hnvctl):
+    before = hnvctl.snapshot()
+    code, out, err = hnvctl("vm", "create", "Stray", "--vm-network", "Fabrikam2", "--host", "CON-HyperV3")
+    assert code == 2 and out == ""
+    assert "CON-HyperV3" in one_line(err) and "Fabrikam2" in err
+    assert hnvctl.snapshot() == before
+
+
+def test_host_set_switch(hnvctl):
+    out = hnvctl.ok(
+        "host", "set-switch", "CON-HyperV5", "--logical-switch", "HostCluster", "--nic", "eth0", "--nic", "eth1",
+        "--management-vm-network", "Management",
+    )
+    assert out.startswith("host CON-HyperV5: virtual switch HostCluster over eth0, eth1")
+    assert hnvctl.ok("apply", "-f", str(SEED), "-f", str(TENANTS)).startswith("no changes")
+
+
+# --- refusals: one line, exit 2, nothing changed ---------------------------------------------
+
+BAD_DOCUMENTS = {
+    "malformed": ("hosts: [{name: H\n", "line 2, column 1"),
+    "unknown field": ("hostGroups: [{name: G, colour: red}]\n", "hostGroups[0].colour: unknown field"),
+    "bad vlan": (
+        "vmNetworks:\n  - name: T9\n    logicalNetwork: Tenants\n    isolation: VLAN\n"
+        "    subnets: [{name: Default, prefix: 172.16.9.0/24, vlan: 5000}]\n",
+        "vmNetworks[0].subnets[0].vlan: 5000 is out of range",
+    ),
+    "bad prefix": (
+        "vmNetworks:\n  - name: F9\n    logicalNetwork: Virtualization\n"
+        "    subnets: [{name: Default, prefix: 192.168.0.5/24}]\n",
+        "vmNetworks[0].subnets[0].prefix: 192.168.0.5/24 has host bits set",
+    ),
+    "missing reference": (
+        "hostGroups: [{name: NewGroup}]\nvms: [{name: Lost, vmNetwork: Fabrikam9}]\n",
+        "vms[0].vmNetwork: VM network Fabrikam9 is not in the document nor on the controller",
+    ),
+    "fixed field": (
+        "vmNetworks: [{name: Fabrikam2, logicalNetwork: Management}]\n",
+        "vmNetworks[0].logicalNetwork: VM network Fabrikam2 has logicalNetwork Virtualization on the controller",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", BAD_DOCUMENTS)
+def test_bad_documents_change_nothing(hnvctl, tmp_path, name):
+    text, expected = BAD_DOCUMENTS[name]
+    document = tmp_path / "fabric.yaml"
+    document.write_text(text)
+    before = hnvctl.snapshot()
+    code, out, err = hnvctl("apply", "-f", str(document))
+    assert code == 2 and out == ""
+    line = one_line(err)
+    assert line.startswith(f"hnvctl: {document}: ") and expected in line, line
+    assert hnvctl.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["lookup-records", "--host", "CON-HyperV6", "--vsid", "4095"], "--vsid: VSID '4095' is not a number in 4096..16777214"),
+        (["vm-subnet", "create", "Extra", "--vm-network", "TenantA", "--prefix", "172.16.100.0/24", "--vlan", "4095"], "--vlan: 4095 is out of range"),
+        (["network-site", "create", "S9", "--logical-network", "Tenants", "--host-group", "HostCluster", "--subnet-vlan", "172.16.9.1/24:9"], "has host bits set"),
+        (["vm-network", "delete", "Fabrikam2"], "VM network Fabrikam2"),
+        (["vm", "create", "Nowhere", "--vm-network", "Fabrikam9"], "Fabrikam9"),
+        (["logical-network", "set", "Virtualization", "--encapsulation", "vxlan"], "--encapsulation: encapsulation cannot change after create"),
+        (["vm", "bogus"], "invalid choice: 'bogus'"),
+    ],
+)
+def test_bad_commands_change_nothing(hnvctl, argv, expected):
+    before = hnvctl.snapshot()
+    code, out, err = hnvctl(*argv)
+    assert code == 2 and out == ""
+    assert expected in one_line(err)
+    assert hnvctl.snapshot() == before
+
+
+def test_a_refusal_midway_says_what_was_done(hnvctl, tmp_path):
+    document = tmp_path / "fabric.yaml"
+    document.write_text(
+        "hostGroups: [{name: Midway}]\n"
+        "vms: [{name: Stray, vmNetwork: Fabrikam2, host: CON-HyperV3}]\n"
+    )
+    code, out, err = hnvctl("apply", "-f", str(document))
+    assert code == 2
+    assert out == "+ host group Midway\n"
+    line = one_line(err)
+    assert line.startswith(f"hnvctl: {document}: stopped at creating VM Stray: ")
+    assert line.endswith("; 1 of 2 changes done; last done: + host group Midway; 1 not done")
+    assert "Stray" not in {vm["name"] for vm in hnvctl.json("vm", "list")}
+    assert hnvctl.ok("host-group", "delete", "Midway") == "deleted host group Midway\n"
+
+
+def test_unreachable_controller_is_exit_1(hnvctl):
+    code, out, err = hnvctl("hosts", controller=f"http://127.0.0.1:{free_port()}")
+    assert code == 1 and out == ""
+    assert "connection refused" in one_line(err)
+
+
+def test_missing_token_is_refused_by_the_controller(ctl):
+    out, err = io.StringIO(), io.StringIO()
+    code = main(["hosts"], stdout=out, stderr=err, environ={"HNV_CONTROLLER": ctl.base_url})
+    assert code == 2 and "token" in one_line(err.getvalue()).lower()
+
+
+# --- output ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["hosts"],
+        ["ip", "list"],
+        ["lookup-records", "--host", "CON-HyperV7"],
+        ["vm", "list"],
+        ["vm", "show", "TenantVM01"],
+        ["host-group", "list"],
+        ["cluster", "list"],
+        ["logical-network", "list"],
+        ["network-site", "list"],
+        ["ip-pool", "list"],
+        ["ip-pool", "show", "Fabrikam2/Default/Default"],
+        ["uplink-port-profile", "list"],
+        ["logical-switch", "list"],
+        ["vm-network", "list"],
+        ["vm-subnet", "show", "Fabrikam3/Default"],
+        ["apply", "-f", str(SEED), "--dry-run"],
+    ],
+)
+def test_json_output_parses(hnvctl, argv):
+    assert hnvctl.json(*argv) is not None
+
+
+def test_tables_are_aligned(hnvctl):
+    lines = hnvctl.ok("vm", "list").splitlines()
+    header, dashes = lines[0], lines[1]
+    starts = [i for i, c in enumerate(header) if c != " " and (i == 0 or header[i - 1] == " ")]
+    assert [i for i, c in enumerate(dashes) if c == "-" and (i == 0 or dashes[i - 1] == " ")] == starts
+    for row in lines[2:]:
+        for start in starts[1:]:
+            assert row[start - 1] == " ", row  # every column starts where its header does
+
+
+def test_console_script_runs_as_a_process(hnvctl, ctl):
+    env = {**os.environ, "HNV_CONTROLLER": ctl.base_url, "HNV_TOKEN_FILE": str(ctl.state_dir / "admin.token")}
+    result = subprocess.run(
+        [sys.executable, "-m", "controller.hnvctl", "-o", "json", "vm-network", "list"],
+        cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert {"Fabrikam2", "Fabrikam3", "Management", "Virtualization"} <= {n["name"] for n in json.loads(result.stdout)}
