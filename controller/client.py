@@ -133,8 +133,8 @@ class ControllerClient:
     def list(self, kind: Kind, **filters: str) -> list[BaseModel]:
         params = {name: value for name, value in filters.items() if value is not None}
         if kind is Kind.host:
-            return [_parse(HostSync, obj) for obj in self.request("GET", "/v1/hosts", params=params)]
-        return [_parse(STORED_OF[kind], obj) for obj in self.request("GET", f"/v1/{kind.value}", params=params)]
+            return [parse_answer(HostSync, obj) for obj in self.request("GET", "/v1/hosts", params=params)]
+        return [parse_answer(STORED_OF[kind], obj) for obj in self.request("GET", f"/v1/{kind.value}", params=params)]
 
     def list_json(self, kind: Kind, **filters: str) -> list[dict[str, Any]]:
         """The objects as the controller sent them (for `-o json` and for diffing)."""
@@ -146,7 +146,7 @@ class ControllerClient:
 
     def get(self, kind: Kind, key: str) -> BaseModel:
         body = self.get_json(kind, key)
-        return _parse(HostSync, body) if kind is Kind.host else _parse(STORED_OF[kind], body)
+        return parse_answer(HostSync, body) if kind is Kind.host else parse_answer(STORED_OF[kind], body)
 
     def create(self, kind: Kind, body: dict[str, Any] | BaseModel) -> dict[str, Any]:
         return self.request("POST", f"/v1/{kind.value}", json=_json_body(body))
@@ -160,11 +160,11 @@ class ControllerClient:
     # --- hosts ----------------------------------------------------------------------------
 
     def hosts(self) -> list[HostSync]:
-        return [_parse(HostSync, obj) for obj in self.request("GET", "/v1/hosts")]
+        return [parse_answer(HostSync, obj) for obj in self.request("GET", "/v1/hosts")]
 
     def set_virtual_switch(self, host: str, body: dict[str, Any] | BaseModel) -> VirtualSwitch:
         answer = self.request("PUT", f"{_item_path(Kind.host, host)}/virtual-switch", json=_json_body(body))
-        return _parse(VirtualSwitch, answer)
+        return parse_answer(VirtualSwitch, answer)
 
     def virtual_switch(self, host: str) -> VirtualSwitch | None:
         """The host's virtual switch, or None when it has none."""
@@ -174,14 +174,14 @@ class ControllerClient:
             if exc.status == 404:
                 return None
             raise
-        return _parse(VirtualSwitch, answer)
+        return parse_answer(VirtualSwitch, answer)
 
     def delete_virtual_switch(self, host: str) -> None:
         self.request("DELETE", f"{_item_path(Kind.host, host)}/virtual-switch")
 
     def lookup_records(self, host: str) -> list[LookupRecord]:
         answer = self.request("GET", f"{_item_path(Kind.host, host)}/lookup-records")
-        return [_parse(LookupRecord, record) for record in answer]
+        return [parse_answer(LookupRecord, record) for record in answer]
 
     def host_state(self, host: str) -> HostState:
         return HostState.model_validate(self.request("GET", f"{_item_path(Kind.host, host)}/state"))
@@ -190,7 +190,7 @@ class ControllerClient:
 
     def migrate_vm(self, vm: str, host: str) -> Vm:
         answer = self.request("POST", f"{_item_path(Kind.vm, vm)}/migrate", json={"host": host})
-        return _parse(Vm, answer)
+        return parse_answer(Vm, answer)
 
     def ip_addresses(
         self,
@@ -202,7 +202,7 @@ class ControllerClient:
         """Get-SCIPAddress: every lease and what holds it, optionally filtered."""
         params = {"pool": pool, "kind": kind, "host": host, "vm_network": vm_network}
         answer = self.request("GET", "/v1/ip-addresses", params={k: v for k, v in params.items() if v is not None})
-        return [_parse(Lease, lease) for lease in answer]
+        return [parse_answer(Lease, lease) for lease in answer]
 
     def live_fabric(self) -> Iterator[tuple[Kind, list[dict[str, Any]]]]:
         """Every object of every kind, as JSON: what `hnvctl apply` diffs against."""
@@ -210,7 +210,7 @@ class ControllerClient:
             yield kind, self.list_json(kind)
 
 
-def _parse(model: type[ModelT], obj: dict[str, Any]) -> ModelT:
+def parse_answer(model: type[ModelT], obj: dict[str, Any]) -> ModelT:
     """Read an answer into a model, ignoring fields the model does not know (the
     controller may add some, like `key`): an older client keeps working."""
     known = {name: value for name, value in obj.items() if name in model.model_fields}

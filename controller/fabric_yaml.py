@@ -30,7 +30,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -640,20 +640,26 @@ def plan_changes(
             for key in live.get(kind, {})
             if (kind, key) not in stated and not (kind is Kind.host_group and key == ROOT_HOST_GROUP)
         ]
-        doomed.sort(key=lambda pair: -rank[pair[0]])
+        depth = _host_group_depths({key: obj.get("parent") for key, obj in live.get(Kind.host_group, {}).items()})
+        # Dependants first: later kinds of APPLY_ORDER, then deeper host groups.
+        doomed.sort(key=lambda pair: (-rank[pair[0]], -depth.get(pair[1], 0) if pair[0] is Kind.host_group else 0))
         changes += [Change("delete", kind, key) for kind, key in doomed]
     return changes
+
+
+def _host_group_depths(parents: dict[str, str | None]) -> dict[str, int]:
+    """How many host groups (of these) lie above each one; cycles are cut off."""
+    depths = {}
+    for name in parents:
+        level, parent = 0, parents.get(name)
+        while parent in parents and level <= len(parents):
+            level, parent = level + 1, parents[parent]
+        depths[name] = level
+    return depths
 
 
 def _ordered(items: list[Located]) -> list[Located]:
     """APPLY_ORDER by kind; host groups parents first; document order otherwise."""
     rank = {kind: i for i, kind in enumerate(APPLY_ORDER)}
-    parents = {item.key: item.spec.parent for item in items if item.kind is Kind.host_group}
-
-    def depth(item: Located) -> int:
-        level, parent = 0, parents.get(item.key)
-        while parent in parents and level <= len(parents):
-            level, parent = level + 1, parents[parent]
-        return level
-
-    return sorted(items, key=lambda item: (rank[item.kind], depth(item) if item.kind is Kind.host_group else 0))
+    depth = _host_group_depths({item.key: item.spec.parent for item in items if item.kind is Kind.host_group})
+    return sorted(items, key=lambda item: (rank[item.kind], depth.get(item.key, 0) if item.kind is Kind.host_group else 0))

@@ -24,21 +24,22 @@ import argparse
 import json
 import os
 import sys
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic.alias_generators import to_camel, to_pascal
 
+from agent.state import VSID_MAX, VSID_MIN
 from controller.client import (
     DEFAULT_CONTROLLER,
     ApiRefused,
     ControllerClient,
     ControllerError,
     ControllerUnavailable,
+    parse_answer,
     read_token,
 )
 from controller.fabric_yaml import (
@@ -46,7 +47,9 @@ from controller.fabric_yaml import (
     Change,
     FabricDocument,
     FabricError,
+    VirtualSwitchDoc,
     check_references,
+    describe_validation_error,
     label,
     load_fabric,
     plan_changes,
@@ -209,12 +212,10 @@ class Output:
 
 
 def _with_keys(kind: Kind, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give every row its key (the controller sends one; older ones may not)."""
     for row in rows:
-        row.setdefault("key", key_of(kind, types.SimpleNamespace(**{**_KEY_FIELDS, **row})))
+        row.setdefault("key", key_of(kind, parse_answer(STORED_OF[kind], row)))
     return rows
-
-
-_KEY_FIELDS = {"network_site": None, "vm_network": None, "vm_subnet": None, "name": ""}
 
 
 # --- object flags, derived from the document models ----------------------------------------
@@ -356,12 +357,7 @@ def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
 
 def cmd_show(ctx: Context, args: argparse.Namespace) -> int:
     kind: Kind = args.kind
-    obj = ctx.client.get_json(kind, args.name)
-    if kind is Kind.host and ctx.out.fmt != "json":
-        switch = ctx.client.virtual_switch(args.name)
-        if switch is not None:
-            obj["virtual_switch"] = switch.model_dump(mode="json", exclude={"host"})
-    ctx.out.emit(obj)
+    ctx.out.emit(ctx.client.get_json(kind, args.name))
     return EXIT_OK
 
 
@@ -372,6 +368,8 @@ def cmd_set(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError(f"{kind.label} {args.name}: nothing to set (give at least one flag)")
     patchable = SPEC_OF[kind].patchable
     fixed = [name for name in changes if name not in patchable]
+    if kind is Kind.vm and fixed == ["host"]:
+        raise UsageError(f"VM {args.name}: --host: a VM changes host by migration: hnvctl vm migrate {args.name} --host HOST")
     if fixed:
         raise UsageError(
             f"{kind.label} {args.name}: {flag_of(fixed[0])}: {to_camel(fixed[0])} cannot change after "
@@ -404,13 +402,9 @@ def cmd_set_switch(ctx: Context, args: argparse.Namespace) -> int:
         body["uplink_port_profile"] = args.uplink_port_profile
     if args.management_vm_network:
         body["management_adapter"] = {"name": args.management_adapter_name, "vm_network": args.management_vm_network}
-    from controller.fabric_yaml import VirtualSwitchDoc  # the document's own checks
-
     try:
-        VirtualSwitchDoc.model_validate(body)
-    except Exception as exc:  # pydantic.ValidationError
-        from controller.fabric_yaml import describe_validation_error
-
+        VirtualSwitchDoc.model_validate(body)  # the document's own checks
+    except ValidationError as exc:
         raise UsageError(f"host {args.host}: virtual switch: {_flag_problem(describe_validation_error(exc)[0])}") from None
     switch = ctx.client.set_virtual_switch(args.host, body)
     if ctx.out.fmt == "json":
@@ -459,8 +453,6 @@ def cmd_hosts(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def _vsid(text: str) -> int:
-    from agent.state import VSID_MAX, VSID_MIN
-
     if not text.isdigit() or not VSID_MIN <= int(text) <= VSID_MAX:
         raise argparse.ArgumentTypeError(
             f"VSID {text!r} is not a number in {VSID_MIN}..{VSID_MAX} (RFC 7637 reserves 0..0xFFF and 0xFFFFFF)"
@@ -473,24 +465,18 @@ def _vsid(text: str) -> int:
 
 def read_live(client: ControllerClient, document: FabricDocument) -> dict[Kind, dict[str, dict[str, Any]]]:
     """Every live object by kind and key; hosts the document gives a switch carry theirs."""
-    live = {kind: {key_of(kind, _Namespace(obj)): obj for obj in rows} for kind, rows in client.live_fabric()}
+    live = {kind: {row["key"]: row for row in _with_keys(kind, rows)} for kind, rows in client.live_fabric()}
     for item in document.of_kind(Kind.host):
         host = live[Kind.host].get(item.key)
-        if host is not None and item.spec.virtual_switch is not None:
+        # GET /v1/hosts carries each host's switch; ask separately only if it did not.
+        if host is not None and item.spec.virtual_switch is not None and "virtual_switch" not in host:
             switch = client.virtual_switch(item.key)
             host["virtual_switch"] = switch.model_dump(mode="json") if switch else None
     return live
 
 
-class _Namespace(types.SimpleNamespace):
-    """Attribute access over a JSON object, for `key_of`."""
-
-    def __init__(self, obj: dict[str, Any]):
-        super().__init__(**{**_KEY_FIELDS, **obj})
-
-
-def _live_models(live: dict[Kind, dict[str, dict[str, Any]]]) -> dict[Kind, dict[str, Any]]:
-    return {kind: {key: _Namespace(obj) for key, obj in objs.items()} for kind, objs in live.items()}
+def _live_models(live: dict[Kind, dict[str, dict[str, Any]]]) -> dict[Kind, dict[str, BaseModel]]:
+    return {kind: {key: parse_answer(STORED_OF[kind], obj) for key, obj in objs.items()} for kind, objs in live.items()}
 
 
 def check_plan(document: FabricDocument, changes: list[Change]) -> None:

@@ -237,10 +237,15 @@ def test_virtual_switch_compares_the_stated_fields_only():
 def test_prune_deletes_only_what_the_document_omits_dependants_first():
     document = load_fabric("hostGroups: [{name: Keep}]", "f.yaml")
     live = {
-        Kind.host_group: {"All Hosts": {"name": "All Hosts"}, "Keep": {"name": "Keep", "parent": "All Hosts"}, "Old": {"name": "Old"}},
+        Kind.host_group: {
+            "All Hosts": {"name": "All Hosts", "parent": None},
+            "Old": {"name": "Old", "parent": "All Hosts"},
+            "Keep": {"name": "Keep", "parent": "All Hosts"},
+            "OldChild": {"name": "OldChild", "parent": "Old"},
+        },
         Kind.vm: {"VM1": {"name": "VM1"}},
         Kind.host: {"H1": {"name": "H1"}},
     }
     assert plan_changes(document, live) == []
     changes = plan_changes(document, live, prune=True)
-    assert [c.describe() for c in changes] == ["- VM VM1", "- host H1", "- host group Old"]
+    assert [c.describe() for c in changes] == ["- VM VM1", "- host H1", "- host group OldChild", "- host group Old"]
