@@ -172,10 +172,6 @@ def create_app(fabric: Fabric) -> FastAPI:
     app.state.fabric = fabric
     app.state.watchers = watchers
 
-    @app.on_event("startup")
-    async def _remember_loop() -> None:
-        watchers.loop = asyncio.get_running_loop()
-
     @app.exception_handler(FabricError)
     async def _fabric_error(request: Request, exc: FabricError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content=exc.body())
@@ -270,6 +266,8 @@ def create_app(fabric: Fabric) -> FastAPI:
     ) -> Response:
         auth.require_host(authorization, host, "read the state")
         entry = fabric.host_entry(host)  # raises NotFound
+        # The loop that serves the streams; bumps from worker threads are handed to it.
+        watchers.loop = asyncio.get_running_loop()
         if not watch:
             return Response(entry.state_json, media_type="application/json")
         return StreamingResponse(

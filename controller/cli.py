@@ -102,7 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     fabric = Fabric(Store(state_dir / DB_NAME, synchronous=args.synchronous))
     address, port = args.listen
     # uvicorn's access log prints the request line only (never headers), so tokens stay out.
-    uvicorn.run(create_app(fabric), host=address, port=port, log_level=args.log_level, access_log=args.access_log)
+    # Watch streams never end by themselves: give open connections a short grace on
+    # SIGTERM, then close them (agents reconnect to the next controller process).
+    uvicorn.run(create_app(fabric), host=address, port=port, log_level=args.log_level,
+                access_log=args.access_log, timeout_graceful_shutdown=2)
     return 0
 
 

@@ -22,7 +22,9 @@ Pure: reads the inventory, returns models; never writes.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+from typing import Any
 
 from agent.state import (
     HostState,
@@ -59,6 +61,19 @@ class Compiler:
         self.inventory = inventory
         self._records: dict[str, tuple[LookupRecord, ...]] = {}
         self._domains: dict[str, RoutingDomain] = {}
+        # Validated models by their field values: a VM whose CA, MAC, PA and VSID did not
+        # change reuses its LookupRecord and VmPort (validation parses every address and
+        # MAC from text again; it is most of a compile's cost otherwise).
+        self._memo: dict[tuple, Any] = {}
+
+    def _memoized(self, model: type, **fields: Any) -> Any:
+        key = (model, *fields.values())
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) > 4 * len(self.inventory.objects[Kind.vm]) + 10_000:
+                self._memo.clear()  # drop entries of deleted and changed VMs now and then
+            found = self._memo[key] = model(**fields)
+        return found
 
     def invalidate(self, networks: set[str] | None = None) -> None:
         """Forget cached records of these VM networks (None: of all)."""
@@ -103,8 +118,8 @@ class Compiler:
                 if vm.ca is None or pa is None:
                     continue
                 records.append(
-                    LookupRecord(
-                        vsid=vsid_of[vm.vm_subnet], ca=vm.ca, mac=vm.mac, pa=pa.address,
+                    self._memoized(
+                        LookupRecord, vsid=vsid_of[vm.vm_subnet], ca=vm.ca, mac=vm.mac, pa=pa.address,
                         type=RecordType.Static, vm_name=vm.name,
                     )
                 )
@@ -122,6 +137,19 @@ class Compiler:
             cached = tuple(records)
             self._records[network_name] = cached
         return cached
+
+    def _port(self, vm: Any, subnet: VmSubnet, isolation: Isolation) -> VmPort:
+        virtualised = isolation is Isolation.WindowsNetworkVirtualization
+        key = (VmPort, vm.name, vm.mac, vm.ca, subnet.prefix.prefixlen, subnet.vsid if virtualised else None,
+               None if virtualised else subnet.vlan, vm.nic_kind, vm.netns, vm.device)
+        port = self._memo.get(key)
+        if port is None:
+            ca = ipaddress.ip_interface(f"{vm.ca}/{subnet.prefix.prefixlen}") if vm.ca is not None else None
+            port = self._memo[key] = VmPort(
+                name=vm.name, mac=vm.mac, ca=ca, kind=vm.nic_kind, netns=vm.netns, device=vm.device,
+                vsid=key[5], vlan=key[6],
+            )
+        return port
 
     # --- per host -------------------------------------------------------------------------
 
@@ -144,20 +172,12 @@ class Compiler:
         for vm in vms:
             network = inv.get(Kind.vm_network, vm.vm_network)
             subnet = inv.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")
-            ca = ipaddress.ip_interface(f"{vm.ca}/{subnet.prefix.prefixlen}") if vm.ca is not None else None
             if network.isolation is Isolation.WindowsNetworkVirtualization:
                 if network.name not in nv_networks:
                     nv_networks.append(network.name)
-                port_net = {"vsid": subnet.vsid}
             else:
                 vlan_networks.setdefault(subnet.vlan, VlanNetwork(name=network.name, vlan=subnet.vlan))
-                port_net = {"vlan": subnet.vlan}
-            ports.append(
-                VmPort(
-                    name=vm.name, mac=vm.mac, ca=ca, kind=vm.nic_kind, netns=vm.netns, device=vm.device,
-                    **port_net,
-                )
-            )
+            ports.append(self._port(vm, subnet, network.isolation))
 
         provider = None
         transport = transport_of(inv, host)
@@ -198,3 +218,22 @@ class Compiler:
             ports=tuple(ports),
             records=records,
         )
+
+
+def serialise(state: HostState) -> tuple[str, bytes]:
+    """(digest, JSON body without the generation) of a compiled state.
+
+    The digest has the meaning of `HostState.content_digest()` (a hash of everything but
+    the generation: equal digests, equal desired state), computed from pydantic's
+    compiled JSON serialiser instead of model_dump + json.dumps, which is several times
+    faster on hosts with thousands of records; the controller only compares its own
+    digests with each other. The body is reused for the published document
+    (`with_generation`), so a state is serialised once.
+    """
+    body = state.model_dump_json(exclude={"generation"}).encode()
+    return hashlib.sha256(body).hexdigest(), body
+
+
+def with_generation(body: bytes, generation: int) -> bytes:
+    """The published document: the body with its generation as the first member."""
+    return b'{"generation":%d,' % generation + body[1:]

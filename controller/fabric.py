@@ -11,7 +11,7 @@ queue here) in four steps, and any refusal leaves nothing changed:
    controller never publishes a state an agent would reject;
 3. *commit*: write the Tx to the store in one BEGIN IMMEDIATE transaction (the store's
    primary keys refuse any value taken twice; a failure undoes the Tx in memory too);
-4. *publish*: for each affected host whose `content_digest()` changed, bump its
+4. *publish*: for each affected host whose content digest changed, bump its
    generation, persist it, and wake that host's watchers.
 
 Affected hosts are narrow for VM operations (the hosts of the VM network, before and
@@ -45,7 +45,7 @@ from controller.allocate import (
     mac_text,
     mac_value,
 )
-from controller.compiler import Compiler
+from controller.compiler import Compiler, serialise, with_generation
 from controller.inventory import (
     SPACE_MAC,
     SPACE_ROUTING_DOMAIN,
@@ -143,21 +143,21 @@ class Fabric:
         for name in self.inventory.objects[Kind.host]:
             row = snapshot.hosts.get(name)
             state = self.compiler.compile(name)
-            digest = state.content_digest()
+            digest, body = serialise(state)
             generation = row.generation if row is not None else 0
             if row is None or row.digest != digest:
                 generation += 1
                 rows.append(HostRow(name, generation, digest, row.applied_generation if row else None,
                                     row.status if row else None))
-            self._set_entry(name, state, generation, digest)
+            self._set_entry(name, state, generation, digest, body)
             if row is not None:
                 self.applied[name] = row.applied_generation
                 self.statuses[name] = row.status or {}
         store.save_host_rows(rows)
 
     @classmethod
-    def open(cls, state_dir: str | Path) -> Fabric:
-        return cls(Store(Path(state_dir) / "controller.db"))
+    def open(cls, state_dir: str | Path, synchronous: str = "FULL") -> Fabric:
+        return cls(Store(Path(state_dir) / "controller.db", synchronous=synchronous))
 
     def add_listener(self, listener: Callable[[list[str]], None]) -> None:
         """`listener(hosts)` is called (from a worker thread) after their generations moved."""
@@ -369,13 +369,13 @@ class Fabric:
     def _publish(self, states: dict[str, HostState], deleted: set[str]) -> None:
         rows, bumped = [], []
         for name, state in states.items():
-            digest = state.content_digest()
+            digest, body = serialise(state)
             entry = self.entries.get(name)
             if entry is not None and entry.digest == digest:
                 continue
             generation = entry.generation + 1 if entry is not None else 1
             rows.append(HostRow(name, generation, digest, self.applied.get(name), self.statuses.get(name)))
-            self._set_entry(name, state, generation, digest)
+            self._set_entry(name, state, generation, digest, body)
             bumped.append(name)
         for name in deleted:
             self.entries.pop(name, None)
@@ -387,11 +387,9 @@ class Fabric:
             for listener in self._listeners:
                 listener(bumped)
 
-    def _set_entry(self, name: str, state: HostState, generation: int, digest: str) -> None:
+    def _set_entry(self, name: str, state: HostState, generation: int, digest: str, body: bytes) -> None:
         state = state.model_copy(update={"generation": generation})
-        self.entries[name] = HostEntry(
-            generation, digest, state, state.model_dump_json().encode(), time.monotonic()
-        )
+        self.entries[name] = HostEntry(generation, digest, state, with_generation(body, generation), time.monotonic())
 
     # --- helpers for builders ------------------------------------------------------------------
 
