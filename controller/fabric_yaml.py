@@ -562,6 +562,8 @@ def _show(value: Any) -> str:
         return "[" + ", ".join(_show(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{to_camel(k)}: {_show(v)}" for k, v in value.items()) + "}"
+    if value == "":
+        return "''"
     return "none" if value is None else str(value)
 
 

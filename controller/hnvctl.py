@@ -714,6 +714,12 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
     except ControllerError as exc:
         print(f"hnvctl: {exc}", file=stderr)
         return EXIT_UNAVAILABLE
+    except BrokenPipeError:
+        # `hnvctl ip list | head`: the reader left. Point stdout at /dev/null so the
+        # interpreter's final flush does not raise again, and end quietly.
+        if stdout is sys.stdout:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     finally:
         ctx.close()
 
