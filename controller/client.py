@@ -39,6 +39,16 @@ class ApiRefused(ControllerError):
         self.status, self.error, self.field, self.reason = status, error, field, reason
         super().__init__(error)
 
+    def one_line(self) -> str:
+        """'VM X: host H cannot carry VM network N: <reason> (field host)': the refusal
+        with its reason and the field, each once."""
+        line = self.error
+        if self.reason and self.reason not in line:
+            line += f": {self.reason}"
+        if self.field and self.field not in ("name", "body") and self.field not in line:
+            line += f" (field {self.field})"
+        return line.replace("\n", " ")
+
 
 class ControllerUnavailable(ControllerError):
     """No answer, or a server error (5xx): the request may be retried later."""

@@ -565,7 +565,7 @@ def cmd_apply(ctx: Context, args: argparse.Namespace) -> int:
         try:
             run_change(ctx.client, change)
         except ControllerError as exc:
-            what = exc.error if isinstance(exc, ApiRefused) else str(exc)
+            what = exc.one_line() if isinstance(exc, ApiRefused) else str(exc)
             verb = {"create": "creating", "update": "updating", "delete": "deleting"}[change.action]
             last = f"; last done: {changes[done - 1].describe()}" if done else ""
             message = (
@@ -573,7 +573,7 @@ def cmd_apply(ctx: Context, args: argparse.Namespace) -> int:
                 f"{done} of {len(changes)} changes done{last}; {len(changes) - done} not done"
             )
             if isinstance(exc, ApiRefused):
-                raise ApiRefused(exc.status, message, exc.field, exc.reason) from None
+                raise ApiRefused(exc.status, message) from None
             raise ControllerUnavailable(message) from None
         ctx.out.say(change.describe())
     ctx.out.say(f"applied {len(changes)} changes from {source}")
@@ -709,7 +709,10 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
         print(f"hnvctl: {_strip_prog(str(exc))}", file=stderr)
         return EXIT_BAD_INPUT
     except ApiRefused as exc:
-        print(f"hnvctl: {exc.error}", file=stderr)
+        hint = ""
+        if exc.status == 401 and not read_token(getattr(args, "token_file", None), environ):
+            hint = " (hnvctl sent none: give --token-file, or set HNV_TOKEN_FILE or HNV_TOKEN)"
+        print(f"hnvctl: {exc.one_line()}{hint}", file=stderr)
         return EXIT_BAD_INPUT
     except ControllerError as exc:
         print(f"hnvctl: {exc}", file=stderr)
