@@ -22,6 +22,7 @@ Boot costs ~25-40 s without KVM: callers boot once per batch of work, not per te
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -30,8 +31,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,6 +189,23 @@ def vng_command(
     return cmd
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while waiting for the VM, so cleanup code runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @dataclass(frozen=True)
 class VMResult:
     """What came back from the guest."""
@@ -242,10 +261,17 @@ def run_in_vm(
         text=True,
     )
     try:
-        output, _ = proc.communicate(timeout=timeout)
+        with _sigterm_raises():
+            output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
+    except BaseException:
+        # Ctrl-C, SIGTERM (e.g. a test runner's timeout) or any error here: qemu lives in
+        # its own session and would otherwise keep running, orphaned, eating a CPU.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
     seconds = time.monotonic() - started
 
     try:
