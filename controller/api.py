@@ -376,9 +376,22 @@ def _add_collection(app: FastAPI, fabric: Fabric, auth: Authenticator, kind: Kin
         fabric.delete(kind, key)
         return Response(status_code=204)
 
+    batch_model = type(
+        f"{spec_model.__name__.removesuffix('Spec')}Batch",
+        (BaseModel,),
+        {"__annotations__": {"items": list[spec_model]}, "model_config": ConfigDict(extra="forbid")},
+    )
+
+    def create_batch(body: batch_model, authorization: str | None = Header(default=None)):  # type: ignore[valid-type]
+        auth.require_admin(authorization, f"creating {label}s")
+        return [fabric.view(kind, obj) for obj in fabric.create_many(kind, list(body.items))]
+
     list_all.__doc__ = f"List {label}s. Query parameters filter on equal fields ({_FILTER_HELP.get(kind, 'name')})."
     app.add_api_route(collection, create, methods=["POST"], status_code=201, response_model=stored_model,
                       tags=tags, responses=ERRORS, summary=f"Create a {label}")
+    app.add_api_route(f"{collection}/batch", create_batch, methods=["POST"], status_code=201,
+                      response_model=list[stored_model], tags=tags, responses=ERRORS,
+                      summary=f"Create several {label}s as one transaction (all or none)")
     app.add_api_route(collection, list_all, methods=["GET"], response_model=list[stored_model],
                       tags=tags, responses=ERRORS, summary=f"List {label}s")
     app.add_api_route(item, read, methods=["GET"], response_model=stored_model, tags=tags,

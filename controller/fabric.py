@@ -59,6 +59,7 @@ from controller.models import (
     SPEC_OF,
     STORED_OF,
     Conflict,
+    FabricError,
     Host,
     HostGroup,
     Invalid,
@@ -304,40 +305,78 @@ class Fabric:
     def delete_virtual_switch(self, host: str) -> None:
         self._run(lambda tx: self._delete_virtual_switch(tx, host))
 
+    def create_many(self, kind: Kind, specs: list[BaseModel]) -> list[Any]:
+        """Create several objects of one kind as one transaction: all or none."""
+        builder = getattr(self, f"_create_{kind.name}")
+
+        def build(tx: Tx, index: int, spec: BaseModel) -> tuple[Any, _Scope]:
+            try:
+                return builder(tx, spec)
+            except FabricError as exc:
+                field = f"items[{index}].{exc.field}" if exc.field else f"items[{index}]"
+                raise type(exc)(f"items[{index}] ({getattr(spec, 'name', '?')}): {exc.error}", field,
+                                exc.reason) from None
+
+        return self._run_many([lambda tx, i=i, spec=spec: build(tx, i, spec) for i, spec in enumerate(specs)])
+
     def migrate(self, vm_name: str, destination: str) -> Vm:
         return self._run(lambda tx: self._migrate(tx, vm_name, destination))
 
     # --- the transaction engine ----------------------------------------------------------------
 
     def _run(self, build: Callable[[Tx], tuple[Any, _Scope]]) -> Any:
+        return self._run_many([build])[0]
+
+    def _run_many(self, builds: list[Callable[[Tx], tuple[Any, _Scope]]]) -> list[Any]:
+        """Build, trial-compile, commit and publish operations as one transaction.
+
+        Each operation is applied to the inventory as soon as it is built, so the next
+        one sees it (placement counts, the PA it took); any refusal undoes all of them in
+        reverse order. One compile and one commit serve the whole batch.
+        """
         with self._lock:
-            tx = Tx()
-            result, scope = build(tx)
-            before_hosts = self._affected_hosts(scope)
-            undo = self._undo_of(tx)
-            self.inventory.apply(tx)
-            self.compiler.invalidate(scope.networks)
+            merged, undos, results = Tx(), [], []
+            networks: set[str] | None = set()
+            hosts_before: set[str] = set()
+            hosts_named: set[str] = set()
             try:
-                hosts = (before_hosts | self._affected_hosts(scope)) & set(self.inventory.objects[Kind.host])
-                states = {name: self.compiler.compile(name) for name in sorted(hosts)}
-            except (ValidationError, ValueError) as exc:
-                self._undo(undo, scope)
-                problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
-                raise Invalid(
-                    f"the change would give a host a state its agent refuses: {problems[0]}",
-                    None,
-                    problems[0],
-                ) from None
-            try:
-                self.store.commit(tx.changeset(_uuid_of))
-            except sqlite3.IntegrityError as exc:
-                self._undo(undo, scope)
-                raise Conflict("the store refused the change", None, str(exc)) from None
+                for build in builds:
+                    tx = Tx()
+                    result, scope = build(tx)
+                    results.append(result)
+                    if scope.networks is ALL or networks is ALL:
+                        networks = ALL
+                    else:
+                        networks |= scope.networks
+                    hosts_named |= scope.hosts
+                    hosts_before |= self._affected_hosts(scope)
+                    undos.append(self._undo_of(tx))
+                    self.inventory.apply(tx)
+                    merged.merge(tx)
+                scope = _Scope(networks=networks, hosts=hosts_named)
+                self.compiler.invalidate(networks)
+                existing = set(self.inventory.objects[Kind.host])
+                hosts = (hosts_before | self._affected_hosts(scope)) & existing
+                try:
+                    states = {name: self.compiler.compile(name) for name in sorted(hosts)}
+                except (ValidationError, ValueError) as exc:
+                    problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
+                    raise Invalid(
+                        f"the change would give a host a state its agent refuses: {problems[0]}",
+                        None,
+                        problems[0],
+                    ) from None
+                try:
+                    self.store.commit(merged.changeset(_uuid_of))
+                except sqlite3.IntegrityError as exc:
+                    raise Conflict("the store refused the change", None, str(exc)) from None
             except BaseException:
-                self._undo(undo, scope)
+                for undo in reversed(undos):
+                    self.inventory.apply(undo)
+                self.compiler.invalidate(ALL if networks is ALL else networks)
                 raise
-            self._publish(states, before_hosts - set(self.inventory.objects[Kind.host]))
-            return result
+            self._publish(states, hosts_before - existing)
+            return results
 
     def _affected_hosts(self, scope: _Scope) -> set[str]:
         if scope.networks is ALL:
@@ -361,10 +400,6 @@ class Fabric:
         for (pool, address) in tx.leases:
             undo.leases[(pool, address)] = inv.leases[pool].get(address)
         return undo
-
-    def _undo(self, undo: Tx, scope: _Scope) -> None:
-        self.inventory.apply(undo)
-        self.compiler.invalidate(scope.networks)
 
     def _publish(self, states: dict[str, HostState], deleted: set[str]) -> None:
         rows, bumped = [], []
@@ -877,14 +912,14 @@ class Fabric:
                 return None
             raise Conflict(f"VM {vm_name}: VM subnet {subnet.key} has no IP pool", "ca",
                            "create an IP pool on the VM subnet or give the VM a CA")
-        last: Conflict | None = None
+        exhausted = []
         for pool in pools:
             try:
                 return self._lease_from(tx, pool, LeaseKind.CA, "vm", vm_name, host, network.name,
                                         description).address
             except Conflict as exc:
-                last = exc
-        raise last  # every pool is exhausted
+                exhausted.append(f"{exc.error} ({exc.reason})")
+        raise Conflict(f"VM {vm_name}: no free CA in VM subnet {subnet.key}", "ca", "; ".join(exhausted))
 
     def _ensure_pa(self, tx: Tx, host: Host, network: VmNetwork) -> None:
         """One PA per (host, VM network): taken with the host's first VM of that network."""
@@ -900,14 +935,15 @@ class Fabric:
                 f"the transport site {transport.site.name} ({transport.subnet_vlan.subnet}) has no IP pool for PAs",
             )
         description = f"PA of {host.name} for {network.name}"
-        last: Conflict | None = None
+        exhausted = []
         for pool in pools:
             try:
                 self._lease_from(tx, pool, LeaseKind.PA, "host", host.name, host.name, network.name, description)
                 return
             except Conflict as exc:
-                last = exc
-        raise last
+                exhausted.append(f"{exc.error} ({exc.reason})")
+        raise Conflict(f"host {host.name} has no provider address for VM network {network.name}", "host",
+                       "; ".join(exhausted))
 
     def _release_pa_if_last(self, tx: Tx, host: str, network: str) -> None:
         if self.inventory.network_hosts.get(network, {}).get(host, 0) <= 1:

@@ -35,6 +35,7 @@ class Tx:
     objects: dict[tuple[str, str], Any] = field(default_factory=dict)  # None = delete
     allocations: dict[tuple[str, str], str | None] = field(default_factory=dict)  # None = free
     leases: dict[tuple[str, str], Lease | None] = field(default_factory=dict)  # None = release
+    retaken: set[tuple[str, str]] = field(default_factory=set)
 
     def put(self, kind: str, key: str, obj: Any) -> None:
         self.objects[(str(kind), key)] = obj
@@ -54,6 +55,17 @@ class Tx:
     def release(self, lease: Lease) -> None:
         self.leases[(lease.pool, str(lease.address))] = None
 
+    def merge(self, later: Tx) -> None:
+        """Fold a later Tx into this one: per key, the later value wins."""
+        self.objects.update(later.objects)
+        for key, holder in later.allocations.items():
+            # Freed earlier in this Tx, taken again later: the store must delete the old
+            # row before inserting the new one (allocations are plain INSERTs).
+            if holder is not None and key in self.allocations and self.allocations[key] is None:
+                self.retaken.add(key)
+            self.allocations[key] = holder
+        self.leases.update(later.leases)
+
     def changeset(self, uuid_of) -> ChangeSet:
         changes = ChangeSet()
         for (kind, key), obj in self.objects.items():
@@ -67,6 +79,8 @@ class Tx:
                 changes.delete_allocations.add((space, value))
             else:
                 changes.put_allocations[(space, value)] = holder
+                if (space, value) in self.retaken:
+                    changes.delete_allocations.add((space, value))
         for (pool, address), lease in self.leases.items():
             if lease is None:
                 changes.delete_leases.add((pool, address))

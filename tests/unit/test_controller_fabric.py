@@ -1,0 +1,159 @@
+"""The controller's rooms without HTTP: allocators, the store's transaction, the fabric's
+rules over a real SQLite file (tmp_path)."""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.state import VSID_MAX, VSID_MIN, parse_host_state
+from controller.allocate import (
+    MAC_POOL_END,
+    MAC_POOL_START,
+    allocate_address,
+    allocate_mac,
+    allocate_routing_domain_id,
+    allocate_vsid,
+    mac_text,
+)
+from controller.fabric import Fabric
+from controller.models import (
+    Conflict,
+    HostGroupSpec,
+    HostSpec,
+    IpPoolSpec,
+    Kind,
+    LogicalNetworkSpec,
+    LogicalSwitchSpec,
+    NetworkSiteSpec,
+    UplinkPortProfileSpec,
+    VirtualSwitchSpec,
+    VmNetworkSpec,
+    VmSpec,
+    VmSubnetSpec,
+)
+from controller.store import ChangeSet, Store
+
+# --- allocators ---------------------------------------------------------------------------------
+
+
+@given(st.sets(st.integers(VSID_MIN, VSID_MIN + 50), max_size=40))
+@settings(max_examples=50, deadline=None)
+def test_vsid_is_fresh_and_in_range(taken):
+    vsid = allocate_vsid(taken)
+    assert VSID_MIN <= vsid <= VSID_MAX and vsid not in taken
+
+
+def test_routing_domain_ids_fill_from_one():
+    assert allocate_routing_domain_id(set()) == 1
+    assert allocate_routing_domain_id({1, 2, 4}) == 3
+
+
+def test_mac_pool_is_vmms_default_and_wraps_once():
+    assert mac_text(allocate_mac(set())) == "00:1d:d8:b7:1c:00"
+    assert allocate_mac({MAC_POOL_START}, hint=MAC_POOL_END) == MAC_POOL_END
+    assert allocate_mac({MAC_POOL_END}, hint=MAC_POOL_END) == MAC_POOL_START + 0  # wrapped to the start
+
+
+def test_address_allocation_skips_gateway_reserved_and_taken_then_refuses():
+    start, end = ipaddress.ip_address("192.168.0.1"), ipaddress.ip_address("192.168.0.4")
+    skip = [ipaddress.ip_address("192.168.0.1"), ipaddress.ip_address("192.168.0.3")]
+    taken = {int(ipaddress.ip_address("192.168.0.2"))}
+    assert str(allocate_address("p", start, end, taken, skip)) == "192.168.0.4"
+    taken.add(int(ipaddress.ip_address("192.168.0.4")))
+    with pytest.raises(Conflict) as refused:
+        allocate_address("Fabrikam2/Default/Default", start, end, taken, skip)
+    assert "Fabrikam2/Default/Default is exhausted" in refused.value.error
+    v6 = allocate_address("p6", ipaddress.ip_address("fd00::10"), ipaddress.ip_address("fd00::20"), set())
+    assert str(v6) == "fd00::10"
+
+
+# --- the store -------------------------------------------------------------------------------------
+
+
+def test_store_commit_is_all_or_nothing(tmp_path):
+    store = Store(tmp_path / "c.db")
+    first = ChangeSet(put_allocations={("mac", "00:1d:d8:b7:1c:00"): "vm:a"})
+    store.commit(first)
+    clash = ChangeSet(
+        put_objects={("vms", "b"): ("uuid-b", "{}")},
+        put_allocations={("mac", "00:1d:d8:b7:1c:00"): "vm:b"},  # taken: the whole change set fails
+    )
+    with pytest.raises(sqlite3.IntegrityError):
+        store.commit(clash)
+    snapshot = store.load()
+    assert snapshot.objects == [] and snapshot.allocations == [("mac", "00:1d:d8:b7:1c:00", "vm:a")]
+
+
+# --- the fabric's rules -------------------------------------------------------------------------------
+
+
+def small_fabric(tmp_path) -> Fabric:
+    """Two NV hosts (one transport pool with only three PAs) and one host without a switch."""
+    fabric = Fabric.open(tmp_path, synchronous="NORMAL")
+    fabric.create(Kind.host_group, HostGroupSpec(name="Virtualization"))
+    fabric.create(Kind.logical_network, LogicalNetworkSpec(name="Virtualization", network_virtualization=True))
+    fabric.create(Kind.network_site, NetworkSiteSpec(
+        name="Virtualization", logical_network="Virtualization", host_groups=["Virtualization"],
+        subnet_vlans=[{"subnet": "10.80.2.0/24", "vlan": 802}]))
+    fabric.create(Kind.ip_pool, IpPoolSpec(name="Default", network_site="Virtualization",
+                                           range_start="10.80.2.20", range_end="10.80.2.22"))
+    fabric.create(Kind.uplink_port_profile, UplinkPortProfileSpec(name="Virtualization",
+                                                                  network_sites=["Virtualization"]))
+    fabric.create(Kind.logical_switch, LogicalSwitchSpec(name="Virtualization",
+                                                         uplink_port_profiles=["Virtualization"]))
+    fabric.create_many(Kind.host, [HostSpec(name=name, host_group="Virtualization", nics=["eth0", "eth1"])
+                                   for name in ("A", "B", "Bare")])
+    for name in ("A", "B"):
+        fabric.set_virtual_switch(name, VirtualSwitchSpec(logical_switch="Virtualization"))
+    for network in ("Red", "Blue"):
+        fabric.create(Kind.vm_network, VmNetworkSpec(name=network, logical_network="Virtualization"))
+        fabric.create(Kind.vm_subnet, VmSubnetSpec(vm_network=network, prefix="192.168.0.0/24"))
+        fabric.create(Kind.ip_pool, IpPoolSpec(name="Default", vm_network=network))
+    return fabric
+
+
+def snapshot(fabric: Fabric) -> tuple:
+    return (
+        {kind: [obj.model_dump() for obj in fabric.list(kind)] for kind in Kind},
+        [lease.model_dump() for lease in fabric.leases()],
+        {name: entry.generation for name, entry in fabric.entries.items()},
+    )
+
+
+def test_batch_is_all_or_nothing_and_names_the_failing_item(tmp_path):
+    fabric = small_fabric(tmp_path)
+    before = snapshot(fabric)
+    specs = [VmSpec(name="r1", vm_network="Red", host="A"), VmSpec(name="b1", vm_network="Blue", host="A"),
+             VmSpec(name="r2", vm_network="Red", host="B"), VmSpec(name="b2", vm_network="Blue", host="B")]
+    with pytest.raises(Conflict) as refused:  # the 4th PA does not fit the 3-address pool
+        fabric.create_many(Kind.vm, specs)
+    assert refused.value.field == "items[3].host" and "b2" in refused.value.error
+    assert "IP pool Virtualization/Default is exhausted" in refused.value.reason
+    assert snapshot(fabric) == before
+    # the same batch minus the last VM fits, and reopening the store shows exactly it
+    created = fabric.create_many(Kind.vm, specs[:3])
+    assert [vm.host for vm in created] == ["A", "A", "B"]
+    assert len(fabric.leases(kind="PA")) == 3
+    fabric.store.close()
+    reopened = Fabric.open(tmp_path, synchronous="NORMAL")
+    assert sorted(vm.name for vm in reopened.list(Kind.vm)) == ["b1", "r1", "r2"]
+
+
+def test_compiled_states_validate_and_generations_move_only_on_change(tmp_path):
+    fabric = small_fabric(tmp_path)
+    fabric.create(Kind.vm, VmSpec(name="r1", vm_network="Red", host="A"))
+    generations = {name: entry.generation for name, entry in fabric.entries.items()}
+    # a VM network nobody uses on B and Bare: neither host's state changes
+    fabric.create(Kind.vm, VmSpec(name="r2", vm_network="Red", host="A"))
+    after = {name: entry.generation for name, entry in fabric.entries.items()}
+    assert after == {**generations, "A": generations["A"] + 1}
+    for name, entry in fabric.entries.items():
+        assert parse_host_state(entry.state_json) == entry.state
+    # a description change compiles every host but bumps none
+    fabric.patch(Kind.logical_network, "Virtualization", {"description": "transport"})
+    assert {name: entry.generation for name, entry in fabric.entries.items()} == after
