@@ -1,0 +1,604 @@
+"""The seed walkthrough, end to end, on the lab: ``hnv-lab demo``.
+
+Owns the story and its checks. Every fabric change goes through ``hnvctl`` (one verb per
+VMM cmdlet of the seed, the cmdlet printed next to it), every "what does the host now
+hold" is read back from the hosts' kernels (``ip``, ``bridge``, ``hnv-agent show``), and
+every claim of the walkthrough is a check that can fail: a ping that must cross, a ping
+that must not, a GRE key on the wire, a PA count.
+
+How it runs: hnvctl and ``hnv-agent show`` are called in this process (their ``main``
+with captured output) instead of as new Python processes, which saves seconds per call
+under software emulation; hnvctl's HTTP goes over the lab's management network because
+the calling thread enters the controller host's namespace for the call. Pings and
+captures are the real ``ping`` and ``tcpdump`` inside the namespaces.
+
+On failure: a failed check is printed with its reason and the walk goes on (later checks
+still tell something); a failed hnvctl step stops the walk, because every later step
+builds on it. Either way the exit status is 1 and the summary lists what failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from netns_lab import build, processes
+from netns_lab.build import LabError, LabRecord, entered_netns, run
+from netns_lab.capture import Capture, DecodedFrame
+from netns_lab.graph import vm_addresses
+from netns_lab.topology import ClusterRole, Topology
+
+# The seed's numbers (DESIGN.md section 6): the transport site, the PA pool, the
+# tenants' shared CA range and part I's VLAN tenants.
+TRANSPORT_VLAN = 802
+TRANSPORT_SUBNET = "10.80.2.0/24"
+PA_RANGE = ("10.80.2.20", "10.80.2.250")
+CA_PREFIX = "192.168.0.0/24"
+CA_RANGE = ("192.168.0.10", "192.168.0.100")
+CA_GATEWAY = "192.168.0.1"
+VLAN_TENANTS = {  # VM network: (VLAN, prefix, pool start, pool end, gateway)
+    "TenantA": (100, "172.16.100.0/24", "172.16.100.10", "172.16.100.100", "172.16.100.1"),
+    "TenantB": (101, "172.16.101.0/24", "172.16.101.10", "172.16.101.100", "172.16.101.1"),
+}
+SYNC_TIMEOUT = 180.0
+
+
+def indent(text: str, spaces: int = 4) -> str:
+    pad = " " * spaces
+    return "\n".join(pad + line for line in text.rstrip().splitlines())
+
+
+@dataclass
+class Result:
+    returncode: int
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+class StepFailed(Exception):
+    """A fabric step did not go through; the walk cannot go on without it."""
+
+
+# --- the tools, called in-process ------------------------------------------------------------
+
+
+class Hnvctl:
+    """``hnvctl`` against the lab's controller, run in this process, over the lab network."""
+
+    def __init__(self, topology: Topology, record: LabRecord):
+        self.netns = topology.controller.host
+        self.environ = {
+            "HNV_CONTROLLER": topology.controller_url,
+            "HNV_TOKEN_FILE": str(processes.admin_token_file(record)),
+        }
+
+    def run(self, *argv: str) -> Result:
+        try:
+            from controller import hnvctl
+        except ImportError as exc:
+            return Result(127, f"hnvctl is not available: {exc}")
+        out, err = io.StringIO(), io.StringIO()
+        with entered_netns(self.netns):
+            code = hnvctl.main(list(argv), stdout=out, stderr=err, environ=self.environ)
+        return Result(code, out.getvalue() + err.getvalue())
+
+    def json(self, *argv: str) -> Any:
+        result = self.run(*argv, "-o", "json")
+        if not result.ok:
+            raise StepFailed(f"hnvctl {' '.join(argv)} -o json: {result.output.strip()}")
+        return json.loads(result.output)
+
+
+def agent_show(view: str, netns: str, output: str = "table") -> Result:
+    """``hnv-agent show VIEW --netns NS``: the host's HNV state read back from its kernel."""
+    try:
+        from agent import cli as agent_cli
+    except ImportError as exc:
+        return Result(127, f"hnv-agent is not available: {exc}")
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = agent_cli.main(["show", view, "--netns", netns, "-o", output])
+    except Exception as exc:  # noqa: BLE001 - a tool's crash is a failed step, with its reason
+        return Result(1, f"hnv-agent show {view} --netns {netns} failed: {type(exc).__name__}: {exc}")
+    return Result(code, out.getvalue())
+
+
+def address_of(topology: Topology, node: str) -> str:
+    """A host's management address, a VM's first IPv4 address, or ``node`` if an address."""
+    host = topology.host(node)
+    if host is not None:
+        return str(host.address)
+    if build.namespace_exists(node):
+        addresses = vm_addresses(node)
+        if not addresses:
+            raise LabError(f"{node} has no IPv4 address (has its agent configured it yet?)")
+        return addresses[0].split("/")[0]
+    if node.replace(".", "").isdigit() or ":" in node:
+        return node
+    raise LabError(f"{node}: not a host of the topology, nor a VM namespace, nor an address")
+
+
+def ping(topology: Topology, source: str, target: str, *, count: int = 3, wait: float = 1.0) -> Result:
+    """A real ICMP echo from ``source``'s namespace to ``target`` (name or address)."""
+    if not build.namespace_exists(source):
+        raise LabError(f"{source}: no such node (is the lab up? is it a host or a VM?)")
+    address = address_of(topology, target)
+    proc = run(["ping", "-n", "-c", str(count), "-i", "0.2", "-W", str(wait), address],
+               netns=source, check=False, timeout=count * (wait + 1) + 10)
+    head = f"{source} -> {target} ({address})"
+    return Result(proc.returncode, f"{head}\n{proc.stdout}{proc.stderr}")
+
+
+# --- the walkthrough -------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Walkthrough:
+    topology: Topology
+    record: LabRecord
+    hnvctl: Hnvctl
+    checks: list[Check] = field(default_factory=list)
+    step_number: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    # --- printing --------------------------------------------------------------------------
+
+    def say(self, text: str = "") -> None:
+        print(text, flush=True)
+
+    def step(self, title: str) -> None:
+        self.step_number += 1
+        elapsed = time.monotonic() - self.started
+        self.say(f"\n== {self.step_number}. {title}  [{elapsed:.0f} s]")
+
+    def cmdlet(self, text: str) -> None:
+        self.say(f"   PS> {text}")
+
+    def check(self, name: str, ok: bool, detail: str) -> bool:
+        self.checks.append(Check(name, ok, detail))
+        self.say(f"   [{'PASS' if ok else 'FAIL'}] {name}: {detail}")
+        return ok
+
+    # --- doing ------------------------------------------------------------------------------
+
+    def ctl(self, *argv: str, show: bool = True) -> Result:
+        """One hnvctl step: printed as typed, output shown; a refusal stops the walk."""
+        self.say(f"   $ hnvctl {' '.join(_shell_word(a) for a in argv)}")
+        result = self.hnvctl.run(*argv)
+        if show or not result.ok:
+            self.say(indent(result.output, 5))
+        if not result.ok:
+            raise StepFailed(f"hnvctl {' '.join(argv)} exited {result.returncode}: {result.output.strip()}")
+        return result
+
+    def kernel(self, netns: str, *argv: str) -> str:
+        """What a host's kernel shows now, printed under a prompt naming the host."""
+        proc = run(list(argv), check=False)
+        shown = " ".join(argv).replace(f"-n {netns} ", "")
+        self.say(f"   {netns}# {shown}")
+        self.say(indent(proc.stdout or proc.stderr, 5))
+        return proc.stdout
+
+    def agent_view(self, view: str, host: str) -> Result:
+        self.say(f"   {host}# hnv-agent show {view}")
+        result = agent_show(view, host)
+        self.say(indent(result.output, 5))
+        return result
+
+    def wait_in_sync(self, hosts: list[str], what: str) -> bool:
+        """Poll ``hnvctl hosts`` until each host applied the generation it is due."""
+        deadline = time.monotonic() + SYNC_TIMEOUT
+        started = time.monotonic()
+        rows: dict[str, dict] = {}
+        while time.monotonic() < deadline:
+            rows = {row["name"]: row for row in self.hnvctl.json("hosts")}
+            if all(_in_sync(rows.get(h)) for h in hosts):
+                generations = ", ".join(f"{h} gen {rows[h]['applied_generation']}" for h in hosts)
+                return self.check(f"in-sync-{what}", True,
+                                  f"{generations} applied in {time.monotonic() - started:.1f} s")
+            time.sleep(0.3)
+        lagging = [f"{h}: {(rows.get(h) or {}).get('sync', 'unknown')} "
+                   f"(desired {(rows.get(h) or {}).get('desired_generation')}, applied "
+                   f"{(rows.get(h) or {}).get('applied_generation')}) {(rows.get(h) or {}).get('reason') or ''}".rstrip()
+                   for h in hosts if not _in_sync(rows.get(h))]
+        return self.check(f"in-sync-{what}", False,
+                          f"not in sync after {SYNC_TIMEOUT:.0f} s: " + "; ".join(lagging))
+
+    def ping_check(self, name: str, source: str, target: str, *, expect: bool = True,
+                   count: int = 3) -> bool:
+        result = ping(self.topology, source, target, count=count)
+        summary = next((line for line in result.output.splitlines() if "packets transmitted" in line),
+                       result.output.strip().splitlines()[-1] if result.output.strip() else "no output")
+        self.say(f"   {source}# ping {address_of(self.topology, target)}   ({summary.strip()})")
+        if expect:
+            return self.check(name, result.ok, f"{source} -> {target}: {summary.strip()}")
+        return self.check(name, not result.ok,
+                          f"{source} -> {target} must not answer: {summary.strip()}")
+
+    def capture_while(self, links: list[tuple[str, str]], bpf: str, action) -> list[DecodedFrame]:
+        """Capture on ``links`` (namespace, interface) while ``action()`` runs; decoded frames."""
+        return [f for frames in self.capture_each(links, bpf, action).values() for f in frames]
+
+    def capture_each(self, links: list[tuple[str, str]], bpf: str, action) -> dict[str, list[DecodedFrame]]:
+        """Like capture_while, the frames kept apart per ``namespace:interface``."""
+        pcap_dir = Path(self.record.workdir) / "captures"
+        pcap_dir.mkdir(parents=True, exist_ok=True)
+        captures = [Capture(ns, ifname, pcap_dir / f"{ns}-{ifname}-{self.step_number}.pcap",
+                            bpf_filter=bpf) for ns, ifname in links]
+        for capture in captures:
+            capture.start()
+        try:
+            action()
+        finally:
+            frames = {f"{c.netns}:{c.interface}": c.stop() for c in captures}
+        return frames
+
+
+def _in_sync(row: dict | None) -> bool:
+    return bool(row) and row.get("sync") == "InSync" and (
+        row.get("applied_generation") == row.get("desired_generation"))
+
+
+def _shell_word(text: str) -> str:
+    return f'"{text}"' if " " in text else text
+
+
+def part1_document(topology: Topology) -> dict[str, Any]:
+    """Part I of the series as a fabric document: management network and VLAN tenants."""
+    management = topology.clusters_with_role(ClusterRole.management)
+    vlan_clusters = topology.clusters_with_role(ClusterRole.vlan)
+    groups = {c.host_group for c in (*management, *vlan_clusters)}
+    vlan_groups = sorted({c.host_group for c in vlan_clusters})
+    document: dict[str, Any] = {
+        "hostGroups": [{"name": g} for g in sorted(groups)],
+        "clusters": [{"name": c.name, "hostGroup": c.host_group} for c in (*management, *vlan_clusters)],
+        "logicalNetworks": [
+            {"name": "Management", "sites": [{
+                "name": "Management", "hostGroups": ["All Hosts"],
+                "subnetVlans": [{"subnet": str(topology.management.subnet), "vlan": 0}]}]},
+        ],
+        "uplinkPortProfiles": [{"name": "Management", "networkSites": ["Management"],
+                                "teamMode": "SwitchIndependent", "loadBalancing": "HostDefault"}],
+        "logicalSwitches": [{"name": "Management", "uplinkMode": "Team",
+                             "uplinkPortProfiles": ["Management"]}],
+        "vmNetworks": [{"name": "Management", "logicalNetwork": "Management", "isolation": "NoIsolation"}],
+        "hosts": [],
+    }
+    if vlan_groups:
+        document["logicalNetworks"].append({"name": "Tenants", "sites": [{
+            "name": "Tenants", "hostGroups": vlan_groups,
+            "subnetVlans": [{"subnet": prefix, "vlan": vlan} for vlan, prefix, *_ in VLAN_TENANTS.values()]}]})
+        document["uplinkPortProfiles"].append({
+            "name": "HostCluster", "networkSites": ["Management", "Tenants"],
+            "teamMode": "SwitchIndependent", "loadBalancing": "HostDefault"})
+        document["logicalSwitches"].append({"name": "HostCluster", "uplinkMode": "Team",
+                                            "uplinkPortProfiles": ["HostCluster"]})
+        for name, (vlan, prefix, start, end, gateway) in VLAN_TENANTS.items():
+            document["vmNetworks"].append({
+                "name": name, "logicalNetwork": "Tenants", "isolation": "VLAN",
+                "subnets": [{"name": name, "prefix": prefix, "vlan": vlan, "ipPools": [
+                    {"name": name, "rangeStart": start, "rangeEnd": end, "gateway": gateway}]}]})
+    for cluster in (*management, *vlan_clusters):
+        switch = "Management" if cluster.role is ClusterRole.management else "HostCluster"
+        for host in cluster.hosts:
+            document["hosts"].append({
+                "name": host.name, "cluster": cluster.name,
+                "managementAddress": topology.management_interface(host), "nics": list(host.nics),
+                "virtualSwitch": {"logicalSwitch": switch, "managementVmNetwork": "Management"}})
+    return document
+
+
+def run_walkthrough(w: Walkthrough) -> None:
+    topology = w.topology
+    management = [h.name for c in topology.clusters_with_role(ClusterRole.management) for h in c.hosts]
+    vlan_hosts = [h.name for c in topology.clusters_with_role(ClusterRole.vlan) for h in c.hosts]
+    virtual = topology.clusters_with_role(ClusterRole.virtualization)
+    if not virtual or len(virtual[0].hosts) < 2:
+        raise StepFailed("the topology needs a cluster with role virtualization and two hosts")
+    if TRANSPORT_VLAN not in topology.switch.trunk_vlans:
+        raise StepFailed(f"the switch must trunk the transport VLAN {TRANSPORT_VLAN} (switch.trunk_vlans)")
+    vcluster = virtual[0]
+    hv_a, hv_b = vcluster.hosts[0].name, vcluster.hosts[1].name
+
+    # --- part I ---------------------------------------------------------------------------
+    w.step("Part I (previous post): management network and the VLAN tenants of "
+           + ", ".join(c.name for c in topology.clusters_with_role(ClusterRole.vlan)))
+    w.say("   Host groups, clusters, the Management and Tenants logical networks (VLAN 100/101),\n"
+          "   port profiles, logical switches and VM networks, declaratively:")
+    document = Path(w.record.workdir) / "part1-fabric.yaml"
+    document.write_text(yaml.safe_dump(part1_document(topology), sort_keys=False))
+    w.ctl("apply", "-f", str(document))
+    w.wait_in_sync([*management, *vlan_hosts], "part1")
+    w.kernel(vlan_hosts[0], "ip", "-n", vlan_hosts[0], "-br", "link", "show", "master", "hnv-team")
+    w.kernel(vlan_hosts[0], "ip", "-n", vlan_hosts[0], "-br", "-4", "addr", "show")
+
+    if len(vlan_hosts) >= 2:
+        w.step("Part I's VLAN tenants: TenantA on VLAN 100, TenantB on VLAN 101")
+        w.cmdlet(f'New-SCVirtualMachine -Name "VlanVM01" -VMHost {vlan_hosts[0]} ... (VM network TenantA)')
+        w.ctl("vm", "create", "VlanVM01", "--vm-network", "TenantA", "--host", vlan_hosts[0])
+        w.ctl("vm", "create", "VlanVM02", "--vm-network", "TenantA", "--host", vlan_hosts[1])
+        w.ctl("vm", "create", "VlanVM03", "--vm-network", "TenantB", "--host", vlan_hosts[-1])
+        w.wait_in_sync(vlan_hosts, "vlan-tenants")
+        port_a = _switch_ports(topology, vlan_hosts[0])
+        frames = w.capture_while(port_a, "vlan 100 and icmp",
+                                 lambda: w.ping_check("vlan-100-ping", "VlanVM01", "VlanVM02"))
+        tagged = [f for f in frames if 100 in f.vlans and "echo" in f.what]
+        for frame in tagged[:2]:
+            w.say("     wire: " + frame.line())
+        w.check("vlan-100-tagged-on-the-wire", bool(tagged),
+                f"{len(tagged)} ICMP frames tagged 802.1Q VLAN 100 on {vlan_hosts[0]}'s switch port")
+        # TenantB's VM, given an address in TenantA's subnet as a careless tenant might:
+        # VLAN 101 frames never reach VLAN 100, so even an L2 neighbour cannot answer.
+        intruder = "172.16.100.99/24"
+        run(["ip", "-n", "VlanVM03", "addr", "add", intruder, "dev", "eth0"], check=False)
+        w.say(f"   VlanVM03# ip addr add {intruder} dev eth0   (TenantB's VM tries TenantA's subnet)")
+        w.ping_check("vlan-101-cannot-reach-vlan-100", "VlanVM03", "VlanVM01", expect=False, count=2)
+        run(["ip", "-n", "VlanVM03", "addr", "del", intruder, "dev", "eth0"], check=False)
+
+    # --- part II: adding hosts ------------------------------------------------------------
+    w.step(f"Adding hosts: host group {vcluster.host_group} and cluster {vcluster.name}")
+    w.cmdlet(f'$virtualizationGroup = New-SCVMHostGroup -Name "{vcluster.host_group}" -ParentHostGroup $allHostsGroup')
+    w.ctl("host-group", "create", vcluster.host_group, "--parent", "All Hosts")
+    w.cmdlet(f'$virtualizationCluster = Add-SCVMHostCluster -Name "{vcluster.name}" -VMHostGroup $virtualizationGroup ...')
+    w.ctl("cluster", "create", vcluster.name, "--host-group", vcluster.host_group)
+    for host in vcluster.hosts:
+        w.ctl("host", "create", host.name, "--cluster", vcluster.name, "--management-address",
+              topology.management_interface(host), *[a for nic in host.nics for a in ("--nic", nic)])
+    w.wait_in_sync([h.name for h in vcluster.hosts], "virtualcluster-added")
+    w.kernel(hv_a, "ip", "-n", hv_a, "-br", "-4", "addr", "show")
+
+    w.step("Adding network objects: the Virtualization logical network and its VLAN 802 site")
+    w.cmdlet('$virtualizationLogicalNetwork = New-SCLogicalNetwork -Name "Virtualization" '
+             '-LogicalNetworkDefinitionIsolation $false -EnableNetworkVirtualization $true -UseGRE $true -IsPVLAN $false')
+    w.ctl("logical-network", "create", "Virtualization", "--network-virtualization", "--encapsulation", "nvgre")
+    w.cmdlet(f'$virtualizationSubnetVlan = New-SCSubnetVLan -Subnet "{TRANSPORT_SUBNET}" -VLanID {TRANSPORT_VLAN}')
+    w.cmdlet('$virtualizationLogicalNetworkDefinition = New-SCLogicalNetworkDefinition -Name "Virtualization" '
+             '-LogicalNetwork $virtualizationLogicalNetwork -VMHostGroup @($virtualizationGroup) -SubnetVLan $virtualizationSubnetVlan')
+    w.ctl("network-site", "create", "Virtualization", "--logical-network", "Virtualization",
+          "--host-group", vcluster.host_group, "--subnet-vlan", f"{TRANSPORT_SUBNET}:{TRANSPORT_VLAN}")
+
+    w.step("The uplink port profile and the logical switch Virtualization")
+    w.cmdlet('$virtualizationUplinkPortProfile = New-SCNativeUplinkPortProfile -Name "Virtualization" '
+             '-LogicalNetworkDefinition @($mgmtLogicalNetworkDefinition, $virtualizationLogicalNetworkDefinition) '
+             '-EnableNetworkVirtualization $true -LBFOLoadBalancingAlgorithm "HostDefault" -LBFOTeamMode "SwitchIndependent"')
+    w.ctl("uplink-port-profile", "create", "Virtualization", "--network-site", "Management",
+          "--network-site", "Virtualization", "--network-virtualization",
+          "--team-mode", "SwitchIndependent", "--load-balancing", "HostDefault")
+    w.cmdlet('$virtualizationLogicalSwitch = New-SCLogicalSwitch -Name "Virtualization" -EnableSriov $false -SwitchUplinkMode "Team"')
+    w.cmdlet('New-SCUplinkPortProfileSet -Name "Virtualization_<guid>" -LogicalSwitch $virtualizationLogicalSwitch '
+             '-NativeUplinkPortProfile $virtualizationUplinkPortProfile')
+    w.ctl("logical-switch", "create", "Virtualization", "--uplink-mode", "Team",
+          "--uplink-port-profile", "Virtualization")
+
+    w.step("The transport VM network Virtualization (no isolation)")
+    w.cmdlet('$virtualizationVMNetwork = New-SCVMNetwork -Name "Virtualization" '
+             '-LogicalNetwork $virtualizationLogicalNetwork -IsolationType "NoIsolation"')
+    w.ctl("vm-network", "create", "Virtualization", "--logical-network", "Virtualization",
+          "--isolation", "NoIsolation")
+
+    w.step(f"Adding the logical switch to the {vcluster.name} hosts (team of both NICs, management adapter)")
+    w.cmdlet("Set-SCVMHostNetworkAdapter -UplinkPortProfileSet $virtualizationUplinkPortProfileSet (each NIC)")
+    w.cmdlet('New-SCVirtualNetwork -VMHost $node -VMHostNetworkAdapters $networkAdapters '
+             '-LogicalSwitch $virtualizationLogicalSwitch -CreateManagementAdapter '
+             '-ManagementAdapterName "Management" -ManagementAdapterVMNetwork $mgmtVMNetwork')
+    for host in vcluster.hosts:
+        w.ctl("host", "set-switch", host.name, "--logical-switch", "Virtualization",
+              *[a for nic in host.nics for a in ("--nic", nic)], "--management-vm-network", "Management")
+    w.wait_in_sync([h.name for h in vcluster.hosts], "logical-switch")
+    w.kernel(hv_a, "ip", "-n", hv_a, "-br", "link", "show", "master", "hnv-team")
+    addresses = w.kernel(hv_a, "ip", "-n", hv_a, "-br", "-4", "addr", "show")
+    first_nic = vcluster.hosts[0].nics[0]
+    moved = [line.split()[0] for line in addresses.splitlines() if str(vcluster.hosts[0].address) + "/" in line]
+    w.check("management-address-moved-to-switch", bool(moved) and first_nic not in moved[0],
+            f"{vcluster.hosts[0].address} is on {', '.join(moved) or 'nothing'} (was {first_nic})")
+    w.ping_check("management-network-after-team", hv_a, topology.controller.host)
+
+    w.step("Adding the provider IP pool (the PA space)")
+    w.cmdlet(f'$virtualizationStaticIPPool = New-SCStaticIPAddressPool -Name "Default" '
+             f'-LogicalNetworkDefinition $virtualizationLogicalNetworkDefinition -Subnet "{TRANSPORT_SUBNET}" '
+             f'-IPAddressRangeStart "{PA_RANGE[0]}" -IPAddressRangeEnd "{PA_RANGE[1]}"')
+    w.ctl("ip-pool", "create", "Default", "--network-site", "Virtualization", "--subnet", TRANSPORT_SUBNET,
+          "--range-start", PA_RANGE[0], "--range-end", PA_RANGE[1])
+
+    # --- tenants --------------------------------------------------------------------------
+    vsids: dict[str, int] = {}
+    for network, vms in (("Fabrikam2", ("TenantVM01", "TenantVM02")),
+                         ("Fabrikam3", ("TenantVM03", "TenantVM04"))):
+        w.step(f"Adding tenant network {network}: VM subnet {CA_PREFIX} and its CA pool")
+        w.cmdlet(f'${network.lower()}VMNetwork = New-SCVMNetwork -Name "{network}" -LogicalNetwork $virtualizationLogicalNetwork '
+                 '-IsolationType "WindowsNetworkVirtualization" -CAIPAddressPoolType "IPV4" -PAIPAddressPoolType "IPV4"')
+        w.ctl("vm-network", "create", network, "--logical-network", "Virtualization",
+              "--isolation", "WindowsNetworkVirtualization", "--ca-family", "IPv4", "--pa-family", "IPv4")
+        w.cmdlet(f'New-SCVMSubnet -Name "Default" -VMNetwork ${network.lower()}VMNetwork '
+                 f'-SubnetVLan (New-SCSubnetVLan -Subnet "{CA_PREFIX}")')
+        w.ctl("vm-subnet", "create", "Default", "--vm-network", network, "--prefix", CA_PREFIX)
+        w.cmdlet(f'New-SCStaticIPAddressPool -Name "Default" -VMSubnet ${network.lower()}VMSubnet -Subnet "{CA_PREFIX}" '
+                 f'-IPAddressRangeStart "{CA_RANGE[0]}" -IPAddressRangeEnd "{CA_RANGE[1]}"')
+        w.ctl("ip-pool", "create", "Default", "--vm-network", network, "--vm-subnet", "Default",
+              "--subnet", CA_PREFIX, "--range-start", CA_RANGE[0], "--range-end", CA_RANGE[1],
+              "--gateway", CA_GATEWAY)
+        vsids[network] = int(w.hnvctl.json("vm-subnet", "show", f"{network}/Default")["vsid"])
+        w.say(f"   {network}/Default has VSID {vsids[network]}")
+
+        w.step(f"Deploying {vms[0]} and {vms[1]} into {network}, one per host")
+        w.cmdlet(f'New-SCVirtualMachine -Name "{vms[0]}" -VMConfiguration $vmConfig ... (placement: {hv_a})')
+        w.ctl("vm", "create", vms[0], "--vm-network", network, "--host", hv_a)
+        w.ctl("vm", "create", vms[1], "--vm-network", network, "--host", hv_b)
+        w.wait_in_sync([hv_a, hv_b], f"{network.lower()}-vms")
+        w.cmdlet("Get-SCIPAddress")
+        w.ctl("ip", "list", "--vm-network", network)
+        w.ping_check(f"{network.lower()}-ping", vms[0], vms[1])
+
+    w.step("Looking at IP leases again: CA and PA addresses (Get-SCIPAddress)")
+    w.ctl("ip", "list")
+    leases = w.hnvctl.json("ip", "list")
+    cas = {lease["holder"]: lease["address"] for lease in leases if lease["kind"] == "CA"}
+    w.check("overlapping-customer-addresses",
+            cas.get("TenantVM01") == cas.get("TenantVM03") and cas.get("TenantVM01") is not None,
+            f"TenantVM01 (Fabrikam2) and TenantVM03 (Fabrikam3) both hold CA {cas.get('TenantVM01')} / {cas.get('TenantVM03')}")
+
+    w.step("Host configuration objects: lookup records and provider addresses, kernel next to VMM")
+    for host in (hv_a, hv_b):
+        w.cmdlet(f"Get-NetVirtualizationLookupRecord   (on {host}, read back from its kernel)")
+        kernel = agent_show("records", host, "json")
+        w.agent_view("records", host)
+        w.cmdlet(f"Get-NetVirtualizationProviderAddress   (on {host})")
+        w.agent_view("provider-addresses", host)
+        w.say(f"   VMM's view of {host}:")
+        w.ctl("lookup-records", "--host", host)
+        _compare_records(w, host, kernel)
+
+    w.step("Isolation: the same CA in two VM networks reaches only its own tenant")
+    target_ca = cas.get("TenantVM02")
+    w.say(f"   TenantVM02 (Fabrikam2) and TenantVM04 (Fabrikam3) both hold {target_ca}; "
+          "TenantVM01 pings it:")
+    seen = w.capture_each(
+        [("TenantVM02", "eth0"), ("TenantVM04", "eth0")], "icmp",
+        lambda: w.ping_check("fabrikam2-reaches-its-own", "TenantVM01", str(target_ca)))
+    requests = {link: len([f for f in frames if f.inner_dst == target_ca and "echo-request" in f.what])
+                for link, frames in seen.items()}
+    w.check("isolation-other-tenant-untouched",
+            requests["TenantVM02:eth0"] > 0 and requests["TenantVM04:eth0"] == 0,
+            f"echo requests for {target_ca} seen in TenantVM02 (Fabrikam2): {requests['TenantVM02:eth0']}, "
+            f"in TenantVM04 (Fabrikam3): {requests['TenantVM04:eth0']}")
+
+    w.step("PA count: hosts x VM networks, whatever the VM count")
+    pas_before = [lease for lease in w.hnvctl.json("ip", "list", "--kind", "PA")]
+    expected = len(vcluster.hosts) * 2
+    w.check("pa-count", len(pas_before) == expected,
+            f"{len(pas_before)} PAs for {len(vcluster.hosts)} hosts x 2 VM networks (expected {expected})")
+    w.cmdlet(f'New-SCVirtualMachine -Name "TenantVM05" ... (Fabrikam2, on {hv_a})')
+    w.ctl("vm", "create", "TenantVM05", "--vm-network", "Fabrikam2", "--host", hv_a)
+    w.wait_in_sync([hv_a, hv_b], "tenantvm05")
+    pas_after = w.hnvctl.json("ip", "list", "--kind", "PA")
+    w.ctl("ip", "list", "--kind", "PA")
+    w.check("no-new-pa-for-another-vm", len(pas_after) == len(pas_before),
+            f"{len(pas_after)} PAs after deploying TenantVM05 (was {len(pas_before)})")
+
+    w.step("The gateway record: the VM subnet's .1 answers on every host (distributed router)")
+    w.ping_check("gateway-ping", "TenantVM01", CA_GATEWAY)
+    w.ping_check("gateway-ping-other-host", "TenantVM02", CA_GATEWAY)
+
+    w.step(f"Migration: TenantVM05 moves from {hv_a} to {hv_b}; every host's lookup records follow")
+    w.ping_check("ping-before-migration", "TenantVM01", "TenantVM05")
+    w.cmdlet(f'Move-SCVirtualMachine -VM "TenantVM05" -VMHost {hv_b}')
+    w.ctl("vm", "migrate", "TenantVM05", "--host", hv_b)
+    w.wait_in_sync([hv_a, hv_b], "migration")
+    pa_b = next((lease["address"] for lease in pas_after
+                 if lease["holder"] == hv_b and lease.get("vm_network") == "Fabrikam2"), None)
+    records = _records(agent_show("records", hv_a, "json"))
+    ca05 = next((r.get("ca") for r in records if r.get("vm_name") == "TenantVM05"), None)
+    row = next((r for r in records if r.get("vm_name") == "TenantVM05"), None)
+    w.agent_view("records", hv_a)
+    w.check("record-follows-migration", row is not None and str(row.get("pa")) == str(pa_b),
+            f"on {hv_a} the kernel maps TenantVM05 ({ca05}) to PA {row.get('pa') if row else None} "
+            f"({hv_b}'s Fabrikam2 PA is {pa_b})")
+    w.ping_check("ping-after-migration", "TenantVM01", "TenantVM05")
+
+    w.step("On the wire: a capture on the physical switch, decoded")
+    ports = _switch_ports(topology, hv_a)
+    w.say(f"   capturing on {', '.join(f'{ns}:{ifname}' for ns, ifname in ports)} "
+          f"({hv_a}'s NICs) while TenantVM01 pings TenantVM02")
+    frames = w.capture_while(ports, f"vlan {TRANSPORT_VLAN} and ip proto 47",
+                             lambda: ping(topology, "TenantVM01", "TenantVM02", count=3))
+    nvgre = [f for f in frames if f.encapsulation == "nvgre"]
+    for frame in nvgre[:4]:
+        w.say("     wire: " + frame.line())
+    pa_of = {(lease["holder"], lease.get("vm_network")): lease["address"] for lease in pas_after}
+    expected_pas = {pa_of.get((hv_a, "Fabrikam2")), pa_of.get((hv_b, "Fabrikam2"))}
+    expected_cas = {cas.get("TenantVM01"), cas.get("TenantVM02")}
+    good = [f for f in nvgre if TRANSPORT_VLAN in f.vlans and f.vsid == vsids["Fabrikam2"]
+            and {f.outer_src, f.outer_dst} == expected_pas and {f.inner_src, f.inner_dst} == expected_cas]
+    w.check("nvgre-on-the-wire", bool(good) and len(good) == len(nvgre),
+            f"{len(good)}/{len(nvgre)} frames: 802.1Q VLAN {TRANSPORT_VLAN}, GRE key VSID "
+            f"{vsids['Fabrikam2']} (Fabrikam2), PAs {sorted(filter(None, expected_pas))}, "
+            f"CAs {sorted(filter(None, expected_cas))}")
+
+
+def _records(result: Result) -> list[dict]:
+    if not result.ok:
+        return []
+    try:
+        data = json.loads(result.output)
+    except json.JSONDecodeError:
+        return []
+    return data if isinstance(data, list) else data.get("records", [])
+
+
+def _compare_records(w: Walkthrough, host: str, kernel: Result) -> None:
+    def key(r: dict) -> tuple[str, str, str, str]:
+        return (str(r.get("vsid")), str(r.get("ca")), str(r.get("mac")).lower(), str(r.get("pa")))
+
+    controller = {key(r) for r in w.hnvctl.json("lookup-records", "--host", host) if r.get("type") == "Static"}
+    in_kernel = {key(r) for r in _records(kernel) if r.get("type", "Static") == "Static"}
+    missing, extra = controller - in_kernel, in_kernel - controller
+    w.check(f"records-{host}", kernel.ok and bool(controller) and not missing and not extra,
+            f"{len(in_kernel)} records in the kernel, {len(controller)} from VMM"
+            + (f"; missing {sorted(missing)}" if missing else "")
+            + (f"; unexpected {sorted(extra)}" if extra else "")
+            + ("" if kernel.ok else f"; hnv-agent show failed: {kernel.output.strip()}"))
+
+
+def _switch_ports(topology: Topology, host_name: str) -> list[tuple[str, str]]:
+    host = topology.host(host_name)
+    assert host is not None
+    return [(topology.switch.namespace, topology.switch_port(host, nic)) for nic in host.nics]
+
+
+def main(topology: Topology, *, keep: bool = False, topology_source: str = "seed",
+         workdir: Path | None = None) -> int:
+    from netns_lab.cli import lab_down, lab_up
+
+    started = time.monotonic()
+    print(f"hnv-lab demo: the seed walkthrough on lab {topology.name} "
+          f"({len(topology.hosts)} hosts, switch {topology.switch.namespace})", flush=True)
+    record = None
+    w = None
+    failure = None
+    try:
+        record = lab_up(topology, workdir=workdir, topology_source=topology_source)
+        w = Walkthrough(topology, record, Hnvctl(topology, record), started=started)
+        run_walkthrough(w)
+    except (StepFailed, LabError) as exc:
+        failure = str(exc)
+    finally:
+        checks = w.checks if w else []
+        passed = sum(c.ok for c in checks)
+        failed = [c for c in checks if not c.ok]
+        if failure:
+            print(f"\n[FAIL] step: {failure}\n       the walkthrough stopped here: every later step builds on this one",
+                  flush=True)
+        if record is not None:
+            print(f"\nlogs: {record.workdir}/logs", flush=True)
+            if failure or failed:
+                for entry in record.processes:
+                    if not processes.is_alive(entry):
+                        print(f"   {entry.role} {entry.name} is not running; last lines of {entry.log}:\n"
+                              + indent(processes.tail(entry.log), 6), flush=True)
+        if not keep and record is not None:
+            removed = lab_down(topology)
+            print(f"down: removed {len(removed)} processes and namespaces (--keep leaves the lab up)", flush=True)
+        print(f"\ndemo: {passed} checks passed, {len(failed)} failed"
+              + (", walkthrough stopped early" if failure else "")
+              + f" in {time.monotonic() - started:.0f} s", flush=True)
+        for check in failed:
+            print(f"   FAILED {check.name}: {check.detail}", flush=True)
+    return 0 if not failure and not failed and checks else 1
