@@ -14,8 +14,9 @@ fabric rules and never prints; it never logs the token.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -171,6 +172,29 @@ class ControllerClient:
 
     def hosts(self) -> list[HostSync]:
         return [parse_answer(HostSync, obj) for obj in self.request("GET", "/v1/hosts")]
+
+    def wait_in_sync(
+        self, hosts: Iterable[str] | None = None, timeout: float = 60.0, interval: float = 0.25
+    ) -> tuple[bool, list[HostSync]]:
+        """Poll until every named host (default: all) is InSync, or the time is up.
+
+        Returns (all in sync, the last rows of those hosts). An unknown host name is a
+        refusal, not a wait: it would never become InSync.
+        """
+        wanted = set(hosts) if hosts is not None else None
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.hosts()
+            if wanted is not None:
+                missing = sorted(wanted - {row.name for row in rows})
+                if missing:
+                    raise ApiRefused(404, f"host {missing[0]} does not exist", "host", "no such host to wait for")
+                rows = [row for row in rows if row.name in wanted]
+            if all(row.sync == "InSync" for row in rows):
+                return True, rows
+            if time.monotonic() >= deadline:
+                return False, rows
+            time.sleep(interval)
 
     def set_virtual_switch(self, host: str, body: dict[str, Any] | BaseModel) -> VirtualSwitch:
         answer = self.request("PUT", f"{_item_path(Kind.host, host)}/virtual-switch", json=_json_body(body))

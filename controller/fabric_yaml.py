@@ -491,8 +491,44 @@ def check_references(document: FabricDocument, live: dict[Kind, dict[str, BaseMo
                 )
         if isinstance(spec, IpPoolDoc):
             problems += _pool_inside_owner(item, spec, known)
+        elif isinstance(spec, (VmNetworkDoc, VmSubnetDoc)):
+            problems += _isolation_fits(item, spec, known)
     problems += _host_group_cycles(document, known[Kind.host_group])
     return problems
+
+
+def _isolation_fits(item: Located, spec: BaseModel, known: dict[Kind, dict[str, Any]]) -> list[str]:
+    """The two isolation mistakes a document makes most, caught before any write: a
+    network-virtualised VM network on a logical network without network
+    virtualisation, and a VLAN VM subnet whose subnet+VLAN no site of its logical
+    network offers. (The controller checks these too; here they cost no write.)"""
+    if isinstance(spec, VmNetworkDoc):
+        logical = known[Kind.logical_network].get(spec.logical_network)
+        if (
+            spec.isolation is models.Isolation.WindowsNetworkVirtualization
+            and logical is not None
+            and not logical.network_virtualization
+        ):
+            return [
+                f"{item.where}.isolation: logical network {spec.logical_network} does not allow network "
+                "virtualisation (set its networkVirtualization, or choose isolation VLAN or NoIsolation)"
+            ]
+        return []
+    network = known[Kind.vm_network].get(spec.vm_network)
+    if network is None or network.isolation is not models.Isolation.VLAN or spec.vlan is None:
+        return []
+    offered = [
+        (str(pair.subnet), pair.vlan)
+        for site in known[Kind.network_site].values()
+        if site.logical_network == network.logical_network
+        for pair in site.subnet_vlans
+    ]
+    if (str(spec.prefix), spec.vlan) in offered:
+        return []
+    return [
+        f"{item.where}.vlan: {spec.prefix} on VLAN {spec.vlan} is not a subnet/VLAN of logical network "
+        f"{network.logical_network} (its sites offer: {', '.join(f'{s} VLAN {v}' for s, v in offered) or 'none'})"
+    ]
 
 
 def _pool_inside_owner(item: Located, pool: IpPoolDoc, known: dict[Kind, dict[str, Any]]) -> list[str]:

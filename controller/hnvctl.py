@@ -448,7 +448,21 @@ def cmd_lookup_records(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_hosts(ctx: Context, args: argparse.Namespace) -> int:
-    ctx.out.emit([host.model_dump(mode="json") for host in ctx.client.hosts()], HOSTS_COLUMNS)
+    if args.wait is None:
+        ctx.out.emit([host.model_dump(mode="json") for host in ctx.client.hosts()], HOSTS_COLUMNS)
+        return EXIT_OK
+    in_sync, rows = ctx.client.wait_in_sync(args.host, timeout=args.wait)
+    ctx.out.emit([host.model_dump(mode="json") for host in rows], HOSTS_COLUMNS)
+    if in_sync:
+        return EXIT_OK
+    behind = [f"{row.name} ({row.sync}: {row.reason})" for row in rows if row.sync != "InSync"]
+    raise ControllerUnavailable(f"not in sync after {args.wait:g} s: {'; '.join(behind)}")
+
+
+def cmd_host_state(ctx: Context, args: argparse.Namespace) -> int:
+    """The HostState the controller compiled for a host: what its agent is told to hold."""
+    state = ctx.client.host_state(args.host)
+    print(json.dumps(state.model_dump(mode="json"), indent=2), file=ctx.out.stdout)
     return EXIT_OK
 
 
@@ -643,6 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
             switch.add_argument("--management-vm-network", help="create the management adapter on this VM network")
             switch.add_argument("--management-adapter-name", default="Management")
             switch.set_defaults(run=cmd_set_switch)
+            state = verbs.add_parser("state", help="the host state compiled for the host's agent (JSON)", parents=[common])
+            state.add_argument("host")
+            state.set_defaults(run=cmd_host_state)
             remove = verbs.add_parser("remove-switch", help="remove the host's virtual switch", parents=[common])
             remove.add_argument("host")
             remove.set_defaults(run=cmd_remove_switch)
@@ -665,6 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     lookup.add_argument("--vsid", type=_vsid, help="only this VirtualSubnetID")
     lookup.set_defaults(run=cmd_lookup_records)
     hosts = groups.add_parser("hosts", help="hosts and their sync status", parents=[common])
+    hosts.add_argument("--wait", type=_seconds, metavar="SECONDS", help="wait until the hosts are InSync (exit 1 if not in time)")
+    hosts.add_argument("--host", action="append", help="with --wait: only these hosts (repeat)")
     hosts.set_defaults(run=cmd_hosts)
     apply = groups.add_parser("apply", help="make the fabric hold a document (idempotent)", parents=[common])
     apply.add_argument("-f", "--file", action="append", required=True, help="fabric YAML ('-' for stdin; repeat for several)")
@@ -672,6 +691,16 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--prune", action="store_true", help="also delete live objects the documents do not state")
     apply.set_defaults(run=cmd_apply)
     return parser
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text} is outside 0..86400 seconds")
+    return value
 
 
 def _filter(text: str) -> tuple[str, str]:

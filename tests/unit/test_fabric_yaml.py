@@ -74,7 +74,7 @@ def test_prefix_with_host_bits_names_the_path():
         ("hostGroups: [{name: G, colour: red}]", "fabric.yaml: hostGroups[0].colour: unknown field"),
         ("tenants: []", "fabric.yaml: tenants: unknown section"),
         (
-            "logicalNetworks:\n  - name: L\n    sites:\n      - name: S\n        hostGroups: [All Hosts]\n"
+            "logicalNetworks:\n  - name: L\n    networkVirtualization: true\n    sites:\n      - name: S\n        hostGroups: [All Hosts]\n"
             "        subnetVlans: [{subnet: 10.80.2.0/24, vlan: 5000}]\n",
             "fabric.yaml: logicalNetworks[0].sites[0].subnetVlans[0].vlan: 5000 is out of range",
         ),
@@ -109,7 +109,7 @@ def test_a_pool_outside_its_owner_is_refused_before_any_write():
     document = load_fabric(
         "vmNetworks:\n  - name: T\n    logicalNetwork: L\n    subnets:\n      - name: Default\n"
         "        prefix: 192.168.0.0/24\n        ipPools: [{name: P, rangeStart: 192.168.1.10, rangeEnd: 192.168.1.20}]\n"
-        "logicalNetworks:\n  - name: L\n    sites:\n      - name: S\n        hostGroups: [All Hosts]\n"
+        "logicalNetworks:\n  - name: L\n    networkVirtualization: true\n    sites:\n      - name: S\n        hostGroups: [All Hosts]\n"
         "        subnetVlans: [{subnet: 10.80.2.0/24, vlan: 802}]\n"
         "        ipPools: [{name: PA, rangeStart: 10.80.2.20, rangeEnd: 10.80.3.250}]\n",
         "f.yaml",
@@ -118,6 +118,25 @@ def test_a_pool_outside_its_owner_is_refused_before_any_write():
         "f.yaml: logicalNetworks[0].sites[0].ipPools[0].rangeEnd: 10.80.3.250 is outside network site S (10.80.2.0/24)",
         "f.yaml: vmNetworks[0].subnets[0].ipPools[0].rangeStart: 192.168.1.10 is outside "
         "VM subnet T/Default (192.168.0.0/24)",
+    ]
+
+
+def test_isolation_must_fit_the_logical_network():
+    document = seed()
+    document.extend(
+        load_fabric(
+            "vmNetworks:\n"
+            "  - {name: Wrong, logicalNetwork: Tenants, isolation: WindowsNetworkVirtualization}\n"
+            "  - name: TenantC\n    logicalNetwork: Tenants\n    isolation: VLAN\n"
+            "    subnets: [{name: Default, prefix: 172.16.102.0/24, vlan: 102}]\n",
+            "more.yaml",
+        )
+    )
+    assert check_references(document, {}) == [
+        "more.yaml: vmNetworks[0].isolation: logical network Tenants does not allow network virtualisation "
+        "(set its networkVirtualization, or choose isolation VLAN or NoIsolation)",
+        "more.yaml: vmNetworks[1].subnets[0].vlan: 172.16.102.0/24 on VLAN 102 is not a subnet/VLAN of logical "
+        "network Tenants (its sites offer: 172.16.100.0/24 VLAN 100, 172.16.101.0/24 VLAN 101)",
     ]
 
 

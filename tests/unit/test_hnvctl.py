@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.state import parse_host_state
 from controller.client import ControllerClient
 from controller.hnvctl import main
 from tests.lib.controller import CHECKOUT, LiveController, free_port
@@ -190,6 +191,17 @@ def test_hosts_show_sync_status_moving_with_the_agents_report(hnvctl, ctl):
     line = next(l for l in out.splitlines() if l.startswith("CON-HyperV6 "))
     assert line.split()[:5] == ["CON-HyperV6", "VIRTUALCLUSTER", "InSync", str(desired), str(desired)]
     assert out.splitlines()[0].split() == ["Name", "Cluster", "Sync", "Desired", "Applied", "Reason"]
+    assert hnvctl.json("hosts", "--wait", "10", "--host", "CON-HyperV6")[0]["sync"] == "InSync"
+    code, out, err = hnvctl("hosts", "--wait", "0.3", "--host", "CON-HyperV6", "--host", "CON-HyperV7")
+    assert code == 1 and "CON-HyperV7" in out
+    assert one_line(err).startswith("hnvctl: not in sync after 0.3 s: CON-HyperV7 (Pending: ")
+
+
+def test_host_state_is_the_compiled_host_state(hnvctl):
+    state = parse_host_state(hnvctl.ok("host", "state", "CON-HyperV7"))
+    assert state.host == "CON-HyperV7" and state.provider.vlan == 802
+    assert {rd.name for rd in state.routing_domains} == {"Fabrikam2", "Fabrikam3"}
+    assert {port.name for port in state.ports} >= {"TenantVM02", "TenantVM04"}
 
 
 # --- VMs ----------------------------------------------------------------------------------
@@ -257,8 +269,13 @@ BAD_DOCUMENTS = {
         "vms[0].vmNetwork: VM network Fabrikam9 is not in the document nor on the controller",
     ),
     "fixed field": (
-        "vmNetworks: [{name: Fabrikam2, logicalNetwork: Management}]\n",
-        "vmNetworks[0].logicalNetwork: VM network Fabrikam2 has logicalNetwork Virtualization on the controller",
+        "logicalNetworks: [{name: Virtualization, networkVirtualization: true, encapsulation: vxlan}]\n",
+        "logicalNetworks[0].encapsulation: logical network Virtualization has encapsulation nvgre on the controller "
+        "and it cannot change after create",
+    ),
+    "isolation": (
+        "vmNetworks: [{name: Fabrikam9, logicalNetwork: Management, isolation: WindowsNetworkVirtualization}]\n",
+        "vmNetworks[0].isolation: logical network Management does not allow network virtualisation",
     ),
 }
 
