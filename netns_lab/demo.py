@@ -302,7 +302,7 @@ def part1_document(topology: Topology) -> dict[str, Any]:
             document["hosts"].append({
                 "name": host.name, "cluster": cluster.name,
                 "managementAddress": topology.management_interface(host), "nics": list(host.nics),
-                "virtualSwitch": {"logicalSwitch": switch, "managementVmNetwork": "Management"}})
+                "virtualSwitch": {"logicalSwitch": switch, "managementAdapter": {"vmNetwork": "Management"}}})
     return document
 
 
