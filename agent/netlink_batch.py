@@ -76,6 +76,7 @@ NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 NLM_F_APPEND = 0x800
 NLM_F_ACK_TLVS = 0x200  # on an NLMSG_ERROR: extended-ack attributes follow
+NLM_F_DUMP_INTR = 0x10  # on a dump message: the table changed while it was being dumped
 NLMSGERR_ATTR_MSG = 1
 
 NDA_DST = 1
@@ -111,6 +112,8 @@ _MAX_MESSAGES_PER_SEND = 4096
 # What we ask for with SO_RCVBUFFORCE / SO_SNDBUFFORCE (root); plain SO_*BUF otherwise.
 _SOCKET_BUFFER = 32 << 20
 _ZERO_MAC = "00:00:00:00:00:00"
+# A dump the kernel marks as interrupted is taken again, this many times at most.
+_DUMP_ATTEMPTS = 3
 
 
 # --- the entries ---------------------------------------------------------------------
@@ -297,6 +300,7 @@ class NeighbourSocket:
         self._sock = _create_in_netns(netns, lambda: _open_rtnetlink(receive_buffer))
         self._recv_buffer = bytearray(max(bufsize, 1 << 16))
         self._seq = 0
+        self._interrupted = False  # set by _dump when the kernel flags NLM_F_DUMP_INTR
 
     # -- writes -------------------------------------------------------------------------
 
@@ -419,6 +423,25 @@ class NeighbourSocket:
         + "permanent" without a ``dst``: multicast and unicast filters). The agent never
         owns those.
         """
+        return self._consistent("FDB", lambda: self._parse_fdb(ifindexes))
+
+    def dump_neigh(self, ifindexes: set[int] | None = None, family: int | None = None) -> list[NeighEntry]:
+        """Permanent (NUD_PERMANENT) neighbours on the devices in ``ifindexes`` (all if
+        None), IPv4 and IPv6 unless ``family`` (socket.AF_INET / AF_INET6) says which."""
+        return self._consistent("neighbour", lambda: self._parse_neigh(ifindexes, family))
+
+    def _consistent(self, what: str, parse: Callable[[], list]) -> list:
+        """``parse()`` again while the kernel says the table changed during the dump: a
+        plan made from a torn view could delete an entry that exists."""
+        for _attempt in range(_DUMP_ATTEMPTS):
+            self._interrupted = False
+            entries = parse()
+            if not self._interrupted:
+                return entries
+        raise NetlinkBatchError(errno_codes.EAGAIN, f"the {what} table kept changing during "
+                                f"{_DUMP_ATTEMPTS} dumps in a row; try again")
+
+    def _parse_fdb(self, ifindexes: set[int] | None) -> list[FdbEntry]:
         entries: list[FdbEntry] = []
         append = entries.append
         unpack_ndmsg = _NDMSG.unpack_from
@@ -455,9 +478,7 @@ class NeighbourSocket:
             append(FdbEntry(ifindex, mac, master, dst, vlan, static))
         return entries
 
-    def dump_neigh(self, ifindexes: set[int] | None = None, family: int | None = None) -> list[NeighEntry]:
-        """Permanent (NUD_PERMANENT) neighbours on the devices in ``ifindexes`` (all if
-        None), IPv4 and IPv6 unless ``family`` (socket.AF_INET / AF_INET6) says which."""
+    def _parse_neigh(self, ifindexes: set[int] | None, family: int | None) -> list[NeighEntry]:
         entries: list[NeighEntry] = []
         append = entries.append
         unpack_ndmsg = _NDMSG.unpack_from
@@ -507,10 +528,12 @@ class NeighbourSocket:
                 raise NetlinkBatchError(exc.errno, f"netlink dump of family {family}: {exc.strerror}") from None
             offset = 0
             while offset + _HEADER_SIZE <= length:
-                msg_len, kind, _flags, msg_seq, _pid = unpack_header(buffer, offset)
+                msg_len, kind, msg_flags, msg_seq, _pid = unpack_header(buffer, offset)
                 if msg_len < _HEADER_SIZE:
                     break
                 if msg_seq == seq:
+                    if msg_flags & NLM_F_DUMP_INTR:
+                        self._interrupted = True
                     if kind == NLMSG_DONE:
                         return
                     if kind == NLMSG_ERROR:
