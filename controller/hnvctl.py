@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass
@@ -275,7 +276,7 @@ def flags_given(args: argparse.Namespace, kind: Kind) -> dict[str, Any]:
 def _subnet_vlan(text: str) -> dict[str, Any]:
     """'10.80.2.0/24:802' -> {'subnet': '10.80.2.0/24', 'vlan': 802}; no ':' is VLAN 0."""
     subnet, sep, vlan = text.rpartition(":")
-    if not sep or ("." not in subnet and "::" not in text):
+    if not sep or "/" not in subnet:  # no VLAN part (an IPv6 prefix has ':' too, before its '/')
         return {"subnet": text, "vlan": 0}
     if not vlan.isdigit():
         raise UsageError(f"--subnet-vlan: {text!r}: VLAN {vlan!r} is not a number (use SUBNET:VLAN)")
@@ -287,12 +288,15 @@ def _flag_problem(problem: str) -> str:
     head, sep, rest = problem.partition(": ")
     if not sep:
         return problem
-    field, _, tail = head.partition(".")
-    field = field.split("[")[0]
-    snake = "".join("_" + c.lower() if c.isupper() else c for c in field)
-    if snake in SINGULAR or snake in object_fields_any():
-        return f"{flag_of(snake)}: {rest}" if not tail else f"{flag_of(snake)} ({tail}): {rest}"
-    return problem
+    match = re.match(r"^([A-Za-z_]+)(?:\[(\d+)\])?(?:\.(.+))?$", head)
+    if match is None:
+        return problem
+    field, index, tail = match.groups()
+    snake = re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), field)
+    if snake not in object_fields_any():
+        return problem
+    flag = flag_of(snake) + (f" #{int(index) + 1}" if index is not None else "")  # which repetition
+    return f"{flag} ({tail}): {rest}" if tail else f"{flag}: {rest}"
 
 
 def object_fields_any() -> set[str]:
