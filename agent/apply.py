@@ -134,7 +134,7 @@ def in_netns(netns: str | None, func: Callable[[], Any]) -> Any:
 
     def run() -> None:
         try:
-            pyroute2_netns.setns(netns)
+            pyroute2_netns.setns(netns, flags=0)  # never create it by accident
             result["value"] = func()
         except BaseException as exc:  # handed to the caller's thread
             result["error"] = exc

@@ -226,14 +226,18 @@ def _add_records(state: HostState, want: KernelState, local_pas: set[str],
             want.add(Neighbour(bridge, str(record.ca), record.mac))
     if provider is None:
         return
-    for vsid, endpoints in sorted(remotes.items()):
-        rd = state.routing_domain_of(vsid)
-        local = provider.address_for(rd.name) if rd else None
+    for rd in state.routing_domains:
+        local = provider.address_for(rd.name)
         if local is None:
             continue
-        for obj in tunnel_objects(provider.encapsulation.value, vsid, str(local),
-                                  naming.vsid_bridge(vsid), tenant_mtu(state, vsid), endpoints):
-            want.add(obj)
+        # The peers of a VM network: every remote PA behind any of its subnets.
+        vsids = [subnet.vsid for subnet in rd.subnets]
+        peers = {e.pa for vsid in vsids for e in remotes.get(vsid, [])}
+        for vsid in vsids:
+            for obj in tunnel_objects(provider.encapsulation.value, vsid, str(local),
+                                      naming.vsid_bridge(vsid), tenant_mtu(state, vsid),
+                                      remotes.get(vsid, []), peers):
+                want.add(obj)
 
 
 # --- the plan --------------------------------------------------------------------------

@@ -97,12 +97,21 @@ def tunnel_objects(
     bridge: str,
     mtu: int,
     remotes: list[RemoteEndpoint],
+    peers: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> list[Link | Fdb]:
-    """Tunnel devices and FDB entries carrying `remotes` of one VSID from `local_pa`."""
+    """Tunnel devices and FDB entries carrying `remotes` of one VSID from `local_pa`.
+
+    `peers` are the PAs of the other hosts of the VM network: a tunnel to each exists in
+    every VSID of the network, even with no remote VM of this VSID behind it. The
+    distributed router needs that on the *receiving* side: a host routes a packet into
+    the destination's VSID before encapsulating it, so a frame keyed with VSID 2 arrives
+    from a host that has VMs only in VSID 1, and the kernel accepts a GRE packet only on
+    a tunnel matching its (local, remote, key)."""
     objects: list[Link | Fdb] = []
-    if not remotes:
+    if not remotes and not peers:
         return objects
     if encapsulation == "vxlan":
+        # VXLAN receives by VNI from any source: one device serves every peer.
         device = vxlan_device(vsid, local_pa, bridge, mtu)
         objects.append(device)
         for remote in remotes:
@@ -110,12 +119,11 @@ def tunnel_objects(
             objects.append(Fdb(device=device.name, mac=remote.mac, dst=remote.pa))
         return objects
     tunnels: dict[str, Link] = {}
+    for pa in sorted(set(peers) | {remote.pa for remote in remotes}):
+        tunnels[pa] = nvgre_tunnel(vsid, local_pa, pa, bridge, mtu)
+        objects.append(tunnels[pa])
     for remote in remotes:
-        tunnel = tunnels.get(remote.pa)
-        if tunnel is None:
-            tunnel = tunnels[remote.pa] = nvgre_tunnel(vsid, local_pa, remote.pa, bridge, mtu)
-            objects.append(tunnel)
-        objects.append(Fdb(device=bridge, mac=remote.mac, port=tunnel.name))
+        objects.append(Fdb(device=bridge, mac=remote.mac, port=tunnels[remote.pa].name))
     return objects
 
 

@@ -170,3 +170,18 @@ def test_management_address_moves_off_the_team_members():
     have.add(Address("eth0", "10.0.0.16/24"))
     lines = diff(want, have).describe().splitlines()
     assert lines == ["add address 10.0.0.16/24 on hnv-sw", "delete address 10.0.0.16/24 on eth0"]
+
+
+def test_every_subnet_of_a_vm_network_gets_a_tunnel_to_every_peer():
+    """Distributed router, receiving side: a peer routes into our second subnet and sends
+    the frame keyed with that subnet's VSID, although no remote VM lives in it."""
+    second = 3535906
+
+    def two_subnets(doc):
+        doc["routing_domains"][0]["subnets"].append(
+            {"name": "Second", "vsid": second, "prefix": "192.168.1.0/24", "gateway": "192.168.1.1"})
+    want = desired_kernel_state(state(two_subnets))
+    tunnel = naming.nvgre_tunnel(second, "10.80.2.20", "10.80.2.21")
+    assert want.links[tunnel].master == naming.vsid_bridge(second)
+    assert want.links[tunnel].option("ikey") == second << 8
+    assert not [f for f in want.fdb.values() if f.port == tunnel]  # no MAC behind it
