@@ -731,9 +731,16 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
         return int(exc.code or 0)
     url = getattr(args, "controller", None) or environ.get("HNV_CONTROLLER") or DEFAULT_CONTROLLER
     out = Output(getattr(args, "output", None) or "table", stdout)
+    try:
+        if not url.startswith(("http://", "https://")):
+            raise UsageError(f"--controller: {url!r} is not an http:// or https:// URL")
+        token = read_token(getattr(args, "token_file", None), environ)
+    except (UsageError, ControllerError) as exc:
+        print(f"hnvctl: {exc}", file=stderr)
+        return EXIT_BAD_INPUT
 
     def connect() -> ControllerClient:
-        return ControllerClient(url, read_token(getattr(args, "token_file", None), environ))
+        return ControllerClient(url, token)
 
     ctx = Context(connect, out)
     try:
@@ -743,7 +750,7 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
         return EXIT_BAD_INPUT
     except ApiRefused as exc:
         hint = ""
-        if exc.status == 401 and not read_token(getattr(args, "token_file", None), environ):
+        if exc.status == 401 and not token:
             hint = " (hnvctl sent none: give --token-file, or set HNV_TOKEN_FILE or HNV_TOKEN)"
         print(f"hnvctl: {exc.one_line()}{hint}", file=stderr)
         return EXIT_BAD_INPUT

@@ -329,6 +329,18 @@ def test_a_refusal_midway_says_what_was_done(hnvctl, tmp_path):
     assert hnvctl.ok("host-group", "delete", "Midway") == "deleted host group Midway\n"
 
 
+def test_prune_deletes_what_the_documents_omit_children_first(hnvctl):
+    hnvctl.ok("host-group", "create", "Doomed")
+    hnvctl.ok("host-group", "create", "DoomedChild", "--parent", "Doomed")
+    out = hnvctl.ok("apply", "-f", str(SEED), "-f", str(TENANTS), "--prune")
+    assert out.splitlines() == [
+        "- host group DoomedChild",
+        "- host group Doomed",
+        f"applied 2 changes from {SEED}, {TENANTS}",
+    ]
+    assert not {"Doomed", "DoomedChild"} & {g["name"] for g in hnvctl.json("host-group", "list")}
+
+
 def test_unreachable_controller_is_exit_1(hnvctl):
     code, out, err = hnvctl("hosts", controller=f"http://127.0.0.1:{free_port()}")
     assert code == 1 and out == ""
