@@ -22,16 +22,15 @@ from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
+from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
 from scapy.packet import Packet
 from scapy.utils import PcapReader
 
+from agent.nvgre import decapsulate
 from netns_lab.build import LabError, namespace_exists
 from netns_lab.topology import Topology
 
-IPPROTO_GRE = 47
-ETH_P_TEB = 0x6558
 VXLAN_PORT = 4789
 
 
@@ -80,7 +79,9 @@ class DecodedFrame:
 
 
 def _what(frame: Packet) -> tuple[str | None, str | None, str]:
-    if ICMP in frame:
+    # Only the outermost IP header counts: a GRE packet that is not NVGRE still holds
+    # an ICMP layer deeper inside, which is not what this frame is.
+    if IP in frame and frame[IP].proto == 1 and ICMP in frame:
         icmp = frame[ICMP]
         kind = {0: "echo-reply", 8: "echo-request", 3: "unreachable"}.get(int(icmp.type), f"type {icmp.type}")
         return frame[IP].src, frame[IP].dst, f"ICMP {kind}"
@@ -103,22 +104,20 @@ def decode(packet: Packet) -> DecodedFrame:
         layer = layer[Dot1Q]
         vlans.append(int(layer.vlan))
         layer = layer.payload
-    if IP in packet and packet[IP].proto == IPPROTO_GRE and GRE in packet:
-        gre = packet[GRE]
-        if gre.proto == ETH_P_TEB and gre.key_present and not gre.chksum_present and not gre.seqnum_present:
-            inner = gre.payload if isinstance(gre.payload, Ether) else Ether(bytes(gre.payload))
-            key = int(gre.key)
-            src, dst, what = _what(inner)
-            return DecodedFrame(tuple(vlans), "nvgre", key >> 8, key & 0xFF,
-                                packet[IP].src, packet[IP].dst, src, dst, what)
+    nvgre = decapsulate(packet)  # agent.nvgre: the RFC 7637 rules, IPv4 or IPv6 outside
+    if nvgre is not None:
+        src, dst, what = _what(nvgre.inner)
+        return DecodedFrame(tuple(vlans), "nvgre", nvgre.vsid, nvgre.flow_id,
+                            nvgre.outer_src, nvgre.outer_dst, src, dst, what)
     if UDP in packet and packet[UDP].dport == VXLAN_PORT:
         vxlan = packet[UDP].payload
         if not isinstance(vxlan, VXLAN):
             vxlan = VXLAN(bytes(vxlan))
         inner = vxlan.payload if isinstance(vxlan.payload, Ether) else Ether(bytes(vxlan.payload))
         src, dst, what = _what(inner)
+        outer = packet[IP] if IP in packet else packet[IPv6]
         return DecodedFrame(tuple(vlans), "vxlan", int(vxlan.vni), None,
-                            packet[IP].src, packet[IP].dst, src, dst, what)
+                            outer.src, outer.dst, src, dst, what)
     src, dst, what = _what(packet)
     return DecodedFrame(tuple(vlans), None, None, None, None, None, src, dst, what)
 

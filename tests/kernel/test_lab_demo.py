@@ -1,0 +1,159 @@
+"""The lab end to end: `hnv-lab demo` passes every check of the seed walkthrough, and
+`down` leaves no namespace, root-namespace link or process behind (also after a crash).
+
+Runs on a kernel with gretap, 802.1Q, bonding, VRF and VLAN filtering (the kernel tier's
+VM here). The demo is the real thing: seven host namespaces, the controller and seven
+agents as processes talking HTTP over the lab's management network, tenant pings inside
+NVGRE, captures decoded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from netns_lab.build import LabRecord
+from netns_lab.topology import load_topology
+
+TOPOLOGY = load_topology()
+HNV_LAB = [sys.executable, "-m", "netns_lab.cli"]
+
+# Every claim of the walkthrough the demo must have checked and passed.
+REQUIRED_CHECKS = (
+    "in-sync-part1",
+    "vlan-100-ping",
+    "vlan-100-tagged-on-the-wire",
+    "vlan-101-cannot-reach-vlan-100",
+    "management-address-moved-to-switch",
+    "management-network-after-team",
+    "fabrikam2-ping",
+    "fabrikam3-ping",
+    "overlapping-customer-addresses",
+    "records-CON-HyperV6",
+    "records-CON-HyperV7",
+    "fabrikam2-reaches-its-own",
+    "isolation-other-tenant-untouched",
+    "pa-count",
+    "no-new-pa-for-another-vm",
+    "gateway-ping",
+    "record-follows-migration",
+    "ping-after-migration",
+    "nvgre-on-the-wire",
+)
+
+
+def _namespaces() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines()}
+
+
+def _processes() -> dict[int, str]:
+    """User-space processes (kernel threads have no command line), pid -> command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except OSError:
+                continue
+            if cmdline:
+                found[int(entry.name)] = cmdline
+    return found
+
+
+def _snapshot() -> tuple[set[str], set[str], dict[int, str]]:
+    return _namespaces(), _root_links(), _processes()
+
+
+def _assert_nothing_left(before: tuple[set[str], set[str], dict[int, str]]) -> None:
+    namespaces, links, procs = before
+    assert _namespaces() == namespaces, "namespaces left behind or removed"
+    assert _root_links() == links, "links in the root namespace changed"
+    me = os.getpid()
+    left = {pid: cmd for pid, cmd in _processes().items() if pid not in procs and pid != me}
+    assert not left, f"processes left behind: {left}"
+
+
+@pytest.fixture
+def clean_lab():
+    """A lab that is down before and after the test, whatever the test did."""
+    subprocess.run([*HNV_LAB, "down"], capture_output=True, timeout=120, check=False)
+    yield
+    subprocess.run([*HNV_LAB, "down"], capture_output=True, timeout=120, check=False)
+
+
+def test_demo_passes_every_check_and_down_leaves_nothing(clean_lab, tmp_path):
+    before = _snapshot()
+    started = time.monotonic()
+    proc = subprocess.run([*HNV_LAB, "demo"], capture_output=True, text=True, timeout=1500, check=False)
+    output = proc.stdout + proc.stderr
+    (tmp_path / "demo.txt").write_text(output)
+    elapsed = time.monotonic() - started
+    print(output[-4000:])
+    print(f"demo took {elapsed:.0f} s")
+
+    passed = set(re.findall(r"^\s+\[PASS\] ([\w.-]+):", output, re.M))
+    failed = re.findall(r"^\s+\[FAIL\] .*$", output, re.M)
+    assert not failed, "\n".join(failed)
+    missing = [check for check in REQUIRED_CHECKS if check not in passed]
+    assert not missing, f"checks never reported as passed: {missing}"
+    summary = re.search(r"^demo: (\d+) checks passed, 0 failed", output, re.M)
+    assert summary and int(summary.group(1)) >= len(REQUIRED_CHECKS), output[-2000:]
+    assert proc.returncode == 0, output[-2000:]
+    # The demo tore the lab down: no record, and the machine is as before.
+    assert LabRecord.load(TOPOLOGY.name) is None
+    _assert_nothing_left(before)
+
+
+def test_down_after_a_crash_during_up_removes_exactly_what_was_built(clean_lab):
+    # A namespace that is not the lab's, named like nothing the lab builds: must survive.
+    bystander = "bystander-lab-test"
+    subprocess.run(["ip", "netns", "add", bystander], check=True)
+    try:
+        before = _snapshot()
+        record_path = LabRecord.path_for(TOPOLOGY.name)
+        up = subprocess.Popen([*HNV_LAB, "up", "--no-daemons"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+        # Kill it as soon as it has started building: the record exists before anything else.
+        deadline = time.monotonic() + 300
+        while not record_path.exists() and time.monotonic() < deadline and up.poll() is None:
+            time.sleep(0.01)
+        os.killpg(up.pid, signal.SIGKILL)
+        up.wait()
+        assert record_path.exists(), "up never wrote its record"
+
+        down = subprocess.run([*HNV_LAB, "down"], capture_output=True, text=True, timeout=300, check=False)
+        assert down.returncode == 0, down.stderr
+        assert bystander in _namespaces()
+        _assert_nothing_left(before)
+        again = subprocess.run([*HNV_LAB, "down"], capture_output=True, text=True, timeout=300, check=False)
+        assert again.returncode == 0 and "nothing to do" in again.stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", bystander], check=False)
+
+
+def test_up_refuses_a_namespace_it_did_not_create(clean_lab):
+    squatter = TOPOLOGY.hosts[2].name  # CON-HyperV3, made by someone else
+    subprocess.run(["ip", "netns", "add", squatter], check=True)
+    try:
+        up = subprocess.run([*HNV_LAB, "up", "--no-daemons"], capture_output=True, text=True,
+                            timeout=300, check=False)
+        assert up.returncode == 1
+        assert f"namespace {squatter} already exists and is not in the record" in up.stderr
+        subprocess.run([*HNV_LAB, "down"], capture_output=True, timeout=300, check=False)
+        assert squatter in _namespaces(), "down removed a namespace the lab did not create"
+        assert not (set(TOPOLOGY.namespaces) - {squatter}) & _namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "del", squatter], check=False)
