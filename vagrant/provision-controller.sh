@@ -1,0 +1,41 @@
+#!/bin/bash
+# The management node: the controller's store and tokens, the controller service, and
+# the seed fabric applied for the hosts Vagrant made. The host tokens are left in the
+# synced folder (.vagrant/openhnv/tokens, mode 0600) for the hosts' provisioning.
+#   provision-controller.sh HOST_TABLE LISTEN_ADDRESS:PORT
+set -euo pipefail
+table=$1 listen=$2
+src=/vagrant
+state=/var/lib/openhnv/controller
+tokens=$src/.vagrant/openhnv/tokens
+
+hosts=()
+for entry in ${table//,/ }; do hosts+=(--host "${entry%%=*}"); done
+install -d -o openhnv -g openhnv -m 0700 /var/lib/openhnv "$state"
+# init keeps an existing admin token and mints the missing host tokens: safe to re-run.
+runuser -u openhnv -- /opt/openhnv/bin/hnv-controller init --state-dir "$state" "${hosts[@]}"
+
+install -d -m 0755 /etc/openhnv
+cat > /etc/openhnv/controller.env <<ENV
+# Written by vagrant/provision-controller.sh (see systemd/controller.env.example).
+HNV_LISTEN=$listen
+ENV
+systemctl enable --now hnv-controller.service
+systemctl restart hnv-controller.service
+for _ in $(seq 60); do
+    curl -fsS "http://$listen/healthz" >/dev/null 2>&1 && break
+    sleep 1
+done
+curl -fsS "http://$listen/healthz" >/dev/null || { journalctl -u hnv-controller -n 30 --no-pager; exit 1; }
+
+install -d -m 0700 "$tokens"
+for entry in ${table//,/ }; do
+    host=${entry%%=*}
+    install -m 0600 "$state/hosts/$host.token" "$tokens/$host.token"
+done
+install -m 0600 "$state/admin.token" /root/.hnv-admin.token
+
+/opt/openhnv/bin/python "$src/vagrant/lab_fabric.py" fabric --hosts "$table" > /etc/openhnv/fabric.yaml
+export HNV_CONTROLLER="http://$listen" HNV_TOKEN_FILE=/root/.hnv-admin.token
+hnvctl apply -f /etc/openhnv/fabric.yaml
+echo "provision-controller: controller on http://$listen; hosts: ${table//,/ }"
