@@ -15,12 +15,13 @@ STAMP := $(VENV)/.openhnv-installed
 # Debian packages: python3-venv/pip build .venv; qemu + linux-image-amd64 + busybox are what
 # virtme-ng boots for the kernel tier; iproute2, iputils-ping, tcpdump, kmod and procps are
 # used by the tests and the lab inside and outside the VM; systemd (systemd-analyze) and
-# vagrant check the unit files and the Vagrantfile; iperf3 is bench/datapath's load.
+# vagrant (+ vagrant-libvirt, whose settings validate checks) check the unit files and the
+# Vagrantfile; iperf3 is bench/datapath's load.
 # Append here; keep one list.
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev \
 	iproute2 iputils-ping tcpdump procps util-linux \
-	systemd vagrant graphviz iperf3
+	systemd vagrant vagrant-libvirt graphviz iperf3
 
 .PHONY: help setup debs venv test unit netns kernel demo bench features clean
 
