@@ -26,6 +26,8 @@ import hashlib
 import ipaddress
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from agent.state import (
     HostState,
     LookupRecord,
@@ -65,6 +67,9 @@ class Compiler:
         # change reuses its LookupRecord and VmPort (validation parses every address and
         # MAC from text again; it is most of a compile's cost otherwise).
         self._memo: dict[tuple, Any] = {}
+        # VM network -> (records tuple, routing domain, provider subnets it was checked against)
+        self._checked: dict[str, tuple[tuple[LookupRecord, ...], RoutingDomain, set]] = {}
+        self._records_json: dict[str, tuple[tuple[LookupRecord, ...], bytes]] = {}
 
     def _memoized(self, model: type, **fields: Any) -> Any:
         key = (model, *fields.values())
@@ -203,10 +208,14 @@ class Compiler:
                     addresses=tuple(addresses),
                 )
         domains = tuple(self.routing_domain(name) for name in sorted(nv_networks))
-        records: tuple[LookupRecord, ...] = ()
-        for name in sorted(nv_networks):
-            records += self.records(name)
-        return HostState(
+        # Everything but the records is validated here, per host. The records of a VM
+        # network are the same tuple on every host of that network, and every check
+        # agent.state makes on them (VSID, CA in prefix, PA in the provider subnet,
+        # (VSID, CA) and (VSID, MAC) unique) depends only on that network and the
+        # provider subnet - VSIDs of different networks never meet. So each network's
+        # records are validated once per provider subnet (`_validated_records`, a real
+        # HostState holding just that network) and then attached without re-validation.
+        state = HostState(
             host=host_name,
             generation=generation,
             team=team,
@@ -216,22 +225,58 @@ class Compiler:
             vlan_networks=tuple(sorted(vlan_networks.values(), key=lambda n: n.vlan)),
             routing_domains=domains,
             ports=tuple(ports),
+        )
+        if not domains:
+            return state
+        records: tuple[LookupRecord, ...] = ()
+        for domain in domains:
+            records += self._validated_records(domain, state.provider)
+        return state.model_copy(update={"records": records})
+
+    def _validated_records(self, domain: RoutingDomain, provider: ProviderNetwork) -> tuple[LookupRecord, ...]:
+        records = self.records(domain.name)
+        checked = self._checked.get(domain.name)
+        if checked is not None and checked[0] is records and checked[1] is domain and provider.subnet in checked[2]:
+            return records
+        HostState(  # raises ValidationError exactly as the whole host's state would
+            host="records-of-" + domain.name[:200],
+            generation=0,
+            switch=Switch(logical_switch="check"),
+            provider=provider.model_copy(
+                update={"addresses": tuple(pa for pa in provider.addresses if pa.routing_domain == domain.name)}
+            ),
+            routing_domains=(domain,),
             records=records,
         )
+        subnets = checked[2] if checked is not None and checked[0] is records and checked[1] is domain else set()
+        self._checked[domain.name] = (records, domain, subnets | {provider.subnet})
+        return records
+
+    def serialise(self, state: HostState) -> tuple[str, bytes]:
+        """(digest, JSON body without the generation) of a state this compiler made.
+
+        The digest has the meaning of `HostState.content_digest()` (a hash of everything
+        but the generation: equal digests, equal desired state), but is computed over
+        pydantic's compiled JSON, and each VM network's records are serialised once and
+        shared by every host of that network (they are most of a state's bytes). The
+        controller only compares its own digests with each other. The body is reused
+        for the published document (`with_generation`).
+        """
+        head = state.model_dump_json(exclude={"generation", "records"}).encode()
+        parts = []
+        for domain in state.routing_domains:
+            records = self._records[domain.name]
+            cached = self._records_json.get(domain.name)
+            if cached is None or cached[0] is not records:
+                cached = (records, _RECORDS_JSON.dump_json(records)[1:-1])
+                self._records_json[domain.name] = cached
+            if cached[1]:
+                parts.append(cached[1])
+        body = head[:-1] + b',"records":[' + b",".join(parts) + b"]}"
+        return hashlib.sha256(body).hexdigest(), body
 
 
-def serialise(state: HostState) -> tuple[str, bytes]:
-    """(digest, JSON body without the generation) of a compiled state.
-
-    The digest has the meaning of `HostState.content_digest()` (a hash of everything but
-    the generation: equal digests, equal desired state), computed from pydantic's
-    compiled JSON serialiser instead of model_dump + json.dumps, which is several times
-    faster on hosts with thousands of records; the controller only compares its own
-    digests with each other. The body is reused for the published document
-    (`with_generation`), so a state is serialised once.
-    """
-    body = state.model_dump_json(exclude={"generation"}).encode()
-    return hashlib.sha256(body).hexdigest(), body
+_RECORDS_JSON = TypeAdapter(tuple[LookupRecord, ...])
 
 
 def with_generation(body: bytes, generation: int) -> bytes:

@@ -43,15 +43,15 @@ from controller.allocate import (
     allocate_routing_domain_id,
     allocate_vsid,
     mac_text,
-    mac_value,
 )
-from controller.compiler import Compiler, serialise, with_generation
+from controller.compiler import Compiler, with_generation
 from controller.inventory import (
     SPACE_MAC,
     SPACE_ROUTING_DOMAIN,
     SPACE_VSID,
     VIRTUAL_SWITCH,
     Inventory,
+    TakenView,
     Tx,
 )
 from controller.models import (
@@ -144,7 +144,7 @@ class Fabric:
         for name in self.inventory.objects[Kind.host]:
             row = snapshot.hosts.get(name)
             state = self.compiler.compile(name)
-            digest, body = serialise(state)
+            digest, body = self.compiler.serialise(state)
             generation = row.generation if row is not None else 0
             if row is None or row.digest != digest:
                 generation += 1
@@ -404,7 +404,7 @@ class Fabric:
     def _publish(self, states: dict[str, HostState], deleted: set[str]) -> None:
         rows, bumped = [], []
         for name, state in states.items():
-            digest, body = serialise(state)
+            digest, body = self.compiler.serialise(state)
             entry = self.entries.get(name)
             if entry is not None and entry.digest == digest:
                 continue
@@ -446,15 +446,12 @@ class Fabric:
         tx.put(kind, obj.key, obj)
         return obj
 
-    def _taken_values(self, tx: Tx, space: str) -> set[str]:
-        taken = set(self.inventory.taken(space))
-        taken.update(value for (s, value), holder in tx.allocations.items() if s == space and holder)
-        return taken
+    def _taken(self, tx: Tx, space: str) -> TakenView:
+        return TakenView(self.inventory.allocated_ints[space], tx.pending_ints(space))
 
     def _new_mac(self, tx: Tx, holder: str) -> str:
-        taken = {mac_value(v) for v in self._taken_values(tx, SPACE_MAC)}
         hint = self.inventory.mac_hint
-        value = allocate_mac(taken, hint if hint is not None else 0)
+        value = allocate_mac(self._taken(tx, SPACE_MAC), hint if hint is not None else 0)
         self.inventory.mac_hint = value + 1
         mac = mac_text(value)
         tx.take(SPACE_MAC, mac, holder)
@@ -468,8 +465,7 @@ class Fabric:
 
     def _lease_from(self, tx: Tx, pool: IpPool, kind: LeaseKind, holder_kind: str, holder: str,
                     host: str | None, vm_network: str | None, description: str, address=None) -> Lease:
-        taken = set(self.inventory.pool_taken.get(pool.key, ()))
-        taken.update(int(ipaddress.ip_address(a)) for (p, a), lease in tx.leases.items() if p == pool.key and lease)
+        taken = TakenView(self.inventory.pool_taken[pool.key], tx.pending_addresses(pool.key))
         if address is None:
             address = allocate_address(pool.key, pool.range_start, pool.range_end, taken, _skipped(pool),
                                        self.inventory.pool_hint.get(pool.key))
@@ -780,8 +776,7 @@ class Fabric:
                     "isolation",
                     f"create it with network_virtualization true, or choose isolation VLAN or NoIsolation",
                 )
-            taken = {int(v) for v in self._taken_values(tx, SPACE_ROUTING_DOMAIN)}
-            decided["routing_domain_id"] = allocate_routing_domain_id(taken)
+            decided["routing_domain_id"] = allocate_routing_domain_id(self._taken(tx, SPACE_ROUTING_DOMAIN))
         network = self._new(Kind.vm_network, tx, spec, **decided)
         if network.routing_domain_id is not None:
             tx.take(SPACE_ROUTING_DOMAIN, str(network.routing_domain_id), f"vm-network:{network.name}")
@@ -825,7 +820,7 @@ class Fabric:
                 if other.prefix.overlaps(spec.prefix):
                     raise Conflict(f"{what}: {spec.prefix} overlaps VM subnet {key} ({other.prefix})", "prefix",
                                    "VM subnets of one VM network share a routing domain")
-            vsid = allocate_vsid({int(v) for v in self._taken_values(tx, SPACE_VSID)})
+            vsid = allocate_vsid(self._taken(tx, SPACE_VSID))
             decided["vsid"] = vsid
             decided["gateway_mac"] = self._new_mac(tx, f"gateway:{network.name}/{spec.name}")
         else:

@@ -30,6 +30,24 @@ SPACE_MAC = "mac"
 SPACE_ROUTING_DOMAIN = "routing_domain"
 
 
+def allocation_int(space: str, value: str) -> int:
+    """An allocation's value as the integer the allocators compare ('00:1d:..' -> int)."""
+    return int(value.replace(":", ""), 16) if space == SPACE_MAC else int(value)
+
+
+class TakenView:
+    """`in` over a large set of taken values and a Tx's few pending ones, without copying."""
+
+    def __init__(self, taken: set[int], pending: set[int]):
+        self.taken, self.pending = taken, pending
+
+    def __contains__(self, value: object) -> bool:
+        return value in self.taken or value in self.pending
+
+    def __len__(self) -> int:
+        return len(self.taken) + len(self.pending)
+
+
 @dataclass
 class Tx:
     objects: dict[tuple[str, str], Any] = field(default_factory=dict)  # None = delete
@@ -66,6 +84,12 @@ class Tx:
             self.allocations[key] = holder
         self.leases.update(later.leases)
 
+    def pending_ints(self, space: str) -> set[int]:
+        return {allocation_int(s, value) for (s, value), holder in self.allocations.items() if s == space and holder}
+
+    def pending_addresses(self, pool: str) -> set[int]:
+        return {int(lease.address) for (p, _), lease in self.leases.items() if p == pool and lease is not None}
+
     def changeset(self, uuid_of) -> ChangeSet:
         changes = ChangeSet()
         for (kind, key), obj in self.objects.items():
@@ -94,6 +118,7 @@ class Inventory:
         self.objects: dict[Kind, dict[str, Any]] = {kind: {} for kind in Kind}
         self.switches: dict[str, VirtualSwitch] = {}
         self.allocations: dict[str, dict[str, str]] = defaultdict(dict)
+        self.allocated_ints: dict[str, set[int]] = defaultdict(set)  # the same, as integers
         self.leases: dict[str, dict[str, Lease]] = defaultdict(dict)  # pool -> address -> lease
         self.pool_taken: dict[str, set[int]] = defaultdict(set)
         self.pool_hint: dict[str, int] = {}
@@ -138,10 +163,12 @@ class Inventory:
                 self._put_object(kind, key, obj)
         for (space, value), holder in tx.allocations.items():
             if holder is None:
-                self.allocations[space].pop(value, None)
+                if self.allocations[space].pop(value, None) is not None:
+                    self.allocated_ints[space].discard(allocation_int(space, value))
         for (space, value), holder in tx.allocations.items():
             if holder is not None:
                 self.allocations[space][value] = holder
+                self.allocated_ints[space].add(allocation_int(space, value))
         for (pool, address), lease in tx.leases.items():
             if lease is None:
                 self._remove_lease(pool, address)

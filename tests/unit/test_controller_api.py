@@ -37,12 +37,12 @@ def seed(tmp_path_factory):
 
 
 @pytest.fixture
-def fresh(tmp_path):
+def fresh(live_controller):
     """A controller of its own, with the seed fabric and tenants, for tests that change it."""
-    with LiveController(tmp_path / "state", hosts=[*HOSTS, "CON-HyperV8"]) as ctl:
-        build_seed_fabric(ctl.admin)
-        add_tenants(ctl.admin)
-        yield ctl
+    ctl = live_controller(hosts=[*HOSTS, "CON-HyperV8"])
+    build_seed_fabric(ctl.admin)
+    add_tenants(ctl.admin)
+    return ctl
 
 
 def leases(client, **filters):
@@ -231,6 +231,12 @@ def test_migration_updates_every_host_of_the_vm_network_and_only_those(fresh):
             state = parse_host_state(line["state"])
             record = [r for r in state.records if r.vm_name == "TenantVM02"][0]
             assert str(record.pa) == pa_v6
+        metrics = fresh.client().get("/metrics").text
+        pushed = [line for line in metrics.splitlines() if line.startswith("hnv_controller_generations_pushed_total")]
+        assert pushed and float(pushed[0].split()[-1]) >= 4  # two on connect, two after the migration
+        latency = [line for line in metrics.splitlines() if line.startswith("hnv_controller_push_latency_seconds_count")]
+        assert latency and float(latency[0].split()[-1]) >= 2
+        assert "hnv_controller_watchers 2.0" in metrics
         # the source held TenantVM02 only: its Fabrikam2 PA is released
         assert leases(admin, kind="PA", host="CON-HyperV7", vm_network="Fabrikam2") == []
         assert "Fabrikam2" not in [rd.name for rd in state_of(admin, "CON-HyperV7").routing_domains]
@@ -252,6 +258,22 @@ def test_watch_sends_heartbeats_when_nothing_changes(seed):
 
 
 # --- concurrency ------------------------------------------------------------------------------------
+
+
+def test_batch_route_is_one_transaction(fresh):
+    admin = fresh.admin
+    before = everything(admin)
+    refused = admin.post("/v1/vms/batch", json={"items": [
+        {"name": "Batch1", "vm_network": "Fabrikam2"},
+        {"name": "Batch2", "vm_network": "Fabrikam2", "host": "CON-HyperV3"},
+    ]})
+    assert_refused(refused, 409, "items[1].host", "reaches no network-virtualisation")
+    assert everything(admin) == before
+    created = admin.post("/v1/vms/batch", json={"items": [{"name": f"Batch{i}", "vm_network": "Fabrikam3"}
+                                                          for i in range(6)]})
+    assert created.status_code == 201
+    assert sorted(vm["host"] for vm in created.json()) == sorted([*VIRTUAL_HOSTS] * 3)
+    assert len(leases(admin, kind="PA", vm_network="Fabrikam3")) == 2
 
 
 def test_fifty_concurrent_vm_creations_get_distinct_cas_and_macs(fresh):
@@ -315,15 +337,15 @@ def test_status_report_drives_sync(seed):
 # --- restart -------------------------------------------------------------------------------------------
 
 
-def test_restart_keeps_objects_leases_and_generations(tmp_path):
+def test_restart_keeps_objects_leases_and_generations(live_controller):
     """The real CLI process: stopped with SIGTERM, started again on the same state dir."""
-    with LiveController(tmp_path / "state", hosts=HOSTS, process=True) as fresh:
-        build_seed_fabric(fresh.admin)
-        add_tenants(fresh.admin)
-        watcher = Watcher(fresh, "CON-HyperV6")  # an open stream must not hold up the stop
-        watcher.wait_for(lambda line: line["type"] == "state")
-        _restart_keeps_everything(fresh)
-        watcher.close()
+    fresh = live_controller(hosts=HOSTS, process=True)
+    build_seed_fabric(fresh.admin)
+    add_tenants(fresh.admin)
+    watcher = Watcher(fresh, "CON-HyperV6")  # an open stream must not hold up the stop
+    watcher.wait_for(lambda line: line["type"] == "state")
+    _restart_keeps_everything(fresh)
+    watcher.close()
 
 
 def _restart_keeps_everything(fresh):
