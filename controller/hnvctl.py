@@ -351,11 +351,7 @@ def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
 def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
     kind: Kind = args.kind
     filters = dict(args.filter or [])
-    rows = _with_keys(kind, ctx.client.list_json(kind, **filters))
-    if ctx.out.fmt == "json":
-        for row in rows:
-            row.pop("key", None)
-    ctx.out.emit(rows, COLUMNS[kind])
+    ctx.out.emit(_with_keys(kind, ctx.client.list_json(kind, **filters)), COLUMNS[kind])
     return EXIT_OK
 
 

@@ -232,6 +232,17 @@ def test_vm_create_with_placement_migrate_delete(hnvctl):
     assert {l["address"] for l in hnvctl.json("ip", "list", "--kind", "CA")} == before
 
 
+def test_apply_moves_a_vm_back_to_the_host_the_document_states(hnvctl):
+    hnvctl.ok("vm", "migrate", "TenantVM01", "--host", "CON-HyperV7")
+    out = hnvctl.ok("apply", "-f", str(SEED), "-f", str(TENANTS), "--dry-run")
+    assert out.splitlines()[0] == "~ VM TenantVM01 (host: CON-HyperV7 -> CON-HyperV6)"
+    assert hnvctl.json("vm", "show", "TenantVM01")["host"] == "CON-HyperV7"
+    assert hnvctl.ok("apply", "-f", str(SEED), "-f", str(TENANTS)).splitlines()[0] == (
+        "~ VM TenantVM01 (host: CON-HyperV7 -> CON-HyperV6)"
+    )
+    assert hnvctl.json("vm", "show", "TenantVM01")["host"] == "CON-HyperV6"
+
+
 def test_placement_refusal_names_the_reason(hnvctl):
     before = hnvctl.snapshot()
     code, out, err = hnvctl("vm", "create", "Stray", "--vm-network", "Fabrikam2", "--host", "CON-HyperV3")
