@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -47,6 +48,7 @@ log = logging.getLogger("agent.daemon")
 
 DEFAULT_STATE_DIR = "/var/lib/openhnv-agent"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
+EVENT_RECONCILE_GAP = 1.0  # seconds between two event-triggered reconciles, at least
 
 
 class ReconcilerLike(Protocol):
@@ -175,6 +177,7 @@ class AgentDaemon:
         self._refusal: dict[str, Any] | None = None  # the last refused document, as an error
         self._unsaved: HostState | None = None  # accepted but not yet persisted
         self._loop_tick = time.monotonic()
+        self._last_event_reconcile = 0.0
         self._stop = threading.Event()
         self._loop_thread: threading.Thread | None = None
 
@@ -211,7 +214,13 @@ class AgentDaemon:
             self.server.stop()
 
     def run_forever(self) -> int:
+        main_pid = os.getpid()
+
         def on_signal(signum: int, frame: Any) -> None:
+            if os.getpid() != main_pid:
+                # A child pyroute2 forked to open a socket in another namespace, told to
+                # stop by its parent (the child inherits this handler): just go.
+                os._exit(0)
             log.info("event=agent_stopping signal=%s kernel=left_in_place", signal.Signals(signum).name)
             self._stop.set()
             self.inbox.stop()
@@ -291,8 +300,12 @@ class AgentDaemon:
                 break
             if wakeup.kernel_events and not wakeup.has_document:
                 # Debounce: let the burst (a deleted bridge takes its ports and FDB
-                # entries with it) finish, then reconcile once for all of it.
-                self._stop.wait(self.config.event_debounce)
+                # entries with it) finish, then reconcile once for all of it. Never
+                # more than one event reconcile per EVENT_RECONCILE_GAP: our own writes
+                # raise events too, and a reconciler that can never converge must not
+                # become a busy loop.
+                since_last = time.monotonic() - self._last_event_reconcile
+                self._stop.wait(max(self.config.event_debounce, EVENT_RECONCILE_GAP - since_last))
                 later = self.inbox.take(timeout=0)
                 wakeup.kernel_events += later.kernel_events
                 if later.has_document:
@@ -314,6 +327,7 @@ class AgentDaemon:
                     len(wakeup.kernel_events), _q(wakeup.kernel_events[0]),
                 )
                 self._reconcile(self.held, reason="event")
+                self._last_event_reconcile = time.monotonic()
                 next_resync = time.monotonic() + self.config.resync_interval
             elif time.monotonic() >= next_resync:
                 self._reconcile(self.held, reason="periodic")
@@ -530,7 +544,13 @@ def run_command(args: argparse.Namespace) -> int:
         reconnect_max_delay=args.reconnect_max_delay,
         watch_kernel_events=not args.no_kernel_events,
     )
+    import pyroute2.config
+
     from agent.reconcile import Reconciler  # the kernel side; imported only to run
+
+    # pyroute2 forks a helper to open sockets in another namespace; let SIGTERM from
+    # its parent end it instead of running the agent's own handler in the child.
+    pyroute2.config.disable_mp_signal = True
 
     reconciler = Reconciler(netns=config.netns)
     try:

@@ -68,12 +68,13 @@ class FakeController:
         with self._condition:
             return list(self.hosts.setdefault(host, _HostEntry()).statuses)
 
-    def wait_for_status(self, host: str, predicate, timeout: float = 10.0) -> dict[str, Any]:
-        """The first recorded status body (with the reply's sync) matching ``predicate``."""
+    def wait_for_status(self, host: str, predicate, timeout: float = 10.0, after: int = 0) -> dict[str, Any]:
+        """The first status body (with the reply's sync) matching ``predicate``, among
+        those recorded after the first ``after`` ones."""
         deadline = time.monotonic() + timeout
         with self._condition:
             while True:
-                for status in self.hosts.setdefault(host, _HostEntry()).statuses:
+                for status in self.hosts.setdefault(host, _HostEntry()).statuses[after:]:
                     if predicate(status):
                         return status
                 left = deadline - time.monotonic()

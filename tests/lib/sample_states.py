@@ -26,11 +26,16 @@ def host_state(
     peers: tuple[tuple[str, str, str, str], ...] = (),
     members: tuple[str, ...] = ("eth1",),
     vsid: int = VSID,
+    netns: str | None = None,
 ) -> dict[str, Any]:
     """A valid document: team, switch, provider PA, one VM subnet, one VM port, records.
 
-    ``peers`` are (vm name, CA, MAC, PA) of VMs on other hosts of the same VM subnet.
+    ``peers`` are (vm name, CA, MAC, PA) of VMs on other hosts of the same VM subnet;
+    ``netns`` is the namespace of the local VM (default: its name).
     """
+    port = {"name": vm, "mac": mac, "vsid": vsid, "ca": f"{ca}/24"}
+    if netns is not None:
+        port["netns"] = netns
     records = [
         {"vsid": vsid, "ca": ca, "mac": mac, "pa": pa, "type": "Static", "vm_name": vm},
         *(
@@ -56,7 +61,7 @@ def host_state(
                 "subnets": [{"name": "Default", "vsid": vsid, "prefix": TENANT_PREFIX, "gateway": "192.168.0.1"}],
             }
         ],
-        "ports": [{"name": vm, "mac": mac, "vsid": vsid, "ca": f"{ca}/24"}],
+        "ports": [port],
         "records": records,
     }
 

@@ -105,11 +105,12 @@ def controller():
 
 
 def make_daemon(tmp_path: Path, controller_url: str, reconciler=None, **overrides) -> AgentDaemon:
-    config = DaemonConfig(
+    settings = dict(
         host=HOST, state_dir=tmp_path / "state", controller_url=controller_url, token=TOKEN,
         metrics_address="127.0.0.1:0", resync_interval=0.2, heartbeat=0.2,
-        reconnect_max_delay=0.5, watch_kernel_events=False, **overrides,
+        reconnect_max_delay=0.5, watch_kernel_events=False,
     )
+    config = DaemonConfig(**{**settings, **overrides})
     return AgentDaemon(config, reconciler or FakeReconciler())
 
 
@@ -342,3 +343,21 @@ def test_stopping_does_not_touch_the_kernel(tmp_path, controller):
     time.sleep(0.5)  # several resync intervals: a stopped agent does not reconcile
     assert len(reconciler.plans) == calls
     assert json.loads((tmp_path / "state" / "state.json").read_text())["generation"] == 1
+
+
+def test_a_burst_of_kernel_events_triggers_one_prompt_reconcile(tmp_path, controller, daemons):
+    reconciler = FakeReconciler()
+    controller.publish(HOST, host_state(HOST, 1))
+    daemon = start(daemons, make_daemon(tmp_path, controller.url, reconciler, resync_interval=30.0))
+    controller.wait_for_status(HOST, lambda s: s["generation"] == 1)
+    time.sleep(1.1)  # past the minimum gap between event reconciles
+    reconciles = daemon.reconcile_count
+
+    reconciler.drifted = True
+    for name in ("hnvt35f4210a", "hnvp1a2b3c4d5e", "hnvb3535905"):
+        daemon.inbox.note_kernel_event(f"RTM_DELLINK {name}")
+    wait_until(lambda: daemon.reconcile_count > reconciles, timeout=2, what="an event reconcile")
+    time.sleep(0.3)
+    assert daemon.reconcile_count == reconciles + 1, "a burst must be debounced into one reconcile"
+    assert daemon.last_reconcile["reason"] == "event"
+    assert daemon.metrics.drift_repairs._value.get() == 1
