@@ -86,7 +86,7 @@ def format_value(value: Any, nested: bool = False) -> str:
 
 def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
     """Aligned columns under a header and a dashes line, as PowerShell's Format-Table."""
-    cells = [[format_value(row.get(field)) for field, _ in columns] for row in rows]
+    cells = [[format_value(_field(row, field)) for field, _ in columns] for row in rows]
     headers = [header for _, header in columns]
     widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headers)]
 
@@ -96,6 +96,14 @@ def format_table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> 
     out = [line(headers), line(["-" * len(h) for h in headers])]
     out += [line(values) for values in cells]
     return "\n".join(out)
+
+
+def _field(row: dict[str, Any], path: str) -> Any:
+    """row['virtual_switch']['logical_switch'] for 'virtual_switch.logical_switch'."""
+    value: Any = row
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def format_list(obj: dict[str, Any]) -> str:
@@ -114,6 +122,7 @@ COLUMNS: dict[Kind, list[tuple[str, str]]] = {
         ("host_group", "HostGroup"),
         ("management_address", "ManagementAddress"),
         ("nics", "NICs"),
+        ("virtual_switch.logical_switch", "LogicalSwitch"),
     ],
     Kind.logical_network: [
         ("name", "Name"),
