@@ -19,6 +19,7 @@ it must not touch the store or compute fabric rules itself.
 import asyncio
 import json
 import logging
+import re
 import time
 from collections import defaultdict
 from typing import Any, Literal
@@ -178,21 +179,11 @@ def create_app(fabric: Fabric) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-        field = ".".join(loc) or None
-        reason = str(first.get("msg", "invalid")).removeprefix("Value error, ")
-        # A model-level check names its own field first ("nics: a NIC is listed twice").
-        if ": " in reason and not field:
-            field, reason = reason.split(": ", 1)
-        elif ": " in reason and reason.split(": ", 1)[0].replace("_", "").replace(".", "").isalnum():
-            head, rest = reason.split(": ", 1)
-            if head.islower():
-                field, reason = (f"{field}.{head}" if field else head), rest
-        where = request.url.path
+        field, reason = describe_request_error(exc.errors()[0])
         return JSONResponse(
             status_code=422,
-            content={"error": f"{request.method} {where}: {field or 'body'}: {reason}", "field": field, "reason": reason},
+            content={"error": f"{request.method} {request.url.path}: {field or 'body'}: {reason}",
+                     "field": field, "reason": reason},
         )
 
     # --- unauthenticated -------------------------------------------------------------
@@ -296,6 +287,29 @@ def create_app(fabric: Fabric) -> FastAPI:
         return fabric.migrate(vm, body.host)
 
     return app
+
+
+_LEADING_FIELD = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): ")
+
+
+def describe_request_error(error: dict[str, Any]) -> tuple[str | None, str]:
+    """(field path like 'subnet_vlans[0].vlan', reason) of one pydantic request error.
+
+    A model-level check names its own field at the start of its message
+    ('nics: a NIC is listed twice'); that name is joined to the location.
+    """
+    parts = [part for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    field = ""
+    for part in parts:
+        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
+    reason = str(error.get("msg", "invalid"))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        reason = reason.removeprefix(prefix)
+    match = _LEADING_FIELD.match(reason)
+    if match:
+        field = f"{field}.{match.group(1)}" if field else match.group(1)
+        reason = reason[match.end():]
+    return field or None, reason
 
 
 def _sync_fields(view: SyncView) -> dict[str, Any]:

@@ -608,6 +608,8 @@ class Fabric:
                 continue
             for pool_key in self.inventory.pools_by_owner.get(site.name, ()):
                 pool = self.inventory.get(Kind.ip_pool, pool_key)
+                if pool.range_start.version != address.version:
+                    continue
                 if not int(pool.range_start) <= int(address) <= int(pool.range_end):
                     continue
                 current = self.inventory.leases[pool.key].get(str(address))
@@ -1014,6 +1016,12 @@ class Fabric:
         updated = current.model_copy(update={name: getattr(merged, name) for name in spec_model.patchable})
         updated = type(current).model_validate(updated.model_dump(exclude={"key"}))
         tx.put(kind, key, updated)
+        switch = self.inventory.switches.get(key) if kind is Kind.host else None
+        if switch is not None and updated.management_address != current.management_address:
+            # The management lease follows the address.
+            self._release_held(tx, "host", key, LeaseKind.Management)
+            if switch.management_adapter is not None and updated.management_address is not None:
+                self._lease_management(tx, updated, switch.management_adapter.vm_network)
         if kind in (Kind.network_site, Kind.uplink_port_profile):
             self._check_vms_still_placed(updated, kind)
         return updated, _Scope(networks=ALL)

@@ -412,7 +412,7 @@ def test_bad_input_is_refused_with_field_and_reason_and_changes_nothing(seed):
          "network_virtualization"),
         (admin.post("/v1/logical-networks", json={"name": "Big", "mtu": 20000}), 422, "mtu", "9216"),
         (admin.post("/v1/hosts", json={"name": "H", "nics": ["eth0", "eth0"]}), 422, "nics", "twice"),
-        (admin.post("/v1/hosts", json={"name": "H", "nics": ["a-very-long-nic-name"]}), 422, "nics.0", "15"),
+        (admin.post("/v1/hosts", json={"name": "H", "nics": ["a-very-long-nic-name"]}), 422, "nics[0]", "15"),
         (admin.put("/v1/hosts/CON-HyperV3/virtual-switch", json={"logical_switch": "HostCluster",
                                                                  "nics": ["eth0", "eth9"]}), 422, "nics[1]", "eth9"),
         (admin.put("/v1/hosts/CON-HyperV3/virtual-switch", json={"logical_switch": "Virtualization"}), 409,

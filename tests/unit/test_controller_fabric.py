@@ -157,3 +157,31 @@ def test_compiled_states_validate_and_generations_move_only_on_change(tmp_path):
     # a description change compiles every host but bumps none
     fabric.patch(Kind.logical_network, "Virtualization", {"description": "transport"})
     assert {name: entry.generation for name, entry in fabric.entries.items()} == after
+
+
+def test_management_address_is_leased_from_the_management_pool_and_follows_a_patch(tmp_path):
+    fabric = Fabric.open(tmp_path, synchronous="NORMAL")
+    fabric.create(Kind.logical_network, LogicalNetworkSpec(name="Management"))
+    fabric.create(Kind.network_site, NetworkSiteSpec(name="Management", logical_network="Management",
+                                                     host_groups=["All Hosts"],
+                                                     subnet_vlans=[{"subnet": "10.0.0.0/24", "vlan": 0}]))
+    fabric.create(Kind.ip_pool, IpPoolSpec(name="Hosts", network_site="Management",
+                                           range_start="10.0.0.10", range_end="10.0.0.50"))
+    fabric.create(Kind.vm_network, VmNetworkSpec(name="Management", logical_network="Management",
+                                                 isolation="NoIsolation"))
+    fabric.create(Kind.uplink_port_profile, UplinkPortProfileSpec(name="Management", network_sites=["Management"]))
+    fabric.create(Kind.logical_switch, LogicalSwitchSpec(name="Management", uplink_port_profiles=["Management"]))
+    fabric.create(Kind.host, HostSpec(name="CON-HyperV1", management_address="10.0.0.11/24", nics=["eth0"]))
+    fabric.set_virtual_switch("CON-HyperV1", VirtualSwitchSpec(
+        logical_switch="Management", management_adapter={"vm_network": "Management"}))
+    held = [(str(lease.address), lease.kind.value, lease.holder) for lease in fabric.leases()]
+    assert held == [("10.0.0.11", "Management", "CON-HyperV1")]
+    assert str(fabric.entries["CON-HyperV1"].state.management.address) == "10.0.0.11/24"
+    fabric.patch(Kind.host, "CON-HyperV1", {"management_address": "10.0.0.12/24"})
+    assert [str(lease.address) for lease in fabric.leases()] == ["10.0.0.12"]
+    assert str(fabric.entries["CON-HyperV1"].state.management.address) == "10.0.0.12/24"
+    with pytest.raises(Conflict) as refused:
+        fabric.delete(Kind.ip_pool, "Management/Hosts")
+    assert "10.0.0.12 (Management of CON-HyperV1)" in refused.value.reason
+    fabric.delete_virtual_switch("CON-HyperV1")
+    assert fabric.leases() == []
