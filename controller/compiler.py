@@ -129,13 +129,16 @@ class Compiler:
                     )
                 )
             domain = self.routing_domain(network_name)
+            # The gateway's PA is the unspecified address of the PA family: the local
+            # host answers for it (Get-NetVirtualizationLookupRecord shows 0.0.0.0).
+            no_pa = UNSPECIFIED_PA[inv.get(Kind.vm_network, network_name).pa_family.version]
             for subnet in domain.subnets:
                 key = f"{network_name}/{subnet.name}"
                 gateway_mac = inv.get(Kind.vm_subnet, key).gateway_mac
                 records.append(
                     LookupRecord(
                         vsid=subnet.vsid, ca=subnet.gateway, mac=gateway_mac,
-                        pa=UNSPECIFIED_PA[subnet.prefix.version], type=RecordType.Gateway,
+                        pa=no_pa, type=RecordType.Gateway,
                         vm_name="Gateway",
                     )
                 )

@@ -30,7 +30,6 @@ from typing import Annotated, Any, ClassVar
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     computed_field,
@@ -44,9 +43,9 @@ from agent.state import (
     Encapsulation,
     IfName,
     LoadBalancing,
+    MacAddress,
     PortKind,
     TeamMode,
-    normalize_mac,
 )
 
 ROOT_HOST_GROUP = "All Hosts"
@@ -64,7 +63,7 @@ def _check_name(value: str) -> str:
 
 # A name users type: 1..256 characters, no '/', which separates the parts of a key.
 Name = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_check_name)]
-MacAddress = Annotated[str, BeforeValidator(normalize_mac)]
+
 
 
 class Isolation(StrEnum):
