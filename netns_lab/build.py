@@ -54,8 +54,12 @@ def run(argv: Sequence[str], *, netns: str | None = None, check: bool = True,
         timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` (inside ``netns`` through ``ip netns exec`` when given), capture text."""
     full = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
-    proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout,
-                          input=input, check=False)
+    try:
+        proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout,
+                              input=input, check=False)
+    except subprocess.TimeoutExpired:
+        where = f" in namespace {netns}" if netns else ""
+        raise LabError(f"{' '.join(argv)}{where} did not finish within {timeout:.0f} s") from None
     if check and proc.returncode != 0:
         where = f" in namespace {netns}" if netns else ""
         raise LabError(f"{' '.join(argv)}{where} exited {proc.returncode}: "

@@ -47,7 +47,9 @@ VLAN_TENANTS = {  # VM network: (VLAN, prefix, pool start, pool end, gateway)
     "TenantA": (100, "172.16.100.0/24", "172.16.100.10", "172.16.100.100", "172.16.100.1"),
     "TenantB": (101, "172.16.101.0/24", "172.16.101.10", "172.16.101.100", "172.16.101.1"),
 }
-SYNC_TIMEOUT = 180.0
+# Polled, so only a slow machine waits this long: the first sync includes the agents'
+# start-up, which under software emulation on a busy machine takes minutes.
+SYNC_TIMEOUT = 900.0
 
 
 def indent(text: str, spaces: int = 4) -> str:

@@ -18,6 +18,8 @@ It never touches links or namespaces (``netns_lab.build``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import signal
@@ -27,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from netns_lab.build import LabError, LabRecord, ProcessEntry, entered_netns, run
+from netns_lab.build import LabError, LabRecord, ProcessEntry, entered_netns
 from netns_lab.topology import Topology
 
 
@@ -84,13 +86,23 @@ def _spawn(record: LabRecord, entry: ProcessEntry) -> None:
 
 
 def init_controller(topology: Topology, record: LabRecord) -> None:
-    """``hnv-controller init``: the store and the admin and per-host tokens."""
+    """``hnv-controller init``: the store and the admin and per-host tokens.
+
+    Called in this process (the command's own ``main``): under software emulation a
+    Python start with its imports costs seconds, and nothing here needs a namespace.
+    """
     state_dir = controller_dir(record)
     if admin_token_file(record).exists():
         return
     state_dir.mkdir(parents=True, exist_ok=True)
-    run([executable("hnv-controller"), "init", "--state-dir", str(state_dir),
-         *[arg for host in topology.hosts for arg in ("--host", host.name)]])
+    from controller import cli as controller_cli
+
+    argv = ["init", "--state-dir", str(state_dir),
+            *[arg for host in topology.hosts for arg in ("--host", host.name)]]
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = controller_cli.main(argv)
+    if code != 0:
+        raise LabError(f"hnv-controller {' '.join(argv)} exited {code}")
 
 
 def _wait_for_tcp(netns: str, address: str, port: int, entry: ProcessEntry, timeout: float) -> None:
@@ -110,7 +122,12 @@ def _wait_for_tcp(netns: str, address: str, port: int, entry: ProcessEntry, time
             time.sleep(0.2)
 
 
-def start_all(topology: Topology, record: LabRecord, timeout: float = 120) -> None:
+# Generous: under software emulation on a busy machine a daemon's imports alone can take
+# a minute or more. Readiness is polled, so a fast machine does not wait for it.
+START_TIMEOUT = 900.0
+
+
+def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIMEOUT) -> None:
     """Start the controller, wait until it listens, then every agent at once."""
     workdir = Path(record.workdir)
     logs = workdir / "logs"
