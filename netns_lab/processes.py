@@ -160,7 +160,12 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
             argv=[agent_bin, "run", "--controller", topology.controller_url,
                   "--host", host.name, "--token-file", str(host_token_file(record, host.name)),
                   "--state-dir", str(state_dir),
-                  "--metrics-address", f"{host.address}:{topology.agent.metrics_port}"],
+                  "--metrics-address", f"{host.address}:{topology.agent.metrics_port}",
+                  # The controller is one hop away: retry soon after it answers "not yet"
+                  # (a host is known only once hnvctl adds it). Drift repair is also
+                  # event-driven, so a slower periodic pass spares seven agents' CPU
+                  # under emulation.
+                  "--reconnect-max-delay", "2", "--resync-interval", "10"],
             log=str(logs / f"agent-{host.name}.log"),
         ))
     _wait_for_tcp(controller.netns, topology.controller_address, topology.controller.port,
