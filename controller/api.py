@@ -27,6 +27,7 @@ from typing import Any, Literal
 from fastapi import Body, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -176,6 +177,16 @@ def create_app(fabric: Fabric) -> FastAPI:
     @app.exception_handler(FabricError)
     async def _fabric_error(request: Request, exc: FabricError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content=exc.body())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes and methods get the same error shape as every other refusal.
+        reason = str(exc.detail)
+        return JSONResponse(
+            status_code=exc.status_code,
+            content={"error": f"{request.method} {request.url.path}: {reason}", "field": None, "reason": reason},
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -422,6 +422,9 @@ def test_bad_input_is_refused_with_field_and_reason_and_changes_nothing(seed):
         (admin.patch("/v1/network-sites/Virtualization", json={"host_groups": ["HostCluster"]}), 409, None,
          "CON-HyperV6"),
         (admin.get("/v1/vms", params={"colour": "red"}), 422, "colour", "no field"),
+        (admin.get("/v1/routers"), 404, None, "Not Found"),
+        (admin.get("/v1/hosts/CON-HyperV6/state", params={"watch": 1, "heartbeat": 0}), 422, "heartbeat",
+         "greater than 0"),
     ]
     for response, status, field, reason in cases:
         assert_refused(response, status, field, reason)
