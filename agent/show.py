@@ -31,13 +31,14 @@ def lookup_records(have: KernelState) -> list[dict[str, Any]]:
     saying which port (tunnel -> remote PA, VM port -> this host's PA) the MAC is behind."""
     ports_to_pa: dict[str, str] = {}
     vm_names: dict[str, str] = {}
+    local_pa: dict[str, str] = {}  # VSID bridge -> this host's PA (the local end of its tunnels)
     for link in have.links.values():
         if link.role == naming.TUNNEL:
             ports_to_pa[link.name] = str(link.option("remote"))
         elif link.role == naming.PORT:
             vm_names[link.name] = link.key.rpartition(":")[0]
-    local_pas = {ip_interface(a.cidr).ip.compressed for a in have.addresses.values()
-                 if have.links.get(a.device) and have.links[a.device].role == naming.PROVIDER}
+        if link.role in (naming.TUNNEL, naming.VXLAN) and link.master:
+            local_pa[link.master] = str(link.option("local"))
     vxlan_dst = {(f.device, f.mac): f.dst for f in have.fdb.values() if f.dst}
     fdb_by_mac = {(f.device, f.mac): f for f in have.fdb.values() if f.port}
     rows = []
@@ -54,7 +55,7 @@ def lookup_records(have: KernelState) -> list[dict[str, Any]]:
                 pa = vxlan_dst[(entry.port, n.mac)]
             elif entry.port in vm_names:
                 vm = vm_names[entry.port]
-                pa = ",".join(sorted(local_pas))
+                pa = local_pa.get(n.device, "")
         rows.append({"CustomerAddress": n.ip, "VirtualSubnetID": vsid, "MACAddress": n.mac,
                      "ProviderAddress": pa, "Type": "Static", "VMName": vm})
     for link in sorted(have.links.values(), key=lambda l: l.name):
