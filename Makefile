@@ -34,14 +34,16 @@ help:
 
 setup: debs venv
 
-# One dpkg-query for all packages (~20 ms); apt-get runs only when something is missing.
+# One dpkg-query for all packages (a few ms); apt-get runs only when something is missing.
+# dpkg-query prints a line per known package ("name install ok installed"); unknown ones
+# only on stderr, so they end up in the missing list too.
 debs:
 	@if ! command -v dpkg-query >/dev/null 2>&1; then \
 		echo "setup: not a Debian system; install by hand: $(DEB_PACKAGES)"; exit 0; \
 	fi; \
-	missing=$$(for p in $(DEB_PACKAGES); do \
-		dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q ' installed$$' || echo "$$p"; \
-	done | tr '\n' ' '); \
+	missing=$$(printf '%s\n' $(DEB_PACKAGES) | grep -vxF -f <( \
+		dpkg-query -W -f='$${Package} $${Status}\n' $(DEB_PACKAGES) 2>/dev/null \
+		| awk '$$NF == "installed" { print $$1 }') | tr '\n' ' '); \
 	if [ -z "$${missing// /}" ]; then exit 0; fi; \
 	if [ "$$(id -u)" -ne 0 ]; then \
 		echo "setup: missing Debian packages: $$missing"; \
