@@ -30,7 +30,7 @@ No pyroute2 import, no kernel access: unit-testable without root.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent import naming
@@ -327,7 +327,53 @@ def option_changes(want: Link, have: Link) -> list[str]:
     """Creation-time attributes that differ: the link must be recreated."""
     if have.kind != want.kind:
         return [f"kind {have.kind} -> {want.kind}"]
-    return [f"{k} {have.option(k)} -> {v}" for k, v in want.options if have.option(k) != v]
+    changes = [f"{k} {have.option(k)} -> {v}" for k, v in want.options if have.option(k) != v]
+    if want.role == naming.PORT and have.key != want.key:
+        # The VM end (MAC, CA, gateway, MTU) lives in the VM's namespace; its digest in
+        # the marker is all the host side shows, and a change means rebuilding it.
+        changes.append("VM end changed")
+    return changes
+
+
+def _without_recreated(want: KernelState, have: KernelState) -> KernelState:
+    """`have` as it will be once the links that must be recreated are deleted: whatever
+    lives on them (FDB, neighbours, addresses, VLANs) is gone with them, their ports lose
+    their master, and a VLAN device dies with its lower device. Planning against this
+    view puts those objects back in the same plan instead of the next one."""
+    direct = {name for name, link in want.links.items()
+              if name in have.links and link.owned and have.links[name].owned
+              and option_changes(link, have.links[name])}
+    if not direct:
+        return have
+    dependents: set[str] = set()
+    grew = True
+    while grew:
+        grew = False
+        for old in have.links.values():
+            if old.kind == "vlan" and old.option("link") in direct | dependents and old.name not in direct | dependents:
+                dependents.add(old.name)
+                grew = True
+    gone = direct | dependents
+    after = KernelState()
+    for link in have.links.values():
+        if link.name in dependents:
+            continue
+        after.add(replace(link, master=None) if link.master in gone else link)
+    for obj in have.vlans.values():
+        if obj.device not in gone:
+            after.add(obj)
+    for obj in have.addresses.values():
+        if obj.device not in gone:
+            after.add(obj)
+    for obj in have.routes.values():
+        after.add(obj)
+    for obj in have.fdb.values():
+        if obj.device not in gone and obj.port not in gone:
+            after.add(obj)
+    for obj in have.neighbours.values():
+        if obj.device not in gone:
+            after.add(obj)
+    return after
 
 
 def _link_ops(want: KernelState, have: KernelState) -> tuple[list[Op], list[Op]]:
@@ -431,6 +477,7 @@ def _with_default_pvid(want: KernelState, have: KernelState, link_make: list[Op]
 
 def diff(want: KernelState, have: KernelState) -> Plan:
     """The ordered operations that turn `have` (observed) into `want` (desired)."""
+    have = _without_recreated(want, have)
     managed = _managed_devices(want, have)
     owned_tables = {l.option("table") for l in have.links.values() if l.owned and l.role == naming.VRF}
     owned_tables |= {l.option("table") for l in want.links.values() if l.role == naming.VRF}

@@ -115,8 +115,10 @@ def test_changed_creation_option_recreates_and_says_why():
     have = as_observed(want)
     vlan_dev = naming.provider_vlan("hnv-sw", 802)
     have.links[vlan_dev] = replace(have.links[vlan_dev], options=(("link", "hnv-sw"), ("vlan_id", 803)))
-    (op,) = diff(want, have).ops
+    op, *rest = diff(want, have).ops
     assert op.action == "replace" and op.name == vlan_dev and "vlan_id 803 -> 802" in op.detail
+    # The PA lived on the old device: it comes back in the same plan.
+    assert [o.describe() for o in rest] == [f"add address 10.80.2.20/24 on {vlan_dev}"]
 
 
 def test_changed_settable_attribute_is_set_in_place():
@@ -185,3 +187,28 @@ def test_every_subnet_of_a_vm_network_gets_a_tunnel_to_every_peer():
     assert want.links[tunnel].master == naming.vsid_bridge(second)
     assert want.links[tunnel].option("ikey") == second << 8
     assert not [f for f in want.fdb.values() if f.port == tunnel]  # no MAC behind it
+
+
+def test_recreated_link_gets_what_lived_on_it_back_in_the_same_plan():
+    want = desired_kernel_state(state())
+    have = as_observed(want)
+    port = naming.vm_port("TenantVM01")
+    # The VM's CA changed: its port is rebuilt, and its FDB entry dies with the old one.
+    moved = desired_kernel_state(state(lambda d: (d["ports"][0].update(ca="192.168.0.50/24"),
+                                                  d["records"][0].update(ca="192.168.0.50"))))
+    lines = diff(moved, have).describe().splitlines()
+    assert lines[0].startswith(f"replace port {port}") and "VM end changed" in lines[0]
+    assert f"add fdb 00:15:5d:01:02:03 on {BRIDGE} -> {port}" in lines
+    assert f"delete neighbour 192.168.0.10 on {BRIDGE} -> 00:15:5d:01:02:03" in lines
+
+
+def test_vlan_device_is_rebuilt_with_its_lower_switch():
+    want = desired_kernel_state(state())
+    have = as_observed(want)
+    have.links["hnv-sw"] = replace(have.links["hnv-sw"], options=(("vlan_default_pvid", 7),))
+    lines = diff(want, have).describe().splitlines()
+    vlan_dev = naming.provider_vlan("hnv-sw", 802)
+    assert lines[0].startswith("replace switch hnv-sw")
+    assert f"add provider {vlan_dev} vlan_id 802 link hnv-sw" in lines
+    assert f"add address 10.80.2.20/24 on {vlan_dev}" in lines
+    assert "set team hnv-team master none -> hnv-sw" in lines
