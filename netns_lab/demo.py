@@ -506,12 +506,12 @@ def run_walkthrough(w: Walkthrough) -> None:
     w.wait_in_sync([hv_a, hv_b], "migration")
     pa_b = next((lease["address"] for lease in pas_after
                  if lease["holder"] == hv_b and lease.get("vm_network") == "Fabrikam2"), None)
-    records = _records(agent_show("records", hv_a, "json"))
-    ca05 = next((r.get("ca") for r in records if r.get("vm_name") == "TenantVM05"), None)
-    row = next((r for r in records if r.get("vm_name") == "TenantVM05"), None)
+    ca05 = str(w.hnvctl.json("vm", "show", "TenantVM05")["ca"]).split("/")[0]
     w.agent_view("records", hv_a)
-    w.check("record-follows-migration", row is not None and str(row.get("pa")) == str(pa_b),
-            f"on {hv_a} the kernel maps TenantVM05 ({ca05}) to PA {row.get('pa') if row else None} "
+    row = next((r for r in _kernel_records(agent_show("records", hv_a, "json"))
+                if r["ca"] == ca05 and r["vsid"] == str(vsids["Fabrikam2"])), None)
+    w.check("record-follows-migration", row is not None and row["pa"] == str(pa_b),
+            f"on {hv_a} the kernel maps TenantVM05 ({ca05}) to PA {row['pa'] if row else None} "
             f"({hv_b}'s Fabrikam2 PA is {pa_b})")
     w.ping_check("ping-after-migration", "TenantVM01", "TenantVM05")
 
@@ -535,25 +535,29 @@ def run_walkthrough(w: Walkthrough) -> None:
             f"CAs {sorted(filter(None, expected_cas))}")
 
 
-def _records(result: Result) -> list[dict]:
+def _kernel_records(result: Result) -> list[dict[str, str]]:
+    """``hnv-agent show records -o json`` rows (Get-NetVirtualizationLookupRecord's
+    column names) as {vsid, ca, mac, pa, type} strings."""
     if not result.ok:
         return []
     try:
-        data = json.loads(result.output)
+        rows = json.loads(result.output)
     except json.JSONDecodeError:
         return []
-    return data if isinstance(data, list) else data.get("records", [])
+    return [{"vsid": str(r.get("VirtualSubnetID")), "ca": str(r.get("CustomerAddress")),
+             "mac": str(r.get("MACAddress")).lower(), "pa": str(r.get("ProviderAddress")),
+             "type": str(r.get("Type"))} for r in rows]
 
 
 def _compare_records(w: Walkthrough, host: str, kernel: Result) -> None:
     def key(r: dict) -> tuple[str, str, str, str]:
-        return (str(r.get("vsid")), str(r.get("ca")), str(r.get("mac")).lower(), str(r.get("pa")))
+        return (str(r["vsid"]), str(r["ca"]), str(r["mac"]).lower(), str(r["pa"]))
 
     controller = {key(r) for r in w.hnvctl.json("lookup-records", "--host", host) if r.get("type") == "Static"}
-    in_kernel = {key(r) for r in _records(kernel) if r.get("type", "Static") == "Static"}
+    in_kernel = {key(r) for r in _kernel_records(kernel) if r["type"] == "Static"}
     missing, extra = controller - in_kernel, in_kernel - controller
     w.check(f"records-{host}", kernel.ok and bool(controller) and not missing and not extra,
-            f"{len(in_kernel)} records in the kernel, {len(controller)} from VMM"
+            f"{len(in_kernel)} static records in the kernel, {len(controller)} from VMM"
             + (f"; missing {sorted(missing)}" if missing else "")
             + (f"; unexpected {sorted(extra)}" if extra else "")
             + ("" if kernel.ok else f"; hnv-agent show failed: {kernel.output.strip()}"))
