@@ -133,7 +133,8 @@ class _Watchers:
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def count(self) -> int:
-        return sum(len(events) for events in self.by_host.values())
+        # list(): the event loop may add a watcher while a metrics thread counts.
+        return sum(len(events) for events in list(self.by_host.values()))
 
     def wake_threadsafe(self, hosts: list[str]) -> None:
         loop = self.loop

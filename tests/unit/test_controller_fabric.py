@@ -24,6 +24,7 @@ from controller.fabric import Fabric
 from controller.models import (
     Conflict,
     HostGroupSpec,
+    Invalid,
     HostSpec,
     IpPoolSpec,
     Kind,
@@ -185,3 +186,19 @@ def test_management_address_is_leased_from_the_management_pool_and_follows_a_pat
     assert "10.0.0.12 (Management of CON-HyperV1)" in refused.value.reason
     fabric.delete_virtual_switch("CON-HyperV1")
     assert fabric.leases() == []
+
+
+def test_ipv6_customer_addresses_over_an_ipv4_transport(tmp_path):
+    fabric = small_fabric(tmp_path)
+    fabric.create(Kind.vm_network, VmNetworkSpec(name="Six", logical_network="Virtualization", ca_family="IPv6"))
+    with pytest.raises(Invalid) as refused:
+        fabric.create(Kind.vm_subnet, VmSubnetSpec(vm_network="Six", prefix="10.9.0.0/24"))
+    assert refused.value.field == "prefix" and "never dual-stack" in refused.value.reason
+    fabric.create(Kind.vm_subnet, VmSubnetSpec(vm_network="Six", prefix="fd00:6::/64"))
+    fabric.create(Kind.ip_pool, IpPoolSpec(name="Default", vm_network="Six"))
+    vm = fabric.create(Kind.vm, VmSpec(name="v6", vm_network="Six", host="A"))
+    assert str(vm.ca) == "fd00:6::2"  # ::1 is the gateway
+    state = parse_host_state(fabric.entries["A"].state_json)
+    gateway = [r for r in state.records if r.type == "Gateway"][0]
+    assert str(gateway.ca) == "fd00:6::1" and str(gateway.pa) == "0.0.0.0"
+    assert str(state.ports[0].ca) == "fd00:6::2/64"
