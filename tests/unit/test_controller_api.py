@@ -449,3 +449,20 @@ def test_openapi_lists_every_route(seed):
                  "/v1/hosts/{host}/status", "/v1/hosts/{host}/virtual-switch", "/v1/vm-subnets/{key}",
                  "/v1/hosts/{host}/lookup-records", "/v1/uplink-port-profiles"):
         assert path in paths, path
+
+
+def test_token_command_mints_a_working_host_token_with_owner_only_mode(live_controller):
+    from controller.cli import main
+
+    ctl = live_controller(hosts=["CON-HyperV6"])
+    assert (ctl.state_dir / "admin.token").stat().st_mode & 0o777 == 0o600
+    post(ctl.admin, "hosts", {"name": "CON-HyperV8", "nics": ["eth0"]})
+    assert main(["token", "--state-dir", str(ctl.state_dir), "--host", "CON-HyperV8"]) == 0
+    path = ctl.state_dir / "hosts" / "CON-HyperV8.token"
+    assert path.stat().st_mode & 0o777 == 0o600
+    own = ctl.client_for("CON-HyperV8")  # minted while the controller runs: no restart needed
+    assert own.get("/v1/hosts/CON-HyperV8/state").json()["host"] == "CON-HyperV8"
+    assert own.get("/v1/hosts/CON-HyperV6/state").status_code == 403
+    # the database holds hashes only: the token text is nowhere in it
+    stored = b"".join(p.read_bytes() for p in ctl.state_dir.glob("controller.db*"))  # with the WAL
+    assert b"CON-HyperV8" in stored and path.read_text().strip().encode() not in stored
