@@ -26,6 +26,7 @@ This module owns the rules across objects; storage is `controller.store`, choice
 from __future__ import annotations
 
 import ipaddress
+import logging
 import sqlite3
 import threading
 import time
@@ -82,6 +83,7 @@ from controller.placement import place, transport_of, why_not
 from controller.store import HostRow, Store
 
 ALL = None  # scope: every host
+log = logging.getLogger("openhnv.controller.fabric")
 
 
 @dataclass
@@ -284,26 +286,29 @@ class Fabric:
             self.store.save_host_rows([HostRow(host, entry.generation, entry.digest, generation, status)])
             self.applied[host] = generation
             self.statuses[host] = status
-            return self.sync_of(host)
+            view = self.sync_of(host)
+            log.info("event=host_status host=%s applied=%d desired=%d errors=%d sync=%s", host, generation,
+                     entry.generation, len(errors), view.sync)
+            return view
 
     # --- writes -------------------------------------------------------------------------------
 
     def create(self, kind: Kind, spec: BaseModel) -> Any:
         builder = getattr(self, f"_create_{kind.name}")
-        return self._run(lambda tx: builder(tx, spec))
+        return self._run(lambda tx: builder(tx, spec), f"create {kind.value} {getattr(spec, 'name', '')}")
 
     def patch(self, kind: Kind, key: str, changes: dict[str, Any]) -> Any:
-        return self._run(lambda tx: self._patch(tx, kind, key, changes))
+        return self._run(lambda tx: self._patch(tx, kind, key, changes), f"patch {kind.value} {key}")
 
     def delete(self, kind: Kind, key: str) -> None:
         builder = getattr(self, f"_delete_{kind.name}")
-        self._run(lambda tx: builder(tx, self.get(kind, key)))
+        self._run(lambda tx: builder(tx, self.get(kind, key)), f"delete {kind.value} {key}")
 
     def set_virtual_switch(self, host: str, spec: VirtualSwitchSpec) -> VirtualSwitch:
-        return self._run(lambda tx: self._set_virtual_switch(tx, host, spec))
+        return self._run(lambda tx: self._set_virtual_switch(tx, host, spec), f"set virtual-switch {host}")
 
     def delete_virtual_switch(self, host: str) -> None:
-        self._run(lambda tx: self._delete_virtual_switch(tx, host))
+        self._run(lambda tx: self._delete_virtual_switch(tx, host), f"delete virtual-switch {host}")
 
     def create_many(self, kind: Kind, specs: list[BaseModel]) -> list[Any]:
         """Create several objects of one kind as one transaction: all or none."""
@@ -317,17 +322,18 @@ class Fabric:
                 raise type(exc)(f"items[{index}] ({getattr(spec, 'name', '?')}): {exc.error}", field,
                                 exc.reason) from None
 
-        return self._run_many([lambda tx, i=i, spec=spec: build(tx, i, spec) for i, spec in enumerate(specs)])
+        return self._run_many([lambda tx, i=i, spec=spec: build(tx, i, spec) for i, spec in enumerate(specs)],
+                              f"create {kind.value} batch of {len(specs)}")
 
     def migrate(self, vm_name: str, destination: str) -> Vm:
-        return self._run(lambda tx: self._migrate(tx, vm_name, destination))
+        return self._run(lambda tx: self._migrate(tx, vm_name, destination), f"migrate vms {vm_name} to {destination}")
 
     # --- the transaction engine ----------------------------------------------------------------
 
-    def _run(self, build: Callable[[Tx], tuple[Any, _Scope]]) -> Any:
-        return self._run_many([build])[0]
+    def _run(self, build: Callable[[Tx], tuple[Any, _Scope]], operation: str) -> Any:
+        return self._run_many([build], operation)[0]
 
-    def _run_many(self, builds: list[Callable[[Tx], tuple[Any, _Scope]]]) -> list[Any]:
+    def _run_many(self, builds: list[Callable[[Tx], tuple[Any, _Scope]]], operation: str) -> list[Any]:
         """Build, trial-compile, commit and publish operations as one transaction.
 
         Each operation is applied to the inventory as soon as it is built, so the next
@@ -335,6 +341,7 @@ class Fabric:
         reverse order. One compile and one commit serve the whole batch.
         """
         with self._lock:
+            started = time.perf_counter()
             merged, undos, results = Tx(), [], []
             networks: set[str] | None = set()
             hosts_before: set[str] = set()
@@ -370,12 +377,17 @@ class Fabric:
                     self.store.commit(merged.changeset(_uuid_of))
                 except sqlite3.IntegrityError as exc:
                     raise Conflict("the store refused the change", None, str(exc)) from None
-            except BaseException:
+            except BaseException as exc:
                 for undo in reversed(undos):
                     self.inventory.apply(undo)
                 self.compiler.invalidate(ALL if networks is ALL else networks)
+                if isinstance(exc, FabricError):
+                    log.info("event=fabric_refused op=%s status=%d field=%s reason=%s", _quoted(operation),
+                             exc.status, exc.field, _quoted(exc.reason))
                 raise
-            self._publish(states, hosts_before - existing)
+            bumped = self._publish(states, hosts_before - existing)
+            log.info("event=fabric_write op=%s compiled=%d bumped=%d duration_ms=%.1f", _quoted(operation),
+                     len(states), len(bumped), (time.perf_counter() - started) * 1000)
             return results
 
     def _affected_hosts(self, scope: _Scope) -> set[str]:
@@ -401,7 +413,7 @@ class Fabric:
             undo.leases[(pool, address)] = inv.leases[pool].get(address)
         return undo
 
-    def _publish(self, states: dict[str, HostState], deleted: set[str]) -> None:
+    def _publish(self, states: dict[str, HostState], deleted: set[str]) -> list[str]:
         rows, bumped = [], []
         for name, state in states.items():
             digest, body = self.compiler.serialise(state)
@@ -421,6 +433,7 @@ class Fabric:
         if bumped:
             for listener in self._listeners:
                 listener(bumped)
+        return bumped
 
     def _set_entry(self, name: str, state: HostState, generation: int, digest: str, body: bytes) -> None:
         state = state.model_copy(update={"generation": generation})
@@ -1076,6 +1089,12 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
             value = [str(v) if not isinstance(v, (BaseModel, int, str)) else v for v in value]
         out[name] = value
     return out
+
+
+def _quoted(text: object) -> str:
+    """A log value: quoted when it has spaces, so a line stays one event of key=value pairs."""
+    text = str(text)
+    return f'"{text}"' if (" " in text or not text) else text
 
 
 def _uuid_of(kind: str, key: str, obj: Any) -> str:

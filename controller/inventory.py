@@ -15,7 +15,6 @@ rules (that is `controller.fabric`).
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -182,8 +181,7 @@ class Inventory:
             if kind == VIRTUAL_SWITCH:
                 tx.put(kind, key, VirtualSwitch.model_validate_json(doc))
             else:
-                data = json.loads(doc)
-                tx.put(kind, key, STORED_OF[Kind(kind)].model_validate(data))
+                tx.put(kind, key, STORED_OF[Kind(kind)].model_validate_json(doc))
         for space, value, holder in snapshot.allocations:
             tx.take(space, value, holder)
         for _pool, _address, doc in snapshot.leases:
