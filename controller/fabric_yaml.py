@@ -76,7 +76,11 @@ def strict_prefix(value: Any) -> str:
 
 
 class _Document(BaseModel):
-    """camelCase keys, unknown keys refused, prefixes strict."""
+    """camelCase keys, unknown keys refused, prefixes strict.
+
+    Each document model is `(_Document, <the controller's spec>)`: pydantic merges the
+    bases' configs, so the spec's fields and checks gain the camelCase aliases here.
+    """
 
     model_config = _DOCUMENT_CONFIG
     _prefix_fields: ClassVar[tuple[str, ...]] = ("prefix", "subnet")
@@ -95,8 +99,6 @@ class _Document(BaseModel):
 
 
 class HostGroupDoc(_Document, models.HostGroupSpec):
-    model_config = _DOCUMENT_CONFIG
-
     @model_validator(mode="after")
     def _not_root(self) -> HostGroupDoc:
         if self.name == ROOT_HOST_GROUP:
@@ -107,55 +109,52 @@ class HostGroupDoc(_Document, models.HostGroupSpec):
 
 
 class ClusterDoc(_Document, models.ClusterSpec):
-    model_config = _DOCUMENT_CONFIG
+    pass
 
 
 class LogicalNetworkDoc(_Document, models.LogicalNetworkSpec):
-    model_config = _DOCUMENT_CONFIG
+    pass
 
 
 class SubnetVlanDoc(_Document, models.SubnetVlan):
-    model_config = _DOCUMENT_CONFIG
+    pass
 
 
 class NetworkSiteDoc(_Document, models.NetworkSiteSpec):
-    model_config = _DOCUMENT_CONFIG
     subnet_vlans: tuple[SubnetVlanDoc, ...]
 
 
 class IpPoolDoc(_Document, models.IpPoolSpec):
-    model_config = _DOCUMENT_CONFIG
+    pass
 
 
 class UplinkPortProfileDoc(_Document, models.UplinkPortProfileSpec):
-    model_config = _DOCUMENT_CONFIG
+    pass
 
 
 class LogicalSwitchDoc(_Document, models.LogicalSwitchSpec):
-    model_config = _DOCUMENT_CONFIG
+    pass
 
 
 class VmNetworkDoc(_Document, models.VmNetworkSpec):
-    model_config = _DOCUMENT_CONFIG
+    pass
 
 
 class VmSubnetDoc(_Document, models.VmSubnetSpec):
-    model_config = _DOCUMENT_CONFIG
+    pass
 
 
 class ManagementAdapterDoc(_Document, models.ManagementAdapter):
-    model_config = _DOCUMENT_CONFIG
+    pass
 
 
 class VirtualSwitchDoc(_Document, models.VirtualSwitchSpec):
-    model_config = _DOCUMENT_CONFIG
     management_adapter: ManagementAdapterDoc | None = None
 
 
 class HostDoc(_Document, models.HostSpec):
     """A host and, nested, its virtual switch (New-SCVirtualNetwork)."""
 
-    model_config = _DOCUMENT_CONFIG
     virtual_switch: VirtualSwitchDoc | None = None
 
     @model_validator(mode="after")
@@ -175,8 +174,7 @@ class HostDoc(_Document, models.HostSpec):
 
 
 class VmDoc(_Document, models.VmSpec):
-    model_config = _DOCUMENT_CONFIG
-
+    pass
 
 DOCUMENT_MODEL: dict[Kind, type[_Document]] = {
     Kind.host_group: HostGroupDoc,
