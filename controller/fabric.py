@@ -414,7 +414,14 @@ class Fabric:
         return undo
 
     def _publish(self, states: dict[str, HostState], deleted: set[str]) -> list[str]:
-        rows, bumped = [], []
+        """Bump and persist the generations of hosts whose content changed, then wake them.
+
+        Why this order: generations are written before any watcher or GET can see them,
+        so an agent never holds a generation the database does not (a controller that
+        dies in between restarts, finds the digests differ and bumps again - to the same
+        content, since the fabric change was committed first).
+        """
+        rows, changed = [], []
         for name, state in states.items():
             digest, body = self.compiler.serialise(state)
             entry = self.entries.get(name)
@@ -422,6 +429,10 @@ class Fabric:
                 continue
             generation = entry.generation + 1 if entry is not None else 1
             rows.append(HostRow(name, generation, digest, self.applied.get(name), self.statuses.get(name)))
+            changed.append((name, state, generation, digest, body))
+        self.store.save_host_rows(rows, sorted(deleted))
+        bumped = []
+        for name, state, generation, digest, body in changed:
             self._set_entry(name, state, generation, digest, body)
             bumped.append(name)
         for name in deleted:
@@ -429,7 +440,6 @@ class Fabric:
             self.applied.pop(name, None)
             self.statuses.pop(name, None)
             bumped.append(name)
-        self.store.save_host_rows(rows, sorted(deleted))
         if bumped:
             for listener in self._listeners:
                 listener(bumped)
