@@ -50,7 +50,6 @@ from controller.models import (
 
 log = logging.getLogger("openhnv.controller.api")
 
-AGENT_VERSION_HEADER = "openhnv-controller/0.1"
 
 
 # --- request/response schemas beyond the fabric objects --------------------------------
@@ -337,6 +336,7 @@ def _sync_fields(view: SyncView) -> dict[str, Any]:
 async def _watch_stream(fabric: Fabric, watchers: _Watchers, host: str, heartbeat: float, pushed, push_latency):
     event = asyncio.Event()
     watchers.by_host[host].add(event)
+    log.info("event=watch_open host=%s watchers=%d", host, watchers.count())
     sent: int | None = None
     try:
         while True:
@@ -362,6 +362,7 @@ async def _watch_stream(fabric: Fabric, watchers: _Watchers, host: str, heartbea
         watchers.by_host[host].discard(event)
         if not watchers.by_host[host]:
             watchers.by_host.pop(host, None)
+        log.info("event=watch_closed host=%s generation=%s watchers=%d", host, sent, watchers.count())
 
 
 def _add_collection(app: FastAPI, fabric: Fabric, auth: Authenticator, kind: Kind) -> None:

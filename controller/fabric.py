@@ -76,7 +76,6 @@ from controller.models import (
     VmNetwork,
     VmSubnet,
     first_host_address,
-    key_of,
     last_host_address,
 )
 from controller.placement import place, transport_of, why_not
