@@ -145,7 +145,12 @@ class LabRecord:
 
     lab: str
     topology_source: str
-    workdir: str
+    workdir: str  # tokens and the daemons' state: a local file system (SQLite needs one)
+    artefacts: str = ""  # logs, captures, documents: kept where the user can read them
+
+    @property
+    def artefacts_dir(self) -> Path:
+        return Path(self.artefacts or self.workdir)
     created: float = field(default_factory=time.time)
     namespaces: list[str] = field(default_factory=list)
     links: list[LinkEntry] = field(default_factory=list)

@@ -37,11 +37,17 @@ def _say(text: str) -> None:
 
 
 def default_workdir(topology: Topology) -> Path:
-    # In the VM, put logs and tokens in the shared directory, so they outlive the VM.
+    return build.RECORD_DIR / topology.name
+
+
+def default_artefacts(topology: Topology, workdir: Path) -> Path:
+    # In the VM, logs and captures go to the shared directory so that they outlive the
+    # VM. The state stays on the guest's own file system: SQLite's WAL needs shared
+    # memory, which the VM's 9p share does not give ("disk I/O error").
     shared = os.environ.get(vm.RWDIR_ENV)
     if vm.in_vm() and shared:
         return Path(shared) / f"lab-{topology.name}"
-    return build.RECORD_DIR / topology.name
+    return workdir
 
 
 def _need_root() -> None:
@@ -64,8 +70,9 @@ def lab_up(topology: Topology, *, workdir: Path | None = None, daemons: bool = T
     _need_root()
     record = LabRecord.load(topology.name)
     if record is None:
+        workdir = workdir or default_workdir(topology)
         record = LabRecord(lab=topology.name, topology_source=topology_source,
-                           workdir=str(workdir or default_workdir(topology)))
+                           workdir=str(workdir), artefacts=str(default_artefacts(topology, workdir)))
         record.save()
     started = time.monotonic()
     if not record.built:
@@ -79,7 +86,7 @@ def lab_up(topology: Topology, *, workdir: Path | None = None, daemons: bool = T
         processes.start_all(topology, record)
         _say(f"up: controller on {topology.controller.host} listening at {topology.controller_url}, "
              f"{len(topology.hosts)} agents running ({time.monotonic() - t0:.1f} s); "
-             f"logs and tokens in {record.workdir}")
+             f"tokens and state in {record.workdir}, logs in {record.artefacts_dir / 'logs'}")
     return record
 
 
@@ -128,7 +135,8 @@ def cmd_status(args: argparse.Namespace, topology: Topology) -> int:
         _say(f"lab {topology.name}: down")
         return EXIT_FAILED
     ok = True
-    _say(f"lab {topology.name}: record {record.path}, work dir {record.workdir}")
+    _say(f"lab {topology.name}: record {record.path}, work dir {record.workdir}, "
+         f"logs {record.artefacts_dir / 'logs'}")
     for ns in record.namespaces:
         exists = build.namespace_exists(ns)
         ok &= exists

@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,7 +242,7 @@ class Walkthrough:
 
     def capture_each(self, links: list[tuple[str, str]], bpf: str, action) -> dict[str, list[DecodedFrame]]:
         """Like capture_while, the frames kept apart per ``namespace:interface``."""
-        pcap_dir = Path(self.record.workdir) / "captures"
+        pcap_dir = self.record.artefacts_dir / "captures"
         pcap_dir.mkdir(parents=True, exist_ok=True)
         captures = [Capture(ns, ifname, pcap_dir / f"{ns}-{ifname}-{self.step_number}.pcap",
                             bpf_filter=bpf) for ns, ifname in links]
@@ -325,7 +326,8 @@ def run_walkthrough(w: Walkthrough) -> None:
            + ", ".join(c.name for c in topology.clusters_with_role(ClusterRole.vlan)))
     w.say("   Host groups, clusters, the Management and Tenants logical networks (VLAN 100/101),\n"
           "   port profiles, logical switches and VM networks, declaratively:")
-    document = Path(w.record.workdir) / "part1-fabric.yaml"
+    document = w.record.artefacts_dir / "part1-fabric.yaml"
+    document.parent.mkdir(parents=True, exist_ok=True)
     document.write_text(yaml.safe_dump(part1_document(topology), sort_keys=False))
     w.ctl("apply", "-f", str(document))
     w.wait_in_sync([*management, *vlan_hosts], "part1")
@@ -585,6 +587,9 @@ def main(topology: Topology, *, keep: bool = False, topology_source: str = "seed
         run_walkthrough(w)
     except (StepFailed, LabError) as exc:
         failure = str(exc)
+    except Exception as exc:  # noqa: BLE001 - still tear down and report, with the trace
+        traceback.print_exc()
+        failure = f"{type(exc).__name__}: {exc}"
     finally:
         checks = w.checks if w else []
         passed = sum(c.ok for c in checks)
@@ -593,7 +598,7 @@ def main(topology: Topology, *, keep: bool = False, topology_source: str = "seed
             print(f"\n[FAIL] step: {failure}\n       the walkthrough stopped here: every later step builds on this one",
                   flush=True)
         if record is not None:
-            print(f"\nlogs: {record.workdir}/logs", flush=True)
+            print(f"\nlogs: {record.artefacts_dir / 'logs'}", flush=True)
             if failure or failed:
                 for entry in record.processes:
                     if not processes.is_alive(entry):

@@ -6,10 +6,13 @@ exactly the processes the lab record lists. A pid alone is not proof of identity
 crash (pids are reused), so each entry also keeps the process's start time from
 ``/proc/<pid>/stat`` and only a process with both is signalled.
 
-Work directory layout (``record.workdir``)::
+Work directory layout (``record.workdir``, on a local file system)::
 
     controller/            hnv-controller state dir: admin.token, hosts/<host>.token, store
     agents/<host>/         hnv-agent state dir: the last accepted state
+
+and in ``record.artefacts_dir`` (the same directory, or the VM's shared one)::
+
     logs/controller.log    stdout+stderr of each daemon
     logs/agent-<host>.log
 
@@ -130,7 +133,7 @@ START_TIMEOUT = 900.0
 def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIMEOUT) -> None:
     """Start the controller, wait until it listens, then every agent at once."""
     workdir = Path(record.workdir)
-    logs = workdir / "logs"
+    logs = record.artefacts_dir / "logs"
     init_controller(topology, record)
     controller_host = topology.host(topology.controller.host)
     assert controller_host is not None
