@@ -549,10 +549,11 @@ def run_change(client: ControllerClient, change: Change) -> None:
         client.set_virtual_switch(key, spec.virtual_switch.model_dump(mode="json", exclude_unset=True))
 
 
-def cmd_apply(ctx: Context, args: argparse.Namespace) -> int:
+def load_documents(paths: list[str]) -> FabricDocument:
+    """Read and validate every file ('-' is stdin); all their problems at once."""
     document = FabricDocument()
     problems: list[str] = []
-    for path in args.file:
+    for path in paths:
         try:
             text = sys.stdin.read() if path == "-" else Path(path).read_text()
         except OSError as exc:
@@ -563,45 +564,76 @@ def cmd_apply(ctx: Context, args: argparse.Namespace) -> int:
             problems += exc.problems
     if problems:
         raise FabricError(problems)
-    source = ", ".join(document.sources)
-    live = read_live(ctx.client, document)
+    return document
+
+
+def apply_fabric(
+    client: ControllerClient,
+    document: FabricDocument,
+    *,
+    prune: bool = False,
+    dry_run: bool = False,
+    progress: Callable[[Change], None] | None = None,
+) -> list[Change]:
+    """Make the controller hold the document; the changes made (or, dry, to make).
+
+    Everything that can be checked without writing is checked first (FabricError, and
+    nothing is written). A refusal midway raises ApiRefused (or ControllerUnavailable)
+    whose message says what was done and what not. `progress` hears each change done.
+    For the lab and the benchmarks as much as for `hnvctl apply`.
+    """
+    live = read_live(client, document)
     problems = check_references(document, _live_models(live))
     if problems:
         raise FabricError(problems)
-    changes = plan_changes(document, live, prune=args.prune)
+    changes = plan_changes(document, live, prune=prune)
     check_plan(document, changes)
-    report = [{"action": c.action, "kind": c.kind.value, "key": c.key, "fields": [to_camel(f) for f in c.fields]} for c in changes]
-    if not changes:
-        ctx.out.say(f"no changes: the fabric already matches {source}")
-        if ctx.out.fmt == "json":
-            ctx.out.emit({"dry_run": args.dry_run, "changes": []})
-        return EXIT_OK
-    if args.dry_run:
-        for change in changes:
-            ctx.out.say(change.describe())
-        creates, updates, deletes = (sum(c.action == a for c in changes) for a in ("create", "update", "delete"))
-        ctx.out.say(f"dry run: {creates} to create, {updates} to update, {deletes} to delete; nothing changed")
-        if ctx.out.fmt == "json":
-            ctx.out.emit({"dry_run": True, "changes": report})
-        return EXIT_OK
+    if dry_run:
+        return changes
     for done, change in enumerate(changes):
         try:
-            run_change(ctx.client, change)
+            run_change(client, change)
         except ControllerError as exc:
             what = exc.one_line() if isinstance(exc, ApiRefused) else str(exc)
             verb = {"create": "creating", "update": "updating", "delete": "deleting"}[change.action]
             last = f"; last done: {changes[done - 1].describe()}" if done else ""
             message = (
-                f"{source}: stopped at {verb} {label(change.kind, change.key)}: {what}; "
+                f"{', '.join(document.sources)}: stopped at {verb} {label(change.kind, change.key)}: {what}; "
                 f"{done} of {len(changes)} changes done{last}; {len(changes) - done} not done"
             )
             if isinstance(exc, ApiRefused):
                 raise ApiRefused(exc.status, message) from None
             raise ControllerUnavailable(message) from None
-        ctx.out.say(change.describe())
-    ctx.out.say(f"applied {len(changes)} changes from {source}")
+        if progress is not None:
+            progress(change)
+    return changes
+
+
+def cmd_apply(ctx: Context, args: argparse.Namespace) -> int:
+    document = load_documents(args.file)
+    source = ", ".join(document.sources)
+    changes = apply_fabric(
+        ctx.client,
+        document,
+        prune=args.prune,
+        dry_run=args.dry_run,
+        progress=lambda change: ctx.out.say(change.describe()),
+    )
+    if not changes:
+        ctx.out.say(f"no changes: the fabric already matches {source}")
+    elif args.dry_run:
+        for change in changes:
+            ctx.out.say(change.describe())
+        creates, updates, deletes = (sum(c.action == a for c in changes) for a in ("create", "update", "delete"))
+        ctx.out.say(f"dry run: {creates} to create, {updates} to update, {deletes} to delete; nothing changed")
+    else:
+        ctx.out.say(f"applied {len(changes)} changes from {source}")
     if ctx.out.fmt == "json":
-        ctx.out.emit({"dry_run": False, "changes": report})
+        report = [
+            {"action": c.action, "kind": c.kind.value, "key": c.key, "fields": [to_camel(f) for f in c.fields]}
+            for c in changes
+        ]
+        ctx.out.emit({"dry_run": args.dry_run, "changes": report})
     return EXIT_OK
 
 

@@ -19,7 +19,8 @@ import pytest
 
 from agent.state import parse_host_state
 from controller.client import ControllerClient
-from controller.hnvctl import main
+from controller.hnvctl import apply_fabric, load_documents, main
+from controller.models import Kind
 from tests.lib.controller import CHECKOUT, LiveController, free_port
 
 SEED = CHECKOUT / "examples" / "seed-fabric.yaml"
@@ -129,6 +130,20 @@ def test_dry_run_prints_exactly_the_change_and_changes_nothing(hnvctl, tmp_path)
     modified.write_text(text.replace("    encapsulation: nvgre\n", "    encapsulation: nvgre\n    mtu: 1500\n"))
     assert hnvctl.ok("apply", "-f", str(modified)).splitlines()[0] == "~ logical network Virtualization (mtu: 1600 -> 1500)"
     assert hnvctl.snapshot(generations=False) == settled  # the hosts' generations moved on, as they must
+
+
+def test_apply_fabric_in_process_for_the_lab(hnvctl, ctl, tmp_path):
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("hostGroups: [{name: InProcess}]\n")
+    document = load_documents([str(SEED), str(TENANTS), str(extra)])
+    heard = []
+    with ControllerClient(ctl.base_url, ctl.admin_token) as client:
+        assert [c.describe() for c in apply_fabric(client, document, dry_run=True)] == ["+ host group InProcess"]
+        assert heard == []
+        changes = apply_fabric(client, document, progress=heard.append)
+        assert heard == changes and [c.describe() for c in changes] == ["+ host group InProcess"]
+        assert apply_fabric(client, document) == []
+        client.delete(Kind.host_group, "InProcess")
 
 
 def test_prune_dry_run_lists_what_the_documents_omit(hnvctl):
