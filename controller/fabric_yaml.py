@@ -287,8 +287,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # Only the mapping's own keys count: a key merged in (<<: *anchor) and stated again
+    # is an override, as YAML means it.
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
@@ -370,6 +374,8 @@ def load_fabric(text: str, source: str = "fabric.yaml") -> FabricDocument:
     document = FabricDocument([source])
     problems: list[str] = []
     for key, value in raw.items():
+        if isinstance(key, str) and key.startswith("x-"):
+            continue  # an extension field: a place for YAML anchors (x-host: &host {...})
         if key not in SECTIONS:
             problems.append(f"{key}: unknown section (expected one of: {', '.join(SECTIONS)})")
             continue

@@ -140,6 +140,19 @@ def test_isolation_must_fit_the_logical_network():
     ]
 
 
+def test_anchors_in_extension_fields_template_hosts():
+    document = load_fabric(
+        "x-host: &host {cluster: VIRTUALCLUSTER, nics: [eth0, eth1], virtualSwitch: {logicalSwitch: Virtualization}}\n"
+        "hosts:\n"
+        "  - {<<: *host, name: A, managementAddress: 10.0.0.21/24}\n"
+        "  - {<<: *host, name: B, managementAddress: 10.0.0.22/24, nics: [eth0]}\n",
+        "f.yaml",
+    )
+    hosts = {item.key: item.spec for item in document.objects}
+    assert hosts["A"].nics == ("eth0", "eth1") and hosts["B"].nics == ("eth0",)  # stated again: an override
+    assert hosts["B"].virtual_switch.logical_switch == "Virtualization"
+
+
 def test_every_problem_is_reported_not_only_the_first():
     problems = refusal("hostGroups: [{name: A, x: 1}, {name: B, y: 2}]")
     assert problems == ["fabric.yaml: hostGroups[0].x: unknown field", "fabric.yaml: hostGroups[1].y: unknown field"]
