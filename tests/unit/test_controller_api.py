@@ -164,6 +164,12 @@ def test_placement_only_on_hosts_reaching_network_virtualisation(fresh):
     body = assert_refused(refused, 409, "host", "no placement candidate")
     assert "CON-HyperV3" in body["reason"]
     assert admin.get("/v1/vms/Nowhere").status_code == 404
+    # VLAN VM networks: only hosts whose switch reaches a site with that subnet and VLAN
+    vlan_hosts = {post(admin, "vms", {"name": f"Vlan{i}", "vm_network": "TenantA"})["host"] for i in range(3)}
+    assert vlan_hosts == set(VLAN_HOSTS)
+    refused = admin.post("/v1/vms", json={"name": "VlanWrong", "vm_network": "TenantA", "host": "CON-HyperV6"})
+    assert_refused(refused, 409, "host", "172.16.100.0/24 on VLAN 100")
+    assert [n.vlan for n in state_of(admin, "CON-HyperV4").vlan_networks] == [100, 101]
 
 
 # --- migration and the watch stream ---------------------------------------------------------------
