@@ -22,6 +22,7 @@ from controller.client import ControllerClient
 from controller.hnvctl import apply_fabric, load_documents, main
 from controller.models import Kind
 from tests.lib.controller import CHECKOUT, LiveController, free_port
+from tests.lib.seed_fabric import add_tenants, build_seed_fabric
 
 SEED = CHECKOUT / "examples" / "seed-fabric.yaml"
 TENANTS = CHECKOUT / "examples" / "seed-tenants.yaml"
@@ -365,6 +366,19 @@ def test_prune_deletes_what_the_documents_omit_children_first(hnvctl):
         f"applied 2 changes from {SEED}, {TENANTS}",
     ]
     assert not {"Doomed", "DoomedChild"} & {g["name"] for g in hnvctl.json("host-group", "list")}
+
+
+def test_the_yaml_and_the_python_builder_describe_the_same_seed(tmp_path):
+    """tests/lib/seed_fabric.py builds the seed through the API for other tests; the
+    examples describe the same seed. On a fabric the builder made, apply may only add
+    what the builder leaves out (the MANAGEMENT cluster, CON-HyperV1/2/5), never update."""
+    with LiveController(tmp_path / "state") as live:
+        build_seed_fabric(live.admin)
+        add_tenants(live.admin)
+        code, out, err = Hnvctl(live)("apply", "-f", str(SEED), "-f", str(TENANTS), "--dry-run")
+    assert code == 0, err
+    assert out.splitlines()[-1].startswith("dry run: ") and ", 0 to update, 0 to delete;" in out
+    assert all(line.startswith("+ ") for line in out.splitlines()[:-1])
 
 
 def test_unreachable_controller_is_exit_1(hnvctl):
