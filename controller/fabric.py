@@ -105,6 +105,12 @@ class SyncView:
     applied_generation: int | None
 
 
+class Unavailable(FabricError):
+    """The object exists but cannot be served now (its stored state does not compile): 503."""
+
+    status = 503
+
+
 class HostView(Host):
     """A host as GET /v1/hosts shows it: the object plus its sync status."""
 
@@ -131,6 +137,8 @@ class Fabric:
         self.entries: dict[str, HostEntry] = {}
         self.statuses: dict[str, dict[str, Any]] = {}
         self.applied: dict[str, int | None] = {}
+        self.unpublishable: dict[str, str] = {}  # host -> why its stored fabric does not compile
+        self._last_generation: dict[str, int] = {}  # ... and the generation it last published
         snapshot = store.load()
         self.inventory.load(snapshot)
         if self.inventory.get(Kind.host_group, ROOT_HOST_GROUP) is None:
@@ -144,7 +152,17 @@ class Fabric:
         rows = []
         for name in self.inventory.objects[Kind.host]:
             row = snapshot.hosts.get(name)
-            state = self.compiler.compile(name)
+            try:
+                state = self.compiler.compile(name)
+            except (ValidationError, ValueError) as exc:
+                # Only a change of the rules between versions can get here (every write
+                # was trial-compiled). Publish nothing for this host - an agent must not
+                # be handed a state it refuses, nor an empty one - and serve the others.
+                problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
+                self.unpublishable[name] = problems[0]
+                self._last_generation[name] = row.generation if row is not None else 0
+                log.error("event=host_state_invalid host=%s reason=%s", name, _quoted(problems[0]))
+                continue
             digest, body = self.compiler.serialise(state)
             generation = row.generation if row is not None else 0
             if row is None or row.digest != digest:
@@ -226,6 +244,8 @@ class Fabric:
     def host_entry(self, host: str) -> HostEntry:
         entry = self.entries.get(host)
         if entry is None:
+            if host in self.unpublishable:
+                raise Unavailable(f"host {host} has no valid state to publish", "host", self.unpublishable[host])
             raise NotFound(f"host {host} does not exist", "host", f"no host is called {host}")
         return entry
 
@@ -236,6 +256,10 @@ class Fabric:
         return self.host_entry(host).state.records
 
     def sync_of(self, host: str) -> SyncView:
+        if host in self.unpublishable and host not in self.entries:
+            generation = self._last_generation.get(host, 0)
+            return SyncView(host, "Error", f"the controller cannot compile a valid state: {self.unpublishable[host]}",
+                            generation, self.applied.get(host))
         entry = self.host_entry(host)
         applied = self.applied.get(host)
         status = self.statuses.get(host) or {}
@@ -255,7 +279,7 @@ class Fabric:
     def metrics_snapshot(self) -> dict[str, Any]:
         with self._lock:
             hosts: dict[str, int] = {}
-            for name in self.entries:
+            for name in [*self.entries, *self.unpublishable]:
                 sync = self.sync_of(name).sync
                 hosts[sync] = hosts.get(sync, 0) + 1
             pools = {}
@@ -426,11 +450,14 @@ class Fabric:
             entry = self.entries.get(name)
             if entry is not None and entry.digest == digest:
                 continue
-            generation = entry.generation + 1 if entry is not None else 1
+            # Generations only grow, also for a host that had none to publish for a while.
+            generation = (entry.generation if entry is not None else self._last_generation.pop(name, 0)) + 1
             rows.append(HostRow(name, generation, digest, self.applied.get(name), self.statuses.get(name)))
             changed.append((name, state, generation, digest, body))
         self.store.save_host_rows(rows, sorted(deleted))
         bumped = []
+        for name in states:
+            self.unpublishable.pop(name, None)
         for name, state, generation, digest, body in changed:
             self._set_entry(name, state, generation, digest, body)
             bumped.append(name)

@@ -202,3 +202,31 @@ def test_ipv6_customer_addresses_over_an_ipv4_transport(tmp_path):
     gateway = [r for r in state.records if r.type == "Gateway"][0]
     assert str(gateway.ca) == "fd00:6::1" and str(gateway.pa) == "0.0.0.0"
     assert str(state.ports[0].ca) == "fd00:6::2/64"
+
+
+def test_a_host_whose_stored_fabric_no_longer_compiles_is_not_served_and_others_are(tmp_path, monkeypatch):
+    fabric = small_fabric(tmp_path)
+    fabric.create(Kind.vm, VmSpec(name="r1", vm_network="Red", host="A"))
+    generation = fabric.entries["A"].generation
+    fabric.store.close()
+    # A newer controller whose rules refuse what was stored (simulated: a provider network
+    # with addresses is refused), restarted on the same database.
+    import controller.compiler as compiler
+
+    real = compiler.ProviderNetwork
+
+    def stricter(**fields):
+        if fields.get("addresses"):
+            raise ValueError("provider.mtu: the new rules refuse this provider network")
+        return real(**fields)
+
+    monkeypatch.setattr(compiler, "ProviderNetwork", stricter)
+    reopened = Fabric.open(tmp_path, synchronous="NORMAL")
+    assert "A" not in reopened.entries and reopened.entries["B"].state.host == "B"
+    with pytest.raises(Exception) as refused:
+        reopened.host_entry("A")
+    assert refused.value.status == 503 and "new rules" in refused.value.reason
+    assert reopened.view(Kind.host, reopened.get(Kind.host, "A")).sync == "Error"
+    monkeypatch.setattr(compiler, "ProviderNetwork", real)
+    reopened.create(Kind.vm, VmSpec(name="r2", vm_network="Red", host="A"))  # compiles again
+    assert reopened.host_entry("A").generation == generation + 1  # generations never go back
