@@ -27,6 +27,7 @@ import re
 import sys
 import typing
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -264,15 +265,56 @@ def flag_of(field: str) -> str:
     return "--" + SINGULAR.get(field, field.replace("_", "-"))
 
 
+# What a value looks like, where the field's type does not say it.
+VALUE_HINTS = {
+    "subnet_vlans": "SUBNET[:VLAN], e.g. 10.80.2.0/24:802 (VLAN 0, untagged, if left out)",
+    "management_address": "ADDRESS/PREFIX, e.g. 10.0.0.16/24",
+    "prefix": "e.g. 192.168.0.0/24",
+    "mac": "e.g. 00:1d:d8:b7:1c:00; default: the next of the MAC pool",
+    "ca": "default: the next free address of the VM subnet's pool",
+    "parent": "default All Hosts",
+}
+VM_HINTS = {
+    "host": "default: placement picks a host that can carry the VM network",
+    "host_group": "placement only among this group's hosts",
+    "vm_subnet": "default: the VM network's only VM subnet",
+}
+
+
+def _choices(annotation: Any) -> list[str]:
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, Enum):
+            return [member.value for member in arg]
+    return []
+
+
+def _flag_help(kind: Kind, name: str, annotation: Any) -> str:
+    info = DOCUMENT_MODEL[kind].model_fields[name]
+    parts = [(VM_HINTS if kind is Kind.vm else {}).get(name) or VALUE_HINTS.get(name, "")]
+    choices = _choices(annotation)
+    if choices:
+        parts.append("one of " + ", ".join(choices))
+    if _is_list(annotation):
+        parts.append("repeat for several")
+    if info.is_required():
+        parts.append("required on create")
+    elif info.default not in (None, "", ()) and not _is_bool(annotation):
+        parts.append(f"default {getattr(info.default, 'value', info.default)}")
+    elif _is_bool(annotation):
+        parts.append(f"default {'on' if info.default else 'off'}")
+    return "; ".join(part for part in parts if part)
+
+
 def add_object_flags(parser: argparse.ArgumentParser, kind: Kind) -> None:
     for name, annotation in object_fields(kind).items():
-        help_text = f"{to_camel(name)} (repeat for several)" if _is_list(annotation) else to_camel(name)
+        flag, help_text = flag_of(name), _flag_help(kind, name, annotation)
+        metavar = flag.removeprefix("--").upper().replace("-", "_")
         if _is_bool(annotation):
-            parser.add_argument(flag_of(name), dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif _is_list(annotation):
-            parser.add_argument(flag_of(name), dest=name, action="append", default=None, metavar="VALUE", help=help_text)
+            parser.add_argument(flag, dest=name, action="append", default=None, metavar=metavar, help=help_text)
         else:
-            parser.add_argument(flag_of(name), dest=name, default=None, metavar="VALUE", help=help_text)
+            parser.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
 
 
 def flags_given(args: argparse.Namespace, kind: Kind) -> dict[str, Any]:
