@@ -6,7 +6,8 @@
     hnvctl vm create|migrate|delete ...                New-/Move-/Remove-SCVirtualMachine
     hnvctl ip list [--pool P] [--kind CA|PA] [--host H] Get-SCIPAddress
     hnvctl lookup-records --host H                      Get-NetVirtualizationLookupRecord
-    hnvctl hosts                                        hosts and their sync status
+    hnvctl hosts [--wait S]                             hosts and their sync status
+    hnvctl host state HOST                              the HostState compiled for HOST
     hnvctl apply -f fabric.yaml [--dry-run] [--prune]   the whole fabric, declaratively
 
 Output is a table (Format-Table style) or, with `-o json`, JSON for scripts. Exit codes:
@@ -14,8 +15,10 @@ Output is a table (Format-Table style) or, with `-o json`, JSON for scripts. Exi
 line on stderr naming the object, the field and the reason, and nothing changed; 1 the
 controller could not be reached or failed (5xx).
 
-This module owns the command line: parsing, formatting, and running a fabric plan. The
-document's rules are `controller.fabric_yaml`'s; HTTP is `controller.client`'s.
+This module owns the command line: parsing, formatting, and running a fabric plan
+(`apply_fabric`, also for in-process use by the lab). The document's rules are
+`controller.fabric_yaml`'s; HTTP is `controller.client`'s. It prints; nothing else here
+does.
 """
 
 from __future__ import annotations
