@@ -53,10 +53,13 @@ def _run_section(name: str, quick: bool) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", choices=SECTIONS + ((),), default=list(SECTIONS),
-                        help="which sections to run (default: all)")
+    parser.add_argument("sections", nargs="*", metavar="SECTION",
+                        help=f"which sections to run: {', '.join(SECTIONS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.sections if name not in SECTIONS]
+    if unknown:
+        parser.error(f"no section {unknown[0]!r}: choose from {', '.join(SECTIONS)}")
     if os.geteuid() != 0:
         print("bench: needs root (it creates network namespaces): run `sudo make bench`", file=sys.stderr)
         return 1
