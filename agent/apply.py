@@ -27,6 +27,7 @@ whose VM end is ``eth0`` with the VM's MAC, CA and a default route via the gatew
 
 from __future__ import annotations
 
+import ctypes
 import errno as errno_codes
 import logging
 import os
@@ -45,6 +46,9 @@ from agent.tunnels import GRE_KEY_FLAG
 
 log = logging.getLogger("openhnv.agent.apply")
 
+NETNS_RUN_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
 BRIDGE_FLAGS_SELF = 2
 BRIDGE_VLAN_INFO_PVID = 0x2
 BRIDGE_VLAN_INFO_UNTAGGED = 0x4
@@ -134,7 +138,13 @@ def in_netns(netns: str | None, func: Callable[[], Any]) -> Any:
 
     def run() -> None:
         try:
-            pyroute2_netns.setns(netns, flags=0)  # never create it by accident
+            fd = os.open(os.path.join(NETNS_RUN_DIR, netns), os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    code = ctypes.get_errno()
+                    raise OSError(code, f"setns into {netns}: {os.strerror(code)}")
+            finally:
+                os.close(fd)
             result["value"] = func()
         except BaseException as exc:  # handed to the caller's thread
             result["error"] = exc
@@ -193,6 +203,7 @@ class Applier:
                 errors.extend(failed)
                 i = j
                 continue
+            log.debug("%s", op.describe())
             try:
                 self._apply_one(op)
                 applied += 1

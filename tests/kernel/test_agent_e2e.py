@@ -31,8 +31,11 @@ CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def hnv_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
-                          text=True, cwd=CHECKOUT, timeout=120, check=False)
+    try:
+        return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
+                              text=True, cwd=CHECKOUT, timeout=600, check=False)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hnv-agent {' '.join(args)} hung; it had printed: {exc.stdout!r} {exc.stderr!r}")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def lab(tmp_path_factory):
         state_a = tmp_path_factory.mktemp("agent") / "host-a.json"
         state_a.write_text(json.dumps(lab.state("a")))
         lab.state_file_a = state_a
-        proc = hnv_agent("apply", str(state_a), "--netns", lab.hosts["a"].name)
+        proc = hnv_agent("apply", str(state_a), "--netns", lab.hosts["a"].name, "--verbose")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         lab.apply_output = proc.stdout
         result = lab.reconcilers["b"].reconcile(parse_host_state(lab.state("b")))
