@@ -347,7 +347,12 @@ async def _watch_stream(fabric: Fabric, watchers: _Watchers, host: str, heartbea
             if entry is None:
                 return  # the host was deleted; the agent's reconnect gets 404
             if entry.generation != sent:
-                yield b'{"type":"state","generation":%d,"state":' % entry.generation + entry.state_json + b"}\n"
+                # One line in pieces: the record fragments are shared with other hosts'
+                # documents and are written as they are, never joined into a copy.
+                yield b'{"type":"state","generation":%d,"state":' % entry.generation
+                for piece in entry.pieces:
+                    yield piece
+                yield b"}\n"
                 if sent is not None:
                     push_latency.observe(max(0.0, time.monotonic() - entry.bumped_at))
                 pushed.inc()

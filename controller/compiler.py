@@ -255,18 +255,19 @@ class Compiler:
         self._checked[domain.name] = (records, domain, subnets | {provider.subnet})
         return records
 
-    def serialise(self, state: HostState) -> tuple[str, bytes]:
-        """(digest, JSON body without the generation) of a state this compiler made.
+    def serialise(self, state: HostState) -> tuple[str, "Serialised"]:
+        """(digest, JSON pieces) of a state this compiler made.
 
         The digest has the meaning of `HostState.content_digest()` (a hash of everything
-        but the generation: equal digests, equal desired state), but is computed over
-        pydantic's compiled JSON, and each VM network's records are serialised once and
-        shared by every host of that network (they are most of a state's bytes). The
-        controller only compares its own digests with each other. The body is reused
-        for the published document (`with_generation`).
+        but the generation: equal digests, equal desired state), computed over
+        pydantic's compiled JSON. Each VM network's records are serialised once and the
+        same bytes object is shared by every host of that network (records are most of
+        a state's bytes), so a host costs its own head (ports, PAs, domains) plus
+        pointers: neither joined nor copied, hashed piece by piece. The controller only
+        compares its own digests with each other.
         """
         head = state.model_dump_json(exclude={"generation", "records"}).encode()
-        parts = []
+        fragments = []
         for domain in state.routing_domains:
             records = self._records[domain.name]
             cached = self._records_json.get(domain.name)
@@ -274,14 +275,31 @@ class Compiler:
                 cached = (records, _RECORDS_JSON.dump_json(records)[1:-1])
                 self._records_json[domain.name] = cached
             if cached[1]:
-                parts.append(cached[1])
-        body = head[:-1] + b',"records":[' + b",".join(parts) + b"]}"
-        return hashlib.sha256(body).hexdigest(), body
+                fragments.append(cached[1])
+        serialised = Serialised(head[1:-1], tuple(fragments))
+        digest = hashlib.sha256()
+        for piece in serialised.pieces(None):
+            digest.update(piece)
+        return digest.hexdigest(), serialised
+
+
+class Serialised:
+    """A host state's JSON as pieces: the host's own members and shared record fragments."""
+
+    __slots__ = ("members", "fragments")
+
+    def __init__(self, members: bytes, fragments: tuple[bytes, ...]):
+        self.members = members  # the members but records, without the braces
+        self.fragments = fragments
+
+    def pieces(self, generation: int | None) -> list[bytes]:
+        """The document (with the generation as its first member unless None) in pieces."""
+        opening = b"{" if generation is None else b'{"generation":%d,' % generation
+        pieces = [opening + self.members + b',"records":[']
+        for i, fragment in enumerate(self.fragments):
+            pieces.append(b"," + fragment if i else fragment)
+        pieces.append(b"]}")
+        return pieces
 
 
 _RECORDS_JSON = TypeAdapter(tuple[LookupRecord, ...])
-
-
-def with_generation(body: bytes, generation: int) -> bytes:
-    """The published document: the body with its generation as the first member."""
-    return b'{"generation":%d,' % generation + body[1:]

@@ -45,7 +45,7 @@ from controller.allocate import (
     allocate_vsid,
     mac_text,
 )
-from controller.compiler import Compiler, with_generation
+from controller.compiler import Compiler, Serialised
 from controller.inventory import (
     SPACE_MAC,
     SPACE_ROUTING_DOMAIN,
@@ -92,8 +92,12 @@ class HostEntry:
     generation: int
     digest: str
     state: HostState
-    state_json: bytes
+    pieces: tuple[bytes, ...]  # the JSON document in pieces; record fragments shared between hosts
     bumped_at: float  # time.monotonic() of the bump, for push latency
+
+    @property
+    def state_json(self) -> bytes:
+        return b"".join(self.pieces)
 
 
 @dataclass
@@ -471,9 +475,9 @@ class Fabric:
                 listener(bumped)
         return bumped
 
-    def _set_entry(self, name: str, state: HostState, generation: int, digest: str, body: bytes) -> None:
+    def _set_entry(self, name: str, state: HostState, generation: int, digest: str, body: Serialised) -> None:
         state = state.model_copy(update={"generation": generation})
-        self.entries[name] = HostEntry(generation, digest, state, with_generation(body, generation), time.monotonic())
+        self.entries[name] = HostEntry(generation, digest, state, tuple(body.pieces(generation)), time.monotonic())
 
     # --- helpers for builders ------------------------------------------------------------------
 
