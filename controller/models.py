@@ -313,7 +313,7 @@ class IpPoolSpec(_Spec):
         if on_subnet and self.vm_network is None:
             raise ValueError("vm_network: a VM subnet's pool names its VM network")
         if self.subnet is not None:
-            for field in ("range_start", "range_end", "gateway", *()):
+            for field in ("range_start", "range_end", "gateway"):
                 value = getattr(self, field)
                 if value is not None and value not in self.subnet:
                     raise ValueError(f"{field}: {value} is outside the pool's subnet {self.subnet}")
