@@ -22,17 +22,19 @@ It never touches links or namespaces (``netns_lab.build``).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-from netns_lab.build import LabError, LabRecord, ProcessEntry, entered_netns
+from netns_lab.build import CLONE_NEWNET, NETNS_DIR, LabError, LabRecord, ProcessEntry, entered_netns
 from netns_lab.topology import Topology
 
 
@@ -59,32 +61,118 @@ def host_token_file(record: LabRecord, host: str) -> Path:
     return controller_dir(record) / "hosts" / f"{host}.token"
 
 
-def _start_time(pid: int) -> int | None:
+def _stat(pid: int) -> list[str] | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    # Field 2 (comm) may contain spaces; the fields after its closing ')' are plain.
-    return int(stat.rpartition(")")[2].split()[19])
+    # Field 2 (comm) may contain spaces; the fields after its closing ')' are plain:
+    # [0] is field 3 (state), [19] is field 22 (start time).
+    return stat.rpartition(")")[2].split()
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
 
 
 def is_alive(entry: ProcessEntry) -> bool:
-    return entry.pid is not None and _start_time(entry.pid) == entry.start_time
+    if entry.pid is None:
+        return False
+    fields = _stat(entry.pid)
+    # A zombie (our own child that exited and was not reaped yet) is not running.
+    return bool(fields) and fields[0] != "Z" and int(fields[19]) == entry.start_time
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_SLAVE = 0x4000, 0x80000
+MNT_DETACH = 2
+
+
+def _enter_host(netns: str) -> None:
+    """Become a process of host ``netns`` for good, as ``ip netns exec`` would make it.
+
+    The network namespace, and a mount namespace of its own whose /sys is a sysfs of
+    that network namespace (sysfs shows the devices of the namespace it was mounted
+    in; ``/sys/class/net`` would otherwise list the caller's devices).
+    """
+    fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {netns}")
+    finally:
+        os.close(fd)
+    if _libc.unshare(CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
+    # Keep our mounts from propagating back to the caller's namespace, then remount /sys.
+    _libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None)
+    _libc.umount2(b"/sys", MNT_DETACH)
+    if _libc.mount(netns.encode(), b"/sys", b"sysfs", 0, None) != 0:
+        raise OSError(ctypes.get_errno(), "mount sysfs")
+
+
+def _main_of(entry: ProcessEntry) -> Callable[[list[str]], int]:
+    """The daemon's own ``main`` (its console script's), imported in the parent."""
+    if entry.role == "controller":
+        from controller import cli as controller_cli
+
+        return controller_cli.main
+    from agent import cli as agent_cli
+
+    return agent_cli.main
+
+
+def preload_daemons() -> None:
+    """Import the daemons' code once, before forking them (see :func:`_spawn`)."""
+    from agent import cli as agent_cli, daemon  # noqa: F401
+    from controller import api, cli as controller_cli  # noqa: F401
 
 
 def _spawn(record: LabRecord, entry: ProcessEntry) -> None:
+    """Start one daemon: a forked child that enters its host and runs the daemon's main.
+
+    Why fork rather than exec ``ip netns exec hnv-agent run ...``: a fresh Python that
+    imports pydantic, FastAPI, pyroute2 costs tens of seconds of CPU under software
+    emulation, eight times over on two CPUs. The parent imports the daemons' code once
+    (:func:`preload_daemons`) and each child starts from that. The child is still a
+    process of its own, in its host's namespaces, speaking HTTP to the controller over
+    the management network, with its own log; ``entry.argv`` is the command line it
+    runs, as a user would type it.
+    """
     # Recorded before it exists (argv, log), completed with pid and start time after.
     record.processes.append(entry)
     record.save()
     Path(entry.log).parent.mkdir(parents=True, exist_ok=True)
-    with open(entry.log, "ab") as log:
-        # `ip netns exec` execs the daemon in place: the pid is the daemon's. A session of
-        # its own so the daemon outlives `hnv-lab up` and a Ctrl-C of the terminal.
-        proc = subprocess.Popen(["ip", "netns", "exec", entry.netns, *entry.argv],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    entry.pid = proc.pid
-    entry.start_time = _start_time(proc.pid)
+    main = _main_of(entry)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's code
+        code = 1
+        try:
+            # A session of its own: the daemon outlives `hnv-lab up` and a Ctrl-C of the
+            # terminal; down stops it by pid.
+            os.setsid()
+            log = os.open(entry.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _enter_host(entry.netns)
+            sys.argv = [Path(entry.argv[0]).name, *entry.argv[1:]]
+            code = main(entry.argv[1:]) or 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - the child reports in its log and exits
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    entry.pid = pid
+    entry.start_time = _start_time(pid)
     record.save()
 
 
@@ -138,6 +226,7 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
     controller_host = topology.host(topology.controller.host)
     assert controller_host is not None
     running = {(p.role, p.name) for p in record.processes if is_alive(p)}
+    preload_daemons()
 
     controller = ProcessEntry(
         role="controller", name=controller_host.name, netns=controller_host.name,
@@ -186,10 +275,18 @@ def stop(entry: ProcessEntry, grace: float = 5.0) -> bool:
     os.kill(entry.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while is_alive(entry) and time.monotonic() < deadline:
+        _reap(entry.pid)
         time.sleep(0.05)
     if is_alive(entry):
         os.kill(entry.pid, signal.SIGKILL)
+    _reap(entry.pid)
     return True
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of a daemon this process forked (nothing if not ours)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def stop_all(record: LabRecord) -> list[str]:
