@@ -49,6 +49,9 @@ log = logging.getLogger("agent.daemon")
 DEFAULT_STATE_DIR = "/var/lib/openhnv-agent"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
 EVENT_RECONCILE_GAP = 1.0  # seconds between two event-triggered reconciles, at least
+PERIODIC_DUTY_FACTOR = 2.0  # idle at least this many times the last reconcile's duration
+TUNNEL_STATS_WAIT = 2.0  # seconds a scrape waits for a running reconcile
+LOOP_STALL_LIMIT = 60.0  # seconds without a loop turn before /healthz says 503
 
 
 class ReconcilerLike(Protocol):
@@ -145,7 +148,10 @@ class AgentDaemon:
         self.reconciler = reconciler
         self.store = StateStore(config.state_dir)
         self.inbox = Inbox()
-        self.metrics = AgentMetrics(reconciler.tunnel_stats)
+        # The reconciler's netlink socket is not shared between threads: the loop and a
+        # /metrics scrape (tunnel counters) take turns.
+        self._kernel_lock = threading.Lock()
+        self.metrics = AgentMetrics(self._tunnel_stats)
         self.endpoint = ControllerEndpoint(config.controller_url, config.host, config.token)
         backoff = Backoff(initial=0.5, cap=config.reconnect_max_delay)
         self.watch = WatchStream(
@@ -235,9 +241,10 @@ class AgentDaemon:
         return 0
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        # The loop ticks at least once per resync interval; a loop stuck far longer (a
-        # hung netlink call) is not alive even if the process is.
-        stall_limit = max(5 * self.config.resync_interval, 15.0)
+        # The loop turns at least once per resync interval, or once per reconcile when a
+        # large first apply takes long; a loop stuck far longer (a hung netlink call) is
+        # not alive even if the process is.
+        stall_limit = max(10 * self.config.resync_interval, LOOP_STALL_LIMIT)
         alive = (
             self._loop_thread is not None
             and self._loop_thread.is_alive()
@@ -250,6 +257,15 @@ class AgentDaemon:
             "last_reconcile": self.last_reconcile,
         }
         return alive, body
+
+    def _tunnel_stats(self) -> list[Any]:
+        """Per-tunnel counters for a scrape; gives up rather than hold a scrape for long."""
+        if not self._kernel_lock.acquire(timeout=TUNNEL_STATS_WAIT):
+            raise TimeoutError(f"a reconcile held the netlink socket for over {TUNNEL_STATS_WAIT:g}s")
+        try:
+            return self.reconciler.tunnel_stats()
+        finally:
+            self._kernel_lock.release()
 
     # --- callbacks from other threads: record and signal only ---------------------------
 
@@ -292,7 +308,7 @@ class AgentDaemon:
     def _loop(self) -> None:
         if self.held is not None:
             self._reconcile(self.held, reason="startup")
-        next_resync = time.monotonic() + self.config.resync_interval
+        next_resync = self._next_resync()
         while not self._stop.is_set():
             self._loop_tick = time.monotonic()
             wakeup = self.inbox.take(timeout=next_resync - time.monotonic())
@@ -316,10 +332,10 @@ class AgentDaemon:
             elif self._unsaved is not None and time.monotonic() >= next_resync:
                 reconciled = self._accept(self._unsaved)
             if reconciled:
-                next_resync = time.monotonic() + self.config.resync_interval
+                next_resync = self._next_resync()
                 continue
             if self.held is None:
-                next_resync = time.monotonic() + self.config.resync_interval
+                next_resync = self._next_resync()
                 continue
             if wakeup.kernel_events:
                 log.info(
@@ -328,10 +344,20 @@ class AgentDaemon:
                 )
                 self._reconcile(self.held, reason="event")
                 self._last_event_reconcile = time.monotonic()
-                next_resync = time.monotonic() + self.config.resync_interval
+                next_resync = self._next_resync()
             elif time.monotonic() >= next_resync:
                 self._reconcile(self.held, reason="periodic")
-                next_resync = time.monotonic() + self.config.resync_interval
+                next_resync = self._next_resync()
+
+    def _next_resync(self) -> float:
+        """When the next periodic reconcile is due, counted from now (the end of the last).
+
+        Never sooner than the resync interval, nor sooner than twice the last reconcile's
+        duration: where reconciles are slow (a huge host, an emulated CPU) the periodic
+        safety net takes at most a third of a CPU; kernel events still trigger at once.
+        """
+        last = self.last_reconcile["duration_s"] if self.last_reconcile else 0.0
+        return time.monotonic() + max(self.config.resync_interval, PERIODIC_DUTY_FACTOR * last)
 
     def _take_document(self, document: Any) -> bool:
         """Decide on one document; returns whether it led to a reconcile."""
@@ -397,7 +423,8 @@ class AgentDaemon:
     def _reconcile(self, state: HostState, *, reason: str) -> None:
         started = time.monotonic()
         try:
-            result = self.reconciler.reconcile(state)
+            with self._kernel_lock:
+                result = self.reconciler.reconcile(state)
             planned, applied = int(result.planned), int(result.applied)
             errors = [_error_entry(e) for e in result.errors]
             objects_by_kind = dict(result.objects_by_kind)

@@ -212,11 +212,14 @@ def _make_handler(metrics: AgentMetrics, health: Callable[[], tuple[bool, dict[s
                 self._reply(404, "application/json", json.dumps(body).encode())
 
         def _reply(self, status: int, content_type: str, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the scraper gave up waiting; nothing to tell it
 
         def log_message(self, format: str, *args: Any) -> None:  # scrapes are not events
             pass
