@@ -361,3 +361,27 @@ def test_a_burst_of_kernel_events_triggers_one_prompt_reconcile(tmp_path, contro
     assert daemon.reconcile_count == reconciles + 1, "a burst must be debounced into one reconcile"
     assert daemon.last_reconcile["reason"] == "event"
     assert daemon.metrics.drift_repairs._value.get() == 1
+
+
+def test_a_state_that_cannot_be_persisted_is_not_applied_until_it_is(tmp_path, controller, daemons):
+    reconciler = FakeReconciler()
+    controller.publish(HOST, host_state(HOST, 1))
+    daemon = start(daemons, make_daemon(tmp_path, controller.url, reconciler))
+    controller.wait_for_status(HOST, lambda s: s["generation"] == 1)
+    real_save = daemon.store.save
+
+    def disk_full(state):
+        raise OSError(28, "No space left on device")
+
+    daemon.store.save = disk_full
+    controller.publish(HOST, host_state(HOST, 2, ca="192.168.0.40"))
+    status = controller.wait_for_status(HOST, lambda s: s["errors"])
+    assert status["generation"] == 1
+    assert status["errors"][0]["errno"] == 28
+    assert "cannot persist generation 2" in status["errors"][0]["message"]
+    assert reconciler.applied_generations == [1], "never apply what the disk does not hold"
+
+    daemon.store.save = real_save  # space again: the next resync persists, then applies
+    status = controller.wait_for_status(HOST, lambda s: s["generation"] == 2)
+    assert status["errors"] == []
+    assert on_disk(tmp_path) == 2 and reconciler.applied_generations == [1, 2]
