@@ -67,7 +67,10 @@ def test_tenant_pings_cross_between_kernels_in_both_vm_networks(lab):
         pings = result["pings"]
         assert {p["network"] for p in pings} == {"Fabrikam2", "Fabrikam3"}, host
         for p in pings:
-            assert p["transmitted"] > 0 and p["received"] == p["transmitted"], (host, p)
+            # ping -c 3 -w 30: three replies within 30 s. An early request may go unanswered
+            # while the peer's agent is still installing its side; loss in steady state is
+            # the restart test's business.
+            assert p["received"] >= 3, (host, p)
 
 
 def test_overlapping_customer_addresses_stay_in_their_vm_network(lab):
