@@ -63,9 +63,18 @@ class Compiler:
         self.inventory = inventory
         self._records: dict[str, tuple[LookupRecord, ...]] = {}
         self._domains: dict[str, RoutingDomain] = {}
-        # Validated models by their field values: a VM whose CA, MAC, PA and VSID did not
-        # change reuses its LookupRecord and VmPort (validation parses every address and
-        # MAC from text again; it is most of a compile's cost otherwise).
+        # A VM's LookupRecord and VmPort by their field values: a VM whose CA, MAC, PA and
+        # VSID did not change reuses them.
+        #
+        # They are built with model_construct: their fields are values the controller's own
+        # models already validated with the same types (Vm.mac through agent.state's
+        # normalize_mac, CA and PA as ipaddress objects, VSIDs allocated in range, the tap
+        # device an IfName), and pydantic's field validators would only parse every
+        # address and MAC from text once more - most of a full compile's cost at 50,000
+        # VMs. Everything that relates them (VSID known, CA in its prefix, PA in the
+        # provider subnet, no (VSID, CA) or (VSID, MAC) twice, one network per port) is
+        # still checked by HostState's own validators below; the unit tests parse every
+        # published document with agent.state's full validation.
         self._memo: dict[tuple, Any] = {}
         # VM network -> (records tuple, routing domain, provider subnets it was checked against)
         self._checked: dict[str, tuple[tuple[LookupRecord, ...], RoutingDomain, set]] = {}
@@ -77,7 +86,7 @@ class Compiler:
         if found is None:
             if len(self._memo) > 4 * len(self.inventory.objects[Kind.vm]) + 10_000:
                 self._memo.clear()  # drop entries of deleted and changed VMs now and then
-            found = self._memo[key] = model(**fields)
+            found = self._memo[key] = model.model_construct(**fields)
         return found
 
     def invalidate(self, networks: set[str] | None = None) -> None:
@@ -152,8 +161,13 @@ class Compiler:
                None if virtualised else subnet.vlan, vm.nic_kind, vm.netns, vm.device)
         port = self._memo.get(key)
         if port is None:
-            ca = ipaddress.ip_interface(f"{vm.ca}/{subnet.prefix.prefixlen}") if vm.ca is not None else None
-            port = self._memo[key] = VmPort(
+            ca = None
+            if vm.ca is not None:  # (int, prefix length): no parsing of text
+                interface = ipaddress.IPv4Interface if vm.ca.version == 4 else ipaddress.IPv6Interface
+                ca = interface((int(vm.ca), subnet.prefix.prefixlen))
+            if (key[5] is None) == (key[6] is None):
+                raise ValueError(f"ports: VM {vm.name} needs exactly one of a VSID or a VLAN")
+            port = self._memo[key] = VmPort.model_construct(
                 name=vm.name, mac=vm.mac, ca=ca, kind=vm.nic_kind, netns=vm.netns, device=vm.device,
                 vsid=key[5], vlan=key[6],
             )
