@@ -22,9 +22,11 @@ Boot costs ~25-40 s without KVM: callers boot once per batch of work, not per te
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import os
 import re
+import selectors
 import shlex
 import shutil
 import signal
@@ -33,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +191,31 @@ def vng_command(
     return cmd
 
 
+def _print_through(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _relay(proc: subprocess.Popen, deadline: float | None, sink: Callable[[str], None]) -> bool:
+    """Pass ``proc``'s output to ``sink`` as it comes; False if ``deadline`` passed first."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if not selector.select(remaining):
+                continue
+            data = os.read(fd, 65536)
+            if not data:  # EOF: vng, qemu and everything they started are gone
+                sink(decoder.decode(b"", final=True))
+                return True
+            sink(decoder.decode(data))
+
+
 @contextlib.contextmanager
 def _sigterm_raises() -> Iterator[None]:
     """Turn SIGTERM into SystemExit while waiting for the VM, so cleanup code runs."""
@@ -232,7 +259,8 @@ def run_in_vm(
 ) -> VMResult:
     """Boot a throw-away VM, run ``command`` in ``cwd`` as root, return its result.
 
-    Output streams to this process's stdout/stderr unless ``capture`` is set. ``rwdir``
+    The VM's output (guest stdout and stderr, vng's messages) streams to this
+    process's stdout, or is returned in ``VMResult.output`` if ``capture`` is set. ``rwdir``
     (created under the system temp dir when not given, and left for the caller) is
     writable inside the guest at the same path; the guest also finds it in
     ``$OPENHNV_VM_RWDIR``.
@@ -252,26 +280,31 @@ def run_in_vm(
     # vng calls virtme-run by name: the venv's bin must be on PATH.
     host_env = dict(os.environ, PATH=f"{_venv_bin()}:{os.environ.get('PATH', '/usr/bin:/bin')}")
     started = time.monotonic()
-    # A session of its own, so a timeout can stop vng and its qemu together.
+    # A session of its own, so a timeout can stop vng and its qemu together. Output
+    # always goes through a pipe that we relay: qemu opens /proc/self/fd/1 as a "file"
+    # chardev with O_TRUNC, so handing it our stdout directly would truncate a log file
+    # that stdout is redirected to (CI logs: the earlier tiers' output vanished).
     proc = subprocess.Popen(
         argv, env=host_env, cwd=CHECKOUT, start_new_session=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE if capture else None,
-        stderr=subprocess.STDOUT if capture else None,
-        text=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
+    deadline = None if timeout is None else started + timeout
+    captured: list[str] = []
     try:
         with _sigterm_raises():
-            output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
+            finished = _relay(proc, deadline, captured.append if capture else _print_through)
+        if not finished:  # timed out
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     except BaseException:
         # Ctrl-C, SIGTERM (e.g. a test runner's timeout) or any error here: qemu lives in
         # its own session and would otherwise keep running, orphaned, eating a CPU.
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+    finally:
+        proc.stdout.close()
+    output = "".join(captured)
     seconds = time.monotonic() - started
 
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 from netns_lab import vm
@@ -74,3 +75,23 @@ def test_guest_script_runs_and_propagates_exit_code(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 7, proc.stderr
     assert (tmp_path / vm.EXIT_CODE_FILE).read_text().strip() == "7"
+
+
+def test_relay_passes_output_through_and_reports_eof():
+    proc = subprocess.Popen(["sh", "-c", "printf 'boot\\n'; printf 'r\\303\\251sultat'"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seen: list[str] = []
+    assert vm._relay(proc, None, seen.append) is True
+    proc.wait()
+    assert "".join(seen) == "boot\nrésultat"
+
+
+def test_relay_gives_up_at_the_deadline():
+    proc = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE)
+    try:
+        started = time.monotonic()
+        assert vm._relay(proc, started + 0.3, lambda text: None) is False
+        assert time.monotonic() - started < 5
+    finally:
+        proc.kill()
+        proc.wait()
