@@ -78,7 +78,7 @@ class Compiler:
         self._memo: dict[tuple, Any] = {}
         # VM network -> (records tuple, routing domain, provider subnets it was checked against)
         self._checked: dict[str, tuple[tuple[LookupRecord, ...], RoutingDomain, set]] = {}
-        self._records_json: dict[str, tuple[tuple[LookupRecord, ...], bytes]] = {}
+        self._records_json: dict[str, tuple[tuple[LookupRecord, ...], bytes, bytes]] = {}  # + digest
 
     def _memoized(self, model: type, **fields: Any) -> Any:
         key = (model, *fields.values())
@@ -187,7 +187,8 @@ class Compiler:
         if switch.management_adapter is not None and host.management_address is not None:
             management = Management(address=host.management_address, gateway=host.management_gateway)
 
-        vms = sorted((inv.get(Kind.vm, name) for name in inv.vms_by_host.get(host_name, ())), key=lambda v: v.name)
+        vm_objects = inv.objects[Kind.vm]
+        vms = [vm_objects[name] for name in sorted(inv.vms_by_host.get(host_name, ()))]
         nv_networks: list[str] = []
         vlan_networks: dict[int, VlanNetwork] = {}
         ports: list[VmPort] = []
@@ -213,7 +214,7 @@ class Compiler:
             for name in sorted(nv_networks):
                 lease = inv.pa_leases.get((host_name, name))
                 if lease is not None:
-                    addresses.append(ProviderAddress(routing_domain=name, address=lease.address))
+                    addresses.append(self._memoized(ProviderAddress, routing_domain=name, address=lease.address))
             if transport.subnet_vlan.vlan != 0:
                 provider = ProviderNetwork(
                     logical_network=transport.logical_network.name,
@@ -277,23 +278,29 @@ class Compiler:
         pydantic's compiled JSON. Each VM network's records are serialised once and the
         same bytes object is shared by every host of that network (records are most of
         a state's bytes), so a host costs its own head (ports, PAs, domains) plus
-        pointers: neither joined nor copied, hashed piece by piece. The controller only
+        pointers: neither joined nor copied, and hashed as its own members plus each
+        fragment's cached digest. The controller only
         compares its own digests with each other.
         """
         head = state.model_dump_json(exclude={"generation", "records"}).encode()
-        fragments = []
+        fragments, fragment_digests = [], []
         for domain in state.routing_domains:
             records = self._records[domain.name]
             cached = self._records_json.get(domain.name)
             if cached is None or cached[0] is not records:
-                cached = (records, _RECORDS_JSON.dump_json(records)[1:-1])
+                fragment = _RECORDS_JSON.dump_json(records)[1:-1]
+                cached = (records, fragment, hashlib.sha256(fragment).digest())
                 self._records_json[domain.name] = cached
             if cached[1]:
                 fragments.append(cached[1])
+                fragment_digests.append(cached[2])
         serialised = Serialised(head[1:-1], tuple(fragments))
-        digest = hashlib.sha256()
-        for piece in serialised.pieces(None):
-            digest.update(piece)
+        # The host's own members, then each shared fragment by its own (cached) digest:
+        # equal content gives equal digests, and a migration hashes the fragment of one
+        # VM network once instead of every host's copy of it.
+        digest = hashlib.sha256(serialised.members)
+        for fragment_digest in fragment_digests:
+            digest.update(fragment_digest)
         return digest.hexdigest(), serialised
 
 
