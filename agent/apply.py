@@ -327,6 +327,9 @@ class Applier:
             # subnets of one VRF needs it on the ingress device only, and leaves the
             # host's global ip_forward (and every other device) alone.
             write_sysctl(self.netns, f"/proc/sys/net/ipv4/conf/{link.name}/forwarding", forwarding)
+        disable_ipv6 = wanted.pop("disable_ipv6", None)
+        if disable_ipv6 is not None:
+            write_sysctl(self.netns, f"/proc/sys/net/ipv6/conf/{link.name}/disable_ipv6", disable_ipv6)
         if not wanted:
             return
         if link.kind == "bond":

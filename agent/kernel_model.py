@@ -23,6 +23,13 @@ Options = tuple[tuple[str, Any], ...]
 # l2population style: no learning (the lookup records are the truth), ARP/ND for a
 # remote CA answered on the host from the permanent neighbour entry (neigh_suppress),
 # and no flooding of unknown unicast, multicast or broadcast onto the PA network.
+# IPv6 off on a device that must never speak for itself. A bridge port with IPv6 sends
+# its own router solicitations and MLD reports straight out (past the bridge's flood
+# flags), and a bridge floods what it originates itself to every port whatever the
+# port's flood flags say: either way host noise would cross the PA network inside a
+# tenant's VSID. Set before the device first goes up, so not one packet leaves.
+QUIET: Options = (("disable_ipv6", 1),)
+
 TUNNEL_PORT_FLAGS: Options = (
     ("learning", 0),
     ("neigh_suppress", 1),

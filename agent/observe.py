@@ -99,11 +99,13 @@ def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
             key = data.get(f"IFLA_GRE_{direction.upper()}KEY")
             options[f"{direction}key"] = key if flags & GRE_KEY_FLAG else None
     settings = {opt: _value(data[attr]) for attr, opt in _SETTINGS.get(kind, {}).items() if attr in data}
-    if kind == "bridge":
-        af_spec = _attrs(msg.get_attr("IFLA_AF_SPEC"))
-        inet = af_spec.get("AF_INET")
-        if inet is not None and "forwarding" in inet:
-            settings["forwarding"] = inet["forwarding"]
+    af_spec = _attrs(msg.get_attr("IFLA_AF_SPEC"))
+    inet = af_spec.get("AF_INET")
+    if kind == "bridge" and inet is not None and "forwarding" in inet:
+        settings["forwarding"] = inet["forwarding"]
+    inet6 = _attrs(af_spec.get("AF_INET6")).get("IFLA_INET6_CONF")
+    if inet6 is not None and "disable_ipv6" in inet6:
+        settings["disable_ipv6"] = inet6["disable_ipv6"]
     port_flags: dict[str, int] = {}
     if info.get("IFLA_INFO_SLAVE_KIND") == "bridge":
         slave = _attrs(info.get("IFLA_INFO_SLAVE_DATA"))

@@ -39,6 +39,7 @@ from agent.kernel_model import (
     BridgeVlan,
     Fdb,
     KernelState,
+    QUIET,
     Link,
     Neighbour,
     Route,
@@ -169,7 +170,10 @@ def desired_kernel_state(state: HostState) -> KernelState:
             bridge = naming.vsid_bridge(subnet.vsid)
             want.add(Link(
                 name=bridge, kind="bridge", role=naming.BRIDGE, key=str(subnet.vsid),
-                settings=(("forwarding", 1),), master=vrf, mtu=tenant_mtu(state, subnet.vsid),
+                # An IPv6 VM network needs the bridge's IPv6 (its gateway); an IPv4 one
+                # must not have the bridge soliciting routers into the tunnels.
+                settings=(("forwarding", 1),) + (QUIET if family == 4 else ()),
+                master=vrf, mtu=tenant_mtu(state, subnet.vsid),
                 mac=gateway_macs.get(subnet.vsid, naming.gateway_mac(subnet.vsid)),
             ))
             if subnet.gateway is not None:
@@ -192,7 +196,7 @@ def desired_kernel_state(state: HostState) -> KernelState:
             device = naming.vm_port(port.name)
             end = VmEnd(namespace=port.namespace, mac=port.mac,
                         ca=str(port.ca) if port.ca else None, gateway=gateway, mtu=mtu)
-            link = Link(name=device, kind="veth", role=naming.PORT,
+            link = Link(name=device, kind="veth", role=naming.PORT, settings=QUIET,
                         key=f"{port.name}:{_port_digest(end)}", master=master, mtu=mtu, vm=end)
         want.add(link)
         port_devices[port.mac] = device

@@ -30,7 +30,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from agent import naming
-from agent.kernel_model import TUNNEL_PORT_FLAGS, Fdb, Link
+from agent.kernel_model import QUIET, TUNNEL_PORT_FLAGS, Fdb, Link
 
 VXLAN_PORT = 4789
 GRE_KEY_FLAG = 0x2000  # GRE_KEY in the GRE header flags (host order; the kernel wants it big-endian)
@@ -65,6 +65,7 @@ def nvgre_tunnel(vsid: int, local_pa: str, remote_pa: str, bridge: str, mtu: int
             ("ttl", naming.DEFAULT_TTL),
             ("pmtudisc", 1),
         ),
+        settings=QUIET,
         master=bridge,
         mtu=mtu,
         port_flags=TUNNEL_PORT_FLAGS,
@@ -84,6 +85,7 @@ def vxlan_device(vsid: int, local_pa: str, bridge: str, mtu: int) -> Link:
             ("learning", 0),
             ("ttl", naming.DEFAULT_TTL),
         ),
+        settings=QUIET,
         master=bridge,
         mtu=mtu,
         port_flags=TUNNEL_PORT_FLAGS,
