@@ -185,8 +185,9 @@ def build_fabric(state_dir: Path, scale: Scale, log) -> tuple[Layout, str, dict[
 
 
 def full_compile(state_dir: Path) -> tuple[Timing, Timing, int, int]:
-    """(start-up: load + compile + digest + serialise every host; compile-only: compile +
-    digest every host; hosts; lookup records in all host states).
+    """(start-up: load + compile + digest + serialise every host; recompile: compile +
+    digest + serialise every host again in the running fabric, as a fabric-wide change
+    does; hosts; lookup records in all host states).
 
     Measured in a fresh interpreter holding only the controller's state, as a restarted
     controller would: this process still holds the builder's objects, and Python's
@@ -211,7 +212,7 @@ def _compile_child(state_dir: Path) -> None:
     with Stopwatch() as compiled:
         for name in hosts:
             state = fabric.compiler.compile(name)
-            state.content_digest()
+            fabric.compiler.serialise(state)  # the digest and document the fabric publishes
             records += len(state.records)
     print(json.dumps({"startup": [startup.timing.wall, startup.timing.cpu],
                       "compile": [compiled.timing.wall, compiled.timing.cpu],
@@ -465,7 +466,7 @@ def run(quick: bool = False, log=print) -> list[Row]:
     return [
         Row(SECTION, f"fabric: {where}; {records // hosts:,} records/host",
             f"built in {seconds(build)}", "", "", ""),
-        Row(SECTION, f"full compile of {hosts:,} host states ({records:,} records)",
+        Row(SECTION, f"full recompile of {hosts:,} host states ({records:,} records, serialised)",
             f"{seconds(compile_only.wall)} (cpu {seconds(compile_only.cpu)})",
             f"{seconds(startup.wall)} (cpu {seconds(startup.cpu)}) controller start-up "
             "(load+compile+serialise)", "", f"< {TARGET_COMPILE_S:.0f} s cpu",
