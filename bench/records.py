@@ -21,9 +21,10 @@ Each figure is shown as wall time and CPU time (user + system of the process and
 children: the kernel's netlink work runs in the caller's system calls, so it is counted).
 Targets are judged on CPU time, because on a shared machine wall time mostly measures the
 other tenants (the table's machine line gives the load average); on a quiet machine the
-two agree within a few percent.
-Also: a resync of 10,000 records already in place (dump, compare, empty plan) and the
-peak RSS of a process programming 50,000 records (measured in a subprocess).
+two are close.
+Also: a resync of 10,000 records already in place (the agent's observe + diff, an empty
+plan) and the peak RSS of a process reconciling 50,000 records (measured in a subprocess,
+beside the same interpreter's floor with the same imports).
 
 Owns the bench namespaces (``hnvbench-<hex>``) and removes them; touches nothing else.
 """
