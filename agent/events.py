@@ -10,11 +10,15 @@ the safety net for anything missed here (a full socket buffer drops notification
 What counts as relevant, and why:
 - every link message (RTM_NEWLINK / RTM_DELLINK): a deleted tunnel, a port pulled off the
   bridge, a device taken down. Links change rarely, so no filtering is worth its risk.
-- neighbour messages (RTM_NEWNEIGH / RTM_DELNEIGH, ARP/ND entries and bridge FDB entries)
-  only for permanent or static (NUD_PERMANENT / NUD_NOARP) entries, which are the ones the
-  agent installs. Dynamic entries (learnt FDB entries, ARP cache churn between REACHABLE
-  and STALE) change all the time under traffic and say nothing about drift; waking on
-  them would turn every ping into a reconcile.
+- every neighbour deletion (RTM_DELNEIGH, ARP/ND and bridge FDB entries): the kernel
+  reports an `ip neigh del` of a permanent entry as NUD_FAILED, not NUD_PERMANENT, so the
+  state cannot tell ours from others'. Deletions of dynamic entries are rare (garbage
+  collection, FDB ageing), so taking them all costs little.
+- neighbour additions and changes (RTM_NEWNEIGH) only for permanent or static
+  (NUD_PERMANENT / NUD_NOARP) entries, the ones the agent installs. Dynamic entries
+  (learnt FDB entries, ARP cache churn between REACHABLE and STALE) change all the time
+  under traffic and say nothing about drift; waking on them would turn every ping into a
+  reconcile.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.ndmsg import NUD_NOARP, NUD_PERMANENT
+
+from agent.apply import in_netns
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +50,7 @@ def describe_relevant(message: Mapping[str, Any]) -> str | None:
     if event in LINK_EVENTS:
         return f"{event} {message.get('ifname')}"
     if event in NEIGH_EVENTS:
-        if not (message.get("state") or 0) & MANAGED_NEIGH_STATES:
+        if event == "RTM_NEWNEIGH" and not (message.get("state") or 0) & MANAGED_NEIGH_STATES:
             return None
         target = message.get("dst") or message.get("lladdr")
         return f"{event} ifindex={message.get('ifindex')} {target}"
@@ -76,7 +82,10 @@ class KernelEventWatch:
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._follow())
+            # The reader's thread itself enters the namespace (setns moves one thread),
+            # so the socket is opened there without pyroute2 forking a helper process:
+            # a fork of a threaded daemon is fragile, and slow under emulation.
+            in_netns(self.netns, lambda: asyncio.run(self._follow()))
         except Exception as exc:  # the periodic reconcile still covers drift
             self.failed = f"{type(exc).__name__}: {exc}"
             log.error("event=kernel_events_failed netns=%s reason=%r", self.netns, self.failed)
@@ -84,8 +93,7 @@ class KernelEventWatch:
             self.ready.set()
 
     async def _follow(self) -> None:
-        kwargs = {"netns": self.netns} if self.netns else {}
-        ipr = AsyncIPRoute(**kwargs)
+        ipr = AsyncIPRoute()
         try:
             await ipr.setup_endpoint()
             await ipr.bind(groups=RTMGRP_LINK | RTMGRP_NEIGH)
