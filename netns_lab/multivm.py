@@ -447,7 +447,28 @@ class Guest:
             self.sh(["ip", "link", "set", nic, "up"])
         self.sh(["ip", "addr", "add", self.me.address, "dev", self.me.nics[0]])
         self.sh(["hostname", self.me.name], check=False)
+        self.own_machine_id()
         self.stage("management address up")
+
+    def own_machine_id(self) -> None:
+        """A machine-id of this host's own, and a udevd that uses it.
+
+        Every guest boots this machine's root file system, so all of them read the same
+        /etc/machine-id: a cloned identity, like a VM image nobody resealed. It matters on
+        the wire: udev's MACAddressPolicy=persistent derives the MAC of every software
+        device (bond, bridge) from machine-id and device name, so both hosts' switches got
+        the same MAC, and each bridge dropped the other's frames as its own. udevd read the
+        id at boot, so it is restarted after the new one is mounted over the old.
+        """
+        machine_id = self.work / "machine-id"
+        machine_id.write_text(secrets.token_hex(16) + "\n")
+        self.sh(["mount", "--bind", str(machine_id), "/etc/machine-id"])
+        udevd = next((p for p in ("/usr/lib/systemd/systemd-udevd", "/lib/systemd/systemd-udevd")
+                      if os.path.exists(p)), None)
+        if udevd is None:
+            return  # no udevd: nothing assigns MACs from the machine-id
+        self.sh(["udevadm", "control", "--exit"], check=False, timeout=60)
+        self.sh([udevd, "--daemon"], timeout=60)
 
     def init_controller(self) -> None:
         state = self.work / "controller"

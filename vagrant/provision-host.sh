@@ -11,10 +11,14 @@ venv=/opt/openhnv
 # --- identity: boxes are clones, so regenerate what must be unique per host (once) ----
 if [ ! -e /etc/openhnv/.identity ]; then
     # A cloned machine-id gives every host the same DHCP client id, journal id and
-    # systemd-derived MACs: make a new one.
+    # systemd-derived MACs: udev's MACAddressPolicy=persistent derives the MAC of every
+    # bond and bridge from it, so two hosts' virtual switches would share one MAC and
+    # drop each other's frames as their own (the multi-kernel lab showed exactly that).
+    # Make a new one, and restart udevd, which read the old one at boot.
     rm -f /etc/machine-id /var/lib/dbus/machine-id
     systemd-machine-id-setup
     ln -sf /etc/machine-id /var/lib/dbus/machine-id 2>/dev/null || true
+    systemctl restart systemd-udevd
     # Same for the SSH host keys baked into the box.
     rm -f /etc/ssh/ssh_host_*key*
     dpkg-reconfigure -f noninteractive openssh-server
