@@ -79,6 +79,12 @@ class Compiler:
         # VM network -> (records tuple, routing domain, provider subnets it was checked against)
         self._checked: dict[str, tuple[tuple[LookupRecord, ...], RoutingDomain, set]] = {}
         self._records_json: dict[str, tuple[tuple[LookupRecord, ...], bytes, bytes]] = {}  # + digest
+        self._stale_domains: set[str] = set()
+        # host -> (the inputs it was built from, its validated HostState without records,
+        # that head's JSON members or None): a host whose inputs are the very same objects
+        # reuses it, so a migration re-validates only the source and destination hosts'
+        # heads and swaps the records everywhere else.
+        self._heads: dict[str, list] = {}
 
     def _memoized(self, model: type, **fields: Any) -> Any:
         key = (model, *fields.values())
@@ -90,20 +96,25 @@ class Compiler:
         return found
 
     def invalidate(self, networks: set[str] | None = None) -> None:
-        """Forget cached records of these VM networks (None: of all)."""
-        if networks is None:
-            self._records.clear()
-            self._domains.clear()
-            return
-        for name in networks:
+        """Forget cached records of these VM networks (None: of all).
+
+        Routing domains are only marked stale: rebuilt on next use, and the old object is
+        kept when the new one is equal, so hosts whose VM networks did not really change
+        keep their cached, validated heads (see `compile`).
+        """
+        names = list(self._records) + list(self._domains) if networks is None else networks
+        for name in names:
             self._records.pop(name, None)
-            self._domains.pop(name, None)
+            if name in self._domains:
+                self._stale_domains.add(name)
 
     # --- per VM network (cached) ----------------------------------------------------------
 
     def routing_domain(self, network_name: str) -> RoutingDomain:
         cached = self._domains.get(network_name)
-        if cached is None:
+        if cached is None or network_name in self._stale_domains:
+            self._stale_domains.discard(network_name)
+            previous = cached
             inv = self.inventory
             network = inv.get(Kind.vm_network, network_name)
             subnets = [inv.get(Kind.vm_subnet, key) for key in inv.subnets_by_network.get(network_name, ())]
@@ -115,6 +126,8 @@ class Compiler:
                     for s in sorted(subnets, key=lambda s: s.vsid)
                 ),
             )
+            if previous is not None and previous == cached:
+                cached = previous
             self._domains[network_name] = cached
         return cached
 
@@ -182,60 +195,80 @@ class Compiler:
         if switch is None:
             return HostState(host=host_name, generation=generation)
         profile = inv.get(Kind.uplink_port_profile, switch.uplink_port_profile)
+        vm_objects = inv.objects[Kind.vm]
+        items = []
+        for name in sorted(inv.vms_by_host.get(host_name, ())):
+            vm = vm_objects[name]
+            items.append((vm, inv.get(Kind.vm_network, vm.vm_network),
+                          inv.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")))
+        nv_networks = sorted({network.name for _, network, _ in items
+                              if network.isolation is Isolation.WindowsNetworkVirtualization})
+        domains = tuple(self.routing_domain(name) for name in nv_networks)
+        pa_leases = tuple(inv.pa_leases.get((host_name, name)) for name in nv_networks)
+        transport = transport_of(inv, host)
+        pools = ()
+        if transport is not None:
+            pools = tuple(inv.get(Kind.ip_pool, key) for key in inv.pools_by_owner.get(transport.site.name, ()))
+        inputs = (host, switch, profile, transport and transport.site, transport and transport.logical_network,
+                  *pools, *(obj for item in items for obj in item), *domains, *pa_leases)
+        cached = self._heads.get(host_name)
+        if cached is not None and len(cached[0]) == len(inputs) and all(a is b for a, b in zip(cached[0], inputs)):
+            head = cached[1]
+        else:
+            head = self._head(host_name, host, switch, profile, items, domains, pa_leases, transport, pools)
+            self._heads[host_name] = [inputs, head, None]
+        # The records of a VM network are the same tuple on every host of that network,
+        # and every check agent.state makes on them (VSID, CA in prefix, PA in the
+        # provider subnet, (VSID, CA) and (VSID, MAC) unique) depends only on that
+        # network and the provider subnet - VSIDs of different networks never meet. So
+        # each network's records are validated once per provider subnet
+        # (`_validated_records`, a real HostState holding just that network) and then
+        # attached without re-validation.
+        state = head
+        if domains:
+            records: tuple[LookupRecord, ...] = ()
+            for domain in domains:
+                records += self._validated_records(domain, head.provider)
+            state = head.model_copy(update={"records": records})
+        if generation:
+            state = state.model_copy(update={"generation": generation})
+        return state
+
+    def _head(self, host_name, host, switch, profile, items, domains, pa_leases, transport, pools) -> HostState:
+        """The host's validated state without records."""
         team = Team(members=switch.nics, mode=profile.team_mode, load_balancing=profile.load_balancing)
         management = None
         if switch.management_adapter is not None and host.management_address is not None:
             management = Management(address=host.management_address, gateway=host.management_gateway)
-
-        vm_objects = inv.objects[Kind.vm]
-        vms = [vm_objects[name] for name in sorted(inv.vms_by_host.get(host_name, ()))]
-        nv_networks: list[str] = []
         vlan_networks: dict[int, VlanNetwork] = {}
         ports: list[VmPort] = []
-        for vm in vms:
-            network = inv.get(Kind.vm_network, vm.vm_network)
-            subnet = inv.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")
-            if network.isolation is Isolation.WindowsNetworkVirtualization:
-                if network.name not in nv_networks:
-                    nv_networks.append(network.name)
-            else:
+        for vm, network, subnet in items:
+            if network.isolation is not Isolation.WindowsNetworkVirtualization:
                 vlan_networks.setdefault(subnet.vlan, VlanNetwork(name=network.name, vlan=subnet.vlan))
             ports.append(self._port(vm, subnet, network.isolation))
-
         provider = None
-        transport = transport_of(inv, host)
-        if transport is not None:
-            pools = [inv.get(Kind.ip_pool, key) for key in inv.pools_by_owner.get(transport.site.name, ())]
+        if transport is not None and transport.subnet_vlan.vlan != 0:
             gateway = next(
                 (p.gateway for p in pools if p.gateway is not None and p.subnet == transport.subnet_vlan.subnet),
                 None,
             )
-            addresses = []
-            for name in sorted(nv_networks):
-                lease = inv.pa_leases.get((host_name, name))
-                if lease is not None:
-                    addresses.append(self._memoized(ProviderAddress, routing_domain=name, address=lease.address))
-            if transport.subnet_vlan.vlan != 0:
-                provider = ProviderNetwork(
-                    logical_network=transport.logical_network.name,
-                    vlan=transport.subnet_vlan.vlan,
-                    subnet=transport.subnet_vlan.subnet,
-                    gateway=gateway,
-                    mtu=transport.logical_network.mtu,
-                    encapsulation=transport.logical_network.encapsulation,
-                    addresses=tuple(addresses),
-                )
-        domains = tuple(self.routing_domain(name) for name in sorted(nv_networks))
-        # Everything but the records is validated here, per host. The records of a VM
-        # network are the same tuple on every host of that network, and every check
-        # agent.state makes on them (VSID, CA in prefix, PA in the provider subnet,
-        # (VSID, CA) and (VSID, MAC) unique) depends only on that network and the
-        # provider subnet - VSIDs of different networks never meet. So each network's
-        # records are validated once per provider subnet (`_validated_records`, a real
-        # HostState holding just that network) and then attached without re-validation.
-        state = HostState(
+            addresses = tuple(
+                self._memoized(ProviderAddress, routing_domain=domain.name, address=lease.address)
+                for domain, lease in zip(domains, pa_leases)
+                if lease is not None
+            )
+            provider = ProviderNetwork(
+                logical_network=transport.logical_network.name,
+                vlan=transport.subnet_vlan.vlan,
+                subnet=transport.subnet_vlan.subnet,
+                gateway=gateway,
+                mtu=transport.logical_network.mtu,
+                encapsulation=transport.logical_network.encapsulation,
+                addresses=addresses,
+            )
+        return HostState(
             host=host_name,
-            generation=generation,
+            generation=0,
             team=team,
             switch=Switch(logical_switch=switch.logical_switch),
             management=management,
@@ -244,12 +277,6 @@ class Compiler:
             routing_domains=domains,
             ports=tuple(ports),
         )
-        if not domains:
-            return state
-        records: tuple[LookupRecord, ...] = ()
-        for domain in domains:
-            records += self._validated_records(domain, state.provider)
-        return state.model_copy(update={"records": records})
 
     def _validated_records(self, domain: RoutingDomain, provider: ProviderNetwork) -> tuple[LookupRecord, ...]:
         records = self.records(domain.name)
@@ -282,7 +309,14 @@ class Compiler:
         fragment's cached digest. The controller only
         compares its own digests with each other.
         """
-        head = state.model_dump_json(exclude={"generation", "records"}).encode()
+        members = None
+        cached = self._heads.get(state.host)
+        if cached is not None and _same_head(state, cached[1]):
+            members = cached[2]
+        if members is None:
+            members = state.model_dump_json(exclude={"generation", "records"}).encode()[1:-1]
+            if cached is not None and _same_head(state, cached[1]):
+                cached[2] = members
         fragments, fragment_digests = [], []
         for domain in state.routing_domains:
             records = self._records[domain.name]
@@ -294,7 +328,7 @@ class Compiler:
             if cached[1]:
                 fragments.append(cached[1])
                 fragment_digests.append(cached[2])
-        serialised = Serialised(head[1:-1], tuple(fragments))
+        serialised = Serialised(members, tuple(fragments))
         # The host's own members, then each shared fragment by its own (cached) digest:
         # equal content gives equal digests, and a migration hashes the fragment of one
         # VM network once instead of every host's copy of it.
@@ -324,3 +358,17 @@ class Serialised:
 
 
 _RECORDS_JSON = TypeAdapter(tuple[LookupRecord, ...])
+
+
+def _same_head(state: HostState, head: HostState) -> bool:
+    """Is `state` that head plus records (model_copy keeps every other member as is)?"""
+    return (
+        state.host == head.host
+        and state.team is head.team
+        and state.switch is head.switch
+        and state.management is head.management
+        and state.provider is head.provider
+        and state.vlan_networks is head.vlan_networks
+        and state.routing_domains is head.routing_domains
+        and state.ports is head.ports
+    )

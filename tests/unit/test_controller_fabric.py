@@ -230,3 +230,34 @@ def test_a_host_whose_stored_fabric_no_longer_compiles_is_not_served_and_others_
     monkeypatch.setattr(compiler, "ProviderNetwork", real)
     reopened.create(Kind.vm, VmSpec(name="r2", vm_network="Red", host="A"))  # compiles again
     assert reopened.host_entry("A").generation == generation + 1  # generations never go back
+
+
+def test_cached_compilation_equals_compiling_from_scratch(tmp_path):
+    """Memoised records, shared fragments and reused heads never leave a stale state."""
+    from controller.compiler import Compiler
+
+    fabric = small_fabric(tmp_path)
+
+    def assert_fresh() -> None:
+        scratch = Compiler(fabric.inventory)
+        for name, entry in fabric.entries.items():
+            fresh = scratch.compile(name)
+            assert entry.state.model_copy(update={"generation": 0}) == fresh, name
+            assert scratch.serialise(fresh)[0] == entry.digest, name
+            assert parse_host_state(entry.state_json) == entry.state
+
+    fabric.create_many(Kind.vm, [VmSpec(name=f"r{i}", vm_network="Red") for i in range(4)])
+    fabric.create(Kind.vm, VmSpec(name="b1", vm_network="Blue", host="B"))
+    assert_fresh()
+    fabric.migrate("r0", "B" if fabric.get(Kind.vm, "r0").host == "A" else "A")
+    assert_fresh()
+    fabric.patch(Kind.logical_network, "Virtualization", {"mtu": 9000})
+    assert_fresh()
+    assert fabric.entries["A"].state.provider.mtu == 9000
+    fabric.create(Kind.vm_subnet, VmSubnetSpec(vm_network="Red", name="Second", prefix="192.168.1.0/24"))
+    assert_fresh()
+    assert len(fabric.entries["A"].state.routing_domain_of(fabric.get(Kind.vm_subnet, "Red/Default").vsid).subnets) == 2
+    fabric.delete(Kind.vm, "r1")
+    fabric.patch(Kind.uplink_port_profile, "Virtualization", {"team_mode": "LACP"})
+    assert_fresh()
+    assert fabric.entries["B"].state.team.mode == "LACP"
