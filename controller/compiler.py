@@ -12,12 +12,16 @@ For a host with a virtual switch:
 - records: for each routing domain here, every VM of that VM network anywhere (Static:
   CA, MAC, the PA of the VM's host) and one Gateway record per VM subnet.
 
-Cost: the records of a VM network are built once and cached (`invalidate` drops a VM
-network's entry when one of its VMs, subnets or PAs changes), so compiling a host costs
-its own VMs plus a concatenation of shared tuples, and a migration recompiles only the
-hosts of one VM network.
+Cost, which is what lets a migration cost O(hosts of one VM network), not O(fabric):
+- a VM network's records are built once, validated once per provider subnet and
+  serialised once (`invalidate` drops them when one of its VMs, subnets or PAs
+  changes); every host of that network shares the same tuple and the same bytes;
+- a host's "head" (everything but records: team, switch, provider, domains, ports) is
+  validated and serialised once and reused while its inputs are the very same objects
+  (the inventory replaces, never mutates, an object that changes);
+- a host's digest is its head's bytes plus each records fragment's digest.
 
-Pure: reads the inventory, returns models; never writes.
+Pure: reads the inventory, returns models, keeps only caches; never writes.
 """
 
 from __future__ import annotations
