@@ -51,6 +51,9 @@ VLAN_TENANTS = {  # VM network: (VLAN, prefix, pool start, pool end, gateway)
 # Polled, so only a slow machine waits this long: the first sync includes the agents'
 # start-up, which under software emulation on a busy machine takes minutes.
 SYNC_TIMEOUT = 900.0
+# Each poll is an HTTP request and a parse on both ends: under emulation that is CPU the
+# agents need, so poll at a pace that costs little and adds at most this much latency.
+SYNC_POLL = 1.0
 
 
 def indent(text: str, spaces: int = 4) -> str:
@@ -217,7 +220,7 @@ class Walkthrough:
                 generations = ", ".join(f"{h} gen {rows[h]['applied_generation']}" for h in hosts)
                 return self.check(f"in-sync-{what}", True,
                                   f"{generations} applied in {time.monotonic() - started:.1f} s")
-            time.sleep(0.3)
+            time.sleep(SYNC_POLL)
         lagging = [f"{h}: {(rows.get(h) or {}).get('sync', 'unknown')} "
                    f"(desired {(rows.get(h) or {}).get('desired_generation')}, applied "
                    f"{(rows.get(h) or {}).get('applied_generation')}) {(rows.get(h) or {}).get('reason') or ''}".rstrip()
