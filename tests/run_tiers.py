@@ -69,7 +69,7 @@ def _kernel_needs_vm() -> list[str]:
     return features.missing()
 
 
-def run_tier(tier: str, extra: list[str], workdir: Path) -> TierResult:
+def run_tier(tier: str, extra: list[str], workdir: Path, vm_timeout: float | None = None) -> TierResult:
     junit = workdir / f"junit-{tier}.xml"
     started = time.monotonic()
     lacking = _kernel_needs_vm() if tier == "kernel" else []
@@ -79,11 +79,14 @@ def run_tier(tier: str, extra: list[str], workdir: Path) -> TierResult:
         rwdir = workdir / "vm"
         junit = rwdir / junit.name
         # The host's venv python, by absolute path: the guest shares this file system.
-        result = vm.run_in_vm([sys.executable, *_pytest_args(tier, extra, junit)], rwdir=rwdir)
+        result = vm.run_in_vm([sys.executable, *_pytest_args(tier, extra, junit)], rwdir=rwdir,
+                               timeout=vm_timeout)
         returncode = result.returncode
         where = f"VM ({'KVM' if result.kvm else 'TCG'})"
         if not result.completed:
-            return TierResult(tier, False, f"the VM did not report (vng exit {returncode})",
+            why = (f"killed after {vm_timeout:.0f} s" if vm_timeout and result.seconds >= vm_timeout
+                   else f"vng exit {returncode}")
+            return TierResult(tier, False, f"the VM did not report ({why})",
                               time.monotonic() - started, where)
     else:
         print(f"\n== tier {tier} ==", flush=True)
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tiers", nargs="*", metavar="TIER",
                         help=f"one or more of {', '.join(TIERS)} (default: all, in that order)")
     parser.add_argument("--fail-fast", action="store_true", help="stop after the first failing tier")
+    parser.add_argument("--vm-timeout", type=float, default=7200, metavar="SECONDS",
+                        help="kill a tier's VM after this long (default: %(default)s); the tier fails")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep junit XML files (and the VM's shared directory) in DIR")
     args = parser.parse_args(argv)
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[TierResult] = []
     try:
         for tier in args.tiers:
-            results.append(run_tier(tier, extra, workdir.resolve()))
+            results.append(run_tier(tier, extra, workdir.resolve(), args.vm_timeout))
             if args.fail_fast and not results[-1].ok:
                 break
     finally:
