@@ -99,6 +99,11 @@ class Compiler:
             found = self._memo[key] = model.model_construct(**fields)
         return found
 
+    def reset(self) -> None:
+        """Drop every cache (records, domains, heads, fragments, memo): the next compile
+        of each host is a compile from scratch, as at start-up."""
+        self.__init__(self.inventory)
+
     def invalidate(self, networks: set[str] | None = None) -> None:
         """Forget cached records of these VM networks (None: of all).
 
