@@ -51,7 +51,7 @@ def mint_token() -> str:
 
 def write_secret_file(path: Path, content: str) -> None:
     """Write a token file readable by its owner only (0600), created that way atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
