@@ -51,6 +51,7 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
 EVENT_RECONCILE_GAP = 1.0  # seconds between two event-triggered reconciles, at least
 PERIODIC_DUTY_FACTOR = 2.0  # idle at least this many times the last reconcile's duration
 TUNNEL_STATS_WAIT = 2.0  # seconds a scrape waits for a running reconcile
+NETNS_HELPER_TIMEOUT = 30  # seconds pyroute2 waits for its namespace helper process
 LOOP_STALL_LIMIT = 60.0  # seconds without a loop turn before /healthz says 503
 
 
@@ -575,9 +576,13 @@ def run_command(args: argparse.Namespace) -> int:
 
     from agent.reconcile import Reconciler  # the kernel side; imported only to run
 
-    # pyroute2 forks a helper to open sockets in another namespace; let SIGTERM from
-    # its parent end it instead of running the agent's own handler in the child.
+    # pyroute2 forks a helper to open sockets in another namespace (--netns, and a VM's
+    # namespace for its port): let SIGTERM from its parent end it instead of running the
+    # agent's own handler in the child, and give it more than pyroute2's default 2 s to
+    # answer, which a busy or emulated CPU overruns (the reconcile then fails with
+    # "child process is dead" and only the next resync succeeds).
     pyroute2.config.disable_mp_signal = True
+    pyroute2.config.default_communicate_timeout = NETNS_HELPER_TIMEOUT
 
     reconciler = Reconciler(netns=config.netns)
     try:
