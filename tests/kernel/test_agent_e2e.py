@@ -1,18 +1,18 @@
 """The agent end to end on real kernel objects: two hosts, a trunked switch, tenant VMs.
 
 One module-scoped lab (tests/kernel/agentlab.py): host A is configured with
-``hnv-agent apply`` (the CLI), host B with a Reconciler; then real pings between VM
+``hnv-agent apply`` (the CLI's main, in process), host B with a Reconciler; then real pings between VM
 namespaces, with captures on the switch's trunk ports decoded by scapy. The tests run in
 file order and share the lab: the VXLAN test converts both hosts last.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
@@ -20,22 +20,30 @@ from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
 from scapy.utils import rdpcap
 
-from agent import naming, show
+from agent import cli, naming, show
 from agent.reconcile import Reconciler
 from agent.state import parse_host_state
 from tests.kernel.agentlab import F2_VSID, F3_VSID, PA, PROVIDER_VLAN, AgentLab, without_record
 from tests.lib.netns import NamespaceFactory
 from tests.lib.nvgre import IPPROTO_GRE, decode_nvgre
 
-CHECKOUT = Path(__file__).resolve().parents[2]
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def hnv_agent(*args: str) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True,
-                              text=True, cwd=CHECKOUT, timeout=600, check=False)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"hnv-agent {' '.join(args)} hung; it had printed: {exc.stdout!r} {exc.stderr!r}")
+def hnv_agent(*args: str) -> CliResult:
+    """`hnv-agent ARGS` through its real entry point, in this process: a new interpreter
+    per call costs minutes of imports under TCG emulation."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse refusals
+            code = exc.code if isinstance(exc.code, int) else 2
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +80,6 @@ def icmp_in_echos(ns) -> int:
 
 def capture_trunks(lab, tmp_path, host: str, name: str):
     """Captures on both switch ports of `host` (the team may use either)."""
-    import contextlib
-
     stack = contextlib.ExitStack()
     pcaps = [stack.enter_context(lab.switch.capture(f"{host}{nic}", tmp_path / f"{name}{nic}.pcap"))
              for nic in (0, 1)]
