@@ -28,13 +28,13 @@ DEB_PACKAGES := python3 python3-venv python3-pip \
 	iproute2 iputils-ping tcpdump procps util-linux \
 	systemd vagrant vagrant-libvirt graphviz iperf3
 
-.PHONY: help setup debs venv test unit netns kernel demo bench features clean
+.PHONY: help setup debs venv test unit netns kernel multikernel demo bench features clean
 
 help:
 	@echo "make demo     set up, then run the lab walkthrough"
 	@echo "make test     set up, then run the unit, netns and kernel test tiers"
 	@echo "make bench    set up, then run the benchmarks"
-	@echo "make unit | netns | kernel   one tier only (after set-up)"
+	@echo "make unit | netns | kernel | multikernel   one tier only (after set-up)"
 	@echo "make features show which kernel features the running kernel has"
 
 setup: debs venv
@@ -69,9 +69,9 @@ $(STAMP): pyproject.toml | debs
 	@touch $@
 
 test: setup
-	$(PY) -m tests.run_tiers unit netns kernel
+	$(PY) -m tests.run_tiers unit netns kernel multikernel
 
-unit netns kernel: setup
+unit netns kernel multikernel: setup
 	$(PY) -m tests.run_tiers $@
 
 features: venv

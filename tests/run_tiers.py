@@ -28,7 +28,9 @@ from pathlib import Path
 from netns_lab import features, vm
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-TIERS = ("unit", "netns", "kernel")
+# multikernel boots its own VMs (one kernel per host, netns_lab.multivm) from this
+# machine: it runs here, never inside the kernel tier's VM.
+TIERS = ("unit", "netns", "kernel", "multikernel")
 
 
 @dataclass
