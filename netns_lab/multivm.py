@@ -9,7 +9,8 @@ network namespace this module creates and deletes, so nothing of the lab touches
 machine's own network. The bridge has no VLAN filtering (it need not: it forwards the
 hosts' 802.1Q-tagged frames as they are), just like an unmanaged trunk.
 
-Inside each guest, as on a real host: the management address on eth0, then
+Inside each guest, as on a freshly installed host: NICs named by MAC, a machine-id of
+its own (see ``Guest.own_machine_id``), the management address on eth0, then
 
 - the controller host runs ``hnv-controller init`` and ``run``, ``hnvctl apply`` of the
   seed fabric and tenants, and publishes the host tokens;
@@ -26,7 +27,7 @@ guest stop waiting. Every wait is bounded.
 Owns: the switch namespace and its taps, booting and reaping the guests, the guest-side
 script. It must not configure anything the agent owns (team, switch, tunnels, VMs).
 
-    python -m netns_lab.multivm            # run the lab, print a summary, exit 0 if good
+    python -m netns_lab.multivm run        # run the lab, print a summary, exit 0 if good
 """
 
 from __future__ import annotations
