@@ -85,17 +85,16 @@ def is_alive(entry: ProcessEntry) -> bool:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNS = 0x00020000
-MS_REC, MS_SLAVE = 0x4000, 0x80000
-MNT_DETACH = 2
 
 
 def _enter_host(netns: str) -> None:
-    """Become a process of host ``netns`` for good, as ``ip netns exec`` would make it.
+    """Become a process of host ``netns`` for good: its network namespace, nothing else.
 
-    The network namespace, and a mount namespace of its own whose /sys is a sysfs of
-    that network namespace (sysfs shows the devices of the namespace it was mounted
-    in; ``/sys/class/net`` would otherwise list the caller's devices).
+    Unlike ``ip netns exec`` the mount namespace stays the caller's: the agents create
+    their VMs' namespaces (``/run/netns/<VM>`` bind mounts), and a bind mount made in a
+    private mount namespace would leave an empty file behind for everyone else
+    ("setting the network namespace failed: Invalid argument"). The daemons read
+    /proc/sys/net, which follows the network namespace; nothing of theirs reads /sys.
     """
     fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
     try:
@@ -103,13 +102,6 @@ def _enter_host(netns: str) -> None:
             raise OSError(ctypes.get_errno(), f"setns into {netns}")
     finally:
         os.close(fd)
-    if _libc.unshare(CLONE_NEWNS) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
-    # Keep our mounts from propagating back to the caller's namespace, then remount /sys.
-    _libc.mount(None, b"/", None, MS_REC | MS_SLAVE, None)
-    _libc.umount2(b"/sys", MNT_DETACH)
-    if _libc.mount(netns.encode(), b"/sys", b"sysfs", 0, None) != 0:
-        raise OSError(ctypes.get_errno(), "mount sysfs")
 
 
 def _main_of(entry: ProcessEntry) -> Callable[[list[str]], int]:
