@@ -457,14 +457,16 @@ class AgentDaemon:
             "planned": planned, "applied": applied, "errors": len(errors),
             "duration_s": round(duration, 6),
         }
-        # A quiet periodic reconcile is not an event worth a line; everything else is.
-        if planned != 0 or errors or reason != "periodic":
-            level = logging.WARNING if errors else logging.INFO
-            log.log(
-                level,
-                "event=reconcile reason=%s generation=%d planned=%d applied=%d errors=%d duration_ms=%.1f",
-                reason, state.generation, planned, applied, len(errors), duration * 1000,
-            )
+        # A quiet periodic reconcile is not an event worth a line at info (every 2 s),
+        # only at debug; everything else is.
+        quiet = planned == 0 and not errors and reason == "periodic"
+        level = logging.DEBUG if quiet else logging.WARNING if errors else logging.INFO
+        log.log(
+            level,
+            "event=reconcile reason=%s generation=%d planned=%d applied=%d errors=%d duration_ms=%.1f",
+            reason, state.generation, planned, applied, len(errors), duration * 1000,
+        )
+        if not quiet:
             if reason == "startup" and planned == 0 and not errors:
                 log.info("event=startup_in_sync generation=%d kernel=unchanged", state.generation)
             for error in errors[:20]:
