@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import pyroute2.config
 from pyroute2 import IPRoute
 
 from agent.apply import Applier, ObjectError
@@ -35,6 +36,7 @@ from agent.tunnels import TunnelStats
 __all__ = ["ObjectError", "ReconcileResult", "Reconciler", "Plan", "TunnelStats"]
 
 log = logging.getLogger("openhnv.agent.reconcile")
+NETNS_HELPER_TIMEOUT_S = 30
 
 
 @dataclass
@@ -62,6 +64,11 @@ class Reconciler:
 
     def _sockets(self) -> tuple[IPRoute, NeighbourSocket]:
         if self._ipr is None:
+            # IPRoute(netns=...) (here, and for a lab VM's namespace in agent.apply) forks
+            # a helper that must answer within pyroute2's 2 s default, which a busy or
+            # emulated CPU overruns ("child process is dead"); give it what a slow host needs.
+            pyroute2.config.default_communicate_timeout = max(
+                pyroute2.config.default_communicate_timeout, NETNS_HELPER_TIMEOUT_S)
             self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
         if self._records is None:
             self._records = NeighbourSocket(netns=self.netns)
