@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tiers", nargs="*", metavar="TIER",
                         help=f"one or more of {', '.join(TIERS)} (default: all, in that order)")
     parser.add_argument("--fail-fast", action="store_true", help="stop after the first failing tier")
-    parser.add_argument("--vm-timeout", type=float, default=7200, metavar="SECONDS",
+    parser.add_argument("--vm-timeout", type=float, default=3600, metavar="SECONDS",
                         help="kill a tier's VM after this long (default: %(default)s); the tier fails")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="keep junit XML files (and the VM's shared directory) in DIR")
