@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -147,4 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     os.chdir(CHECKOUT)
+    # SIGTERM (make interrupted, a CI timeout) ends like Ctrl-C: cleanup code runs, and a
+    # tier's VM is killed by netns_lab.vm rather than left running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

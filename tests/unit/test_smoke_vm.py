@@ -69,7 +69,10 @@ def test_guest_script_runs_and_propagates_exit_code(tmp_path):
     for tool in ("modprobe", "ip"):
         (fakebin / tool).write_text("#!/bin/sh\nexit 0\n")
         (fakebin / tool).chmod(0o755)
-    script = vm.guest_script("test \"$OPENHNV_IN_VM\" = 1 && exit 7", rwdir=tmp_path, cwd=tmp_path)
+    # HOME and the hypothesis directory too: the script creates them.
+    script = vm.guest_script("test \"$OPENHNV_IN_VM\" = 1 && exit 7", rwdir=tmp_path, cwd=tmp_path,
+                             env={"HOME": str(tmp_path / "home"),
+                                  "HYPOTHESIS_STORAGE_DIRECTORY": str(tmp_path / "hypothesis")})
     script = script.replace("mkdir -p /run/netns", ":")  # not ours to create on the host
     proc = subprocess.run(["sh", "-c", script], env={"PATH": f"{fakebin}:/usr/bin:/bin"},
                           capture_output=True, text=True)
