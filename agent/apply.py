@@ -385,15 +385,24 @@ class Applier:
                 spec["mtu"] = link.mtu
             self.ipr.link("add", **spec)
             self._index.pop(link.name, None)
-            eth0 = vm.link_lookup(ifname=naming.VM_IFNAME)[0]
-            for lo in vm.link_lookup(ifname="lo"):
-                vm.link("set", index=lo, state="up")
-            if end.ca:
-                address, _, prefixlen = end.ca.partition("/")
-                vm.addr("add", index=eth0, address=address, prefixlen=int(prefixlen))
-            vm.link("set", index=eth0, state="up")
-            if end.gateway:
-                vm.route("replace", dst="default", gateway=end.gateway, oif=eth0)
+            try:
+                eth0 = vm.link_lookup(ifname=naming.VM_IFNAME)[0]
+                for lo in vm.link_lookup(ifname="lo"):
+                    vm.link("set", index=lo, state="up")
+                if end.ca:
+                    address, _, prefixlen = end.ca.partition("/")
+                    vm.addr("add", index=eth0, address=address, prefixlen=int(prefixlen))
+                vm.link("set", index=eth0, state="up")
+                if end.gateway:
+                    vm.route("replace", dst="default", gateway=end.gateway, oif=eth0)
+            except Exception:
+                # The VM end is only known through the port's marker, which is written
+                # after this returns: a half-configured port would be read back as a
+                # foreign device (never repaired) or, marked, as a finished one. Remove
+                # the pair (deleting the host end removes the VM end) so that the next
+                # reconcile builds the port again from scratch.
+                self._delete_link(link.name)
+                raise
 
     # -- VLANs, addresses, routes --------------------------------------------------------
 
