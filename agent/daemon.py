@@ -228,15 +228,21 @@ class AgentDaemon:
                 # A child pyroute2 forked to open a socket in another namespace, told to
                 # stop by its parent (the child inherits this handler): just go.
                 os._exit(0)
-            log.info("event=agent_stopping signal=%s kernel=left_in_place", signal.Signals(signum).name)
+            # No logging here: the handler runs between two bytecodes of the main thread,
+            # which may be inside a write to the same stream (a reentrant-call error).
+            received.append(signum)
             self._stop.set()
             self.inbox.stop()
 
+        received: list[int] = []
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         while not self._stop.wait(1.0):
             pass
+        if received:
+            log.info("event=agent_stopping signal=%s kernel=left_in_place",
+                     signal.Signals(received[0]).name)
         self.stop()
         log.info("event=agent_stopped")
         return 0
