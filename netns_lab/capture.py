@@ -131,14 +131,16 @@ class Capture:
     """tcpdump on ``netns``/``interface`` into ``pcap`` while running; start, stop, read.
 
     ``start`` returns once tcpdump says it is listening, so nothing sent afterwards is
-    missed; ``-U`` writes each packet as it arrives and SIGINT makes tcpdump flush and
-    close the file.
+    missed; ``--immediate-mode`` hands each packet over at once (otherwise libpcap holds
+    packets in its ring until a block fills or times out, and a capture stopped right
+    after a short ping loses them all), ``-U`` writes each packet as it arrives, and
+    SIGINT makes tcpdump flush and close the file.
     """
 
     def __init__(self, netns: str, interface: str, pcap: Path, *, count: int | None = None,
                  bpf_filter: str = ""):
         self.netns, self.interface, self.pcap = netns, interface, pcap
-        self.argv = ["ip", "netns", "exec", netns, "tcpdump", "-i", interface, "-n", "-U",
+        self.argv = ["ip", "netns", "exec", netns, "tcpdump", "-i", interface, "-n", "-U", "--immediate-mode",
                      "-w", str(pcap)]
         if count:
             self.argv += ["-c", str(count)]

@@ -250,7 +250,7 @@ def _start_capture(plan: LabPlan, tap: str, pcap: Path) -> subprocess.Popen:
     # Everything, headers only (256 bytes hold outer 802.1Q/IP/GRE and the inner frame's
     # headers): the tests look for NVGRE in VLAN 802, a person debugging for ARP and the rest.
     return subprocess.Popen(
-        ["ip", "netns", "exec", plan.switch_namespace, "tcpdump", "-i", tap, "-U", "-n",
+        ["ip", "netns", "exec", plan.switch_namespace, "tcpdump", "-i", tap, "-U", "--immediate-mode", "-n",
          "-s", "256", "-w", str(pcap), "-c", "20000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 

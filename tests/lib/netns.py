@@ -96,7 +96,7 @@ class Namespace:
         the block is missed; ``-U`` writes each packet as it arrives, and SIGINT makes
         tcpdump flush and close the file before the block's caller reads it.
         """
-        argv = ["tcpdump", "-i", interface, "-n", "-U", "-w", str(pcap)]
+        argv = ["tcpdump", "-i", interface, "-n", "-U", "--immediate-mode", "-w", str(pcap)]
         if bpf_filter:
             argv += bpf_filter.split()
         proc = self.popen(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
