@@ -29,6 +29,7 @@ from scapy.utils import PcapReader
 
 from agent.nvgre import decapsulate
 from netns_lab.build import LabError, namespace_exists
+from netns_lab.tcpdump import tcpdump_argv
 from netns_lab.topology import Topology
 
 VXLAN_PORT = 4789
@@ -131,21 +132,16 @@ class Capture:
     """tcpdump on ``netns``/``interface`` into ``pcap`` while running; start, stop, read.
 
     ``start`` returns once tcpdump says it is listening, so nothing sent afterwards is
-    missed; ``--immediate-mode`` hands each packet over at once (otherwise libpcap holds
-    packets in its ring until a block fills or times out, and a capture stopped right
-    after a short ping loses them all), ``-U`` writes each packet as it arrives, and
-    SIGINT makes tcpdump flush and close the file.
+    missed (netns_lab.tcpdump says why the flags keep every packet), and SIGINT makes
+    tcpdump flush and close the file.
     """
 
     def __init__(self, netns: str, interface: str, pcap: Path, *, count: int | None = None,
                  bpf_filter: str = ""):
         self.netns, self.interface, self.pcap = netns, interface, pcap
-        self.argv = ["ip", "netns", "exec", netns, "tcpdump", "-i", interface, "-n", "-U", "--immediate-mode",
-                     "-w", str(pcap)]
-        if count:
-            self.argv += ["-c", str(count)]
-        if bpf_filter:
-            self.argv += bpf_filter.split()
+        count_args = ("-c", str(count)) if count else ()
+        self.argv = ["ip", "netns", "exec", netns,
+                     *tcpdump_argv(interface, pcap, bpf_filter, *count_args)]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Capture:

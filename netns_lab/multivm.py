@@ -52,6 +52,7 @@ from pathlib import Path
 
 from netns_lab import vm
 from netns_lab.build import host_mac
+from netns_lab.tcpdump import tcpdump_argv
 from netns_lab.topology import ClusterRole, Topology, load_topology
 
 CHECKOUT = vm.CHECKOUT
@@ -250,8 +251,8 @@ def _start_capture(plan: LabPlan, tap: str, pcap: Path) -> subprocess.Popen:
     # Everything, headers only (256 bytes hold outer 802.1Q/IP/GRE and the inner frame's
     # headers): the tests look for NVGRE in VLAN 802, a person debugging for ARP and the rest.
     return subprocess.Popen(
-        ["ip", "netns", "exec", plan.switch_namespace, "tcpdump", "-i", tap, "-U", "--immediate-mode", "-n",
-         "-s", "256", "-w", str(pcap), "-c", "20000"],
+        ["ip", "netns", "exec", plan.switch_namespace,
+         *tcpdump_argv(tap, pcap, "", "-s", "256", "-c", "20000")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 

@@ -27,6 +27,8 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from netns_lab.tcpdump import tcpdump_argv
+
 
 class CommandFailed(Exception):
     """A command in a namespace exited non-zero; carries what ran, where, and its stderr."""
@@ -93,12 +95,10 @@ class Namespace:
         """Capture on ``interface`` into ``pcap`` while the ``with`` block runs.
 
         Waits until tcpdump says it is listening before yielding, so no packet sent in
-        the block is missed; ``-U`` writes each packet as it arrives, and SIGINT makes
+        the block is missed; netns_lab.tcpdump's flags keep every packet, and SIGINT makes
         tcpdump flush and close the file before the block's caller reads it.
         """
-        argv = ["tcpdump", "-i", interface, "-n", "-U", "--immediate-mode", "-w", str(pcap)]
-        if bpf_filter:
-            argv += bpf_filter.split()
+        argv = tcpdump_argv(interface, pcap, bpf_filter)
         proc = self.popen(*argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         assert proc.stderr is not None
         banner = proc.stderr.readline()  # "tcpdump: listening on <if>, ..." once the socket is bound
