@@ -46,6 +46,16 @@ from controller.allocate import (
     mac_text,
 )
 from controller.compiler import Compiler, Serialised
+from controller.operations import (
+    Create,
+    Delete,
+    Migrate,
+    Operation,
+    Patch,
+    RemoveVirtualSwitch,
+    SetVirtualSwitch,
+)
+from controller.operations import describe as describe_operation
 from controller.inventory import (
     SPACE_MAC,
     SPACE_ROUTING_DOMAIN,
@@ -123,6 +133,10 @@ class HostView(Host):
     desired_generation: int = 0
     applied_generation: int | None = None
     virtual_switch: VirtualSwitch | None = None
+
+
+class _DryRunDone(Exception):
+    """Raised inside the engine after a dry run's trial compile, so the undo path runs."""
 
 
 @dataclass
@@ -355,12 +369,49 @@ class Fabric:
     def migrate(self, vm_name: str, destination: str) -> Vm:
         return self._run(lambda tx: self._migrate(tx, vm_name, destination), f"migrate vms {vm_name} to {destination}")
 
+    def transact(self, operations: list[Operation], dry_run: bool = False) -> list[Any]:
+        """Run mixed operations as ONE transaction: all or nothing, one result each.
+
+        Each operation sees the ones before it (a VM created after its subnet). A refusal
+        names the operation's index: `operations[3] (create vms TenantVM04): ...`. With
+        `dry_run` the whole list is built and trial-compiled exactly as a real run, then
+        undone: nothing is committed or published.
+        """
+
+        def build(tx: Tx, index: int, operation: Operation) -> tuple[Any, _Scope]:
+            try:
+                return self._builder_of(operation)(tx)
+            except FabricError as exc:
+                field = f"operations[{index}].{exc.field}" if exc.field else f"operations[{index}]"
+                raise type(exc)(f"operations[{index}] ({describe_operation(operation)}): {exc.error}", field,
+                                exc.reason) from None
+
+        return self._run_many([lambda tx, i=i, op=op: build(tx, i, op) for i, op in enumerate(operations)],
+                              f"transaction of {len(operations)}", dry_run=dry_run)
+
+    def _builder_of(self, operation: Operation) -> Callable[[Tx], tuple[Any, _Scope]]:
+        match operation:
+            case Create(kind, spec):
+                return lambda tx: getattr(self, f"_create_{kind.name}")(tx, spec)
+            case Patch(kind, key, changes):
+                return lambda tx: self._patch(tx, kind, key, changes)
+            case Delete(kind, key):
+                return lambda tx: getattr(self, f"_delete_{kind.name}")(tx, self.get(kind, key))
+            case SetVirtualSwitch(host, spec):
+                return lambda tx: self._set_virtual_switch(tx, host, spec)
+            case RemoveVirtualSwitch(host):
+                return lambda tx: self._delete_virtual_switch(tx, host)
+            case Migrate(vm, host):
+                return lambda tx: self._migrate(tx, vm, host)
+        raise TypeError(f"not a fabric operation: {operation!r}")
+
     # --- the transaction engine ----------------------------------------------------------------
 
     def _run(self, build: Callable[[Tx], tuple[Any, _Scope]], operation: str) -> Any:
         return self._run_many([build], operation)[0]
 
-    def _run_many(self, builds: list[Callable[[Tx], tuple[Any, _Scope]]], operation: str) -> list[Any]:
+    def _run_many(self, builds: list[Callable[[Tx], tuple[Any, _Scope]]], operation: str,
+                  dry_run: bool = False) -> list[Any]:
         """Build, trial-compile, commit and publish operations as one transaction.
 
         Each operation is applied to the inventory as soon as it is built, so the next
@@ -400,6 +451,8 @@ class Fabric:
                         None,
                         problems[0],
                     ) from None
+                if dry_run:
+                    raise _DryRunDone
                 try:
                     self.store.commit(merged.changeset(_uuid_of))
                 except sqlite3.IntegrityError as exc:
@@ -408,6 +461,8 @@ class Fabric:
                 for undo in reversed(undos):
                     self.inventory.apply(undo)
                 self.compiler.invalidate(ALL if networks is ALL else networks)
+                if isinstance(exc, _DryRunDone):
+                    return results
                 if isinstance(exc, FabricError):
                     log.info("event=fabric_refused op=%s status=%d field=%s reason=%s", _quoted(operation),
                              exc.status, exc.field, _quoted(exc.reason))

@@ -261,3 +261,27 @@ def test_cached_compilation_equals_compiling_from_scratch(tmp_path):
     fabric.patch(Kind.uplink_port_profile, "Virtualization", {"team_mode": "LACP"})
     assert_fresh()
     assert fabric.entries["B"].state.team.mode == "LACP"
+
+
+def test_transaction_of_mixed_operations_is_all_or_nothing_and_a_dry_run_changes_nothing(tmp_path):
+    from controller.operations import Create, Delete, Migrate, Patch
+
+    fabric = small_fabric(tmp_path)
+    fabric.create(Kind.vm, VmSpec(name="r1", vm_network="Red", host="A"))
+    before = snapshot(fabric)
+    operations = [Create(Kind.vm, VmSpec(name="r2", vm_network="Red", host="B")),
+                  Patch(Kind.vm_network, "Blue", {"description": "blue tenant"}),
+                  Migrate("r1", "B"),
+                  Delete(Kind.vm_network, "Red")]  # refused: r1 and r2 are in it
+    with pytest.raises(Conflict) as refused:
+        fabric.transact(operations)
+    assert refused.value.field.startswith("operations[3]") and "delete vms" not in refused.value.error
+    assert "operations[3] (delete vm-networks Red)" in refused.value.error
+    assert snapshot(fabric) == before
+    # a dry run of the first three answers what a real run would create, and changes nothing
+    dry = fabric.transact(operations[:3], dry_run=True)
+    assert dry[0].name == "r2" and dry[2].host == "B"
+    assert snapshot(fabric) == before
+    done = fabric.transact(operations[:3])
+    assert [done[0].host, done[1].description, done[2].host] == ["B", "blue tenant", "B"]
+    assert fabric.get(Kind.vm, "r1").host == "B" and fabric.get(Kind.vm, "r2").host == "B"
