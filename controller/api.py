@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.state import LookupRecord
 from controller.auth import Authenticator
-from controller.fabric import Fabric, HostView, SyncView
+from controller.fabric import RETRY_AFTER_BUSY_S, Fabric, HostView, SyncView
+from controller.store import StoreBusy
 from controller.models import (
     STORED_OF,
     SPEC_OF,
@@ -90,7 +91,7 @@ class StatusResponse(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422)
+    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422, 503)  # 503: database busy
 }
 
 
@@ -176,7 +177,19 @@ def create_app(fabric: Fabric) -> FastAPI:
 
     @app.exception_handler(FabricError)
     async def _fabric_error(request: Request, exc: FabricError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status, content=exc.body())
+        retry_after = getattr(exc, "retry_after", None)  # Unavailable: the database was busy
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return JSONResponse(status_code=exc.status, content=exc.body(), headers=headers)
+
+    @app.exception_handler(StoreBusy)
+    async def _store_busy(request: Request, exc: StoreBusy) -> JSONResponse:
+        # A busy database outside a fabric operation (the fabric maps its own to Unavailable).
+        return JSONResponse(
+            status_code=503,
+            content={"error": f"{request.method} {request.url.path}: the controller's database is busy",
+                     "field": None, "reason": str(exc)},
+            headers={"Retry-After": str(RETRY_AFTER_BUSY_S)},
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -89,7 +89,7 @@ from controller.models import (
     last_host_address,
 )
 from controller.placement import place, transport_of, why_not
-from controller.store import HostRow, Store
+from controller.store import HostRow, Store, StoreBusy
 
 ALL = None  # scope: every host
 log = logging.getLogger("openhnv.controller.fabric")
@@ -120,9 +120,26 @@ class SyncView:
 
 
 class Unavailable(FabricError):
-    """The object exists but cannot be served now (its stored state does not compile): 503."""
+    """Cannot be served now, try again later: 503 (with Retry-After when `retry_after`).
+
+    The object's stored state does not compile, or the database was busy (another
+    process held its write lock past the busy timeout; nothing was changed)."""
 
     status = 503
+
+    def __init__(self, error: str, field: str | None = None, reason: str | None = None,
+                 retry_after: int | None = None):
+        super().__init__(error, field, reason)
+        self.retry_after = retry_after
+
+
+RETRY_AFTER_BUSY_S = 1  # what a 503 for a busy database asks the client to wait
+
+
+def _busy(what: str, exc: StoreBusy) -> Unavailable:
+    return Unavailable(f"{what}: the controller's database is busy; nothing was changed", None,
+                       f"another process holds the database's write lock ({exc})",
+                       retry_after=RETRY_AFTER_BUSY_S)
 
 
 class HostView(Host):
@@ -165,6 +182,7 @@ class Fabric:
             tx.put(Kind.host_group, ROOT_HOST_GROUP, root)
             store.commit(tx.changeset(_uuid_of))
             self.inventory.apply(tx)
+            self.inventory.publish(tx)
         # Recompile every host; a generation moves only if the content differs from what
         # was last published (the controller's code may have changed across the restart).
         rows = []
@@ -203,8 +221,11 @@ class Fabric:
 
     # --- reads ------------------------------------------------------------------------------
 
+    # Every read takes `self.inventory.committed` once: the fabric as last committed,
+    # immutable, so no lock and no uncommitted state (see controller.inventory).
+
     def get(self, kind: Kind, key: str) -> Any:
-        obj = self.inventory.get(kind, key)
+        obj = self.inventory.committed.get(kind, key)
         if obj is None:
             raise NotFound(f"{kind.label} {key} does not exist", "name", f"no {kind.label} is called {key}")
         return obj
@@ -215,8 +236,7 @@ class Fabric:
         for name in filters:
             if name not in model.model_fields and name != "key":
                 raise Invalid(f"cannot filter {kind.label}s on {name}", name, f"{kind.label}s have no field {name}")
-        with self._lock:
-            objects = self.inventory.all(kind)
+        objects = self.inventory.committed.all(kind)
         if filters:
             objects = [
                 obj for obj in objects
@@ -234,29 +254,33 @@ class Fabric:
             reason=sync.reason,
             desired_generation=sync.desired_generation,
             applied_generation=sync.applied_generation,
-            virtual_switch=self.inventory.switches.get(obj.name),
+            virtual_switch=self.inventory.committed.switches.get(obj.name),
         )
 
     def get_virtual_switch(self, host: str) -> VirtualSwitch:
-        self.get(Kind.host, host)
-        switch = self.inventory.switches.get(host)
+        return self._switch_of(self.inventory.committed, host)
+
+    def _switch_of(self, fabric: Any, host: str) -> VirtualSwitch:
+        if fabric.get(Kind.host, host) is None:
+            raise NotFound(f"host {host} does not exist", "name", f"no host is called {host}")
+        switch = fabric.switches.get(host)
         if switch is None:
             raise NotFound(f"host {host} has no virtual switch", "host", "no virtual switch was set on it")
         return switch
 
     def leases(self, pool=None, kind=None, host=None, vm_network=None) -> list[Lease]:
-        with self._lock:
-            pools = [pool] if pool is not None else sorted(self.inventory.leases)
-            found = []
-            for name in pools:
-                for lease in self.inventory.leases.get(name, {}).values():
-                    if kind is not None and lease.kind != kind:
-                        continue
-                    if host is not None and lease.host != host:
-                        continue
-                    if vm_network is not None and lease.vm_network != vm_network:
-                        continue
-                    found.append(lease)
+        committed = self.inventory.committed.leases
+        pools = [pool] if pool is not None else sorted(committed)
+        found = []
+        for name in pools:
+            for lease in committed.get(name, {}).values():
+                if kind is not None and lease.kind != kind:
+                    continue
+                if host is not None and lease.host != host:
+                    continue
+                if vm_network is not None and lease.vm_network != vm_network:
+                    continue
+                found.append(lease)
         return sorted(found, key=lambda lease: (lease.pool, int(lease.address)))
 
     def host_entry(self, host: str) -> HostEntry:
@@ -300,15 +324,16 @@ class Fabric:
             for name in [*self.entries, *self.unpublishable]:
                 sync = self.sync_of(name).sync
                 hosts[sync] = hosts.get(sync, 0) + 1
+            committed = self.inventory.committed
             pools = {}
-            for pool in self.inventory.all(Kind.ip_pool):
-                used = len(self.inventory.leases.get(pool.key, ()))
+            for pool in committed.all(Kind.ip_pool):
+                used = len(committed.leases.get(pool.key, ()))
                 pools[pool.key] = (used, max(0, pool.size - used - len(_skipped(pool))))
             return {
                 "hosts": hosts,
                 "pools": pools,
-                "vsids": len(self.inventory.taken(SPACE_VSID)),
-                "vms": len(self.inventory.objects[Kind.vm]),
+                "vsids": committed.allocation_counts.get(SPACE_VSID, 0),
+                "vms": len(committed.objects[Kind.vm]),
             }
 
     # --- agent status ------------------------------------------------------------------------
@@ -324,7 +349,10 @@ class Fabric:
                     f"the controller never published generation {generation} for host {host}",
                 )
             status = {"errors": errors, "agent": agent, "time": time.time()}
-            self.store.save_host_rows([HostRow(host, entry.generation, entry.digest, generation, status)])
+            try:
+                self.store.save_host_rows([HostRow(host, entry.generation, entry.digest, generation, status)])
+            except StoreBusy as exc:
+                raise _busy(f"status of host {host}", exc) from None
             self.applied[host] = generation
             self.statuses[host] = status
             view = self.sync_of(host)
@@ -343,7 +371,7 @@ class Fabric:
 
     def delete(self, kind: Kind, key: str) -> None:
         builder = getattr(self, f"_delete_{kind.name}")
-        self._run(lambda tx: builder(tx, self.get(kind, key)), f"delete {kind.value} {key}")
+        self._run(lambda tx: builder(tx, self._existing(kind, key)), f"delete {kind.value} {key}")
 
     def set_virtual_switch(self, host: str, spec: VirtualSwitchSpec) -> VirtualSwitch:
         return self._run(lambda tx: self._set_virtual_switch(tx, host, spec), f"set virtual-switch {host}")
@@ -396,7 +424,7 @@ class Fabric:
             case Patch(kind, key, changes):
                 return lambda tx: self._patch(tx, kind, key, changes)
             case Delete(kind, key):
-                return lambda tx: getattr(self, f"_delete_{kind.name}")(tx, self.get(kind, key))
+                return lambda tx: getattr(self, f"_delete_{kind.name}")(tx, self._existing(kind, key))
             case SetVirtualSwitch(host, spec):
                 return lambda tx: self._set_virtual_switch(tx, host, spec)
             case RemoveVirtualSwitch(host):
@@ -414,9 +442,16 @@ class Fabric:
                   dry_run: bool = False) -> list[Any]:
         """Build, trial-compile, commit and publish operations as one transaction.
 
-        Each operation is applied to the inventory as soon as it is built, so the next
-        one sees it (placement counts, the PA it took); any refusal undoes all of them in
-        reverse order. One compile and one commit serve the whole batch.
+        Each operation is applied to the working inventory as soon as it is built, so the
+        next one sees it (placement counts, the PA it took); any refusal undoes all of
+        them in reverse order. One compile and one commit serve the whole batch.
+
+        Why this order: readers only ever see `inventory.committed`, which `publish`
+        replaces after the store commit succeeded; host entries (what watchers and GET
+        /state serve) change after that too. So a refused, failed or dry-run transaction
+        is never seen by anyone, and the compiler's caches, filled from the working
+        state during the trial, are invalidated again by the undo before any other
+        compile can use them.
         """
         with self._lock:
             started = time.perf_counter()
@@ -453,10 +488,18 @@ class Fabric:
                     ) from None
                 if dry_run:
                     raise _DryRunDone
+                deleted = sorted(hosts_before - existing)
+                changes = merged.changeset(_uuid_of)
+                # The generations this change bumps are committed with it: a controller
+                # that dies right after the commit restarts with both or neither.
+                changes.put_hosts, bumps = self._bumps(states)
+                changes.delete_hosts = deleted
                 try:
-                    self.store.commit(merged.changeset(_uuid_of))
+                    self.store.commit(changes)
                 except sqlite3.IntegrityError as exc:
                     raise Conflict("the store refused the change", None, str(exc)) from None
+                except StoreBusy as exc:
+                    raise _busy(operation, exc) from None
             except BaseException as exc:
                 for undo in reversed(undos):
                     self.inventory.apply(undo)
@@ -467,7 +510,8 @@ class Fabric:
                     log.info("event=fabric_refused op=%s status=%d field=%s reason=%s", _quoted(operation),
                              exc.status, exc.field, _quoted(exc.reason))
                 raise
-            bumped = self._publish(states, hosts_before - existing)
+            self.inventory.publish(merged)
+            bumped = self._publish(states, bumps, deleted)
             log.info("event=fabric_write op=%s compiled=%d bumped=%d duration_ms=%.1f", _quoted(operation),
                      len(states), len(bumped), (time.perf_counter() - started) * 1000)
             return results
@@ -495,14 +539,8 @@ class Fabric:
             undo.leases[(pool, address)] = inv.leases[pool].get(address)
         return undo
 
-    def _publish(self, states: dict[str, HostState], deleted: set[str]) -> list[str]:
-        """Bump and persist the generations of hosts whose content changed, then wake them.
-
-        Why this order: generations are written before any watcher or GET can see them,
-        so an agent never holds a generation the database does not (a controller that
-        dies in between restarts, finds the digests differ and bumps again - to the same
-        content, since the fabric change was committed first).
-        """
+    def _bumps(self, states: dict[str, HostState]) -> tuple[list[HostRow], list[tuple]]:
+        """The host rows to commit for hosts whose content changed, and their new entries."""
         rows, changed = [], []
         for name, state in states.items():
             digest, body = self.compiler.serialise(state)
@@ -510,14 +548,22 @@ class Fabric:
             if entry is not None and entry.digest == digest:
                 continue
             # Generations only grow, also for a host that had none to publish for a while.
-            generation = (entry.generation if entry is not None else self._last_generation.pop(name, 0)) + 1
+            generation = (entry.generation if entry is not None else self._last_generation.get(name, 0)) + 1
             rows.append(HostRow(name, generation, digest, self.applied.get(name), self.statuses.get(name)))
             changed.append((name, state, generation, digest, body))
-        self.store.save_host_rows(rows, sorted(deleted))
+        return rows, changed
+
+    def _publish(self, states: dict[str, HostState], changed: list[tuple], deleted: list[str]) -> list[str]:
+        """Serve the committed generations of hosts whose content changed, then wake them.
+
+        Why this order: the generations were committed with the change (`_bumps`), so an
+        agent never holds a generation the database does not.
+        """
         bumped = []
         for name in states:
             self.unpublishable.pop(name, None)
         for name, state, generation, digest, body in changed:
+            self._last_generation.pop(name, None)
             self._set_entry(name, state, generation, digest, body)
             bumped.append(name)
         for name in deleted:
@@ -535,6 +581,14 @@ class Fabric:
         self.entries[name] = HostEntry(generation, digest, state, tuple(body.pieces(generation)), time.monotonic())
 
     # --- helpers for builders ------------------------------------------------------------------
+    # Builders read the working state (`self.inventory`), never the committed view: an
+    # operation must see the ones before it in its transaction.
+
+    def _existing(self, kind: Kind, key: str) -> Any:
+        obj = self.inventory.get(kind, key)
+        if obj is None:
+            raise NotFound(f"{kind.label} {key} does not exist", "name", f"no {kind.label} is called {key}")
+        return obj
 
     def _require(self, kind: Kind, key: str | None, field: str, owner: str) -> Any:
         obj = self.inventory.get(kind, key) if key is not None else None
@@ -740,7 +794,7 @@ class Fabric:
                 tx.release(lease)
 
     def _delete_virtual_switch(self, tx: Tx, host_name: str) -> tuple[None, _Scope]:
-        self.get_virtual_switch(host_name)
+        self._switch_of(self.inventory, host_name)
         vms = sorted(self.inventory.vms_by_host.get(host_name, ()))
         if vms:
             raise Conflict(
@@ -1064,7 +1118,7 @@ class Fabric:
         return None, _Scope(networks={vm.vm_network}, hosts={vm.host})
 
     def _migrate(self, tx: Tx, vm_name: str, destination: str) -> tuple[Any, _Scope]:
-        vm = self.get(Kind.vm, vm_name)
+        vm = self._existing(Kind.vm, vm_name)
         host = self._require(Kind.host, destination, "host", f"migration of VM {vm_name}")
         if host.name == vm.host:
             return vm, _Scope()
@@ -1087,7 +1141,7 @@ class Fabric:
     # --- PATCH ---------------------------------------------------------------------------------------
 
     def _patch(self, tx: Tx, kind: Kind, key: str, changes: dict[str, Any]) -> tuple[Any, _Scope]:
-        current = self.get(kind, key)
+        current = self._existing(kind, key)
         spec_model = SPEC_OF[kind]
         if not isinstance(changes, dict):
             raise Invalid(f"{kind.label} {key}: a PATCH body is a JSON object", None, "send the fields to change")

@@ -6,12 +6,16 @@ The interface is narrow on purpose, so a distributed store can replace it:
 
 - `load()` returns everything at start-up (the controller keeps the fabric in memory and
   answers reads from there);
-- `commit(changes)` writes one `ChangeSet` (objects, allocations, leases) in one
-  BEGIN IMMEDIATE transaction: all of it or nothing. The primary keys are the last line
-  of defence against double allocation: (space, value) for VSIDs, MACs and routing-domain
-  ids, (pool, address) for leases;
+- `commit(changes)` writes one `ChangeSet` (objects, allocations, leases, and the host
+  generations the change bumps) in one BEGIN IMMEDIATE transaction: all of it or
+  nothing. The primary keys are the last line of defence against double allocation:
+  (space, value) for VSIDs, MACs and routing-domain ids, (pool, address) for leases;
 - `save_host_rows()` keeps generations, digests and applied status;
 - tokens are kept as SHA-256 hashes only.
+
+Another process holding the write lock past the busy timeout (`busy_timeout` seconds,
+5 by default) is raised as `StoreBusy`, never as a bare `sqlite3.OperationalError`, so
+the API can answer 503 with Retry-After; nothing was written when it is raised.
 
 This module knows tables and JSON, not fabric rules; it must not import the compiler or
 the API.
@@ -19,6 +23,7 @@ the API.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -67,6 +72,15 @@ CREATE TABLE IF NOT EXISTS tokens (
 
 
 @dataclass
+class HostRow:
+    host: str
+    generation: int
+    digest: str
+    applied_generation: int | None = None
+    status: dict[str, Any] | None = None
+
+
+@dataclass
 class ChangeSet:
     """What one fabric operation writes; built in memory, committed at once."""
 
@@ -76,6 +90,9 @@ class ChangeSet:
     delete_allocations: set[tuple[str, str]] = field(default_factory=set)
     put_leases: dict[tuple[str, str], str] = field(default_factory=dict)  # (pool,address) -> doc
     delete_leases: set[tuple[str, str]] = field(default_factory=set)
+    # The generations this change bumps, committed with it (never one without the other).
+    put_hosts: list[HostRow] = field(default_factory=list)
+    delete_hosts: list[str] = field(default_factory=list)
 
     def empty(self) -> bool:
         return not (
@@ -85,16 +102,9 @@ class ChangeSet:
             or self.delete_allocations
             or self.put_leases
             or self.delete_leases
+            or self.put_hosts
+            or self.delete_hosts
         )
-
-
-@dataclass
-class HostRow:
-    host: str
-    generation: int
-    digest: str
-    applied_generation: int | None = None
-    status: dict[str, Any] | None = None
 
 
 @dataclass
@@ -105,13 +115,37 @@ class Snapshot:
     hosts: dict[str, HostRow]
 
 
+class StoreBusy(Exception):
+    """Another connection held the database's write lock past the busy timeout; nothing
+    was written. Worth retrying (the API answers 503 with Retry-After)."""
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    # SQLITE_BUSY and SQLITE_LOCKED: "database is locked", "database table is locked",
+    # "database is busy" (the message is all sqlite3 gives before Python 3.11's
+    # sqlite_errorname, which older builds lack).
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in str(exc) or "busy" in str(exc)
+
+
+@contextlib.contextmanager
+def _busy_as_store_busy(what: str):
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if _is_busy(exc):
+            raise StoreBusy(f"the database is busy ({what}): {exc}") from None
+        raise
+
+
 class Store:
     """One SQLite connection, serialised by a lock (the controller is one process)."""
 
-    def __init__(self, path: str | Path, synchronous: str = "FULL"):
+    def __init__(self, path: str | Path, synchronous: str = "FULL", busy_timeout: float = 5.0):
         self.path = Path(path)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
+                                   timeout=busy_timeout)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -124,6 +158,11 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long a write waits for another connection's write lock before `StoreBusy`."""
+        with self._lock:
+            self._db.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 
     # --- fabric ---------------------------------------------------------------------
 
@@ -144,7 +183,7 @@ class Store:
         """Write a change set in one transaction; on any error nothing is written."""
         if changes.empty():
             return
-        with self._lock, self._transaction() as db:
+        with self._lock, _busy_as_store_busy("commit"), self._transaction() as db:
             # Deletes first: an operation that frees and retakes the same key in one
             # change set (a lease moved) must not trip over its own primary key.
             db.executemany("DELETE FROM objects WHERE kind = ? AND key = ?", list(changes.delete_objects))
@@ -167,28 +206,33 @@ class Store:
                 "ON CONFLICT (pool, address) DO UPDATE SET doc = excluded.doc",
                 [(pool, address, doc) for (pool, address), doc in changes.put_leases.items()],
             )
+            self._write_host_rows(db, changes.put_hosts, changes.delete_hosts)
 
     def save_host_rows(self, rows: list[HostRow], deleted: list[str] = ()) -> None:
         if not rows and not deleted:
             return
-        with self._lock, self._transaction() as db:
-            db.executemany("DELETE FROM hosts_sync WHERE host = ?", [(host,) for host in deleted])
-            db.executemany(
-                "INSERT INTO hosts_sync (host, generation, digest, applied_generation, status) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (host) DO UPDATE SET "
-                "generation = excluded.generation, digest = excluded.digest, "
-                "applied_generation = excluded.applied_generation, status = excluded.status",
-                [
-                    (
-                        row.host,
-                        row.generation,
-                        row.digest,
-                        row.applied_generation,
-                        json.dumps(row.status) if row.status is not None else None,
-                    )
-                    for row in rows
-                ],
-            )
+        with self._lock, _busy_as_store_busy("host status"), self._transaction() as db:
+            self._write_host_rows(db, rows, deleted)
+
+    @staticmethod
+    def _write_host_rows(db: sqlite3.Connection, rows: list[HostRow], deleted: list[str]) -> None:
+        db.executemany("DELETE FROM hosts_sync WHERE host = ?", [(host,) for host in deleted])
+        db.executemany(
+            "INSERT INTO hosts_sync (host, generation, digest, applied_generation, status) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (host) DO UPDATE SET "
+            "generation = excluded.generation, digest = excluded.digest, "
+            "applied_generation = excluded.applied_generation, status = excluded.status",
+            [
+                (
+                    row.host,
+                    row.generation,
+                    row.digest,
+                    row.applied_generation,
+                    json.dumps(row.status) if row.status is not None else None,
+                )
+                for row in rows
+            ],
+        )
 
     # --- tokens ---------------------------------------------------------------------
 
