@@ -116,6 +116,31 @@ IfName = Annotated[str, AfterValidator(_check_ifname)]
 MacAddress = Annotated[str, BeforeValidator(normalize_mac)]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
 
+NAME_MAX = 255  # bytes in one file name: a named network namespace is the file /run/netns/<name>
+
+
+def check_namespace_name(value: str) -> str:
+    """A name `ip netns` and the kernel accept for a network namespace, else ValueError.
+
+    iproute2 refuses an empty name, one longer than NAME_MAX bytes, one with '/', and
+    '.' or '..' (they would name /run/netns itself or its parent); control characters
+    are refused too, so a name never rewrites a terminal that prints it.
+    """
+    if not value:
+        raise ValueError("a namespace name is empty")
+    if value in (".", ".."):
+        raise ValueError(f"{value!r} cannot name a network namespace (it would be /run/netns/{value})")
+    if "/" in value:
+        raise ValueError(f"{value!r} cannot name a network namespace: it contains '/'")
+    if len(value.encode()) > NAME_MAX:
+        raise ValueError(f"a namespace name is at most {NAME_MAX} bytes, this one has {len(value.encode())}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError(f"{value!r} cannot name a network namespace: it contains a control character")
+    return value
+
+
+NamespaceName = Annotated[str, AfterValidator(check_namespace_name)]
+
 
 class TeamMode(StrEnum):
     """LBFO team modes. Kernel: active-backup, balance-xor, 802.3ad."""
@@ -311,7 +336,7 @@ class VmPort(_Model):
     vlan: VlanId | None = None
     ca: IPvAnyInterface | None = None  # the VM's address, with its prefix length
     kind: PortKind = PortKind.namespace
-    netns: Name | None = None  # namespace kind: the VM's namespace (default: name)
+    netns: NamespaceName | None = None  # namespace kind: the VM's namespace (default: name)
     device: IfName | None = None  # tap kind: the hypervisor's tap device
 
     @model_validator(mode="after")
@@ -322,6 +347,11 @@ class VmPort(_Model):
             raise ValueError("device: a tap port names its existing tap device")
         if self.kind is PortKind.namespace and self.device is not None:
             raise ValueError("device: only a tap port names a device")
+        if self.kind is PortKind.namespace and self.netns is None:
+            try:  # the VM's name is its namespace's name
+                check_namespace_name(self.name)
+            except ValueError as exc:
+                raise ValueError(f"name: {exc}; give the port a netns") from None
         return self
 
     @property

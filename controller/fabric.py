@@ -45,7 +45,7 @@ from controller.allocate import (
     allocate_vsid,
     mac_text,
 )
-from controller.compiler import Compiler, Serialised
+from controller.compiler import Compiler, Serialised, subnet_gateway
 from controller.operations import (
     Create,
     Delete,
@@ -626,11 +626,12 @@ class Fabric:
         tx.take(SPACE_MAC, mac, holder)
 
     def _lease_from(self, tx: Tx, pool: IpPool, kind: LeaseKind, holder_kind: str, holder: str,
-                    host: str | None, vm_network: str | None, description: str, address=None) -> Lease:
+                    host: str | None, vm_network: str | None, description: str, address=None,
+                    also_skip=()) -> Lease:
         taken = TakenView(self.inventory.pool_taken[pool.key], tx.pending_addresses(pool.key))
         if address is None:
-            address = allocate_address(pool.key, pool.range_start, pool.range_end, taken, _skipped(pool),
-                                       self.inventory.pool_hint.get(pool.key))
+            address = allocate_address(pool.key, pool.range_start, pool.range_end, taken,
+                                       _skipped(pool) | set(also_skip), self.inventory.pool_hint.get(pool.key))
             self.inventory.pool_hint[pool.key] = int(address) + 1
         elif int(address) in taken:
             holder_of = self.inventory.leases[pool.key].get(str(address))
@@ -1031,6 +1032,7 @@ class Fabric:
         subnet = self._require(Kind.vm_subnet, f"{network.name}/{subnet_name}", "vm_subnet", what)
         if spec.host_group is not None:
             self._require(Kind.host_group, spec.host_group, "host_group", what)
+        self._refuse_host_namespace(spec, what)
         if spec.host is not None:
             host = self._require(Kind.host, spec.host, "host", what)
             reason = why_not(self.inventory, host, network, subnet)
@@ -1049,13 +1051,42 @@ class Fabric:
         vm = self._new(Kind.vm, tx, spec, vm_subnet=subnet.name, host=host.name, mac=mac, ca=ca)
         return vm, _Scope(networks={network.name}, hosts={host.name})
 
+    def _forbidden_cas(self, subnet: VmSubnet, pools: list[IpPool]) -> dict:
+        """Addresses of a VM subnet no VM may have, each with the reason."""
+        prefix = subnet.prefix
+        forbidden = {}
+        for pool in pools:
+            for address in pool.reserved:
+                forbidden[address] = f"{address} is reserved in IP pool {pool.key}"
+            if pool.gateway is not None:
+                forbidden[pool.gateway] = f"{pool.gateway} is the gateway of IP pool {pool.key}"
+        gateway = subnet_gateway(self.inventory, subnet)
+        forbidden[gateway] = f"{gateway} is the gateway of VM subnet {subnet.key} (its distributed router)"
+        # IPv4 /31 and /32 (RFC 3021) and IPv6 /127 and /128 have no network or broadcast address.
+        if prefix.num_addresses > 2:
+            forbidden[prefix.network_address] = f"{prefix.network_address} is the network address of {prefix}"
+            if prefix.version == 4:
+                forbidden[prefix.broadcast_address] = f"{prefix.broadcast_address} is the broadcast address of {prefix}"
+        return forbidden
+
+    def _refuse_host_namespace(self, vm: Any, what: str) -> None:
+        """A VM's namespace may not be a host's: in the lab, each host is a namespace of its name."""
+        namespace = vm.namespace
+        if namespace is not None and self.inventory.get(Kind.host, namespace) is not None:
+            field = "netns" if vm.netns is not None else "name"
+            raise Invalid(f"{what}: namespace {namespace} is the name of host {namespace}", field,
+                          f"host {namespace} is a namespace of that name in the lab; a VM may not join it")
+
     def _lease_ca(self, tx: Tx, vm_name: str, wanted, network: VmNetwork, subnet: VmSubnet, host: str):
         pools = [self.inventory.get(Kind.ip_pool, key) for key in self.inventory.pools_by_owner.get(subnet.key, ())]
         description = f"CA of {vm_name} in {network.name}"
+        forbidden = self._forbidden_cas(subnet, pools)
         if wanted is not None:
             if wanted not in subnet.prefix:
                 raise Invalid(f"VM {vm_name}: CA {wanted} is outside VM subnet {subnet.key} ({subnet.prefix})", "ca",
                               f"{wanted} is not in {subnet.prefix}")
+            if wanted in forbidden:
+                raise Invalid(f"VM {vm_name}: CA {wanted} cannot be a VM's address", "ca", forbidden[wanted])
             for other in self.inventory.vms_of_network(network.name):
                 if other.ca == wanted and other.vm_subnet == subnet.name:
                     raise Conflict(f"VM {vm_name}: CA {wanted} is already used by VM {other.name}", "ca",
@@ -1075,7 +1106,7 @@ class Fabric:
         for pool in pools:
             try:
                 return self._lease_from(tx, pool, LeaseKind.CA, "vm", vm_name, host, network.name,
-                                        description).address
+                                        description, also_skip=forbidden).address
             except Conflict as exc:
                 exhausted.append(f"{exc.error} ({exc.reason})")
         raise Conflict(f"VM {vm_name}: no free CA in VM subnet {subnet.key}", "ca", "; ".join(exhausted))
@@ -1169,6 +1200,8 @@ class Fabric:
             if missing:
                 raise Conflict(f"host {key}: NIC {missing[0]} is used by its virtual switch", "nics",
                                "remove it from the virtual switch first")
+        if kind is Kind.vm:
+            self._refuse_host_namespace(merged, f"VM {key}")
         if kind is Kind.network_site:
             for i, group in enumerate(merged.host_groups):
                 self._require(Kind.host_group, group, f"host_groups[{i}]", f"network site {key}")
@@ -1213,9 +1246,15 @@ def _refuse_in_use(kind: Kind, key: str, users: list[str], noun: str = "users") 
 
 
 def _skipped(pool: IpPool) -> set:
+    """Addresses of the pool's range it never hands out: reserved, its gateway, and the
+    network and (IPv4) broadcast addresses of its subnet."""
     skip = set(pool.reserved)
     if pool.gateway is not None:
         skip.add(pool.gateway)
+    if pool.subnet.num_addresses > 2:
+        skip.add(pool.subnet.network_address)
+        if pool.subnet.version == 4:
+            skip.add(pool.subnet.broadcast_address)
     return {a for a in skip if int(pool.range_start) <= int(a) <= int(pool.range_end)}
 
 

@@ -23,7 +23,7 @@ It must not touch the store or the network.
 from __future__ import annotations
 
 import ipaddress
-import re
+import unicodedata
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
@@ -46,24 +46,64 @@ from agent.state import (
     MacAddress,
     PortKind,
     TeamMode,
+    check_namespace_name,
 )
 
 ROOT_HOST_GROUP = "All Hosts"
 
-_NAME_FORBIDDEN = re.compile(r"[/\x00-\x1f\x7f]")
+DESCRIPTION_MAX = 1024  # characters of a description
+# The lab's own namespaces (netns_lab: the switch's, `SwitchSpec.namespace`'s default;
+# its hosts' namespaces are named after the hosts, which the fabric's rules refuse too).
+LAB_INFRASTRUCTURE_NAMESPACES = frozenset({"lab-switch"})
+
+
+def _unprintable(value: str) -> str | None:
+    """The first character a terminal would act on rather than show, described, or None.
+
+    Control characters (Cc: escape sequences, newlines), format characters (Cf: the
+    bidirectional overrides U+202A-U+202E and isolates U+2066-U+2069, zero-width
+    characters) and line/paragraph separators (Zl, Zp) are refused in every name and
+    description, so that no name can rewrite the row a CLI prints it in.
+    """
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            return f"U+{ord(char):04X} ({unicodedata.name(char, 'a control character')})"
+    return None
 
 
 def _check_name(value: str) -> str:
     if value != value.strip():
         raise ValueError(f"name {value!r} has leading or trailing white space")
-    if _NAME_FORBIDDEN.search(value):
-        raise ValueError(f"name {value!r} may not contain '/' or control characters")
+    if "/" in value:
+        raise ValueError(f"name {value!r} may not contain '/' (it separates the parts of a key)")
+    if value in (".", ".."):
+        raise ValueError(f"{value!r} is not a name (it means a directory to paths and namespaces)")
+    bad = _unprintable(value)
+    if bad is not None:
+        raise ValueError(f"a name may not contain control or bidirectional-override characters; found {bad}")
     return value
 
 
-# A name users type: 1..256 characters, no '/', which separates the parts of a key.
-Name = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_check_name)]
+def _check_description(value: str) -> str:
+    bad = _unprintable(value)
+    if bad is not None:
+        raise ValueError(f"a description may not contain control or bidirectional-override characters; found {bad}")
+    return value
 
+
+def _check_vm_namespace(value: str) -> str:
+    check_namespace_name(value)
+    if value in LAB_INFRASTRUCTURE_NAMESPACES:
+        raise ValueError(f"namespace {value} is the lab's own (its switch); a VM may not join it")
+    return value
+
+
+# A name users type: 1..256 characters, no '/', which separates the parts of a key, not
+# '.' or '..', no control or bidirectional-override characters.
+Name = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_check_name)]
+Description = Annotated[str, Field(max_length=DESCRIPTION_MAX), AfterValidator(_check_description)]
+# A VM's network namespace: what `ip netns` accepts, and not one of the lab's own.
+VmNamespace = Annotated[str, AfterValidator(_check_name), AfterValidator(_check_vm_namespace)]
 
 
 class Isolation(StrEnum):
@@ -157,7 +197,7 @@ class HostGroupSpec(_Spec):
     kind: ClassVar[Kind] = Kind.host_group
     name: Name
     parent: Name | None = ROOT_HOST_GROUP
-    description: str = ""
+    description: Description = ""
 
 
 class HostGroup(HostGroupSpec, _Stored):
@@ -168,7 +208,7 @@ class ClusterSpec(_Spec):
     kind: ClassVar[Kind] = Kind.cluster
     name: Name
     host_group: Name = ROOT_HOST_GROUP
-    description: str = ""
+    description: Description = ""
 
 
 class Cluster(ClusterSpec, _Stored):
@@ -187,7 +227,7 @@ class HostSpec(_Spec):
     management_address: IPvAnyInterface | None = None  # e.g. 10.0.0.16/24
     management_gateway: IPvAnyAddress | None = None
     nics: tuple[IfName, ...] = Field(min_length=1)
-    description: str = ""
+    description: Description = ""
 
     @model_validator(mode="after")
     def _check(self) -> HostSpec:
@@ -243,7 +283,7 @@ class LogicalNetworkSpec(_Spec):
     network_virtualization: bool = False
     encapsulation: Encapsulation = Encapsulation.nvgre  # UseGRE $true
     mtu: int = Field(default=1500, ge=1280, le=9216)
-    description: str = ""
+    description: Description = ""
 
 
 class LogicalNetwork(LogicalNetworkSpec, _Stored):
@@ -267,7 +307,7 @@ class NetworkSiteSpec(_Spec):
     logical_network: Name
     host_groups: tuple[Name, ...] = Field(min_length=1)
     subnet_vlans: tuple[SubnetVlan, ...] = Field(min_length=1)
-    description: str = ""
+    description: Description = ""
 
     @model_validator(mode="after")
     def _check(self) -> NetworkSiteSpec:
@@ -299,7 +339,7 @@ class IpPoolSpec(_Spec):
     gateway: IPvAnyAddress | None = None
     dns_servers: tuple[IPvAnyAddress, ...] = ()
     reserved: tuple[IPvAnyAddress, ...] = ()
-    description: str = ""
+    description: Description = ""
 
     @model_validator(mode="after")
     def _check(self) -> IpPoolSpec:
@@ -354,7 +394,7 @@ class UplinkPortProfileSpec(_Spec):
     network_virtualization: bool = False
     team_mode: TeamMode = TeamMode.SwitchIndependent
     load_balancing: LoadBalancing = LoadBalancing.HostDefault
-    description: str = ""
+    description: Description = ""
 
 
 class UplinkPortProfile(UplinkPortProfileSpec, _Stored):
@@ -369,7 +409,7 @@ class LogicalSwitchSpec(_Spec):
     name: Name
     uplink_mode: UplinkMode = UplinkMode.Team
     uplink_port_profiles: tuple[Name, ...] = Field(min_length=1)
-    description: str = ""
+    description: Description = ""
 
 
 class LogicalSwitch(LogicalSwitchSpec, _Stored):
@@ -386,7 +426,7 @@ class VmNetworkSpec(_Spec):
     isolation: Isolation = Isolation.WindowsNetworkVirtualization
     ca_family: AddressFamily = AddressFamily.IPv4
     pa_family: AddressFamily = AddressFamily.IPv4
-    description: str = ""
+    description: Description = ""
 
 
 class VmNetwork(VmNetworkSpec, _Stored):
@@ -402,7 +442,7 @@ class VmSubnetSpec(_Spec):
     vm_network: Name
     prefix: IPvAnyNetwork
     vlan: int | None = Field(default=None, ge=1, le=4094)  # VLAN VM networks only
-    description: str = ""
+    description: Description = ""
 
 
 class VmSubnet(VmSubnetSpec, _Stored):
@@ -422,8 +462,8 @@ class VmSpec(_Spec):
     ca: IPvAnyAddress | None = None  # default: from the VM subnet's pool
     nic_kind: PortKind = PortKind.namespace
     device: IfName | None = None
-    netns: Name | None = None
-    description: str = ""
+    netns: VmNamespace | None = None  # namespace NIC: its namespace (default: the VM's name)
+    description: Description = ""
 
     @model_validator(mode="after")
     def _check(self) -> VmSpec:
@@ -431,7 +471,17 @@ class VmSpec(_Spec):
             raise ValueError("device: a tap NIC names its existing tap device")
         if self.nic_kind is PortKind.namespace and self.device is not None:
             raise ValueError("device: only a tap NIC names a device")
+        if self.nic_kind is PortKind.namespace and self.netns is None:
+            try:  # the VM's name is its namespace's name
+                _check_vm_namespace(self.name)
+            except ValueError as exc:
+                raise ValueError(f"name: {exc}; give the VM a netns") from None
         return self
+
+    @property
+    def namespace(self) -> str | None:
+        """The network namespace of a namespace NIC (None for a tap NIC)."""
+        return (self.netns or self.name) if self.nic_kind is PortKind.namespace else None
 
 
 class Vm(VmSpec, _Stored):
@@ -454,7 +504,7 @@ class Lease(BaseModel):
     holder: str  # the VM's or the host's name
     host: str | None = None
     vm_network: str | None = None
-    description: str = ""
+    description: Description = ""
 
 
 # --- keys --------------------------------------------------------------------------------
