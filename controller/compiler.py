@@ -21,7 +21,11 @@ Cost, which is what lets a migration cost O(hosts of one VM network), not O(fabr
   (the inventory replaces, never mutates, an object that changes);
 - a host's digest is its head's bytes plus each records fragment's digest.
 
-Pure: reads the inventory, returns models, keeps only caches; never writes.
+Pure: reads the writer's working inventory (only under the fabric's write lock), returns
+models, keeps only caches; never writes. Its caches may hold what a transaction's trial
+compile built from uncommitted state, so the engine invalidates the transaction's VM
+networks again when it undoes it, and caches are keyed by the very objects they were
+built from: nothing compiled from a rolled-back change is served or published.
 """
 
 from __future__ import annotations

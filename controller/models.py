@@ -16,7 +16,8 @@ Their keys are therefore paths: ``Fabrikam2/Default`` for a VM subnet,
 subnet's pool. `key_of` computes every kind's key.
 
 This module owns the shapes and the checks that need no other object (a range inside
-its subnet, a family that matches). Checks across objects live in `controller.fabric`.
+its subnet, a family that matches, names and namespaces a terminal and `ip netns` take
+safely). Checks across objects live in `controller.fabric`'s rule modules.
 It must not touch the store or the network.
 """
 

@@ -285,3 +285,11 @@ def test_transaction_of_mixed_operations_is_all_or_nothing_and_a_dry_run_changes
     done = fabric.transact(operations[:3])
     assert [done[0].host, done[1].description, done[2].host] == ["B", "blue tenant", "B"]
     assert fabric.get(Kind.vm, "r1").host == "B" and fabric.get(Kind.vm, "r2").host == "B"
+
+
+def test_every_kind_has_its_create_and_delete_rules_in_the_registry():
+    from controller.fabric import RULES
+
+    assert set(RULES) == set(Kind)
+    for kind, rules in RULES.items():
+        assert rules.create.__name__ == f"_create_{kind.name}" and rules.delete.__name__ == f"_delete_{kind.name}"

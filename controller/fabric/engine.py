@@ -1,0 +1,445 @@
+"""The transaction engine: every fabric operation, validated, allocated and compiled as one.
+
+An operation runs under one write lock (writes are serialised; the API's worker threads
+queue here) in four steps, and any refusal leaves nothing changed:
+
+1. *build*: check the request against the fabric and put every change - objects,
+   VSIDs, MACs, leases - into a `Tx` (refusals raise `Invalid` 422, `NotFound` 404,
+   `Conflict` 409, naming the object, the field and the reason). The builder comes
+   from `RULES`, the explicit registry of kind -> create/delete rules;
+2. *trial*: apply the Tx to the writer's working inventory and compile every affected
+   host; a HostState that agent.state refuses undoes the Tx and refuses the request, so
+   the controller never publishes a state an agent would reject;
+3. *commit*: write the Tx, with the host generations it bumps, to the store in one
+   BEGIN IMMEDIATE transaction (the store's primary keys refuse any value taken twice;
+   a busy database is `Unavailable` 503; any failure undoes the Tx in memory too);
+4. *publish*: replace the inventory's committed view (what every reader sees), serve
+   the new generations and wake the watchers of the hosts whose content changed.
+
+Readers (`get`, `list`, `leases`, the views) never take the lock and never see a step
+before 4: they read `inventory.committed`, immutable and replaced only after a commit.
+
+Affected hosts are narrow for VM operations (the hosts of the VM network, before and
+after, plus source and destination) and all hosts for fabric-wide objects (switches,
+sites, profiles: rare and cheap). Generations only move when content changes, so a
+wide recompile bumps only hosts that really differ.
+
+This module owns the order of those steps; the rules are `controller.fabric.hosts`,
+`.networks`, `.tenants` and `.patch`, the host-facing reads `controller.fabric.views`;
+storage is `controller.store`, choices `controller.allocate`/`controller.placement`,
+host states `controller.compiler`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel, ValidationError
+
+from agent.state import HostState, describe_validation_error
+from controller.compiler import Compiler, Serialised
+from controller.fabric.common import (
+    ALL,
+    Builders,
+    KindRules,
+    _busy,
+    _quoted,
+    _Scope,
+    _text,
+    _uuid_of,
+    log,
+)
+from controller.fabric.hosts import HostRules
+from controller.fabric.networks import NetworkRules
+from controller.fabric.patch import PatchRules
+from controller.fabric.tenants import TenantRules
+from controller.fabric.views import HostEntry, SyncStatus
+from controller.inventory import VIRTUAL_SWITCH, Inventory, Tx
+from controller.models import (
+    ROOT_HOST_GROUP,
+    STORED_OF,
+    Conflict,
+    FabricError,
+    HostGroup,
+    Invalid,
+    Kind,
+    Lease,
+    NotFound,
+    VirtualSwitch,
+    VirtualSwitchSpec,
+    Vm,
+)
+from controller.operations import (
+    Create,
+    Delete,
+    Migrate,
+    Operation,
+    Patch,
+    RemoveVirtualSwitch,
+    SetVirtualSwitch,
+)
+from controller.operations import describe as describe_operation
+from controller.store import HostRow, Store, StoreBusy
+
+# kind -> how it is created and deleted (PATCH is one rule for every kind: `PatchRules`).
+RULES: dict[Kind, KindRules] = {
+    Kind.host_group: KindRules(HostRules._create_host_group, HostRules._delete_host_group),
+    Kind.cluster: KindRules(HostRules._create_cluster, HostRules._delete_cluster),
+    Kind.host: KindRules(HostRules._create_host, HostRules._delete_host),
+    Kind.logical_network: KindRules(NetworkRules._create_logical_network, NetworkRules._delete_logical_network),
+    Kind.network_site: KindRules(NetworkRules._create_network_site, NetworkRules._delete_network_site),
+    Kind.ip_pool: KindRules(NetworkRules._create_ip_pool, NetworkRules._delete_ip_pool),
+    Kind.uplink_port_profile: KindRules(NetworkRules._create_uplink_port_profile,
+                                        NetworkRules._delete_uplink_port_profile),
+    Kind.logical_switch: KindRules(NetworkRules._create_logical_switch, NetworkRules._delete_logical_switch),
+    Kind.vm_network: KindRules(TenantRules._create_vm_network, TenantRules._delete_vm_network),
+    Kind.vm_subnet: KindRules(TenantRules._create_vm_subnet, TenantRules._delete_vm_subnet),
+    Kind.vm: KindRules(TenantRules._create_vm, TenantRules._delete_vm),
+}
+
+
+class _DryRunDone(Exception):
+    """Raised inside the engine after a dry run's trial compile, so the undo path runs."""
+
+
+class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Builders):
+    """The fabric: committed reads for anyone, serialised writes through the engine.
+
+    The rule mixins hold the builders (`RULES` names them per kind); this class holds the
+    state (inventory, compiler, published entries) and the order of a write's steps.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.inventory = Inventory()
+        self.compiler = Compiler(self.inventory)
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[list[str]], None]] = []
+        self.entries: dict[str, HostEntry] = {}
+        self.statuses: dict[str, dict[str, Any]] = {}
+        self.applied: dict[str, int | None] = {}
+        self.unpublishable: dict[str, str] = {}  # host -> why its stored fabric does not compile
+        self._last_generation: dict[str, int] = {}  # ... and the generation it last published
+        snapshot = store.load()
+        self.inventory.load(snapshot)
+        if self.inventory.get(Kind.host_group, ROOT_HOST_GROUP) is None:
+            tx = Tx()
+            root = HostGroup(name=ROOT_HOST_GROUP, parent=None, uuid=str(uuidlib.uuid4()))
+            tx.put(Kind.host_group, ROOT_HOST_GROUP, root)
+            store.commit(tx.changeset(_uuid_of))
+            self.inventory.apply(tx)
+            self.inventory.publish(tx)
+        # Recompile every host; a generation moves only if the content differs from what
+        # was last published (the controller's code may have changed across the restart).
+        rows = []
+        for name in self.inventory.objects[Kind.host]:
+            row = snapshot.hosts.get(name)
+            try:
+                state = self.compiler.compile(name)
+            except (ValidationError, ValueError) as exc:
+                # Only a change of the rules between versions can get here (every write
+                # was trial-compiled). Publish nothing for this host - an agent must not
+                # be handed a state it refuses, nor an empty one - and serve the others.
+                problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
+                self.unpublishable[name] = problems[0]
+                self._last_generation[name] = row.generation if row is not None else 0
+                log.error("event=host_state_invalid host=%s reason=%s", name, _quoted(problems[0]))
+                continue
+            digest, body = self.compiler.serialise(state)
+            generation = row.generation if row is not None else 0
+            if row is None or row.digest != digest:
+                generation += 1
+                rows.append(HostRow(name, generation, digest, row.applied_generation if row else None,
+                                    row.status if row else None))
+            self._set_entry(name, state, generation, digest, body)
+            if row is not None:
+                self.applied[name] = row.applied_generation
+                self.statuses[name] = row.status or {}
+        store.save_host_rows(rows)
+
+    @classmethod
+    def open(cls, state_dir: str | Path, synchronous: str = "FULL", busy_timeout: float = 5.0) -> Fabric:
+        return cls(Store(Path(state_dir) / "controller.db", synchronous=synchronous, busy_timeout=busy_timeout))
+
+    def add_listener(self, listener: Callable[[list[str]], None]) -> None:
+        """`listener(hosts)` is called (from a worker thread) after their generations moved."""
+        self._listeners.append(listener)
+
+    # --- reads ------------------------------------------------------------------------------
+    # Every read takes `self.inventory.committed` once: the fabric as last committed,
+    # immutable, so no lock and no uncommitted state (see controller.inventory).
+
+    def get(self, kind: Kind, key: str) -> Any:
+        obj = self.inventory.committed.get(kind, key)
+        if obj is None:
+            raise NotFound(f"{kind.label} {key} does not exist", "name", f"no {kind.label} is called {key}")
+        return obj
+
+    def list(self, kind: Kind, filters: dict[str, str] | None = None) -> list[Any]:
+        model = STORED_OF[kind]
+        filters = dict(filters or {})
+        for name in filters:
+            if name not in model.model_fields and name != "key":
+                raise Invalid(f"cannot filter {kind.label}s on {name}", name, f"{kind.label}s have no field {name}")
+        objects = self.inventory.committed.all(kind)
+        if filters:
+            objects = [
+                obj for obj in objects
+                if all(_text(getattr(obj, name)) == value for name, value in filters.items())
+            ]
+        return sorted(objects, key=lambda obj: obj.key)
+
+    def get_virtual_switch(self, host: str) -> VirtualSwitch:
+        return self._switch_of(self.inventory.committed, host)
+
+    def _switch_of(self, fabric: Any, host: str) -> VirtualSwitch:
+        if fabric.get(Kind.host, host) is None:
+            raise NotFound(f"host {host} does not exist", "name", f"no host is called {host}")
+        switch = fabric.switches.get(host)
+        if switch is None:
+            raise NotFound(f"host {host} has no virtual switch", "host", "no virtual switch was set on it")
+        return switch
+
+    def leases(self, pool=None, kind=None, host=None, vm_network=None) -> list[Lease]:
+        committed = self.inventory.committed.leases
+        pools = [pool] if pool is not None else sorted(committed)
+        found = []
+        for name in pools:
+            for lease in committed.get(name, {}).values():
+                if kind is not None and lease.kind != kind:
+                    continue
+                if host is not None and lease.host != host:
+                    continue
+                if vm_network is not None and lease.vm_network != vm_network:
+                    continue
+                found.append(lease)
+        return sorted(found, key=lambda lease: (lease.pool, int(lease.address)))
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def create(self, kind: Kind, spec: BaseModel) -> Any:
+        create = RULES[kind].create
+        return self._run(lambda tx: create(self, tx, spec), f"create {kind.value} {getattr(spec, 'name', '')}")
+
+    def patch(self, kind: Kind, key: str, changes: dict[str, Any]) -> Any:
+        return self._run(lambda tx: self._patch(tx, kind, key, changes), f"patch {kind.value} {key}")
+
+    def delete(self, kind: Kind, key: str) -> None:
+        delete = RULES[kind].delete
+        self._run(lambda tx: delete(self, tx, self._existing(kind, key)), f"delete {kind.value} {key}")
+
+    def set_virtual_switch(self, host: str, spec: VirtualSwitchSpec) -> VirtualSwitch:
+        return self._run(lambda tx: self._set_virtual_switch(tx, host, spec), f"set virtual-switch {host}")
+
+    def delete_virtual_switch(self, host: str) -> None:
+        self._run(lambda tx: self._delete_virtual_switch(tx, host), f"delete virtual-switch {host}")
+
+    def create_many(self, kind: Kind, specs: list[BaseModel]) -> list[Any]:
+        """Create several objects of one kind as one transaction: all or none."""
+        create = RULES[kind].create
+
+        def build(tx: Tx, index: int, spec: BaseModel) -> tuple[Any, _Scope]:
+            try:
+                return create(self, tx, spec)
+            except FabricError as exc:
+                field = f"items[{index}].{exc.field}" if exc.field else f"items[{index}]"
+                raise type(exc)(f"items[{index}] ({getattr(spec, 'name', '?')}): {exc.error}", field,
+                                exc.reason) from None
+
+        return self._run_many([lambda tx, i=i, spec=spec: build(tx, i, spec) for i, spec in enumerate(specs)],
+                              f"create {kind.value} batch of {len(specs)}")
+
+    def migrate(self, vm_name: str, destination: str) -> Vm:
+        return self._run(lambda tx: self._migrate(tx, vm_name, destination), f"migrate vms {vm_name} to {destination}")
+
+    def transact(self, operations: list[Operation], dry_run: bool = False) -> list[Any]:
+        """Run mixed operations as ONE transaction: all or nothing, one result each.
+
+        Each operation sees the ones before it (a VM created after its subnet). A refusal
+        names the operation's index: `operations[3] (create vms TenantVM04): ...`. With
+        `dry_run` the whole list is built and trial-compiled exactly as a real run, then
+        undone: nothing is committed or published.
+        """
+
+        def build(tx: Tx, index: int, operation: Operation) -> tuple[Any, _Scope]:
+            try:
+                return self._builder_of(operation)(tx)
+            except FabricError as exc:
+                field = f"operations[{index}].{exc.field}" if exc.field else f"operations[{index}]"
+                raise type(exc)(f"operations[{index}] ({describe_operation(operation)}): {exc.error}", field,
+                                exc.reason) from None
+
+        return self._run_many([lambda tx, i=i, op=op: build(tx, i, op) for i, op in enumerate(operations)],
+                              f"transaction of {len(operations)}", dry_run=dry_run)
+
+    def _builder_of(self, operation: Operation) -> Callable[[Tx], tuple[Any, _Scope]]:
+        match operation:
+            case Create(kind, spec):
+                return lambda tx: RULES[kind].create(self, tx, spec)
+            case Patch(kind, key, changes):
+                return lambda tx: self._patch(tx, kind, key, changes)
+            case Delete(kind, key):
+                return lambda tx: RULES[kind].delete(self, tx, self._existing(kind, key))
+            case SetVirtualSwitch(host, spec):
+                return lambda tx: self._set_virtual_switch(tx, host, spec)
+            case RemoveVirtualSwitch(host):
+                return lambda tx: self._delete_virtual_switch(tx, host)
+            case Migrate(vm, host):
+                return lambda tx: self._migrate(tx, vm, host)
+        raise TypeError(f"not a fabric operation: {operation!r}")
+
+    # --- the transaction engine ----------------------------------------------------------------
+
+    def _run(self, build: Callable[[Tx], tuple[Any, _Scope]], operation: str) -> Any:
+        return self._run_many([build], operation)[0]
+
+    def _run_many(self, builds: list[Callable[[Tx], tuple[Any, _Scope]]], operation: str,
+                  dry_run: bool = False) -> list[Any]:
+        """Build, trial-compile, commit and publish operations as one transaction.
+
+        Each operation is applied to the working inventory as soon as it is built, so the
+        next one sees it (placement counts, the PA it took); any refusal undoes all of
+        them in reverse order. One compile and one commit serve the whole batch.
+
+        Why this order: readers only ever see `inventory.committed`, which `publish`
+        replaces after the store commit succeeded; host entries (what watchers and GET
+        /state serve) change after that too. So a refused, failed or dry-run transaction
+        is never seen by anyone, and the compiler's caches, filled from the working
+        state during the trial, are invalidated again by the undo before any other
+        compile can use them.
+        """
+        with self._lock:
+            started = time.perf_counter()
+            merged, undos, results = Tx(), [], []
+            networks: set[str] | None = set()
+            hosts_before: set[str] = set()
+            hosts_named: set[str] = set()
+            try:
+                for build in builds:
+                    tx = Tx()
+                    result, scope = build(tx)
+                    results.append(result)
+                    if scope.networks is ALL or networks is ALL:
+                        networks = ALL
+                    else:
+                        networks |= scope.networks
+                    hosts_named |= scope.hosts
+                    hosts_before |= self._affected_hosts(scope)
+                    undos.append(self._undo_of(tx))
+                    self.inventory.apply(tx)
+                    merged.merge(tx)
+                scope = _Scope(networks=networks, hosts=hosts_named)
+                self.compiler.invalidate(networks)
+                existing = set(self.inventory.objects[Kind.host])
+                hosts = (hosts_before | self._affected_hosts(scope)) & existing
+                try:
+                    states = {name: self.compiler.compile(name) for name in sorted(hosts)}
+                except (ValidationError, ValueError) as exc:
+                    problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
+                    raise Invalid(
+                        f"the change would give a host a state its agent refuses: {problems[0]}",
+                        None,
+                        problems[0],
+                    ) from None
+                if dry_run:
+                    raise _DryRunDone
+                deleted = sorted(hosts_before - existing)
+                changes = merged.changeset(_uuid_of)
+                # The generations this change bumps are committed with it: a controller
+                # that dies right after the commit restarts with both or neither.
+                changes.put_hosts, bumps = self._bumps(states)
+                changes.delete_hosts = deleted
+                try:
+                    self.store.commit(changes)
+                except sqlite3.IntegrityError as exc:
+                    raise Conflict("the store refused the change", None, str(exc)) from None
+                except StoreBusy as exc:
+                    raise _busy(operation, exc) from None
+            except BaseException as exc:
+                for undo in reversed(undos):
+                    self.inventory.apply(undo)
+                self.compiler.invalidate(ALL if networks is ALL else networks)
+                if isinstance(exc, _DryRunDone):
+                    return results
+                if isinstance(exc, FabricError):
+                    log.info("event=fabric_refused op=%s status=%d field=%s reason=%s", _quoted(operation),
+                             exc.status, exc.field, _quoted(exc.reason))
+                raise
+            bumped = self._publish(merged, states, bumps, deleted)
+            log.info("event=fabric_write op=%s compiled=%d bumped=%d duration_ms=%.1f", _quoted(operation),
+                     len(states), len(bumped), (time.perf_counter() - started) * 1000)
+            return results
+
+    def _affected_hosts(self, scope: _Scope) -> set[str]:
+        if scope.networks is ALL:
+            return set(self.inventory.objects[Kind.host])
+        hosts = set(scope.hosts)
+        for network in scope.networks:
+            hosts |= self.inventory.hosts_of_network(network)
+        return hosts
+
+    def _undo_of(self, tx: Tx) -> Tx:
+        inv = self.inventory
+        undo = Tx()
+        for (kind, key) in tx.objects:
+            if kind == VIRTUAL_SWITCH:
+                old = inv.switches.get(key)
+            else:
+                old = inv.get(Kind(kind), key)
+            undo.objects[(kind, key)] = old
+        for (space, value) in tx.allocations:
+            undo.allocations[(space, value)] = inv.allocations[space].get(value)
+        for (pool, address) in tx.leases:
+            undo.leases[(pool, address)] = inv.leases[pool].get(address)
+        return undo
+
+    def _bumps(self, states: dict[str, HostState]) -> tuple[list[HostRow], list[tuple]]:
+        """The host rows to commit for hosts whose content changed, and their new entries."""
+        rows, changed = [], []
+        for name, state in states.items():
+            digest, body = self.compiler.serialise(state)
+            entry = self.entries.get(name)
+            if entry is not None and entry.digest == digest:
+                continue
+            # Generations only grow, also for a host that had none to publish for a while.
+            generation = (entry.generation if entry is not None else self._last_generation.get(name, 0)) + 1
+            rows.append(HostRow(name, generation, digest, self.applied.get(name), self.statuses.get(name)))
+            changed.append((name, state, generation, digest, body))
+        return rows, changed
+
+    def _publish(self, merged: Tx, states: dict[str, HostState], changed: list[tuple],
+                 deleted: list[str]) -> list[str]:
+        """Make a committed transaction visible: the committed view, the hosts' new
+        generations, then wake their watchers.
+
+        Why this order: the generations were committed with the change (`_bumps`), so an
+        agent never holds a generation the database does not. New entries are served
+        before the committed view lists a new host, and a deleted host leaves the view
+        before its entry goes, so a reader listing hosts always finds each one's entry.
+        """
+        bumped = []
+        for name in states:
+            self.unpublishable.pop(name, None)
+        for name, state, generation, digest, body in changed:
+            self._last_generation.pop(name, None)
+            self._set_entry(name, state, generation, digest, body)
+            bumped.append(name)
+        self.inventory.publish(merged)
+        for name in deleted:
+            self.entries.pop(name, None)
+            self.applied.pop(name, None)
+            self.statuses.pop(name, None)
+            bumped.append(name)
+        if bumped:
+            for listener in self._listeners:
+                listener(bumped)
+        return bumped
+
+    def _set_entry(self, name: str, state: HostState, generation: int, digest: str, body: Serialised) -> None:
+        state = state.model_copy(update={"generation": generation})
+        self.entries[name] = HostEntry(generation, digest, state, tuple(body.pieces(generation)), time.monotonic())

@@ -1,0 +1,274 @@
+"""Rules for tenants: VM networks, VM subnets, VMs, their CA and PA leases, migration.
+
+- a network-virtualised VM network takes a routing domain id, each of its VM subnets a
+  VSID and a gateway MAC;
+- a VM is placed (or checked on the host it names), takes a MAC, a CA (never the
+  subnet's network, broadcast or gateway address, nor one a pool reserves) and, with
+  the host's first VM of its VM network, a PA; its namespace is not a host's;
+- a migration moves the VM's leases to the destination and releases the source's PA
+  with its last VM there.
+
+A `Fabric` mixin: each builder checks a request against the working inventory and puts
+its changes into a `Tx`; it never commits (that is the engine). Registered in the
+engine's `RULES` table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from controller.allocate import allocate_routing_domain_id, allocate_vsid
+from controller.compiler import subnet_gateway
+from controller.fabric.common import Builders, _refuse_in_use, _Scope
+from controller.inventory import SPACE_MAC, SPACE_ROUTING_DOMAIN, SPACE_VSID, Tx
+from controller.models import (
+    Conflict,
+    Host,
+    Invalid,
+    IpPool,
+    Isolation,
+    Kind,
+    LeaseKind,
+    VmNetwork,
+    VmSubnet,
+)
+from controller.placement import place, transport_of, why_not
+
+
+class TenantRules(Builders):
+    def _create_vm_network(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        what = f"VM network {spec.name}"
+        logical = self._require(Kind.logical_network, spec.logical_network, "logical_network", what)
+        decided: dict[str, Any] = {}
+        if spec.isolation is Isolation.WindowsNetworkVirtualization:
+            if not logical.network_virtualization:
+                raise Invalid(
+                    f"{what}: logical network {logical.name} does not allow network virtualisation",
+                    "isolation",
+                    "create it with network_virtualization true, or choose isolation VLAN or NoIsolation",
+                )
+            decided["routing_domain_id"] = allocate_routing_domain_id(self._taken(tx, SPACE_ROUTING_DOMAIN))
+        network = self._new(Kind.vm_network, tx, spec, **decided)
+        if network.routing_domain_id is not None:
+            tx.take(SPACE_ROUTING_DOMAIN, str(network.routing_domain_id), f"vm-network:{network.name}")
+        return network, _Scope()
+
+    def _delete_vm_network(self, tx: Tx, network) -> tuple[None, _Scope]:
+        users = [f"VM {name}" for name in sorted(self.inventory.vms_by_network.get(network.name, ()))]
+        users += [f"VM subnet {key}" for key in self.inventory.subnets_by_network.get(network.name, ())]
+        users += [f"the management adapter of host {host}" for host, vs in sorted(self.inventory.switches.items())
+                  if vs.management_adapter is not None and vs.management_adapter.vm_network == network.name]
+        _refuse_in_use(Kind.vm_network, network.name, users)
+        tx.delete(Kind.vm_network, network.name)
+        if network.routing_domain_id is not None:
+            tx.free(SPACE_ROUTING_DOMAIN, str(network.routing_domain_id))
+        return None, _Scope()
+
+    def _only_subnet(self, network: VmNetwork, what: str) -> str:
+        keys = self.inventory.subnets_by_network.get(network.name, [])
+        if len(keys) != 1:
+            raise Invalid(f"{what}: VM network {network.name} has {len(keys)} VM subnets", "vm_subnet",
+                          "name the VM subnet")
+        return keys[0].split("/", 1)[1]
+
+    def _create_vm_subnet(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        what = f"VM subnet {spec.vm_network}/{spec.name}"
+        network = self._require(Kind.vm_network, spec.vm_network, "vm_network", what)
+        decided: dict[str, Any] = {}
+        if network.isolation is Isolation.NoIsolation:
+            raise Invalid(f"{what}: VM network {network.name} has no isolation", "vm_network",
+                          "VM subnets belong to network-virtualised or VLAN VM networks")
+        if network.isolation is Isolation.WindowsNetworkVirtualization:
+            if spec.vlan is not None:
+                raise Invalid(f"{what}: a network-virtualised VM subnet has no VLAN", "vlan",
+                              "its traffic is carried in NVGRE on the transport VLAN")
+            if spec.prefix.version != network.ca_family.version:
+                raise Invalid(f"{what}: {spec.prefix} is not {network.ca_family.value}", "prefix",
+                              f"VM network {network.name} has ca_family {network.ca_family.value}; "
+                              "network virtualisation is never dual-stack")
+            for key in self.inventory.subnets_by_network.get(network.name, ()):
+                other = self.inventory.get(Kind.vm_subnet, key)
+                if other.prefix.overlaps(spec.prefix):
+                    raise Conflict(f"{what}: {spec.prefix} overlaps VM subnet {key} ({other.prefix})", "prefix",
+                                   "VM subnets of one VM network share a routing domain")
+            vsid = allocate_vsid(self._taken(tx, SPACE_VSID))
+            decided["vsid"] = vsid
+            decided["gateway_mac"] = self._new_mac(tx, f"gateway:{network.name}/{spec.name}")
+        else:
+            if spec.vlan is None:
+                raise Invalid(f"{what}: a VLAN VM subnet names its VLAN", "vlan",
+                              f"VM network {network.name} is isolated by VLAN")
+            pairs = [(site.name, pair) for site in self.inventory.all(Kind.network_site)
+                     if site.logical_network == network.logical_network for pair in site.subnet_vlans]
+            if not any(pair.vlan == spec.vlan and pair.subnet == spec.prefix for _, pair in pairs):
+                offered = ", ".join(f"{pair.subnet} VLAN {pair.vlan} ({site})" for site, pair in pairs) or "none"
+                raise Invalid(
+                    f"{what}: {spec.prefix} on VLAN {spec.vlan} is not a subnet/VLAN of logical network "
+                    f"{network.logical_network}",
+                    "vlan",
+                    f"the sites of logical network {network.logical_network} offer: {offered}",
+                )
+        subnet = self._new(Kind.vm_subnet, tx, spec, **decided)
+        if subnet.vsid is not None:
+            tx.take(SPACE_VSID, str(subnet.vsid), f"vm-subnet:{subnet.key}")
+        return subnet, _Scope(networks={network.name})
+
+    def _delete_vm_subnet(self, tx: Tx, subnet) -> tuple[None, _Scope]:
+        users = [f"VM {vm.name}" for vm in self.inventory.vms_of_network(subnet.vm_network)
+                 if vm.vm_subnet == subnet.name]
+        users += [f"IP pool {key}" for key in self.inventory.pools_by_owner.get(subnet.key, ())]
+        _refuse_in_use(Kind.vm_subnet, subnet.key, users)
+        tx.delete(Kind.vm_subnet, subnet.key)
+        if subnet.vsid is not None:
+            tx.free(SPACE_VSID, str(subnet.vsid))
+        if subnet.gateway_mac is not None:
+            tx.free(SPACE_MAC, subnet.gateway_mac)
+        return None, _Scope(networks={subnet.vm_network})
+
+    def _create_vm(self, tx: Tx, spec) -> tuple[Any, _Scope]:
+        what = f"VM {spec.name}"
+        self._refuse_existing(Kind.vm, spec.name)
+        network = self._require(Kind.vm_network, spec.vm_network, "vm_network", what)
+        if network.isolation is Isolation.NoIsolation:
+            raise Invalid(f"{what}: VM network {network.name} has no isolation", "vm_network",
+                          "VMs join network-virtualised or VLAN VM networks")
+        subnet_name = spec.vm_subnet or self._only_subnet(network, what)
+        subnet = self._require(Kind.vm_subnet, f"{network.name}/{subnet_name}", "vm_subnet", what)
+        if spec.host_group is not None:
+            self._require(Kind.host_group, spec.host_group, "host_group", what)
+        self._refuse_host_namespace(spec, what)
+        if spec.host is not None:
+            host = self._require(Kind.host, spec.host, "host", what)
+            reason = why_not(self.inventory, host, network, subnet)
+            if reason is not None:
+                raise Conflict(f"{what}: host {host.name} cannot carry VM network {network.name}", "host", reason)
+        else:
+            host = place(self.inventory, network, subnet, spec.host_group)
+        if spec.mac is not None:
+            self._take_mac(tx, spec.mac, f"vm:{spec.name}")
+            mac = spec.mac
+        else:
+            mac = self._new_mac(tx, f"vm:{spec.name}")
+        ca = self._lease_ca(tx, spec.name, spec.ca, network, subnet, host.name)
+        if network.isolation is Isolation.WindowsNetworkVirtualization:
+            self._ensure_pa(tx, host, network)
+        vm = self._new(Kind.vm, tx, spec, vm_subnet=subnet.name, host=host.name, mac=mac, ca=ca)
+        return vm, _Scope(networks={network.name}, hosts={host.name})
+
+    def _forbidden_cas(self, subnet: VmSubnet, pools: list[IpPool]) -> dict:
+        """Addresses of a VM subnet no VM may have, each with the reason."""
+        prefix = subnet.prefix
+        forbidden = {}
+        for pool in pools:
+            for address in pool.reserved:
+                forbidden[address] = f"{address} is reserved in IP pool {pool.key}"
+            if pool.gateway is not None:
+                forbidden[pool.gateway] = f"{pool.gateway} is the gateway of IP pool {pool.key}"
+        gateway = subnet_gateway(self.inventory, subnet)
+        forbidden[gateway] = f"{gateway} is the gateway of VM subnet {subnet.key} (its distributed router)"
+        # IPv4 /31 and /32 (RFC 3021) and IPv6 /127 and /128 have no network or broadcast address.
+        if prefix.num_addresses > 2:
+            forbidden[prefix.network_address] = f"{prefix.network_address} is the network address of {prefix}"
+            if prefix.version == 4:
+                forbidden[prefix.broadcast_address] = f"{prefix.broadcast_address} is the broadcast address of {prefix}"
+        return forbidden
+
+    def _refuse_host_namespace(self, vm: Any, what: str) -> None:
+        """A VM's namespace may not be a host's: in the lab, each host is a namespace of its name."""
+        namespace = vm.namespace
+        if namespace is not None and self.inventory.get(Kind.host, namespace) is not None:
+            field = "netns" if vm.netns is not None else "name"
+            raise Invalid(f"{what}: namespace {namespace} is the name of host {namespace}", field,
+                          f"host {namespace} is a namespace of that name in the lab; a VM may not join it")
+
+    def _lease_ca(self, tx: Tx, vm_name: str, wanted, network: VmNetwork, subnet: VmSubnet, host: str):
+        pools = [self.inventory.get(Kind.ip_pool, key) for key in self.inventory.pools_by_owner.get(subnet.key, ())]
+        description = f"CA of {vm_name} in {network.name}"
+        forbidden = self._forbidden_cas(subnet, pools)
+        if wanted is not None:
+            if wanted not in subnet.prefix:
+                raise Invalid(f"VM {vm_name}: CA {wanted} is outside VM subnet {subnet.key} ({subnet.prefix})", "ca",
+                              f"{wanted} is not in {subnet.prefix}")
+            if wanted in forbidden:
+                raise Invalid(f"VM {vm_name}: CA {wanted} cannot be a VM's address", "ca", forbidden[wanted])
+            for other in self.inventory.vms_of_network(network.name):
+                if other.ca == wanted and other.vm_subnet == subnet.name:
+                    raise Conflict(f"VM {vm_name}: CA {wanted} is already used by VM {other.name}", "ca",
+                                   f"CAs are unique within VM subnet {subnet.key}")
+            for pool in pools:
+                if int(pool.range_start) <= int(wanted) <= int(pool.range_end):
+                    self._lease_from(tx, pool, LeaseKind.CA, "vm", vm_name, host, network.name, description,
+                                     address=wanted)
+                    break
+            return wanted
+        if not pools:
+            if network.isolation is Isolation.VLAN:
+                return None
+            raise Conflict(f"VM {vm_name}: VM subnet {subnet.key} has no IP pool", "ca",
+                           "create an IP pool on the VM subnet or give the VM a CA")
+        exhausted = []
+        for pool in pools:
+            try:
+                return self._lease_from(tx, pool, LeaseKind.CA, "vm", vm_name, host, network.name,
+                                        description, also_skip=forbidden).address
+            except Conflict as exc:
+                exhausted.append(f"{exc.error} ({exc.reason})")
+        raise Conflict(f"VM {vm_name}: no free CA in VM subnet {subnet.key}", "ca", "; ".join(exhausted))
+
+    def _ensure_pa(self, tx: Tx, host: Host, network: VmNetwork) -> None:
+        """One PA per (host, VM network): taken with the host's first VM of that network."""
+        if (host.name, network.name) in self.inventory.pa_leases:
+            return
+        transport = transport_of(self.inventory, host)
+        pools = [self.inventory.get(Kind.ip_pool, key) for key in self.inventory.pools_by_owner.get(transport.site.name, ())]
+        pools = [pool for pool in pools if pool.subnet == transport.subnet_vlan.subnet]
+        if not pools:
+            raise Conflict(
+                f"host {host.name} has no provider address for VM network {network.name}",
+                "host",
+                f"the transport site {transport.site.name} ({transport.subnet_vlan.subnet}) has no IP pool for PAs",
+            )
+        description = f"PA of {host.name} for {network.name}"
+        exhausted = []
+        for pool in pools:
+            try:
+                self._lease_from(tx, pool, LeaseKind.PA, "host", host.name, host.name, network.name, description)
+                return
+            except Conflict as exc:
+                exhausted.append(f"{exc.error} ({exc.reason})")
+        raise Conflict(f"host {host.name} has no provider address for VM network {network.name}", "host",
+                       "; ".join(exhausted))
+
+    def _release_pa_if_last(self, tx: Tx, host: str, network: str) -> None:
+        if self.inventory.network_hosts.get(network, {}).get(host, 0) <= 1:
+            lease = self.inventory.pa_leases.get((host, network))
+            if lease is not None:
+                tx.release(lease)
+
+    def _delete_vm(self, tx: Tx, vm) -> tuple[None, _Scope]:
+        tx.delete(Kind.vm, vm.name)
+        tx.free(SPACE_MAC, vm.mac)
+        self._release_held(tx, "vm", vm.name)
+        self._release_pa_if_last(tx, vm.host, vm.vm_network)
+        return None, _Scope(networks={vm.vm_network}, hosts={vm.host})
+
+    def _migrate(self, tx: Tx, vm_name: str, destination: str) -> tuple[Any, _Scope]:
+        vm = self._existing(Kind.vm, vm_name)
+        host = self._require(Kind.host, destination, "host", f"migration of VM {vm_name}")
+        if host.name == vm.host:
+            return vm, _Scope()
+        network = self.inventory.get(Kind.vm_network, vm.vm_network)
+        subnet = self.inventory.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")
+        reason = why_not(self.inventory, host, network, subnet)
+        if reason is not None:
+            raise Conflict(f"VM {vm_name} cannot migrate to host {host.name}", "host", reason)
+        # Release the source PA first, so that if the destination takes a new one the
+        # pool's accounting sees both (they are different (host, network) keys anyway).
+        self._release_pa_if_last(tx, vm.host, network.name)
+        if network.isolation is Isolation.WindowsNetworkVirtualization:
+            self._ensure_pa(tx, host, network)
+        for lease in self.inventory.leases_by_holder.get(f"vm:{vm.name}", ()):
+            tx.lease(lease.model_copy(update={"host": host.name}))
+        moved = vm.model_copy(update={"host": host.name})
+        tx.put(Kind.vm, vm.name, moved)
+        return moved, _Scope(networks={network.name}, hosts={vm.host, host.name})
