@@ -207,19 +207,27 @@ def _catch(call, into: list) -> None:
 
 
 def test_a_busy_database_answers_503_with_retry_after_and_changes_nothing(live_controller):
-    ctl = live_controller()
+    ctl = live_controller(hosts=["H"])
+    assert ctl.admin.post("/v1/hosts", json={"name": "H", "nics": ["eth0"]}).status_code == 201
     ctl.fabric.store.set_busy_timeout(0.2)
+    host = ctl.client_for("H")
     other = sqlite3.connect(ctl.state_dir / "controller.db", isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # another process takes the write lock and keeps it
-        response = ctl.admin.post("/v1/host-groups", json={"name": "Busy"})
-        assert response.status_code == 503, response.text
-        assert response.headers["Retry-After"] == "1"
-        body = response.json()
-        assert set(body) == {"error", "field", "reason"}, body
-        assert "database is busy" in body["error"] and "write lock" in body["reason"]
+        refusals = [
+            ctl.admin.post("/v1/host-groups", json={"name": "Busy"}),
+            host.put("/v1/hosts/H/status", json={"generation": 1, "errors": [], "agent": "test"}),
+        ]
+        for response in refusals:
+            assert response.status_code == 503, response.text
+            assert response.headers["Retry-After"] == "1"
+            body = response.json()
+            assert set(body) == {"error", "field", "reason"}, body
+            assert "database is busy" in body["error"] and "write lock" in body["reason"]
         assert ctl.admin.get("/v1/host-groups/Busy").status_code == 404
+        assert ctl.admin.get("/v1/hosts/H").json()["applied_generation"] is None
     finally:
         other.execute("ROLLBACK")
         other.close()
     assert ctl.admin.post("/v1/host-groups", json={"name": "Busy"}).status_code == 201
+    assert host.put("/v1/hosts/H/status", json={"generation": 1, "errors": [], "agent": "test"}).status_code == 200
