@@ -39,7 +39,7 @@ from typing import Any, Iterator
 
 import immutables
 
-from controller.models import STORED_OF, Kind, Lease, LeaseKind, VirtualSwitch
+from controller.models import STORED_CONTEXT, STORED_OF, Kind, Lease, LeaseKind, VirtualSwitch
 from controller.store import ChangeSet, Snapshot
 
 VIRTUAL_SWITCH = "virtual-switch"  # the store kind of a host's virtual switch (keyed by host)
@@ -261,10 +261,11 @@ class Inventory:
     def load(self, snapshot: Snapshot) -> None:
         tx = Tx()
         for kind, key, _uuid, doc in snapshot.objects:
+            # STORED_CONTEXT: what was valid when it was stored still loads (see models).
             if kind == VIRTUAL_SWITCH:
-                tx.put(kind, key, VirtualSwitch.model_validate_json(doc))
+                tx.put(kind, key, VirtualSwitch.model_validate_json(doc, context=STORED_CONTEXT))
             else:
-                tx.put(kind, key, STORED_OF[Kind(kind)].model_validate_json(doc))
+                tx.put(kind, key, STORED_OF[Kind(kind)].model_validate_json(doc, context=STORED_CONTEXT))
         for space, value, holder in snapshot.allocations:
             tx.take(space, value, holder)
         for _pool, _address, doc in snapshot.leases:

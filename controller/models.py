@@ -37,6 +37,7 @@ from pydantic import (
     IPvAnyAddress,
     IPvAnyInterface,
     IPvAnyNetwork,
+    ValidationInfo,
     model_validator,
 )
 
@@ -72,11 +73,27 @@ def _unprintable(value: str) -> str | None:
     return None
 
 
-def _check_name(value: str) -> str:
+# Validation context of objects read back from the store (`controller.inventory`): the
+# rules added since an object was stored (names '.'/'..', format characters, description
+# length, namespaces) are not applied to it, so a controller upgraded over an older
+# database still starts and serves everything else; agent.state still refuses a
+# namespace the kernel would misread, and a new write must follow today's rules.
+STORED_CONTEXT = {"stored": True}
+
+
+def _stored(info: ValidationInfo) -> bool:
+    return bool(info.context and info.context.get("stored"))
+
+
+def _check_name(value: str, info: ValidationInfo) -> str:
     if value != value.strip():
         raise ValueError(f"name {value!r} has leading or trailing white space")
     if "/" in value:
         raise ValueError(f"name {value!r} may not contain '/' (it separates the parts of a key)")
+    if _stored(info):
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):  # the rule since the first release
+            raise ValueError(f"name {value!r} may not contain control characters")
+        return value
     if value in (".", ".."):
         raise ValueError(f"{value!r} is not a name (it means a directory to paths and namespaces)")
     bad = _unprintable(value)
@@ -85,14 +102,20 @@ def _check_name(value: str) -> str:
     return value
 
 
-def _check_description(value: str) -> str:
+def _check_description(value: str, info: ValidationInfo) -> str:
+    if _stored(info):
+        return value
+    if len(value) > DESCRIPTION_MAX:
+        raise ValueError(f"a description is at most {DESCRIPTION_MAX} characters, this one has {len(value)}")
     bad = _unprintable(value)
     if bad is not None:
         raise ValueError(f"a description may not contain control or bidirectional-override characters; found {bad}")
     return value
 
 
-def _check_vm_namespace(value: str) -> str:
+def _check_vm_namespace(value: str, info: ValidationInfo | None = None) -> str:
+    if info is not None and _stored(info):
+        return value
     check_namespace_name(value)
     if value in LAB_INFRASTRUCTURE_NAMESPACES:
         raise ValueError(f"namespace {value} is the lab's own (its switch); a VM may not join it")
@@ -102,7 +125,8 @@ def _check_vm_namespace(value: str) -> str:
 # A name users type: 1..256 characters, no '/', which separates the parts of a key, not
 # '.' or '..', no control or bidirectional-override characters.
 Name = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_check_name)]
-Description = Annotated[str, Field(max_length=DESCRIPTION_MAX), AfterValidator(_check_description)]
+Description = Annotated[str, Field(json_schema_extra={"maxLength": DESCRIPTION_MAX}),
+                        AfterValidator(_check_description)]
 # A VM's network namespace: what `ip netns` accepts, and not one of the lab's own.
 VmNamespace = Annotated[str, AfterValidator(_check_name), AfterValidator(_check_vm_namespace)]
 
@@ -467,12 +491,12 @@ class VmSpec(_Spec):
     description: Description = ""
 
     @model_validator(mode="after")
-    def _check(self) -> VmSpec:
+    def _check(self, info: ValidationInfo) -> VmSpec:
         if self.nic_kind is PortKind.tap and self.device is None:
             raise ValueError("device: a tap NIC names its existing tap device")
         if self.nic_kind is PortKind.namespace and self.device is not None:
             raise ValueError("device: only a tap NIC names a device")
-        if self.nic_kind is PortKind.namespace and self.netns is None:
+        if self.nic_kind is PortKind.namespace and self.netns is None and not _stored(info):
             try:  # the VM's name is its namespace's name
                 _check_vm_namespace(self.name)
             except ValueError as exc:

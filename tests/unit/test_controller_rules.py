@@ -14,9 +14,10 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from pydantic import ValidationError
 
 from agent.state import StateError, parse_host_state
-from controller.models import Conflict, Invalid, IpPoolSpec, Kind, VmNetworkSpec, VmSpec, VmSubnetSpec
+from controller.models import Conflict, HostGroupSpec, Invalid, IpPoolSpec, Kind, VmNetworkSpec, VmSpec, VmSubnetSpec
 from tests.unit.test_controller_fabric import small_fabric
 
 
@@ -169,3 +170,18 @@ def test_the_agent_refuses_a_namespace_the_kernel_would_misread(port, message):
         parse_host_state(_state_with_port(**port))
     assert any(line.startswith(message) for line in caught.value.problems), caught.value.problems
     parse_host_state(_state_with_port(netns="vm-V"))
+
+
+def test_objects_stored_before_these_rules_still_load_and_new_ones_follow_them(tmp_path):
+    from controller.fabric import Fabric
+    from controller.store import ChangeSet, Store
+
+    store = Store(tmp_path / "controller.db")
+    old = '{"name": "..", "parent": "All Hosts", "description": "older \\u202e rules", "uuid": "u-1"}'
+    store.commit(ChangeSet(put_objects={("host-groups", ".."): ("u-1", old)}))
+    store.close()
+    fabric = Fabric.open(tmp_path)
+    assert fabric.get(Kind.host_group, "..").description == "older \u202e rules"
+    with pytest.raises(ValidationError) as caught:
+        HostGroupSpec(name="..")
+    assert "'..' is not a name" in str(caught.value)
