@@ -147,6 +147,13 @@ class Committed:
     def all(self, kind: Kind) -> list[Any]:
         return list(self.objects[kind].values())
 
+    def sorted(self, kind: Kind) -> list[Any]:
+        """Every object of a kind in key order. The keys alone are sorted (plain strings)
+        and looked up: a trie iterates in hash order, and sorting (key, object) pairs or
+        by `obj.key` (a computed property) costs two to three times as much at 20,000 VMs."""
+        objects = self.objects[kind]
+        return [objects[key] for key in sorted(objects.keys())]
+
 
 EMPTY = immutables.Map()
 

@@ -186,13 +186,13 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
         for name in filters:
             if name not in model.model_fields and name != "key":
                 raise Invalid(f"cannot filter {kind.label}s on {name}", name, f"{kind.label}s have no field {name}")
-        objects = self.inventory.committed.all(kind)
+        objects = self.inventory.committed.sorted(kind)
         if filters:
             objects = [
                 obj for obj in objects
                 if all(_text(getattr(obj, name)) == value for name, value in filters.items())
             ]
-        return sorted(objects, key=lambda obj: obj.key)
+        return objects
 
     def get_virtual_switch(self, host: str) -> VirtualSwitch:
         return self._switch_of(self.inventory.committed, host)
