@@ -1,9 +1,11 @@
 """What every part of the fabric shares: scopes, refusals' helpers, the builders' toolkit.
 
 `Builders` is the base of the rule mixins (`controller.fabric.hosts`, `.networks`,
-`.tenants`, `.patch`): lookups in the *working* inventory (never the committed view: an
-operation must see the ones before it in its transaction) and the allocation helpers
-every rule uses (objects, MACs, leases). `KindRules` is one row of the engine's registry
+`.tenants`, `.patch`), whose builders check a request against the working inventory and
+put its changes into a `Tx`, never committing (that is the engine, which finds them in
+its `RULES` table). Builders gives them lookups in the *working* inventory (never the
+committed view: an operation must see the ones before it in its transaction) and the
+allocation helpers every rule uses (objects, MACs, leases). `KindRules` is one row of the engine's registry
 (kind -> create and delete builders).
 
 Owns no state; must not touch the store (that is the engine, `controller.fabric.engine`).

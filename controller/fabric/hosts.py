@@ -1,9 +1,7 @@
 """Rules for host groups, clusters, hosts and their virtual switches (with the
 management address lease that follows a host's management adapter).
 
-A `Fabric` mixin: each builder checks a request against the working inventory and puts
-its changes into a `Tx`; it never commits (that is the engine). Registered in the
-engine's `RULES` table.
+A rule mixin of `Fabric` (see `controller.fabric.common.Builders`); never commits.
 """
 
 from __future__ import annotations

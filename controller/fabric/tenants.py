@@ -8,9 +8,7 @@
 - a migration moves the VM's leases to the destination and releases the source's PA
   with its last VM there.
 
-A `Fabric` mixin: each builder checks a request against the working inventory and puts
-its changes into a `Tx`; it never commits (that is the engine). Registered in the
-engine's `RULES` table.
+A rule mixin of `Fabric` (see `controller.fabric.common.Builders`); never commits.
 """
 
 from __future__ import annotations
