@@ -18,7 +18,10 @@ It has two faces:
 Why persistent maps and not a copy per write: the fabric holds 50,000 VMs and as many
 leases at bench scale; copying a dict of either per write costs milliseconds, a
 persistent map's update touches a few trie nodes (microseconds) and shares the rest
-with the previous version.
+with the previous version. Measured with `python -m bench convergence --quick` (100
+hosts, 5,000 VMs), before and after, back to back on one machine: controller CPU per
+migration 11.0 ms both, start-up 0.62 s and 0.55 s CPU, memory 104 and 105 MiB; listing
+20,000 VMs costs 10 ms CPU (15 ms before: see `Committed.sorted`).
 
 Indexes are kept per VM network and per host so that a migration touches the VMs of one
 VM network, never every VM of the fabric.
