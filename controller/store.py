@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+HOST_KIND = "hosts"  # the objects table's kind of a host (controller.models.Kind.host)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -282,7 +283,7 @@ def _revoke_tokens_of_deleted_hosts(db: sqlite3.Connection, changes: ChangeSet) 
     """A deleted host's tokens die with it, in the deleting transaction: a new host of the
     same name gets new tokens, never the old host's."""
     gone = [(time.time(), key) for (kind, key) in changes.delete_objects
-            if kind == "host" and (kind, key) not in changes.put_objects]
+            if kind == HOST_KIND and (kind, key) not in changes.put_objects]
     db.executemany("UPDATE tokens SET revoked = ? WHERE role = 'host' AND host = ? AND revoked IS NULL", gone)
 
 
