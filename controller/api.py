@@ -95,10 +95,11 @@ class StatusResponse(BaseModel):
 
 
 # Every refusal a route can answer, declared so the published OpenAPI is complete:
-# 401/403 from the gate, 404/409/422 from the fabric and the request models, 413 from
-# the gate's body limit, 503 while the database is busy.
+# 400 for a body that is not even text, 401/403 from the gate, 404/409/422 from the
+# fabric and the request models, 413 from the gate's body limit, 503 while the database
+# is busy.
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 422, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503)
 }
 ADMIN_ONLY = {"x-access": "admin"}
 OWN_HOST_OR_ADMIN = {"x-access": OWN_HOST}
