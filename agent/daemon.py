@@ -539,6 +539,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _heartbeat_seconds(text: str) -> float:
+    value = _positive_seconds(text)
+    if value < 0.5:
+        raise argparse.ArgumentTypeError(f"{text} is below 0.5 seconds, which the controller refuses")
+    return value
+
+
 def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``run`` to hnv-agent's subcommands (agent/cli.py calls this)."""
     parser = subparsers.add_parser(
@@ -560,8 +567,9 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--resync-interval", type=_positive_seconds, default=2.0, metavar="SECONDS",
                         help="periodic reconcile (drift repair) interval (default 2)")
     parser.add_argument("--netns", default=None, metavar="NS", help="manage this network namespace instead of the agent's own")
-    parser.add_argument("--heartbeat", type=_positive_seconds, default=5.0, metavar="SECONDS",
-                        help="heartbeat interval asked of the controller; 3 missed = dead stream (default 5)")
+    parser.add_argument("--heartbeat", type=_heartbeat_seconds, default=5.0, metavar="SECONDS",
+                        help="heartbeat interval asked of the controller, at least 0.5 (the controller "
+                             "refuses less); 3 missed = dead stream (default 5)")
     parser.add_argument("--reconnect-max-delay", type=_positive_seconds, default=30.0, metavar="SECONDS",
                         help="cap of the reconnect backoff (default 30)")
     parser.add_argument("--no-kernel-events", action="store_true",

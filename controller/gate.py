@@ -11,8 +11,8 @@ route that will serve it (the router's own `matches`), then, in this order:
 2. size: a declared Content-Length above the route's limit is answered 413 at once; a
    chunked body is read only up to the limit (413 as soon as it passes it), then handed
    to the app as it came. The limit is `max_body_bytes` (one object), or
-   `max_batch_bytes` for routes whose path ends in /batch or that declare
-   `x-body-limit: batch` (the whole-fabric apply).
+   `max_batch_bytes` for routes whose path ends in /batch, the whole-fabric apply
+   (/v1/fabric/apply), and routes that declare `x-body-limit: batch`.
 
 Why before the app: FastAPI resolves a handler's parameters, body included, before the
 handler runs, so a check inside a handler comes after a 13 MB body was read and parsed.
@@ -34,6 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from controller.auth import ADMIN, OWN_HOST, PUBLIC, Authenticator, Forbidden, Unauthorized
 
 BATCH = "batch"
+# Whole-document routes with the batch limit whether or not they declare x-body-limit.
+BATCH_PATHS = frozenset({"/v1/fabric/apply"})
 
 
 def access_of(route: Any) -> str:
@@ -47,7 +49,8 @@ def access_of(route: Any) -> str:
 def uses_batch_limit(route: Any) -> bool:
     if not isinstance(route, APIRoute):
         return False
-    return route.path.endswith("/batch") or (route.openapi_extra or {}).get("x-body-limit") == BATCH
+    return (route.path.endswith("/batch") or route.path in BATCH_PATHS
+            or (route.openapi_extra or {}).get("x-body-limit") == BATCH)
 
 
 class RequestGate:

@@ -406,3 +406,43 @@ def test_run_refuses_plain_http_unless_asked(tmp_path):
     with LiveController(tmp_path / "plain", process=True) as ctl:  # --insecure-http
         assert ctl.admin.get("/v1/hosts").status_code == 200
         assert "insecure_http" in ctl.log_path.read_text() and "in clear" in ctl.log_path.read_text()
+
+
+def test_a_route_added_later_is_admin_only_and_the_apply_route_has_the_batch_limit(tmp_path):
+    """The gate reads the app's routes on each request and fails closed: a route that
+    declares no x-access needs the admin token (here /v1/fabric/apply, added after
+    create_app as its own module adds it), and the whole-fabric apply gets the batch limit."""
+    from fastapi.testclient import TestClient
+
+    from controller.api import create_app
+    from controller.fabric import Fabric
+
+    assert cli("init", "--state-dir", str(tmp_path / "s"))[0] == 0
+    fabric = Fabric.open(tmp_path / "s")
+    try:
+        app = create_app(fabric, max_body_bytes=1024, max_batch_bytes=200_000)
+
+        @app.post("/v1/fabric/apply")
+        def apply(body: dict) -> dict:
+            return {"keys": len(body)}
+
+        admin = {"Authorization": f"Bearer {(tmp_path / 's' / 'admin.token').read_text().strip()}"}
+        with TestClient(app) as client:
+            assert client.post("/v1/fabric/apply", json={}).status_code == 401
+            document = {f"k{i}": "v" * 100 for i in range(1000)}  # ~110 kB: above one object's limit
+            assert client.post("/v1/fabric/apply", json=document, headers=admin).json() == {"keys": 1000}
+            too_big = {f"k{i}": "v" * 100 for i in range(2000)}
+            assert client.post("/v1/fabric/apply", json=too_big, headers=admin).status_code == 413
+            assert client.post("/v1/vms", json={"name": "x" * 2000}, headers=admin).status_code == 413
+    finally:
+        fabric.store.close()
+
+
+def test_the_agent_asks_for_no_heartbeat_the_controller_refuses():
+    from agent.cli import build_parser
+
+    base = ["run", "--controller", "https://c:8080", "--host", "h", "--token-file", "t"]
+    assert build_parser().parse_args([*base, "--heartbeat", "0.5"]).heartbeat == 0.5
+    with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--heartbeat", "0.1"])
+    assert "below 0.5 seconds" in err.getvalue()
