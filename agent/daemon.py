@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 import signal
 import sys
 import threading
@@ -76,6 +77,7 @@ class DaemonConfig:
     event_debounce: float = 0.2
     reconnect_max_delay: float = 30.0
     watch_kernel_events: bool = True
+    ca_file: str | None = None  # CA that signed the controller's certificate (https://)
 
 
 @dataclass
@@ -153,7 +155,7 @@ class AgentDaemon:
         # /metrics scrape (tunnel counters) take turns.
         self._kernel_lock = threading.Lock()
         self.metrics = AgentMetrics(self._tunnel_stats)
-        self.endpoint = ControllerEndpoint(config.controller_url, config.host, config.token)
+        self.endpoint = ControllerEndpoint(config.controller_url, config.host, config.token, config.ca_file)
         backoff = Backoff(initial=0.5, cap=config.reconnect_max_delay)
         self.watch = WatchStream(
             self.endpoint,
@@ -537,6 +539,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _heartbeat_seconds(text: str) -> float:
+    value = _positive_seconds(text)
+    if value < 0.5:
+        raise argparse.ArgumentTypeError(f"{text} is below 0.5 seconds, which the controller refuses")
+    return value
+
+
 def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``run`` to hnv-agent's subcommands (agent/cli.py calls this)."""
     parser = subparsers.add_parser(
@@ -545,7 +554,10 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Follow the controller's watch stream, keep the last accepted state on "
         "disk and reconcile the kernel to it; stopping leaves the kernel as it is.",
     )
-    parser.add_argument("--controller", required=True, metavar="URL", help="controller base URL, e.g. http://10.0.0.2:8700")
+    parser.add_argument("--controller", required=True, metavar="URL", help="controller base URL, e.g. https://10.0.0.2:8080")
+    parser.add_argument("--ca-file", default=os.environ.get("HNV_CA_FILE") or None, metavar="FILE",
+                        help="CA certificate that signed the controller's (the controller's tls/ca.crt; "
+                             "env HNV_CA_FILE; default: the system's CAs)")
     parser.add_argument("--host", required=True, metavar="NAME", help="this host's name in the fabric")
     parser.add_argument("--token-file", required=True, metavar="FILE", help="file holding this host's bearer token")
     parser.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
@@ -555,8 +567,9 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--resync-interval", type=_positive_seconds, default=2.0, metavar="SECONDS",
                         help="periodic reconcile (drift repair) interval (default 2)")
     parser.add_argument("--netns", default=None, metavar="NS", help="manage this network namespace instead of the agent's own")
-    parser.add_argument("--heartbeat", type=_positive_seconds, default=5.0, metavar="SECONDS",
-                        help="heartbeat interval asked of the controller; 3 missed = dead stream (default 5)")
+    parser.add_argument("--heartbeat", type=_heartbeat_seconds, default=5.0, metavar="SECONDS",
+                        help="heartbeat interval asked of the controller, at least 0.5 (the controller "
+                             "refuses less); 3 missed = dead stream (default 5)")
     parser.add_argument("--reconnect-max-delay", type=_positive_seconds, default=30.0, metavar="SECONDS",
                         help="cap of the reconnect backoff (default 30)")
     parser.add_argument("--no-kernel-events", action="store_true",
@@ -579,6 +592,7 @@ def run_command(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         reconnect_max_delay=args.reconnect_max_delay,
         watch_kernel_events=not args.no_kernel_events,
+        ca_file=args.ca_file,
     )
     import pyroute2.config
 
@@ -598,6 +612,8 @@ def run_command(args: argparse.Namespace) -> int:
             daemon = AgentDaemon(config, reconciler)
         except ValueError as exc:  # a bad URL or metrics address
             raise SystemExit(f"hnv-agent run: {exc}") from None
+        except (OSError, ssl.SSLError) as exc:  # an unreadable or invalid --ca-file
+            raise SystemExit(f"hnv-agent run: --ca-file {config.ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
         except OSError as exc:  # the metrics port is taken
             raise SystemExit(f"hnv-agent run: --metrics-address {args.metrics_address}: {exc.strerror}") from None
         log.info(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -76,9 +77,11 @@ def _quote(value: object) -> str:
 
 
 class ControllerEndpoint:
-    """Where the controller is and how to authenticate: URL, host name, bearer token."""
+    """Where the controller is and how to authenticate: URL, host name, bearer token, and
+    the CA file that signed the controller's certificate (https:// URLs; without one, the
+    system's CAs are trusted)."""
 
-    def __init__(self, url: str, host: str, token: str):
+    def __init__(self, url: str, host: str, token: str, ca_file: str | None = None):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"controller URL {url!r} must start with http:// or https://")
         if not token:
@@ -86,6 +89,8 @@ class ControllerEndpoint:
         self.url = url.rstrip("/")
         self.host = host
         self._headers = {"Authorization": f"Bearer {token}", "User-Agent": AGENT_NAME}
+        # Loaded once, here: an unreadable CA file is a start-up error, not a retry loop.
+        self._verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
 
     def __repr__(self) -> str:  # never show the token
         return f"ControllerEndpoint(url={self.url!r}, host={self.host!r})"
@@ -97,7 +102,7 @@ class ControllerEndpoint:
         return f"/v1/hosts/{self.host}/status"
 
     def client(self, timeout: httpx.Timeout) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout)
+        return httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, verify=self._verify)
 
 
 class WatchStream:
@@ -214,6 +219,12 @@ class WatchStream:
             log.info("event=watch_unknown_message type=%s", _quote(kind))
 
 
+# What the controller accepts in a status report (it refuses more with 422): the first
+# errors, each text cut; the count of the rest goes in a last entry.
+STATUS_MAX_ERRORS = 100
+STATUS_MAX_TEXT = 1024
+
+
 @dataclass(frozen=True)
 class StatusReport:
     """The body of PUT /v1/hosts/{host}/status."""
@@ -222,7 +233,12 @@ class StatusReport:
     errors: tuple[dict[str, Any], ...] = ()
 
     def body(self) -> dict[str, Any]:
-        return {"generation": self.generation, "errors": list(self.errors), "agent": AGENT_NAME}
+        errors = [{**error, **{name: str(error[name])[:STATUS_MAX_TEXT] for name in ("object", "message")
+                               if name in error}} for error in self.errors[:STATUS_MAX_ERRORS]]
+        if len(self.errors) > STATUS_MAX_ERRORS:
+            errors[-1] = {"kind": "agent", "object": "status",
+                          "message": f"{len(self.errors) - STATUS_MAX_ERRORS + 1} more errors not listed"}
+        return {"generation": self.generation, "errors": errors, "agent": AGENT_NAME}
 
 
 class StatusReporter:

@@ -232,7 +232,10 @@ def _free_port() -> int:
 def controller_server(state_dir: Path, port: int, log):
     argv = [sys.executable, "-m", "controller.cli", "run", "--state-dir", str(state_dir),
             "--listen", f"127.0.0.1:{port}", "--log-level", "warning", "--no-access-log",
-            "--synchronous", "NORMAL"]
+            "--synchronous", "NORMAL",
+            # Loopback only, and the state directory is made here without `init`'s TLS files:
+            # the benchmark measures the fabric, not TLS.
+            "--insecure-http"]
     log_file = open(state_dir / "server.log", "wb")
     process = subprocess.Popen(argv, cwd=CHECKOUT, stdout=log_file, stderr=subprocess.STDOUT)
     try:

@@ -1,8 +1,11 @@
 """The controller's HTTP API: REST under /v1, the agents' watch stream, /metrics.
 
 Routes and their schemas are listed in controller/API.md. Every refusal is JSON
-{"error": ..., "field": ..., "reason": ...}. Handlers are thin: they check the token and
-call `controller.fabric.Fabric`, which does the validation, allocation and compilation.
+{"error": ..., "field": ..., "reason": ...}. Who may call a route is declared on the route
+(`x-access` in its OpenAPI extra: public, host or admin; admin when absent) and checked,
+with the body size limit, by `controller.gate.RequestGate` before any body is read.
+Handlers are thin: they call `controller.fabric.Fabric`, which does the validation,
+allocation and compilation.
 Fabric calls are synchronous (SQLite, CPU); FastAPI runs plain `def` handlers in its
 thread pool, so the event loop stays free for the watch streams.
 
@@ -24,7 +27,7 @@ import time
 from collections import defaultdict
 from typing import Any, Literal
 
-from fastapi import Body, FastAPI, Header, Query, Request
+from fastapi import Body, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -34,8 +37,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.state import LookupRecord
-from controller.auth import Authenticator
+from agent.watch import STATUS_MAX_ERRORS, STATUS_MAX_TEXT
+from controller.auth import OWN_HOST, PUBLIC, Authenticator
 from controller.fabric import RETRY_AFTER_BUSY_S, Fabric, HostView, SyncView
+from controller.gate import RequestGate
 from controller.store import StoreBusy
 from controller.models import (
     STORED_OF,
@@ -69,17 +74,17 @@ class MigrateRequest(BaseModel):
 
 class StatusErrorItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    kind: str
-    object: str
-    errno: int | None = None
-    message: str
+    kind: str = Field(max_length=64)
+    object: str = Field(max_length=STATUS_MAX_TEXT)
+    errno: int | None = Field(default=None, ge=-(2**31), lt=2**31)
+    message: str = Field(max_length=STATUS_MAX_TEXT)
 
 
 class StatusReport(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    generation: int = Field(ge=0)
-    errors: list[StatusErrorItem] = []
-    agent: str = ""
+    generation: int = Field(ge=0, lt=2**63)
+    errors: list[StatusErrorItem] = Field(default=[], max_length=STATUS_MAX_ERRORS)
+    agent: str = Field(default="", max_length=128)
 
 
 class StatusResponse(BaseModel):
@@ -90,9 +95,17 @@ class StatusResponse(BaseModel):
     applied_generation: int | None
 
 
+# Every refusal a route can answer, declared so the published OpenAPI is complete:
+# 400 for a body that is not even text, 401/403 from the gate, 404/409/422 from the
+# fabric and the request models, 413 from the gate's body limit, 503 while the database
+# is busy.
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 409, 422, 503)  # 503: database busy
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 422, 503)
 }
+ADMIN_ONLY = {"x-access": "admin"}
+OWN_HOST_OR_ADMIN = {"x-access": OWN_HOST}
+NO_TOKEN = {"x-access": PUBLIC}
+HEARTBEAT_MIN_SECONDS = 0.5
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -151,12 +164,15 @@ class _Watchers:
 # --- the app --------------------------------------------------------------------------------
 
 
-def create_app(fabric: Fabric) -> FastAPI:
+def create_app(fabric: Fabric, max_body_bytes: int = 64 * 1024, max_batch_bytes: int = 16 * 1024 * 1024) -> FastAPI:
     app = FastAPI(
         title="openhnv controller",
         version="0.1.0",
         description="Hyper-V Network Virtualization fabric as System Center VMM models it. "
-        "Admin bearer token for the fabric; a host token reads only its own state.",
+        "Send 'Authorization: Bearer <token>': the admin token for the fabric; a host token "
+        "reads only its own state and writes only its own status (each route's x-access). "
+        f"Bodies above {max_body_bytes} bytes ({max_batch_bytes} for /batch and the fabric "
+        "apply) are refused with 413.",
     )
     auth = Authenticator(fabric.store)
     watchers = _Watchers()
@@ -212,11 +228,12 @@ def create_app(fabric: Fabric) -> FastAPI:
 
     # --- unauthenticated -------------------------------------------------------------
 
-    @app.get("/healthz", tags=["meta"])
+    @app.get("/healthz", tags=["meta"], openapi_extra=NO_TOKEN, responses={503: ERRORS[503]})
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["meta"], response_class=Response)
+    @app.get("/metrics", tags=["meta"], response_class=Response, openapi_extra=NO_TOKEN,
+             responses={503: ERRORS[503]})
     def metrics() -> Response:
         """Prometheus exposition, unauthenticated and read-only (what scrapers expect)."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
@@ -224,40 +241,34 @@ def create_app(fabric: Fabric) -> FastAPI:
     # --- generic collections -------------------------------------------------------------
 
     for kind in Kind:
-        _add_collection(app, fabric, auth, kind)
+        _add_collection(app, fabric, kind)
 
     # --- hosts: virtual switch, state, status, lookup records --------------------------
 
-    @app.put("/v1/hosts/{host}/virtual-switch", response_model=VirtualSwitch, tags=["hosts"], responses=ERRORS)
-    def put_virtual_switch(
-        host: str, body: VirtualSwitchSpec, authorization: str | None = Header(default=None)
-    ) -> VirtualSwitch:
-        auth.require_admin(authorization, "setting a virtual switch")
+    @app.put("/v1/hosts/{host}/virtual-switch", response_model=VirtualSwitch, tags=["hosts"], responses=ERRORS,
+             openapi_extra=ADMIN_ONLY)
+    def put_virtual_switch(host: str, body: VirtualSwitchSpec) -> VirtualSwitch:
         return fabric.set_virtual_switch(host, body)
 
-    @app.get("/v1/hosts/{host}/virtual-switch", response_model=VirtualSwitch, tags=["hosts"], responses=ERRORS)
-    def get_virtual_switch(host: str, authorization: str | None = Header(default=None)) -> VirtualSwitch:
-        auth.require_admin(authorization, "reading a virtual switch")
+    @app.get("/v1/hosts/{host}/virtual-switch", response_model=VirtualSwitch, tags=["hosts"], responses=ERRORS,
+             openapi_extra=ADMIN_ONLY)
+    def get_virtual_switch(host: str) -> VirtualSwitch:
         return fabric.get_virtual_switch(host)
 
-    @app.delete("/v1/hosts/{host}/virtual-switch", status_code=204, tags=["hosts"], responses=ERRORS)
-    def delete_virtual_switch(host: str, authorization: str | None = Header(default=None)) -> Response:
-        auth.require_admin(authorization, "removing a virtual switch")
+    @app.delete("/v1/hosts/{host}/virtual-switch", status_code=204, tags=["hosts"], responses=ERRORS,
+                openapi_extra=ADMIN_ONLY)
+    def delete_virtual_switch(host: str) -> Response:
         fabric.delete_virtual_switch(host)
         return Response(status_code=204)
 
-    @app.get(
-        "/v1/hosts/{host}/lookup-records", response_model=list[LookupRecord], tags=["hosts"], responses=ERRORS
-    )
-    def lookup_records(host: str, authorization: str | None = Header(default=None)) -> list[LookupRecord]:
-        auth.require_admin(authorization, "reading lookup records")
+    @app.get("/v1/hosts/{host}/lookup-records", response_model=list[LookupRecord], tags=["hosts"],
+             responses=ERRORS, openapi_extra=ADMIN_ONLY)
+    def lookup_records(host: str) -> list[LookupRecord]:
         return list(fabric.lookup_records(host))
 
-    @app.put("/v1/hosts/{host}/status", response_model=StatusResponse, tags=["agents"], responses=ERRORS)
-    def put_status(
-        host: str, body: StatusReport, authorization: str | None = Header(default=None)
-    ) -> StatusResponse:
-        auth.require_host(authorization, host, "write the status")
+    @app.put("/v1/hosts/{host}/status", response_model=StatusResponse, tags=["agents"], responses=ERRORS,
+             openapi_extra=OWN_HOST_OR_ADMIN)
+    def put_status(host: str, body: StatusReport) -> StatusResponse:
         view = fabric.report_status(host, body.generation, [e.model_dump() for e in body.errors], body.agent)
         return StatusResponse(**_sync_fields(view))
 
@@ -272,14 +283,14 @@ def create_app(fabric: Fabric) -> FastAPI:
                 "content": {"application/json": {}, "application/x-ndjson": {}},
             },
         },
+        openapi_extra=OWN_HOST_OR_ADMIN,
     )
     async def get_state(
         host: str,
         watch: bool = Query(default=False),
-        heartbeat: float = Query(default=5.0, gt=0, le=3600),
-        authorization: str | None = Header(default=None),
+        # Bounded below: a heartbeat every few microseconds would keep a core busy.
+        heartbeat: float = Query(default=5.0, ge=HEARTBEAT_MIN_SECONDS, le=3600),
     ) -> Response:
-        auth.require_host(authorization, host, "read the state")
         entry = fabric.host_entry(host)  # raises NotFound
         # The loop that serves the streams; bumps from worker threads are handed to it.
         watchers.loop = asyncio.get_running_loop()
@@ -293,23 +304,25 @@ def create_app(fabric: Fabric) -> FastAPI:
 
     # --- leases, migrate ----------------------------------------------------------------
 
-    @app.get("/v1/ip-addresses", response_model=list[Lease], tags=["leases"], responses=ERRORS)
+    @app.get("/v1/ip-addresses", response_model=list[Lease], tags=["leases"], responses=ERRORS,
+             openapi_extra=ADMIN_ONLY)
     def ip_addresses(
         pool: str | None = None,
         kind: LeaseKind | None = None,
         host: str | None = None,
         vm_network: str | None = None,
-        authorization: str | None = Header(default=None),
     ) -> list[Lease]:
         """Get-SCIPAddress: every lease and what holds it."""
-        auth.require_admin(authorization, "listing IP addresses")
         return fabric.leases(pool=pool, kind=kind, host=host, vm_network=vm_network)
 
-    @app.post("/v1/vms/{vm}/migrate", response_model=Vm, tags=["vms"], responses=ERRORS)
-    def migrate(vm: str, body: MigrateRequest, authorization: str | None = Header(default=None)) -> Vm:
-        auth.require_admin(authorization, "migrating a VM")
+    @app.post("/v1/vms/{vm}/migrate", response_model=Vm, tags=["vms"], responses=ERRORS, openapi_extra=ADMIN_ONLY)
+    def migrate(vm: str, body: MigrateRequest) -> Vm:
         return fabric.migrate(vm, body.host)
 
+    # Last, so it sees every route above (and any a later module adds to `app`): who may
+    # call it and how large its body may be are checked before the body is read.
+    app.add_middleware(RequestGate, routes_of=app, auth=auth, max_body_bytes=max_body_bytes,
+                       max_batch_bytes=max_batch_bytes)
     return app
 
 
@@ -383,7 +396,7 @@ async def _watch_stream(fabric: Fabric, watchers: _Watchers, host: str, heartbea
         log.info("event=watch_closed host=%s generation=%s watchers=%d", host, sent, watchers.count())
 
 
-def _add_collection(app: FastAPI, fabric: Fabric, auth: Authenticator, kind: Kind) -> None:
+def _add_collection(app: FastAPI, fabric: Fabric, kind: Kind) -> None:
     """POST/GET on /v1/<kind>, GET/PATCH/DELETE on /v1/<kind>/<key>."""
     spec_model = SPEC_OF[kind]
     stored_model = HostView if kind is Kind.host else STORED_OF[kind]
@@ -393,31 +406,20 @@ def _add_collection(app: FastAPI, fabric: Fabric, auth: Authenticator, kind: Kin
     label = kind.label
     tags = [kind.value]
 
-    def create(body: spec_model, authorization: str | None = Header(default=None)):  # type: ignore[valid-type]
-        auth.require_admin(authorization, f"creating a {label}")
+    def create(body: spec_model):  # type: ignore[valid-type]
         return fabric.view(kind, fabric.create(kind, body))
 
-    def list_all(
-        request: Request, authorization: str | None = Header(default=None)
-    ):
-        auth.require_admin(authorization, f"listing {label}s")
+    def list_all(request: Request):
         filters = {name: value for name, value in request.query_params.items()}
         return [fabric.view(kind, obj) for obj in fabric.list(kind, filters)]
 
-    def read(key: str, authorization: str | None = Header(default=None)):
-        auth.require_admin(authorization, f"reading a {label}")
+    def read(key: str):
         return fabric.view(kind, fabric.get(kind, key))
 
-    def patch(
-        key: str,
-        body: dict[str, Any] = Body(..., examples=[{"description": "new text"}]),
-        authorization: str | None = Header(default=None),
-    ):
-        auth.require_admin(authorization, f"changing a {label}")
+    def patch(key: str, body: dict[str, Any] = Body(..., examples=[{"description": "new text"}])):
         return fabric.view(kind, fabric.patch(kind, key, body))
 
-    def delete(key: str, authorization: str | None = Header(default=None)) -> Response:
-        auth.require_admin(authorization, f"deleting a {label}")
+    def delete(key: str) -> Response:
         fabric.delete(kind, key)
         return Response(status_code=204)
 
@@ -427,23 +429,22 @@ def _add_collection(app: FastAPI, fabric: Fabric, auth: Authenticator, kind: Kin
         {"__annotations__": {"items": list[spec_model]}, "model_config": ConfigDict(extra="forbid")},
     )
 
-    def create_batch(body: batch_model, authorization: str | None = Header(default=None)):  # type: ignore[valid-type]
-        auth.require_admin(authorization, f"creating {label}s")
+    def create_batch(body: batch_model):  # type: ignore[valid-type]
         return [fabric.view(kind, obj) for obj in fabric.create_many(kind, list(body.items))]
 
     list_all.__doc__ = f"List {label}s. Query parameters filter on equal fields ({_FILTER_HELP.get(kind, 'name')})."
     app.add_api_route(collection, create, methods=["POST"], status_code=201, response_model=stored_model,
-                      tags=tags, responses=ERRORS, summary=f"Create a {label}")
+                      tags=tags, responses=ERRORS, openapi_extra=ADMIN_ONLY, summary=f"Create a {label}")
     app.add_api_route(f"{collection}/batch", create_batch, methods=["POST"], status_code=201,
-                      response_model=list[stored_model], tags=tags, responses=ERRORS,
+                      response_model=list[stored_model], tags=tags, responses=ERRORS, openapi_extra=ADMIN_ONLY,
                       summary=f"Create several {label}s as one transaction (all or none)")
     app.add_api_route(collection, list_all, methods=["GET"], response_model=list[stored_model],
-                      tags=tags, responses=ERRORS, summary=f"List {label}s")
+                      tags=tags, responses=ERRORS, openapi_extra=ADMIN_ONLY, summary=f"List {label}s")
     app.add_api_route(item, read, methods=["GET"], response_model=stored_model, tags=tags,
-                      responses=ERRORS, summary=f"Read a {label}")
+                      responses=ERRORS, openapi_extra=ADMIN_ONLY, summary=f"Read a {label}")
     app.add_api_route(item, patch, methods=["PATCH"], response_model=stored_model, tags=tags,
-                      responses=ERRORS, summary=f"Change a {label} ({', '.join(sorted(spec_model.patchable))})")
-    app.add_api_route(item, delete, methods=["DELETE"], status_code=204, tags=tags, responses=ERRORS,
+                      responses=ERRORS, openapi_extra=ADMIN_ONLY, summary=f"Change a {label} ({', '.join(sorted(spec_model.patchable))})")
+    app.add_api_route(item, delete, methods=["DELETE"], status_code=204, tags=tags, responses=ERRORS, openapi_extra=ADMIN_ONLY,
                       summary=f"Delete a {label} (refused while in use)")
 
 

@@ -1,11 +1,22 @@
-"""hnv-controller: init a state directory, mint tokens, run the API server.
+"""hnv-controller: init a state directory, manage tokens, run the API server.
 
-    hnv-controller init  --state-dir DIR [--host NAME ...]
-    hnv-controller token --state-dir DIR --host NAME
-    hnv-controller run   --state-dir DIR [--listen 0.0.0.0:8080]
+    hnv-controller init   --state-dir DIR [--host NAME ...] [--force]
+                          [--tls-name DNS ...] [--tls-address IP ...]
+    hnv-controller token  list   --state-dir DIR
+    hnv-controller token  create --state-dir DIR --role admin|host [--host NAME] [--ttl 30d]
+    hnv-controller token  revoke --state-dir DIR ID [ID ...]
+    hnv-controller run    --state-dir DIR [--listen 0.0.0.0:8080] [--insecure-http]
+                          [--max-body-bytes N] [--max-batch-bytes N]
 
-`init` creates DIR/controller.db (SQLite, WAL), DIR/admin.token and
-DIR/hosts/<NAME>.token (mode 0600; the database keeps only their SHA-256 hashes).
+`init` creates DIR (0700), DIR/controller.db (SQLite, WAL, 0600), DIR/admin.token and
+DIR/hosts/<NAME>.token (0600; the database keeps only their SHA-256 hashes; a host file
+name is the host name percent-escaped), and the private CA and server certificate under
+DIR/tls (`controller.tls`; default names: this machine's host name, localhost,
+127.0.0.1, ::1). `init --force` revokes every admin token and mints a new one.
+`token list` shows each token's id, role, host, creation, expiry and revocation, never
+the token. `token revoke` takes effect on the controller's next request.
+`run` serves HTTPS with DIR/tls/server.crt; without it, it refuses to start unless
+`--insecure-http` is given (and then logs that tokens cross the network in clear).
 `run` takes an exclusive lock on DIR/controller.lock: the controller keeps the fabric in
 memory and is the only writer of its database, so a second controller on the same
 directory is refused rather than allowed to hand out the same addresses.
@@ -16,61 +27,193 @@ This module owns the command line and the process; the work is in `controller.fa
 from __future__ import annotations
 
 import argparse
+import datetime
 import fcntl
 import logging
 import os
 import sys
 from pathlib import Path
 
-from controller.auth import ADMIN, HOST, issue_token, write_secret_file
+from controller.auth import (
+    ADMIN,
+    HOST,
+    host_token_file_name,
+    issue_token_with_id,
+    parse_ttl,
+    write_secret_file,
+)
 from controller.store import Store
 
 DEFAULT_STATE_DIR = "/var/lib/openhnv-controller"
 DB_NAME = "controller.db"
+DEFAULT_MAX_BODY_BYTES = 64 * 1024
+DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024
+
+log = logging.getLogger("openhnv.controller")
+
+
+def _state_dir(path: str) -> Path:
+    """The state directory, made (or kept) owner-only: it holds tokens and keys."""
+    state_dir = Path(path)
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state_dir, 0o700)
+    return state_dir
 
 
 def _store(state_dir: Path) -> Store:
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Store(state_dir / DB_NAME)
+    return Store(_state_dir(str(state_dir)) / DB_NAME)
 
 
 def host_token_path(state_dir: Path, host: str) -> Path:
-    return state_dir / "hosts" / f"{host}.token"
+    return Path(state_dir) / "hosts" / host_token_file_name(host)
+
+
+def _mint_into_file(store: Store, path_of, role: str, host: str | None, expires: float | None) -> tuple[int, Path]:
+    """Mint a token, store its hash, write it to `path_of(token id)`; if the file cannot be
+    written the token is revoked at once (nobody would hold it)."""
+    token_id, token = issue_token_with_id(store, role, host, expires)
+    path = path_of(token_id)
+    try:
+        write_secret_file(path, token)
+    except OSError:
+        store.revoke_tokens([token_id])
+        raise
+    return token_id, path
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    state_dir = Path(args.state_dir)
+    from controller.tls import DEFAULT_ADDRESSES, default_names, ensure_tls
+
+    state_dir = _state_dir(args.state_dir)
     admin_path = state_dir / "admin.token"
+    try:
+        files, created = ensure_tls(state_dir, args.tls_name or default_names(),
+                                    args.tls_address or list(DEFAULT_ADDRESSES))
+    except ValueError as exc:
+        print(f"hnv-controller init: --tls-address: {exc}", file=sys.stderr)
+        return 2
+    for path in created:
+        print(f"created {path}")
+    print(f"CA certificate for agents and hnvctl (--ca-file): {files.ca_cert}")
     store = _store(state_dir)
     try:
         if admin_path.exists() and not args.force:
             print(f"{admin_path} exists; keeping the admin token (use --force for a new one)", file=sys.stderr)
         else:
-            write_secret_file(admin_path, issue_token(store, ADMIN))
+            # Why revoke first: --force is what an operator runs when the admin token may
+            # have leaked; the old one must be dead before the new one exists.
+            revoked = store.revoke_tokens(role=ADMIN)
+            if revoked:
+                print(f"revoked admin token(s) {', '.join(map(str, revoked))}")
+            _mint_into_file(store, lambda _: admin_path, ADMIN, None, None)
             print(f"admin token: {admin_path}")
         for host in args.host or ():
-            path = host_token_path(state_dir, host)
-            write_secret_file(path, issue_token(store, HOST, host))
-            print(f"host token of {host}: {path}")
+            _, path = _mint_into_file(store, lambda _: host_token_path(state_dir, host), HOST, host, None)
+            print(f"host token of {_printable(host)}: {path}")
     finally:
         store.close()
     return 0
 
 
-def cmd_token(args: argparse.Namespace) -> int:
-    state_dir = Path(args.state_dir)
+def _existing_store(state_dir: Path) -> Store | None:
     if not (state_dir / DB_NAME).exists():
         print(f"{state_dir} is not initialised; run: hnv-controller init --state-dir {state_dir}", file=sys.stderr)
+        return None
+    return _store(state_dir)
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    if (args.role == HOST) != bool(args.host):
+        print("hnv-controller token create: --host NAME is required with --role host and "
+              "refused with --role admin", file=sys.stderr)
         return 2
-    store = _store(state_dir)
+    expires = None
+    if args.ttl:
+        try:
+            expires = datetime.datetime.now().timestamp() + parse_ttl(args.ttl)
+        except ValueError as exc:
+            print(f"hnv-controller token create: --ttl: {exc}", file=sys.stderr)
+            return 2
+    store = _existing_store(state_dir)
+    if store is None:
+        return 2
     try:
-        token = issue_token(store, HOST, args.host)
+        if args.role == HOST:
+            path_of = lambda _: host_token_path(state_dir, args.host)  # noqa: E731
+        else:
+            path_of = lambda token_id: state_dir / f"admin-{token_id}.token"  # noqa: E731
+        try:
+            token_id, path = _mint_into_file(store, path_of, args.role, args.host, expires)
+        except OSError as exc:
+            print(f"hnv-controller token create: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
     finally:
         store.close()
-    path = host_token_path(state_dir, args.host)
-    write_secret_file(path, token)
-    print(f"host token of {args.host}: {path}")
+    whose = f"host {_printable(args.host)}" if args.host else "admin"
+    until = f", expires {_time(expires)}" if expires else ""
+    print(f"token {token_id} ({whose}{until}): {path}")
     return 0
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    store = _existing_store(Path(args.state_dir))
+    if store is None:
+        return 2
+    try:
+        rows = store.list_tokens()
+    finally:
+        store.close()
+    table = [("ID", "ROLE", "HOST", "CREATED", "EXPIRES", "REVOKED")]
+    table += [(str(row.id), row.role, _printable(row.host or "-"), _time(row.created),
+               _time(row.expires), _time(row.revoked)) for row in rows]
+    widths = [max(len(line[column]) for line in table) for column in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    store = _existing_store(Path(args.state_dir))
+    if store is None:
+        return 2
+    try:
+        known = {row.id: row for row in store.list_tokens()}
+        unknown = [token_id for token_id in args.ids if token_id not in known]
+        if unknown:
+            print(f"hnv-controller token revoke: no token has id {unknown[0]} (see: hnv-controller token list)",
+                  file=sys.stderr)
+            return 2
+        revoked = store.revoke_tokens(list(args.ids))
+    finally:
+        store.close()
+    for token_id in args.ids:
+        state = "revoked" if token_id in revoked else "was already revoked"
+        print(f"token {token_id} {state}")
+    return 0
+
+
+def _time(stamp: float | None) -> str:
+    if stamp is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _printable(text: str) -> str:
+    """A host name as a terminal may show it: control characters escaped."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def _token_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token id (a number from: hnv-controller token list)")
+    return int(text)
+
+
+def _byte_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1024:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of bytes, at least 1024")
+    return int(text)
 
 
 def _parse_listen(text: str) -> tuple[str, int]:
@@ -85,10 +228,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from controller.api import create_app
     from controller.fabric import Fabric
+    from controller.tls import server_names, tls_files
 
     state_dir = Path(args.state_dir)
     if not (state_dir / DB_NAME).exists():
         print(f"{state_dir} is not initialised; run: hnv-controller init --state-dir {state_dir}", file=sys.stderr)
+        return 2
+    tls = tls_files(state_dir)
+    if not args.insecure_http and not tls.server_ready():
+        print(f"{tls.server_cert} is missing: run hnv-controller init --state-dir {state_dir} "
+              "(it creates the CA and the server certificate), or pass --insecure-http "
+              "to send tokens in clear", file=sys.stderr)
         return 2
     lock = open(state_dir / "controller.lock", "w")
     try:
@@ -101,11 +251,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     fabric = Fabric(Store(state_dir / DB_NAME, synchronous=args.synchronous))
     address, port = args.listen
+    if args.insecure_http:
+        ssl_options = {}
+        log.warning("event=insecure_http listen=%s:%d reason=\"--insecure-http: plain HTTP, bearer tokens "
+                    "cross the network in clear\"", address, port)
+    else:
+        ssl_options = {"ssl_certfile": str(tls.server_cert), "ssl_keyfile": str(tls.server_key)}
+        log.info("event=tls listen=%s:%d certificate=%s names=%s ca=%s", address, port, tls.server_cert,
+                 ",".join(server_names(tls)), tls.ca_cert)
+    app = create_app(fabric, max_body_bytes=args.max_body_bytes, max_batch_bytes=args.max_batch_bytes)
     # uvicorn's access log prints the request line only (never headers), so tokens stay out.
     # Watch streams never end by themselves: give open connections a short grace on
     # SIGTERM, then close them (agents reconnect to the next controller process).
-    uvicorn.run(create_app(fabric), host=address, port=port, log_level=args.log_level,
-                access_log=args.access_log, timeout_graceful_shutdown=2)
+    uvicorn.run(app, host=address, port=port, log_level=args.log_level,
+                access_log=args.access_log, timeout_graceful_shutdown=2, **ssl_options)
     return 0
 
 
@@ -113,20 +272,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hnv-controller", description="openhnv controller (the VMM role)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    init = sub.add_parser("init", help="create the state directory, database and tokens")
+    init = sub.add_parser("init", help="create the state directory, database, tokens, CA and server certificate")
     init.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
     init.add_argument("--host", action="append", help="also mint a token for this host (repeatable)")
-    init.add_argument("--force", action="store_true", help="mint a new admin token even if one exists")
+    init.add_argument("--force", action="store_true", help="revoke every admin token and mint a new one")
+    init.add_argument("--tls-name", action="append", metavar="DNS",
+                      help="DNS name of the server certificate (repeatable; default: this machine's "
+                           "host name and localhost)")
+    init.add_argument("--tls-address", action="append", metavar="IP",
+                      help="IP address of the server certificate (repeatable; default 127.0.0.1 and ::1)")
     init.set_defaults(func=cmd_init)
 
-    token = sub.add_parser("token", help="mint one more host token")
-    token.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
-    token.add_argument("--host", required=True)
-    token.set_defaults(func=cmd_token)
+    token = sub.add_parser("token", help="list, create or revoke tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    listing = token_sub.add_parser("list", help="every token: id, role, host, created, expires, revoked")
+    listing.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    listing.set_defaults(func=cmd_token_list)
+    create = token_sub.add_parser("create", help="mint a token into a 0600 file")
+    create.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    create.add_argument("--role", choices=(ADMIN, HOST), default=HOST)
+    create.add_argument("--host", help="the host this token is for (with --role host)")
+    create.add_argument("--ttl", help="lifetime, e.g. 30d, 12h, 45m (default: until revoked)")
+    create.set_defaults(func=cmd_token_create)
+    revoke = token_sub.add_parser("revoke", help="revoke tokens by id (effective on the next request)")
+    revoke.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    revoke.add_argument("ids", nargs="+", type=_token_id, metavar="ID")
+    revoke.set_defaults(func=cmd_token_revoke)
 
-    run = sub.add_parser("run", help="serve the API")
+    run = sub.add_parser("run", help="serve the API (HTTPS)")
     run.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
     run.add_argument("--listen", type=_parse_listen, default=("0.0.0.0", 8080), help="ADDRESS:PORT")
+    run.add_argument("--insecure-http", action="store_true",
+                     help="serve plain HTTP (tokens cross the network in clear; for a closed test bed only)")
+    run.add_argument("--max-body-bytes", type=_byte_count, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                     help=f"largest request body of one object, else 413 (default {DEFAULT_MAX_BODY_BYTES})")
+    run.add_argument("--max-batch-bytes", type=_byte_count, default=DEFAULT_MAX_BATCH_BYTES, metavar="N",
+                     help="largest body of /batch and /v1/fabric/apply, else 413 "
+                          f"(default {DEFAULT_MAX_BATCH_BYTES})")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--no-access-log", dest="access_log", action="store_false")
     run.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"],

@@ -14,6 +14,7 @@ fabric rules and never prints; it never logs the token.
 from __future__ import annotations
 
 import os
+import ssl
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
@@ -25,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from agent.state import HostState, LookupRecord
 from controller.models import STORED_OF, Kind, Lease, VirtualSwitch, Vm
 
-DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
+DEFAULT_CONTROLLER = "https://127.0.0.1:8080"
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
@@ -81,6 +82,14 @@ def read_token(token_file: str | os.PathLike[str] | None = None, environ: dict[s
     return environ.get("HNV_TOKEN") or None
 
 
+def read_ca_file(ca_file: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> str | None:
+    """The CA file that signed the controller's certificate: --ca-file, else $HNV_CA_FILE
+    (None: the system's CAs)."""
+    environ = os.environ if environ is None else environ
+    path = ca_file or environ.get("HNV_CA_FILE")
+    return str(path) if path else None
+
+
 def _item_path(kind: Kind, key: str) -> str:
     # VM subnets and IP pools have path keys (Fabrikam2/Default): keep their slashes.
     safe = "/" if kind in (Kind.vm_subnet, Kind.ip_pool) else ""
@@ -96,12 +105,22 @@ class ControllerClient:
         token: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        ca_file: str | os.PathLike[str] | None = None,
     ):
+        """`ca_file`: the CA that signed the controller's certificate (its tls/ca.crt), for
+        https:// URLs; None trusts the system's CAs. An unreadable file is a ControllerError."""
         headers = {"User-Agent": "hnvctl/0.1"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport)
+        verify: ssl.SSLContext | bool = True
+        if ca_file:
+            try:
+                verify = ssl.create_default_context(cafile=os.fspath(ca_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise ControllerError(f"CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport,
+                                  verify=verify)
 
     def close(self) -> None:
         self._http.close()

@@ -45,6 +45,7 @@ from controller.client import (
     ControllerError,
     ControllerUnavailable,
     parse_answer,
+    read_ca_file,
     read_token,
 )
 from controller.fabric_yaml import (
@@ -697,6 +698,7 @@ def _globals() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--controller", default=argparse.SUPPRESS, help=f"controller URL (env HNV_CONTROLLER, default {DEFAULT_CONTROLLER})")
     common.add_argument("--token-file", default=argparse.SUPPRESS, help="file holding the bearer token (env HNV_TOKEN_FILE, or the token in HNV_TOKEN)")
+    common.add_argument("--ca-file", default=argparse.SUPPRESS, help="CA certificate that signed the controller's (its tls/ca.crt; env HNV_CA_FILE)")
     common.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help="table (default) or json")
     return common
 
@@ -817,12 +819,15 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--controller: {url!r} is not an http:// or https:// URL")
         token = read_token(getattr(args, "token_file", None), environ)
+        ca_file = read_ca_file(getattr(args, "ca_file", None), environ)
+        if ca_file and not os.path.isfile(ca_file):
+            raise UsageError(f"--ca-file: {ca_file}: no such file")
     except (UsageError, ControllerError) as exc:
         print(f"hnvctl: {exc}", file=stderr)
         return EXIT_BAD_INPUT
 
     def connect() -> ControllerClient:
-        return ControllerClient(url, token)
+        return ControllerClient(url, token, ca_file=ca_file)
 
     ctx = Context(connect, out)
     try:

@@ -11,7 +11,12 @@ The interface is narrow on purpose, so a distributed store can replace it:
   nothing. The primary keys are the last line of defence against double allocation:
   (space, value) for VSIDs, MACs and routing-domain ids, (pool, address) for leases;
 - `save_host_rows()` keeps generations, digests and applied status;
-- tokens are kept as SHA-256 hashes only.
+- tokens are kept as SHA-256 hashes only, each with an id, a role, a host name, an
+  optional expiry and a revocation time; deleting a host revokes its tokens in the same
+  transaction, so a later host of the same name does not inherit them.
+
+The database and its -wal/-shm files are created owner-only (0600): the token hashes and
+the fabric are nobody else's business.
 
 Another process holding the write lock past the busy timeout (`busy_timeout` seconds,
 5 by default) is raised as `StoreBusy`, never as a bare `sqlite3.OperationalError`, so
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+HOST_KIND = "hosts"  # the objects table's kind of a host (controller.models.Kind.host)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,7 +73,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY,
     role TEXT NOT NULL CHECK (role IN ('admin', 'host')),
     host TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    expires REAL,
+    revoked REAL
 );
 """
 
@@ -138,12 +147,28 @@ def _busy_as_store_busy(what: str):
         raise
 
 
+@dataclass(frozen=True)
+class TokenRow:
+    """One token as `hnv-controller token list` shows it: never the token, nor its hash."""
+
+    id: int
+    role: str
+    host: str | None
+    created: float
+    expires: float | None
+    revoked: float | None
+
+    def valid_at(self, now: float) -> bool:
+        return self.revoked is None and (self.expires is None or now < self.expires)
+
+
 class Store:
     """One SQLite connection, serialised by a lock (the controller is one process)."""
 
     def __init__(self, path: str | Path, synchronous: str = "FULL", busy_timeout: float = 5.0):
         self.path = Path(path)
         self._lock = threading.Lock()
+        _create_owner_only(self.path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=busy_timeout)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -154,10 +179,17 @@ class Store:
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),
         )
+        self._add_token_columns()
+        # Token checks run on every request: they get their own connection, so (WAL) they
+        # never wait behind a commit's fsync on the main one.
+        self._token_lock = threading.Lock()
+        self._token_db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        _restrict_db_files(self.path)
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._token_lock:
             self._db.close()
+            self._token_db.close()
 
     def set_busy_timeout(self, seconds: float) -> None:
         """How long a write waits for another connection's write lock before `StoreBusy`."""
@@ -191,6 +223,7 @@ class Store:
                 "DELETE FROM allocations WHERE space = ? AND value = ?", list(changes.delete_allocations)
             )
             db.executemany("DELETE FROM leases WHERE pool = ? AND address = ?", list(changes.delete_leases))
+            _revoke_tokens_of_deleted_hosts(db, changes)
             db.executemany(
                 "INSERT INTO objects (kind, key, uuid, doc) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc",
@@ -236,22 +269,83 @@ class Store:
 
     # --- tokens ---------------------------------------------------------------------
 
-    def add_token(self, token_hash: str, role: str, host: str | None) -> None:
+    def add_token(self, token_hash: str, role: str, host: str | None, expires: float | None = None) -> int:
+        """Store a token's hash; its id (what `token list` and `token revoke` use)."""
         with self._lock, self._transaction() as db:
-            db.execute(
-                "INSERT INTO tokens (hash, role, host, created) VALUES (?, ?, ?, ?)",
-                (token_hash, role, host, time.time()),
+            cursor = db.execute(
+                "INSERT INTO tokens (hash, role, host, created, expires) VALUES (?, ?, ?, ?, ?)",
+                (token_hash, role, host, time.time(), expires),
             )
+            return cursor.lastrowid
 
-    def find_token(self, token_hash: str) -> tuple[str, str | None] | None:
-        with self._lock:
-            row = self._db.execute("SELECT role, host FROM tokens WHERE hash = ?", (token_hash,)).fetchone()
+    def find_token(self, token_hash: str, now: float | None = None) -> tuple[str, str | None] | None:
+        """(role, host) of a token that is neither revoked nor expired, else None."""
+        now = time.time() if now is None else now
+        with self._token_lock:
+            row = self._token_db.execute(
+                "SELECT role, host FROM tokens WHERE hash = ? AND revoked IS NULL "
+                "AND (expires IS NULL OR expires > ?)",
+                (token_hash, now),
+            ).fetchone()
         return (row[0], row[1]) if row else None
+
+    def list_tokens(self) -> list[TokenRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT rowid, role, host, created, expires, revoked FROM tokens ORDER BY rowid"
+            ).fetchall()
+        return [TokenRow(*row) for row in rows]
+
+    def revoke_tokens(self, ids: list[int] | None = None, role: str | None = None) -> list[int]:
+        """Revoke the tokens with these ids, or every live token of a role; the ids revoked."""
+        with self._lock, self._transaction() as db:
+            if ids is not None:
+                marks = ",".join("?" * len(ids))
+                found = [row[0] for row in db.execute(
+                    f"SELECT rowid FROM tokens WHERE revoked IS NULL AND rowid IN ({marks})", ids)]
+            else:
+                found = [row[0] for row in db.execute(
+                    "SELECT rowid FROM tokens WHERE revoked IS NULL AND role = ?", (role,))]
+            db.executemany("UPDATE tokens SET revoked = ? WHERE rowid = ?", [(time.time(), i) for i in found])
+        return found
+
+    def _add_token_columns(self) -> None:
+        """Databases made before expiry and revocation existed get the two columns."""
+        with self._lock:
+            have = {row[1] for row in self._db.execute("PRAGMA table_info(tokens)")}
+            for column in ("expires", "revoked"):
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE tokens ADD COLUMN {column} REAL")
 
     # --- helpers --------------------------------------------------------------------
 
     def _transaction(self):
         return _Transaction(self._db)
+
+
+def _revoke_tokens_of_deleted_hosts(db: sqlite3.Connection, changes: ChangeSet) -> None:
+    """A deleted host's tokens die with it, in the deleting transaction: a new host of the
+    same name gets new tokens, never the old host's."""
+    gone = [(time.time(), key) for (kind, key) in changes.delete_objects
+            if kind == HOST_KIND and (kind, key) not in changes.put_objects]
+    db.executemany("UPDATE tokens SET revoked = ? WHERE role = 'host' AND host = ? AND revoked IS NULL", gone)
+
+
+def _create_owner_only(path: Path) -> None:
+    """Create the database file 0600 before SQLite does (SQLite would make it 0644 under a
+    usual umask); its -wal and -shm files take the database file's mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+
+
+def _restrict_db_files(path: Path) -> None:
+    """0600 for the database and its -wal/-shm, also when they were made by an older
+    version that left them 0644."""
+    for name in (path.name, path.name + "-wal", path.name + "-shm"):
+        try:
+            os.chmod(path.with_name(name), 0o600)
+        except FileNotFoundError:
+            pass
 
 
 class _Transaction:

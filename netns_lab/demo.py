@@ -86,6 +86,7 @@ class Hnvctl:
         self.environ = {
             "HNV_CONTROLLER": topology.controller_url,
             "HNV_TOKEN_FILE": str(processes.admin_token_file(record)),
+            "HNV_CA_FILE": str(processes.ca_file(record)),
         }
 
     def run(self, *argv: str) -> Result:

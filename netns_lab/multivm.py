@@ -12,9 +12,10 @@ hosts' 802.1Q-tagged frames as they are), just like an unmanaged trunk.
 Inside each guest, as on a freshly installed host: NICs named by MAC, a machine-id of
 its own (see ``Guest.own_machine_id``), the management address on eth0, then
 
-- the controller host runs ``hnv-controller init`` and ``run``, ``hnvctl apply`` of the
-  seed fabric and tenants, and publishes the host tokens;
-- every host runs ``hnv-agent run`` with its token; the agent builds team, trunk,
+- the controller host runs ``hnv-controller init`` (a CA and a server certificate for its
+  management address) and ``run`` (HTTPS), ``hnvctl apply`` of the seed fabric and
+  tenants, and publishes the host tokens and the CA certificate;
+- every host runs ``hnv-agent run`` with its token, verifying the controller with the CA; the agent builds team, trunk,
   switch, PAs, NVGRE tunnels, lookup records and the tenant VMs (namespaces);
 - the virtualisation hosts ping each other's tenant VMs across the NICs (inside NVGRE,
   VLAN 802), and one of them kills and restarts its agent under a continuous ping.
@@ -41,6 +42,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -157,7 +159,7 @@ def plan_lab(run_dir: Path, hosts: Sequence[str] = DEFAULT_HOSTS,
         switch_namespace=f"hnvmk-{secrets.token_hex(3)}",
         guests=tuple(guests),
         controller_host=controller,
-        controller_url=f"http://{controller_address}:{topology.controller.port}",
+        controller_url=f"https://{controller_address}:{topology.controller.port}",
         controller_listen=f"{controller_address}:{topology.controller.port}",
         metrics_port=topology.agent.metrics_port,
         restart_host=virtualization[-1],
@@ -475,22 +477,28 @@ class Guest:
     def init_controller(self) -> None:
         state = self.work / "controller"
         hosts = [arg for g in self.plan.guests for arg in ("--host", g.name)]
-        self.sh([_exe("hnv-controller"), "init", "--state-dir", str(state), *hosts])
-        tokens = {g.name: (state / "hosts" / f"{g.name}.token").read_text().strip()
-                  for g in self.plan.guests}
-        self.signal("tokens", {"tokens": tokens})
+        from controller.cli import host_token_path
+
+        address = self.plan.controller_listen.rpartition(":")[0]
+        self.sh([_exe("hnv-controller"), "init", "--state-dir", str(state), *hosts,
+                 "--tls-address", address, "--tls-address", "127.0.0.1"])
+        tokens = {g.name: host_token_path(state, g.name).read_text().strip() for g in self.plan.guests}
+        # The CA certificate is public; the tokens are the secret, as before.
+        self.signal("tokens", {"tokens": tokens, "ca": (state / "tls" / "ca.crt").read_text()})
         self.stage("controller initialised, host tokens published")
 
     def start_controller(self) -> None:
         state = self.work / "controller"
         self.spawn("controller", [_exe("hnv-controller"), "run", "--state-dir", str(state),
                                   "--listen", self.plan.controller_listen])
-        self.wait("the controller to answer", lambda: _http_status(f"{self.plan.controller_url}/metrics") is not None)
+        ca = ssl.create_default_context(cafile=str(state / "tls" / "ca.crt"))
+        self.wait("the controller to answer",
+                  lambda: _http_status(f"{self.plan.controller_url}/metrics", ca) is not None)
         self.stage("controller listening")
         admin = (state / "admin.token").read_text().strip()
         env = dict(os.environ, HNV_CONTROLLER=self.plan.controller_url, HNV_TOKEN=admin)
         apply = [_exe("hnvctl"), "--controller", self.plan.controller_url,
-                 "--token-file", str(state / "admin.token"), "apply"]
+                 "--token-file", str(state / "admin.token"), "--ca-file", str(state / "tls" / "ca.crt"), "apply"]
         for path in self.plan.fabric_files:
             apply += ["-f", str(CHECKOUT / path)]
         proc = subprocess.run(apply, capture_output=True, text=True, env=env, check=False, timeout=300)
@@ -503,6 +511,7 @@ class Guest:
         address = self.me.address.split("/")[0]
         return [_exe("hnv-agent"), "run", "--controller", self.plan.controller_url,
                 "--host", self.me.name, "--token-file", str(token_file),
+                "--ca-file", str(self.work / "ca.crt"),
                 "--state-dir", str(self.work / "agent"),
                 "--metrics-address", f"{address}:{self.plan.metrics_port}",
                 # Under TCG the controller takes a while to come up: retry often. Drift
@@ -513,6 +522,7 @@ class Guest:
         token_file = self.work / "host.token"
         token_file.write_text(ready["tokens"][self.me.name] + "\n")
         token_file.chmod(0o600)
+        (self.work / "ca.crt").write_text(ready["ca"])
         self.spawn("agent", self.agent_argv(token_file))
         self.stage("agent started")
 
@@ -686,9 +696,9 @@ def _network_of(vm_name: str) -> str | None:
     return next((vm.get("vmNetwork") for vm in _seed_vms() if vm.get("name") == vm_name), None)
 
 
-def _http_status(url: str) -> int | None:
+def _http_status(url: str, context: ssl.SSLContext | None = None) -> int | None:
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code

@@ -1,14 +1,16 @@
 """The lab's daemons: the controller and one agent per host, as real processes.
 
-Owns starting them inside their hosts' namespaces (so they talk HTTP across the lab's
-management network, as VMM and its hosts do), waiting until they answer, and stopping
+Owns starting them inside their hosts' namespaces (so they talk HTTPS across the lab's
+management network, as VMM and its hosts do; the controller's certificate names its lab
+address, the agents verify it against the controller's CA file), waiting until they answer, and stopping
 exactly the processes the lab record lists. A pid alone is not proof of identity after a
 crash (pids are reused), so each entry also keeps the process's start time from
 ``/proc/<pid>/stat`` and only a process with both is signalled.
 
 Work directory layout (``record.workdir``, on a local file system)::
 
-    controller/            hnv-controller state dir: admin.token, hosts/<host>.token, store
+    controller/            hnv-controller state dir: admin.token, hosts/<host>.token, store,
+                           tls/ca.crt (what agents and hnvctl verify against), tls/server.*
     agents/<host>/         hnv-agent state dir: the last accepted state
 
 and in ``record.artefacts_dir`` (the same directory, or the VM's shared one)::
@@ -58,7 +60,14 @@ def admin_token_file(record: LabRecord) -> Path:
 
 
 def host_token_file(record: LabRecord, host: str) -> Path:
-    return controller_dir(record) / "hosts" / f"{host}.token"
+    from controller.cli import host_token_path
+
+    return host_token_path(controller_dir(record), host)
+
+
+def ca_file(record: LabRecord) -> Path:
+    """The controller's CA certificate: agents and hnvctl verify the controller with it."""
+    return controller_dir(record) / "tls" / "ca.crt"
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -169,18 +178,20 @@ def _spawn(record: LabRecord, entry: ProcessEntry) -> None:
 
 
 def init_controller(topology: Topology, record: LabRecord) -> None:
-    """``hnv-controller init``: the store and the admin and per-host tokens.
+    """``hnv-controller init``: the store, the admin and per-host tokens, the CA and the
+    server certificate for the controller's lab address.
 
     Called in this process (the command's own ``main``): under software emulation a
     Python start with its imports costs seconds, and nothing here needs a namespace.
     """
     state_dir = controller_dir(record)
-    if admin_token_file(record).exists():
+    if admin_token_file(record).exists() and ca_file(record).exists():
         return
     state_dir.mkdir(parents=True, exist_ok=True)
     from controller import cli as controller_cli
 
     argv = ["init", "--state-dir", str(state_dir),
+            "--tls-address", topology.controller_address, "--tls-address", "127.0.0.1", "--tls-name", "localhost",
             *[arg for host in topology.hosts for arg in ("--host", host.name)]]
     with contextlib.redirect_stdout(io.StringIO()):
         code = controller_cli.main(argv)
@@ -243,6 +254,7 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
             role="agent", name=host.name, netns=host.name,
             argv=[agent_bin, "run", "--controller", topology.controller_url,
                   "--host", host.name, "--token-file", str(host_token_file(record, host.name)),
+                  "--ca-file", str(ca_file(record)),
                   "--state-dir", str(state_dir),
                   "--metrics-address", f"{host.address}:{topology.agent.metrics_port}",
                   # The controller is one hop away: retry soon after it answers "not yet"

@@ -231,7 +231,7 @@ class Topology(_Model):
         address = self.controller_address
         if ":" in address:
             address = f"[{address}]"
-        return f"http://{address}:{self.controller.port}"
+        return f"https://{address}:{self.controller.port}"  # the certificate names this address
 
     @property
     def namespaces(self) -> tuple[str, ...]:

@@ -1,7 +1,9 @@
 #!/bin/bash
-# The management node: the controller's store and tokens, the controller service, and
-# the seed fabric applied for the hosts Vagrant made. The host tokens are left in the
-# synced folder (.vagrant/openhnv/tokens, mode 0600) for the hosts' provisioning.
+# The management node: the controller's store, tokens, CA and server certificate (for
+# its management address), the controller service (HTTPS), and the seed fabric applied
+# for the hosts Vagrant made. The host tokens are left in the synced folder
+# (.vagrant/openhnv/tokens, mode 0600) for the hosts' provisioning, with the CA
+# certificate (.vagrant/openhnv/controller-ca.crt, public) the agents verify it with.
 #   provision-controller.sh HOST_TABLE LISTEN_ADDRESS:PORT
 set -euo pipefail
 table=$1 listen=$2
@@ -13,9 +15,12 @@ hosts=()
 for entry in ${table//,/ }; do hosts+=(--host "${entry%%=*}"); done
 install -d -o openhnv -g openhnv -m 0700 /var/lib/openhnv "$state"
 # init keeps an existing admin token and mints the missing host tokens: safe to re-run.
-runuser -u openhnv -- /opt/openhnv/bin/hnv-controller init --state-dir "$state" "${hosts[@]}"
-
+# It also creates the CA and the server certificate once (an existing one is kept).
+runuser -u openhnv -- /opt/openhnv/bin/hnv-controller init --state-dir "$state" "${hosts[@]}" \
+    --tls-address "${listen%:*}" --tls-address 127.0.0.1 --tls-name localhost
 install -d -m 0755 /etc/openhnv
+install -m 0644 "$state/tls/ca.crt" /etc/openhnv/controller-ca.crt
+
 cat > /etc/openhnv/controller.env <<ENV
 # Written by vagrant/provision-controller.sh (see systemd/controller.env.example).
 HNV_LISTEN=$listen
@@ -23,10 +28,11 @@ ENV
 systemctl enable --now hnv-controller.service
 systemctl restart hnv-controller.service
 for _ in $(seq 60); do
-    curl -fsS "http://$listen/healthz" >/dev/null 2>&1 && break
+    curl -fsS --cacert /etc/openhnv/controller-ca.crt "https://$listen/healthz" >/dev/null 2>&1 && break
     sleep 1
 done
-curl -fsS "http://$listen/healthz" >/dev/null || { journalctl -u hnv-controller -n 30 --no-pager; exit 1; }
+curl -fsS --cacert /etc/openhnv/controller-ca.crt "https://$listen/healthz" >/dev/null \
+    || { journalctl -u hnv-controller -n 30 --no-pager; exit 1; }
 
 install -d -m 0700 "$tokens"
 for entry in ${table//,/ }; do
@@ -34,8 +40,9 @@ for entry in ${table//,/ }; do
     install -m 0600 "$state/hosts/$host.token" "$tokens/$host.token"
 done
 install -m 0600 "$state/admin.token" /root/.hnv-admin.token
+install -m 0644 /etc/openhnv/controller-ca.crt "$src/.vagrant/openhnv/controller-ca.crt"
 
 /opt/openhnv/bin/python "$src/vagrant/lab_fabric.py" fabric --hosts "$table" > /etc/openhnv/fabric.yaml
-export HNV_CONTROLLER="http://$listen" HNV_TOKEN_FILE=/root/.hnv-admin.token
+export HNV_CONTROLLER="https://$listen" HNV_TOKEN_FILE=/root/.hnv-admin.token HNV_CA_FILE=/etc/openhnv/controller-ca.crt
 hnvctl apply -f /etc/openhnv/fabric.yaml
-echo "provision-controller: controller on http://$listen; hosts: ${table//,/ }"
+echo "provision-controller: controller on https://$listen; hosts: ${table//,/ }"

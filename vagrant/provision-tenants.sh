@@ -7,7 +7,7 @@ table=$1
 src=/vagrant
 /opt/openhnv/bin/python "$src/vagrant/lab_fabric.py" tenants --hosts "$table" > /etc/openhnv/tenants.yaml
 . /etc/openhnv/controller.env
-export HNV_CONTROLLER="http://$HNV_LISTEN" HNV_TOKEN_FILE=/root/.hnv-admin.token
+export HNV_CONTROLLER="https://$HNV_LISTEN" HNV_TOKEN_FILE=/root/.hnv-admin.token HNV_CA_FILE=/etc/openhnv/controller-ca.crt
 hnvctl apply -f /etc/openhnv/fabric.yaml -f /etc/openhnv/tenants.yaml
 hnvctl hosts
 hnvctl ip list

@@ -11,6 +11,9 @@ Two ways to run it, same HTTP server, same SQLite file:
 - `process=False` (default): `controller.cli`'s init in-process and uvicorn serving
   `controller.api.create_app` in a thread - no interpreter start-up (seconds on a busy
   machine), so fixtures can afford a fresh controller per test.
+`tls=True` serves HTTPS with the certificate `init` made (base_url is https://, the
+clients verify against `ca_file`); without it the controller serves plain HTTP
+(`--insecure-http` in process mode).
 Used by the controller's unit tests, and by anyone who needs a controller with a real
 fabric.
 """
@@ -60,8 +63,12 @@ class LiveController:
         hosts: list[str] | tuple[str, ...] = (),
         log_level: str = "warning",
         process: bool = False,
+        tls: bool = False,
+        run_args: tuple[str, ...] = (),
     ):
         self.process_mode = process
+        self.tls = tls
+        self.run_args = tuple(run_args)
         self.server = None
         self.thread: threading.Thread | None = None
         self.state_dir = Path(state_dir)
@@ -74,7 +81,17 @@ class LiveController:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.state_dir / "tls" / "ca.crt"
+
+    @property
+    def verify(self):
+        import ssl
+
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.tls else True
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -97,7 +114,8 @@ class LiveController:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "controller.cli", "run", "--state-dir", str(self.state_dir),
-             "--listen", f"127.0.0.1:{self.port}", "--log-level", self.log_level, "--synchronous", "NORMAL"],
+             "--listen", f"127.0.0.1:{self.port}", "--log-level", self.log_level, "--synchronous", "NORMAL",
+             *(() if self.tls else ("--insecure-http",)), *self.run_args],
             cwd=CHECKOUT, stdout=log, stderr=subprocess.STDOUT, env=_env(),
         )
         log.close()
@@ -106,7 +124,7 @@ class LiveController:
             if self.process.poll() is not None:
                 raise RuntimeError(f"controller exited with {self.process.returncode}: {self.log_path.read_text()}")
             try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=0.5).status_code == 200:
+                if httpx.get(f"{self.base_url}/healthz", timeout=0.5, verify=self.verify).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -120,9 +138,11 @@ class LiveController:
         from controller.fabric import Fabric
 
         self.fabric = Fabric.open(self.state_dir, synchronous="NORMAL")
+        tls = {"ssl_certfile": str(self.state_dir / "tls" / "server.crt"),
+               "ssl_keyfile": str(self.state_dir / "tls" / "server.key")} if self.tls else {}
         config = uvicorn.Config(create_app(self.fabric), host="127.0.0.1", port=self.port,
                                 log_level=self.log_level, access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=2)
+                                timeout_graceful_shutdown=2, **tls)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"controller-{self.port}", daemon=True)
         self.thread.start()
@@ -168,11 +188,13 @@ class LiveController:
         return (self.state_dir / "admin.token").read_text().strip()
 
     def host_token(self, host: str) -> str:
-        return (self.state_dir / "hosts" / f"{host}.token").read_text().strip()
+        from controller.cli import host_token_path
+
+        return host_token_path(self.state_dir, host).read_text().strip()
 
     def client(self, token: str | None = None, timeout: float = 30.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
+        client = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, verify=self.verify)
         self._clients.append(client)
         return client
 

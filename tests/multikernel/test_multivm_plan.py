@@ -15,7 +15,7 @@ def test_plan_gives_every_nic_a_unique_mac_and_a_tap_name_the_kernel_accepts(tmp
     assert len(set(taps)) == len(taps) and all(len(tap.encode()) <= 15 for tap in taps)
     # The topology's controller host is booted, so the controller runs there.
     assert plan.controller_host == "CON-HyperV1"
-    assert plan.controller_url == "http://10.0.0.11:8080"
+    assert plan.controller_url == "https://10.0.0.11:8080"
     assert [g.name for g in plan.guests if g.virtualization] == ["CON-HyperV6", "CON-HyperV7"]
     assert plan.restart_host == "CON-HyperV7"
 

@@ -254,7 +254,7 @@ def test_migration_updates_every_host_of_the_vm_network_and_only_those(fresh):
 
 
 def test_watch_sends_heartbeats_when_nothing_changes(seed):
-    watcher = Watcher(seed, "CON-HyperV3", heartbeat=0.2)
+    watcher = Watcher(seed, "CON-HyperV3", heartbeat=0.5)
     try:
         state = watcher.wait_for(lambda line: line["type"] == "state")
         beat = watcher.wait_for(lambda line: line["type"] == "heartbeat", timeout=3)
@@ -430,7 +430,7 @@ def test_bad_input_is_refused_with_field_and_reason_and_changes_nothing(seed):
         (admin.get("/v1/vms", params={"colour": "red"}), 422, "colour", "no field"),
         (admin.get("/v1/routers"), 404, None, "Not Found"),
         (admin.get("/v1/hosts/CON-HyperV6/state", params={"watch": 1, "heartbeat": 0}), 422, "heartbeat",
-         "greater than 0"),
+         "greater than or equal to 0.5"),
     ]
     for response, status, field, reason in cases:
         assert_refused(response, status, field, reason)
@@ -463,7 +463,7 @@ def test_token_command_mints_a_working_host_token_with_owner_only_mode(live_cont
     ctl = live_controller(hosts=["CON-HyperV6"])
     assert (ctl.state_dir / "admin.token").stat().st_mode & 0o777 == 0o600
     post(ctl.admin, "hosts", {"name": "CON-HyperV8", "nics": ["eth0"]})
-    assert main(["token", "--state-dir", str(ctl.state_dir), "--host", "CON-HyperV8"]) == 0
+    assert main(["token", "create", "--state-dir", str(ctl.state_dir), "--host", "CON-HyperV8"]) == 0
     path = ctl.state_dir / "hosts" / "CON-HyperV8.token"
     assert path.stat().st_mode & 0o777 == 0o600
     own = ctl.client_for("CON-HyperV8")  # minted while the controller runs: no restart needed

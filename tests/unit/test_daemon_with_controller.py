@@ -26,7 +26,7 @@ def test_agent_follows_the_real_controller_and_drives_its_sync_view(live_control
     reconciler = FakeReconciler()
     daemon = AgentDaemon(DaemonConfig(
         host=HOST, state_dir=tmp_path / "agent", controller_url=ctl.base_url, token=host_token,
-        metrics_address=None, resync_interval=0.2, heartbeat=0.2, reconnect_max_delay=0.5,
+        metrics_address=None, resync_interval=0.2, heartbeat=0.5, reconnect_max_delay=0.5,
         watch_kernel_events=False,
     ), reconciler)
     daemon.start()

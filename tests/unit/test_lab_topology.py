@@ -38,7 +38,7 @@ def test_seed_is_the_walkthroughs_fabric():
         "CON-HyperV6", "CON-HyperV7"]
     assert topology.switch.native_vlan == 1
     assert set(topology.switch.trunk_vlans) == {802, 100, 101}
-    assert topology.controller_url == "http://10.0.0.11:8080"
+    assert topology.controller_url == "https://10.0.0.11:8080"
     assert topology.switch_port(topology.host("CON-HyperV6"), "eth1") == "h6-eth1"
     assert topology.namespaces[0] == "lab-switch"
 
