@@ -238,8 +238,16 @@ class ControllerClient:
         answer = self.request("GET", "/v1/ip-addresses", params={k: v for k, v in params.items() if v is not None})
         return [parse_answer(Lease, lease) for lease in answer]
 
+    # --- the whole fabric ------------------------------------------------------------------
+
+    def apply_fabric(self, document: dict[str, Any], dry_run: bool = False, prune: bool = False) -> dict[str, Any]:
+        """POST /v1/fabric/apply: the controller makes the fabric hold the document, as
+        one transaction; its answer lists the changes (`{dry_run, prune, applied, changes}`)."""
+        params = {"dry_run": "true" if dry_run else "false", "prune": "true" if prune else "false"}
+        return self.request("POST", "/v1/fabric/apply", json=document, params=params)
+
     def live_fabric(self) -> Iterator[tuple[Kind, list[dict[str, Any]]]]:
-        """Every object of every kind, as JSON: what `hnvctl apply` diffs against."""
+        """Every object of every kind, as JSON."""
         for kind in Kind:
             yield kind, self.list_json(kind)
 
