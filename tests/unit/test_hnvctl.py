@@ -369,7 +369,7 @@ def test_a_refusal_in_the_middle_changes_nothing_and_names_the_object(hnvctl, tm
         assert code == 2 and out == ""
         line = one_line(err)
         assert line.startswith(f"hnvctl: {document}: vms[2] (TooMany): "), line
-        assert "Default" in line and "10.9.0.11" in line or "free" in line, line
+        assert "IP pool Small/Default/Default is exhausted" in line and line.endswith("(field vms[2].ca)"), line
         assert hnvctl.snapshot() == before
     assert "Small" not in {n["name"] for n in hnvctl.json("vm-network", "list")}
     assert "Midway" not in {g["name"] for g in hnvctl.json("host-group", "list")}
@@ -488,6 +488,33 @@ def test_tables_are_aligned(hnvctl):
     for row in lines[2:]:
         for start in starts[1:]:
             assert row[start - 1] == " ", row  # every column starts where its header does
+
+
+def test_hostile_status_text_never_reaches_the_terminal_raw(hnvctl, ctl):
+    """A host writes escape sequences into its status (through the real API, with its own
+    token): erase the line and rewrite it as InSync, retitle the window (OSC), reverse
+    the text (U+202E). `hnvctl hosts` shows them escaped, in the table and in JSON."""
+    hostile = "\x1b[2K\rCON-HyperV6 InSync \x1b]0;owned\x07 \u202etxet\u2028end"
+    desired = hnvctl.json("host", "show", "CON-HyperV6")["desired_generation"]
+    answer = ctl.client_for("CON-HyperV6").put(
+        "/v1/hosts/CON-HyperV6/status",
+        json={"generation": desired, "agent": "test",
+              "errors": [{"kind": "link", "object": "hnv-team", "errno": 1, "message": hostile}]},
+    )
+    assert answer.status_code == 200, answer.text
+    assert {h["name"]: h["reason"] for h in hnvctl.json("hosts")}["CON-HyperV6"] == f"hnv-team: {hostile}"
+    for argv in (["hosts"], ["host", "show", "CON-HyperV6"], ["-o", "json", "hosts"]):
+        out = hnvctl.ok(*argv)
+        assert not any(c in out for c in "\x1b\x07\r\u202e\u2028"), (argv, out)
+    table = hnvctl.ok("hosts")
+    row = next(line for line in table.splitlines() if line.startswith("CON-HyperV6 "))
+    assert row.split()[2] == "Error"  # the row still says what the controller says
+    assert "\\x1b[2K\\rCON-HyperV6 InSync \\x1b]0;owned\\x07 \\u202etxet\\u2028end" in row
+    # An error line quoting a hostile name is escaped too.
+    code, out, err = hnvctl("vm", "show", "evil\x1b[2J\u202e")
+    assert code == 2 and out == "" and not any(c in err for c in "\x1b\u202e"), err
+    hnvctl.ctl.client_for("CON-HyperV6").put(
+        "/v1/hosts/CON-HyperV6/status", json={"generation": desired, "agent": "test", "errors": []})
 
 
 def test_console_script_runs_as_a_process(hnvctl, ctl):
