@@ -23,6 +23,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.state import HostState, LookupRecord
+from agent.text import describe_validation_error
 from controller.models import STORED_OF, Kind, Lease, VirtualSwitch, Vm
 
 DEFAULT_CONTROLLER = "http://127.0.0.1:8080"
@@ -260,7 +261,7 @@ def parse_answer(model: type[ModelT], obj: dict[str, Any]) -> ModelT:
         return model.model_validate(known)
     except ValidationError as exc:
         raise ControllerUnavailable(
-            f"controller answered a {model.__name__} this client cannot read: {exc.errors()[0]['msg']}"
+            f"controller answered a {model.__name__} this client cannot read: {describe_validation_error(exc)[0]}"
         ) from None
 
 
