@@ -141,3 +141,22 @@ def test_prune_deletes_what_the_document_omits_dependants_first(ctl):
     back = ctl.admin.post(APPLY, json=TENANTS)
     assert back.status_code == 200, back.text
     assert {vm["name"] for vm in ctl.admin.get("/v1/vms").json()} >= {"TenantVM01", "TenantVM04"}
+
+
+def test_a_refused_prune_names_what_it_would_delete(ctl):
+    """The document keeps a cluster but omits its host group: pruning the group is
+    refused (in use), the error says it was the prune, and nothing changes."""
+    created = ctl.admin.post(APPLY, json={"hostGroups": [{"name": "Orphaned"}],
+                                          "clusters": [{"name": "KEPT", "hostGroup": "Orphaned"}]})
+    assert created.status_code == 200, created.text
+    live = {section: SEED.get(section, []) + TENANTS.get(section, []) for section in {**SEED, **TENANTS}
+            if not section.startswith("x-")}
+    everything_but_the_group = {**live, "clusters": live["clusters"] + [{"name": "KEPT", "hostGroup": "Orphaned"}]}
+    before = whole(ctl)
+    answer = ctl.admin.post(APPLY, params={"prune": "true"}, json=everything_but_the_group)
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"].startswith("prune (delete host-groups Orphaned): host group Orphaned is in use")
+    assert "cluster KEPT" in answer.json()["reason"]
+    assert whole(ctl) == before
+    ctl.admin.delete("/v1/clusters/KEPT")
+    ctl.admin.delete("/v1/host-groups/Orphaned")
