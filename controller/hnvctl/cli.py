@@ -137,9 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     hosts.add_argument("--wait", type=_seconds, metavar="SECONDS", help="wait until the hosts are InSync (exit 1 if not in time)")
     hosts.add_argument("--host", action="append", help="with --wait: only these hosts (repeat)")
     hosts.set_defaults(run=cmd_hosts)
-    apply = groups.add_parser("apply", help="make the fabric hold a document (idempotent)", parents=[common])
+    apply = groups.add_parser("apply", help="make the fabric hold the documents, as one transaction (idempotent)", parents=[common])
     apply.add_argument("-f", "--file", action="append", required=True, help="fabric YAML ('-' for stdin; repeat for several)")
-    apply.add_argument("--dry-run", action="store_true", help="print the changes, change nothing")
+    apply.add_argument("--dry-run", action="store_true", help="print the changes the controller would make, change nothing")
     apply.add_argument("--prune", action="store_true", help="also delete live objects the documents do not state")
     apply.set_defaults(run=cmd_apply)
     return parser
