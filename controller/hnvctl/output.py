@@ -167,14 +167,10 @@ class Output:
         print(json.dumps(data, indent=2, default=str, ensure_ascii=True), file=self.stdout)
 
     def say(self, text: str) -> None:
-        """A human message: in JSON mode it stays off stdout so stdout stays JSON."""
+        """A one-line human message (escaped whole, line breaks too): in JSON mode it
+        stays off stdout so stdout stays JSON."""
         if self.fmt != "json":
-            print(printable_lines(text), file=self.stdout)
-
-
-def printable_lines(text: str) -> str:
-    """Each line escaped; the line breaks themselves kept (a message of several lines)."""
-    return "\n".join(printable(line) for line in str(text).split("\n"))
+            print(printable(text), file=self.stdout)
 
 
 def error_line(message: object, stream: TextIO) -> None:
