@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.state import parse_host_state
@@ -137,8 +138,16 @@ def test_apply_fabric_in_process_for_the_lab(hnvctl, ctl, tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text("hostGroups: [{name: InProcess}]\n")
     documents = read_documents([str(SEED), str(TENANTS), str(extra)])
-    with ControllerClient(ctl.base_url, ctl.admin_token) as client:
+    sent = []
+
+    class Counting(httpx.HTTPTransport):
+        def handle_request(self, request):
+            sent.append(f"{request.method} {request.url.path}")
+            return super().handle_request(request)
+
+    with ControllerClient(ctl.base_url, ctl.admin_token, transport=Counting()) as client:
         planned = apply_fabric(client, documents, dry_run=True)
+        assert sent == ["POST /v1/fabric/apply"]  # three files, one request
         assert [c["summary"] for c in planned] == ["+ host group InProcess"]
         assert planned[0]["path"] == f"{extra}: hostGroups[0]"  # back in the file that states it
         assert apply_fabric(client, documents) == planned
