@@ -114,6 +114,7 @@ _REFUSALS = {
     404: "the document names an object that does not exist (field: where it names it)",
     409: "the fabric refuses a change (in use, exists, no placement, pool exhausted); nothing changed",
     422: "the document is not valid (field: its path), or the fabric refuses a value; nothing changed",
+    503: "the database is busy (another writer holds it): nothing changed, retry after Retry-After seconds",
 }
 
 

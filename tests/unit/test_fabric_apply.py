@@ -41,7 +41,7 @@ def whole(ctl) -> dict:
 def test_the_route_is_in_the_openapi_with_its_answers(ctl):
     spec = ctl.client().get("/openapi.json").json()
     post = spec["paths"][APPLY]["post"]
-    assert {"200", "401", "403", "404", "409", "422"} <= set(post["responses"])
+    assert {"200", "401", "403", "404", "409", "422", "503"} <= set(post["responses"])
     assert {p["name"] for p in post["parameters"]} >= {"dry_run", "prune"}
     assert "vms" in post["requestBody"]["content"]["application/json"]["schema"]["properties"]
 
