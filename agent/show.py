@@ -13,7 +13,7 @@ import json
 from ipaddress import ip_interface
 from typing import Any
 
-from agent import naming
+from agent import naming, text
 from agent.kernel_model import KernelState
 from agent.tunnels import TunnelStats
 
@@ -102,15 +102,8 @@ def ports(have: KernelState) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]], columns: tuple[str, ...] | None = None) -> str:
     """Rows as a Format-Table style text table (header, dashes, one line per row)."""
-    if not rows:
-        return "(none)"
-    columns = columns or tuple(rows[0])
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    lines = [" ".join(c.ljust(widths[c]) for c in columns).rstrip(),
-             " ".join("-" * widths[c] for c in columns)]
-    for row in rows:
-        lines.append(" ".join(str(row.get(c, "")).ljust(widths[c]) for c in columns).rstrip())
-    return "\n".join(lines)
+    columns = columns or (tuple(rows[0]) if rows else ())
+    return text.format_table(columns, [[row.get(c, "") for c in columns] for row in rows], empty="(none)")
 
 
 def render(view: str, rows: list[dict[str, Any]], output: str = "table") -> str:

@@ -43,6 +43,8 @@ from pydantic import (
     model_validator,
 )
 
+from agent.text import describe_validation_error  # noqa: F401 - also imported from here
+
 VSID_MIN = 4096
 VSID_MAX = 16_777_214
 VLAN_MIN = 1
@@ -554,29 +556,6 @@ class StateError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("; ".join(problems))
-
-
-_FIELD_PATH_RE = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): ")
-
-
-def describe_validation_error(exc: ValidationError) -> list[str]:
-    """Turn pydantic's errors into 'field.path: reason' lines a person can act on."""
-    lines = []
-    for error in exc.errors(include_url=False):
-        path = ".".join(
-            f"[{part}]" if isinstance(part, int) else str(part) for part in error["loc"]
-        ).replace(".[", "[")
-        message = error["msg"]
-        for prefix in ("Value error, ", "Assertion failed, "):
-            if message.startswith(prefix):
-                message = message[len(prefix) :]
-        # A model-level check already starts with its own field path; nest it.
-        match = _FIELD_PATH_RE.match(message)
-        if match:
-            inner, message = match.group(1), message[match.end() :]
-            path = f"{path}.{inner}" if path else inner
-        lines.append(f"{path}: {message}" if path else message)
-    return lines
 
 
 def parse_host_state(document: bytes | str | dict[str, Any]) -> HostState:

@@ -10,6 +10,8 @@ import resource
 import time
 from dataclasses import dataclass
 
+from agent.text import format_table
+
 
 @dataclass(frozen=True)
 class Row:
@@ -32,16 +34,8 @@ HEADINGS = ("section", "what", "value", "baseline", "ratio", "target", "")
 
 
 def render(rows: list[Row]) -> str:
-    cells = [HEADINGS] + [
-        (r.section, r.what, r.value, r.baseline, r.ratio, r.target, r.verdict) for r in rows
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADINGS))]
-    lines = []
-    for n, row in enumerate(cells):
-        lines.append(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-        if n == 0:
-            lines.append("-+-".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return format_table(HEADINGS, [(r.section, r.what, r.value, r.baseline, r.ratio, r.target, r.verdict)
+                                   for r in rows], gap=" | ", rule_gap="-+-", rule_under_header_only=False)
 
 
 def rate(count: int, seconds: float, unit: str = "records/s") -> str:

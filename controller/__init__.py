@@ -8,5 +8,7 @@ customer and provider addresses and MACs, and compiles for every host the
 Rooms: `models` (the objects as users write them), `store` (SQLite, the only code that
 touches the database), `allocate` (VSID, address, MAC, routing-domain id choices),
 `placement` (which host gets a VM), `compiler` (fabric -> HostState), `fabric` (the
-validated operations, one transaction each), `auth` (tokens), `api` (HTTP), `cli`.
+validated operations, one transaction each), `fabric_document` (the declarative fabric
+document, planned and applied as one transaction), `auth` (tokens), `api` and
+`api_apply` (HTTP), `cli`; `client` and the `hnvctl` package are the REST client side.
 """

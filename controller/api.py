@@ -22,7 +22,6 @@ it must not touch the store or compute fabric rules itself.
 import asyncio
 import json
 import logging
-import re
 import time
 from collections import defaultdict
 from typing import Any, Literal
@@ -37,7 +36,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.state import LookupRecord
+from agent.text import validation_problems
 from agent.watch import STATUS_MAX_ERRORS, STATUS_MAX_TEXT
+from controller.api_apply import add_fabric_routes
 from controller.auth import OWN_HOST, PUBLIC, Authenticator
 from controller.fabric import RETRY_AFTER_BUSY_S, Fabric, HostView, SyncView
 from controller.gate import RequestGate
@@ -219,7 +220,7 @@ def create_app(fabric: Fabric, max_body_bytes: int = 64 * 1024, max_batch_bytes:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        field, reason = describe_request_error(exc.errors()[0])
+        field, reason = validation_problems(exc.errors()[:1])[0]
         return JSONResponse(
             status_code=422,
             content={"error": f"{request.method} {request.url.path}: {field or 'body'}: {reason}",
@@ -242,6 +243,7 @@ def create_app(fabric: Fabric, max_body_bytes: int = 64 * 1024, max_batch_bytes:
 
     for kind in Kind:
         _add_collection(app, fabric, kind)
+    add_fabric_routes(app, fabric, auth)
 
     # --- hosts: virtual switch, state, status, lookup records --------------------------
 
@@ -324,29 +326,6 @@ def create_app(fabric: Fabric, max_body_bytes: int = 64 * 1024, max_batch_bytes:
     app.add_middleware(RequestGate, routes_of=app, auth=auth, max_body_bytes=max_body_bytes,
                        max_batch_bytes=max_batch_bytes)
     return app
-
-
-_LEADING_FIELD = re.compile(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+(?:\[\d+\])?)*): ")
-
-
-def describe_request_error(error: dict[str, Any]) -> tuple[str | None, str]:
-    """(field path like 'subnet_vlans[0].vlan', reason) of one pydantic request error.
-
-    A model-level check names its own field at the start of its message
-    ('nics: a NIC is listed twice'); that name is joined to the location.
-    """
-    parts = [part for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
-    field = ""
-    for part in parts:
-        field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
-    reason = str(error.get("msg", "invalid"))
-    for prefix in ("Value error, ", "Assertion failed, "):
-        reason = reason.removeprefix(prefix)
-    match = _LEADING_FIELD.match(reason)
-    if match:
-        field = f"{field}.{match.group(1)}" if field else match.group(1)
-        reason = reason[match.end():]
-    return field or None, reason
 
 
 def _sync_fields(view: SyncView) -> dict[str, Any]:

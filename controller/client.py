@@ -24,6 +24,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.state import HostState, LookupRecord
+from agent.text import describe_validation_error
 from controller.models import STORED_OF, Kind, Lease, VirtualSwitch, Vm
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:8080"
@@ -257,8 +258,16 @@ class ControllerClient:
         answer = self.request("GET", "/v1/ip-addresses", params={k: v for k, v in params.items() if v is not None})
         return [parse_answer(Lease, lease) for lease in answer]
 
+    # --- the whole fabric ------------------------------------------------------------------
+
+    def apply_fabric(self, document: dict[str, Any], dry_run: bool = False, prune: bool = False) -> dict[str, Any]:
+        """POST /v1/fabric/apply: the controller makes the fabric hold the document, as
+        one transaction; its answer lists the changes (`{dry_run, prune, applied, changes}`)."""
+        params = {"dry_run": "true" if dry_run else "false", "prune": "true" if prune else "false"}
+        return self.request("POST", "/v1/fabric/apply", json=document, params=params)
+
     def live_fabric(self) -> Iterator[tuple[Kind, list[dict[str, Any]]]]:
-        """Every object of every kind, as JSON: what `hnvctl apply` diffs against."""
+        """Every object of every kind, as JSON."""
         for kind in Kind:
             yield kind, self.list_json(kind)
 
@@ -271,7 +280,7 @@ def parse_answer(model: type[ModelT], obj: dict[str, Any]) -> ModelT:
         return model.model_validate(known)
     except ValidationError as exc:
         raise ControllerUnavailable(
-            f"controller answered a {model.__name__} this client cannot read: {exc.errors()[0]['msg']}"
+            f"controller answered a {model.__name__} this client cannot read: {describe_validation_error(exc)[0]}"
         ) from None
 
 

@@ -21,6 +21,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from agent.text import format_table as text_table
+
 # Kernel modules that provide the features below. The VM runner loads the same list
 # inside the guest. Names are the distribution kernel's (Debian linux-image-amd64):
 # ip_gre provides gretap (and pulls in gre), 8021q provides VLAN devices.
@@ -136,12 +138,8 @@ def missing(load_modules: bool = True) -> list[str]:
 
 
 def format_table(results: dict[str, FeatureResult]) -> str:
-    width = max(len(name) for name in results)
-    rows = [f"kernel {os.uname().release}"]
-    for r in results.values():
-        state = "yes" if r.present else "NO "
-        rows.append(f"  {r.name:<{width}}  {state}  {r.reason}".rstrip())
-    return "\n".join(rows)
+    rows = [(r.name, "yes" if r.present else "NO", r.reason) for r in results.values()]
+    return f"kernel {os.uname().release}\n" + text_table(None, rows, gap="  ", indent="  ")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,11 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.state import parse_host_state
 from controller.client import ControllerClient
-from controller.hnvctl import apply_fabric, load_documents, main
+from controller.hnvctl import apply_fabric, main, read_documents
 from controller.models import Kind
 from tests.lib.controller import CHECKOUT, LiveController, free_port
 from tests.lib.seed_fabric import add_tenants, build_seed_fabric
@@ -136,14 +137,21 @@ def test_dry_run_prints_exactly_the_change_and_changes_nothing(hnvctl, tmp_path)
 def test_apply_fabric_in_process_for_the_lab(hnvctl, ctl, tmp_path):
     extra = tmp_path / "extra.yaml"
     extra.write_text("hostGroups: [{name: InProcess}]\n")
-    document = load_documents([str(SEED), str(TENANTS), str(extra)])
-    heard = []
-    with ControllerClient(ctl.base_url, ctl.admin_token) as client:
-        assert [c.describe() for c in apply_fabric(client, document, dry_run=True)] == ["+ host group InProcess"]
-        assert heard == []
-        changes = apply_fabric(client, document, progress=heard.append)
-        assert heard == changes and [c.describe() for c in changes] == ["+ host group InProcess"]
-        assert apply_fabric(client, document) == []
+    documents = read_documents([str(SEED), str(TENANTS), str(extra)])
+    sent = []
+
+    class Counting(httpx.HTTPTransport):
+        def handle_request(self, request):
+            sent.append(f"{request.method} {request.url.path}")
+            return super().handle_request(request)
+
+    with ControllerClient(ctl.base_url, ctl.admin_token, transport=Counting()) as client:
+        planned = apply_fabric(client, documents, dry_run=True)
+        assert sent == ["POST /v1/fabric/apply"]  # three files, one request
+        assert [c["summary"] for c in planned] == ["+ host group InProcess"]
+        assert planned[0]["path"] == f"{extra}: hostGroups[0]"  # back in the file that states it
+        assert apply_fabric(client, documents) == planned
+        assert apply_fabric(client, documents) == []
         client.delete(Kind.host_group, "InProcess")
 
 
@@ -291,19 +299,27 @@ BAD_DOCUMENTS = {
         "    subnets: [{name: Default, prefix: 192.168.0.5/24}]\n",
         "vmNetworks[0].subnets[0].prefix: 192.168.0.5/24 has host bits set",
     ),
+    # The rules across objects are the controller's; its refusal names the document's object.
     "missing reference": (
         "hostGroups: [{name: NewGroup}]\nvms: [{name: Lost, vmNetwork: Fabrikam9}]\n",
-        "vms[0].vmNetwork: VM network Fabrikam9 is not in the document nor on the controller",
+        "vms[0] (Lost): VM Lost: VM network Fabrikam9 does not exist: no VM network is called Fabrikam9 "
+        "(field vms[0].vmNetwork)",
     ),
     "fixed field": (
         "logicalNetworks: [{name: Virtualization, networkVirtualization: true, encapsulation: vxlan}]\n",
-        "logicalNetworks[0].encapsulation: logical network Virtualization has encapsulation nvgre on the controller "
-        "and it cannot change after create",
+        "logicalNetworks[0] (Virtualization): logical network Virtualization: encapsulation cannot be changed: "
+        "only description, mtu can change",
     ),
     "isolation": (
         "vmNetworks: [{name: Fabrikam9, logicalNetwork: Management, isolation: WindowsNetworkVirtualization}]\n",
-        "vmNetworks[0].isolation: logical network Management does not allow network virtualisation",
+        "vmNetworks[0] (Fabrikam9): VM network Fabrikam9: logical network Management does not allow network "
+        "virtualisation",
     ),
+    "duplicate": (
+        "hostGroups:\n  - {name: Twice}\n  - {name: Twice}\n",
+        "hostGroups[1].name: host group Twice is already defined at",
+    ),
+    "key twice": ("hostGroups:\n  - name: G\n    name: H\n", "line 3, column 5: key 'name' is given twice"),
 }
 
 
@@ -340,20 +356,72 @@ def test_bad_commands_change_nothing(hnvctl, argv, expected):
     assert hnvctl.snapshot() == before
 
 
-def test_a_refusal_midway_says_what_was_done(hnvctl, tmp_path):
+def test_a_refusal_in_the_middle_changes_nothing_and_names_the_object(hnvctl, tmp_path):
+    """All or nothing: the third VM does not fit its pool of two addresses. Nothing of the
+    document is created (not the VM network, its subnet, its pool, nor the first two VMs)
+    and the refusal names the third VM where the document states it."""
     document = tmp_path / "fabric.yaml"
     document.write_text(
         "hostGroups: [{name: Midway}]\n"
-        "vms: [{name: Stray, vmNetwork: Fabrikam2, host: CON-HyperV3}]\n"
+        "vmNetworks:\n"
+        "  - name: Small\n    logicalNetwork: Virtualization\n"
+        "    subnets:\n      - name: Default\n        prefix: 10.9.0.0/24\n"
+        "        ipPools: [{name: Default, rangeStart: 10.9.0.10, rangeEnd: 10.9.0.11}]\n"
+        "vms:\n"
+        "  - {name: Fits1, vmNetwork: Small, host: CON-HyperV6}\n"
+        "  - {name: Fits2, vmNetwork: Small, host: CON-HyperV7}\n"
+        "  - {name: TooMany, vmNetwork: Small, host: CON-HyperV6}\n"
     )
-    code, out, err = hnvctl("apply", "-f", str(document))
-    assert code == 2
-    assert out == "+ host group Midway\n"
+    before = hnvctl.snapshot()
+    for dry_run in ((), ("--dry-run",)):  # a dry run refuses exactly as the real run
+        code, out, err = hnvctl("apply", "-f", str(document), *dry_run)
+        assert code == 2 and out == ""
+        line = one_line(err)
+        assert line.startswith(f"hnvctl: {document}: vms[2] (TooMany): "), line
+        assert "IP pool Small/Default/Default is exhausted" in line and line.endswith("(field vms[2].ca)"), line
+        assert hnvctl.snapshot() == before
+    assert "Small" not in {n["name"] for n in hnvctl.json("vm-network", "list")}
+    assert "Midway" not in {g["name"] for g in hnvctl.json("host-group", "list")}
+
+
+def test_a_refusal_in_a_second_file_names_that_file(hnvctl, tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("hostGroups: [{name: FirstFile}]\nvms: [{name: Fine, vmNetwork: Fabrikam2, host: CON-HyperV6}]\n")
+    second.write_text("vms: [{name: Stray, vmNetwork: Fabrikam2, host: CON-HyperV3}]\n")
+    before = hnvctl.snapshot()
+    code, out, err = hnvctl("apply", "-f", str(first), "-f", str(second))
+    assert code == 2 and out == ""
     line = one_line(err)
-    assert line.startswith(f"hnvctl: {document}: stopped at creating VM Stray: ")
-    assert line.endswith("; 1 of 2 changes done; last done: + host group Midway; 1 not done")
-    assert "Stray" not in {vm["name"] for vm in hnvctl.json("vm", "list")}
-    assert hnvctl.ok("host-group", "delete", "Midway") == "deleted host group Midway\n"
+    assert line.startswith(f"hnvctl: {second}: vms[0] (Stray): "), line
+    assert "CON-HyperV3" in line and "(field vms[0].host)" in line
+    assert hnvctl.snapshot() == before
+
+
+def test_dry_run_answers_the_real_runs_change_list(hnvctl, tmp_path):
+    document = tmp_path / "fabric.yaml"
+    document.write_text(
+        "hostGroups: [{name: Rehearsed, description: first}]\n"
+        "logicalNetworks: [{name: Virtualization, mtu: 1400}]\n"
+        "vms: [{name: TenantVM02, vmNetwork: Fabrikam2, host: CON-HyperV6}]\n"
+    )
+    before = hnvctl.snapshot()
+    planned = hnvctl.json("apply", "-f", str(document), "--dry-run")
+    assert planned["dry_run"] is True and planned["applied"] is False
+    assert hnvctl.snapshot() == before
+    done = hnvctl.json("apply", "-f", str(document))
+    assert done["applied"] is True and done["changes"] == planned["changes"]
+    assert [c["summary"] for c in done["changes"]] == [
+        "+ host group Rehearsed",
+        "~ logical network Virtualization (mtu: 1500 -> 1400)",
+        "~ VM TenantVM02 (host: CON-HyperV7 -> CON-HyperV6)",
+    ]
+    assert done["changes"][1]["fields"] == [{"field": "mtu", "before": 1500, "after": 1400}]
+    assert hnvctl.json("vm", "show", "TenantVM02")["host"] == "CON-HyperV6"
+    assert hnvctl.ok("apply", "-f", str(document)).startswith("no changes")
+    document.write_text("logicalNetworks: [{name: Virtualization, mtu: 1500}]\n"
+                        "vms: [{name: TenantVM02, vmNetwork: Fabrikam2, host: CON-HyperV7}]\n")
+    hnvctl.ok("apply", "-f", str(document))
+    assert hnvctl.ok("host-group", "delete", "Rehearsed") == "deleted host group Rehearsed\n"
 
 
 def test_prune_deletes_what_the_documents_omit_children_first(hnvctl):
@@ -429,6 +497,33 @@ def test_tables_are_aligned(hnvctl):
     for row in lines[2:]:
         for start in starts[1:]:
             assert row[start - 1] == " ", row  # every column starts where its header does
+
+
+def test_hostile_status_text_never_reaches_the_terminal_raw(hnvctl, ctl):
+    """A host writes escape sequences into its status (through the real API, with its own
+    token): erase the line and rewrite it as InSync, retitle the window (OSC), reverse
+    the text (U+202E). `hnvctl hosts` shows them escaped, in the table and in JSON."""
+    hostile = "\x1b[2K\rCON-HyperV6 InSync \x1b]0;owned\x07 \u202etxet\u2028end"
+    desired = hnvctl.json("host", "show", "CON-HyperV6")["desired_generation"]
+    answer = ctl.client_for("CON-HyperV6").put(
+        "/v1/hosts/CON-HyperV6/status",
+        json={"generation": desired, "agent": "test",
+              "errors": [{"kind": "link", "object": "hnv-team", "errno": 1, "message": hostile}]},
+    )
+    assert answer.status_code == 200, answer.text
+    assert {h["name"]: h["reason"] for h in hnvctl.json("hosts")}["CON-HyperV6"] == f"hnv-team: {hostile}"
+    for argv in (["hosts"], ["host", "show", "CON-HyperV6"], ["-o", "json", "hosts"]):
+        out = hnvctl.ok(*argv)
+        assert not any(c in out for c in "\x1b\x07\r\u202e\u2028"), (argv, out)
+    table = hnvctl.ok("hosts")
+    row = next(line for line in table.splitlines() if line.startswith("CON-HyperV6 "))
+    assert row.split()[2] == "Error"  # the row still says what the controller says
+    assert "\\x1b[2K\\rCON-HyperV6 InSync \\x1b]0;owned\\x07 \\u202etxet\\u2028end" in row
+    # An error line quoting a hostile name is escaped too.
+    code, out, err = hnvctl("vm", "show", "evil\x1b[2J\u202e")
+    assert code == 2 and out == "" and not any(c in err for c in "\x1b\u202e"), err
+    hnvctl.ctl.client_for("CON-HyperV6").put(
+        "/v1/hosts/CON-HyperV6/status", json={"generation": desired, "agent": "test", "errors": []})
 
 
 def test_console_script_runs_as_a_process(hnvctl, ctl):

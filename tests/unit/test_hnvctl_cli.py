@@ -11,7 +11,9 @@ import io
 
 import pytest
 
-from controller.hnvctl import _subnet_vlan, format_table, main
+from controller.hnvctl.cli import main
+from controller.hnvctl.flags import subnet_vlan as _subnet_vlan
+from controller.hnvctl.output import format_table
 from tests.lib.controller import free_port
 
 
