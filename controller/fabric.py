@@ -37,6 +37,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
+from agent.logfmt import quote as logfmt_quote
 from agent.state import HostState, LookupRecord, describe_validation_error
 from controller.allocate import (
     allocate_address,
@@ -1187,9 +1188,8 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _quoted(text: object) -> str:
-    """A log value: quoted when it has spaces, so a line stays one event of key=value pairs."""
-    text = str(text)
-    return f'"{text}"' if (" " in text or not text) else text
+    """A log value (agent.logfmt): quoted and escaped, so a line stays one event of key=value pairs."""
+    return logfmt_quote(text)
 
 
 def _uuid_of(kind: str, key: str, obj: Any) -> str:
