@@ -21,34 +21,33 @@ Rules:
 
 It may not decide what to do (that is the plan) and never deletes what the plan did not
 name. Lab ports (kind namespace): the agent plays the hypervisor and builds the VM's end
-in the VM's namespace (created when missing): a veth whose host end is the port and
-whose VM end is ``eth0`` with the VM's MAC, CA and a default route via the gateway.
+in the VM's namespace: a veth whose host end is the port and whose VM end is ``eth0``
+with the VM's MAC, CA and a default route via the gateway. A namespace the agent had to
+create is marked as openhnv's (agent.netns.ensure_vm_netns); when the plan deletes the
+port (the VM left the host), a namespace bearing that mark for this port is removed with
+it, and a namespace that was there before the agent is only emptied of ``eth0``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno as errno_codes
 import logging
 import os
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from pyroute2 import IPRoute, netns as pyroute2_netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent import naming
 from agent.kernel_model import Address, BridgeVlan, Fdb, Link, Neighbour, Route
 from agent.netlink_batch import EntryError, FdbEntry, NeighbourSocket, NeighEntry
+from agent.netns import ensure_vm_netns, in_netns, netns_name_of_nsid, remove_netns, vm_netns_marker_of
 from agent.plan import Op, Plan
 from agent.tunnels import GRE_KEY_FLAG
 
 log = logging.getLogger("openhnv.agent.apply")
 
-NETNS_RUN_DIR = "/run/netns"
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 BRIDGE_FLAGS_SELF = 2
 BRIDGE_VLAN_INFO_PVID = 0x2
 BRIDGE_VLAN_INFO_UNTAGGED = 0x4
@@ -125,48 +124,11 @@ _GONE = (errno_codes.ENODEV, errno_codes.ENOENT, errno_codes.EADDRNOTAVAIL, errn
 # --- namespaces ----------------------------------------------------------------------------
 
 
-def in_netns(netns: str | None, func: Callable[[], Any]) -> Any:
-    """Run `func` with the calling thread in network namespace `netns` (None: here).
-
-    setns() moves only the calling thread, so a short-lived thread does it and the
-    agent's own threads never change namespace. /proc/sys/net follows the thread's
-    namespace, which is what the sysctl writes below rely on.
-    """
-    if netns is None:
-        return func()
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            fd = os.open(os.path.join(NETNS_RUN_DIR, netns), os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    code = ctypes.get_errno()
-                    raise OSError(code, f"setns into {netns}: {os.strerror(code)}")
-            finally:
-                os.close(fd)
-            result["value"] = func()
-        except BaseException as exc:  # handed to the caller's thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, name=f"netns-{netns}")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result.get("value")
-
-
 def write_sysctl(netns: str | None, path: str, value: int) -> None:
     def write() -> None:
         with open(path, "w") as handle:
             handle.write(str(value))
     in_netns(netns, write)
-
-
-def ensure_netns(name: str) -> None:
-    if name not in pyroute2_netns.listnetns():
-        pyroute2_netns.create(name)
 
 
 # --- the applier -----------------------------------------------------------------------
@@ -175,10 +137,11 @@ def ensure_netns(name: str) -> None:
 class Applier:
     """Carries out plans on one namespace. Not thread-safe: one reconcile at a time."""
 
-    def __init__(self, ipr: IPRoute, records: NeighbourSocket, netns: str | None = None):
+    def __init__(self, ipr: IPRoute, records: NeighbourSocket, netns: str | None = None, host: str = ""):
         self.ipr = ipr
         self.records = records
         self.netns = netns
+        self.host = host  # the HostState's host: part of the mark on a VM namespace made here
         self._index: dict[str, int] = {}
 
     # -- the loop --------------------------------------------------------------------
@@ -341,6 +304,9 @@ class Applier:
 
     def _remove_link(self, op: Op) -> None:
         old: Link = op.observed
+        if op.action == "delete" and old.role == naming.PORT and old.kind == "veth":
+            self._remove_vm_port(old)
+            return
         if op.action == "release":
             try:
                 self.ipr.link("set", index=self.index(old.name), master=0)
@@ -362,10 +328,44 @@ class Applier:
 
     # -- lab VM ports -----------------------------------------------------------------
 
+    def _remove_vm_port(self, port: Link) -> None:
+        """Delete a VM port, and the VM's namespace with it when the agent made that namespace.
+
+        Why the namespace goes first: it is found through the port (the host end's veth
+        peer lives in it); deleting the port first and failing before the namespace would
+        leave a namespace nothing points to any more. Removing the name first and failing
+        before the port leaves the port, which the next reconcile deletes as before.
+        """
+        namespace = self._vm_netns_of(port)
+        if namespace is not None:
+            log.info("VM port %s: removing namespace %s, which this agent created for its VM",
+                     port.name, namespace)
+            remove_netns(namespace)
+        self._delete_link(port.name)
+
+    def _vm_netns_of(self, port: Link) -> str | None:
+        """The named namespace of ``port``'s VM end, if it bears openhnv's mark for this port.
+
+        A namespace without the mark (one the agent found already there) is never named here.
+        """
+        try:
+            message = self.ipr.link("get", index=self.index(port.name))[0]
+        except (KernelError, NetlinkError):
+            return None  # the port is already gone, its VM end with it
+        nsid = message.get_attr("IFLA_LINK_NETNSID")
+        name = netns_name_of_nsid(self.ipr, nsid) if nsid is not None else None
+        if name is None:
+            return None
+        try:
+            mark = naming.parse_vm_netns_marker(vm_netns_marker_of(name))
+        except (OSError, NetlinkError):
+            return None
+        return name if mark is not None and mark[0] == port.name else None
+
     def _create_vm_port(self, link: Link) -> None:
         end = link.vm
         assert end is not None
-        ensure_netns(end.namespace)
+        ensure_vm_netns(end.namespace, naming.vm_netns_marker(link.name, self.host))
         vm_name = link.key.rpartition(":")[0]
         with IPRoute(netns=end.namespace) as vm:
             stale = vm.link_lookup(ifname=naming.VM_IFNAME)

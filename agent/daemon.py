@@ -17,6 +17,16 @@ does the work):
   wakes for a document, for kernel events (debounced: a burst of notifications, most of
   them caused by our own writes, becomes one reconcile), and every resync interval.
 
+Supervision: the watch, status, kernel events and loop threads run under
+agent.supervision. Whatever one of them raises (a callback that fails, an error no one
+foresaw), the supervisor logs it with its traceback, counts it in
+``hnv_agent_thread_restarts_total{thread}`` and starts the thread again after a capped
+backoff; a restarted kernel event watch also wakes the loop, which reconciles whatever
+changed while no one listened. ``healthy()`` (and /healthz, 503 when not) is false while
+the loop is stalled or any supervised thread is down or has not yet run a while without
+failing; /healthz names the thread and its last error. A systemd watchdog fed only while
+``healthy()`` restarts an agent whose thread keeps failing.
+
 Restart semantics: the last accepted state is loaded from disk before the controller is
 contacted, and the first reconcile runs against it; when the kernel already matches, its
 plan is empty and nothing is written, so tenant traffic never notices the restart. With
@@ -42,7 +52,9 @@ from typing import Any, Protocol
 from agent.events import KernelEventWatch
 from agent.intake import IntakeDecision, StateFileError, StateStore, Verdict, decide
 from agent.metrics import AgentMetrics, ObservabilityServer
+from agent.logfmt import quote as _q
 from agent.state import HostState
+from agent.supervision import Supervisor
 from agent.watch import Backoff, ControllerEndpoint, StatusReport, StatusReporter, WatchStream
 
 log = logging.getLogger("agent.daemon")
@@ -54,6 +66,7 @@ PERIODIC_DUTY_FACTOR = 2.0  # idle at least this many times the last reconcile's
 TUNNEL_STATS_WAIT = 2.0  # seconds a scrape waits for a running reconcile
 NETNS_HELPER_TIMEOUT = 30  # seconds pyroute2 waits for its namespace helper process
 LOOP_STALL_LIMIT = 60.0  # seconds without a loop turn before /healthz says 503
+SUPERVISED_THREADS = ("watch", "status", "kernel_events", "loop")
 
 
 class ReconcilerLike(Protocol):
@@ -78,6 +91,8 @@ class DaemonConfig:
     reconnect_max_delay: float = 30.0
     watch_kernel_events: bool = True
     ca_file: str | None = None  # CA that signed the controller's certificate (https://)
+    # A restarted thread counts as up again once it has run this long without failing.
+    thread_stable_after: float = 10.0
 
 
 @dataclass
@@ -135,14 +150,6 @@ def _error_entry(error: Any) -> dict[str, Any]:
     }
 
 
-def _q(value: object) -> str:
-    """A log value, double-quoted when it holds spaces or quotes (logfmt)."""
-    text = str(value)
-    if text and not any(c in text for c in ' "=\n'):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
 class AgentDaemon:
     """The reconcile loop and its helpers; ``start`` then ``stop`` (or ``run_forever``)."""
 
@@ -188,7 +195,14 @@ class AgentDaemon:
         self._loop_tick = time.monotonic()
         self._last_event_reconcile = 0.0
         self._stop = threading.Event()
-        self._loop_thread: threading.Thread | None = None
+        self._loop_runs = 0  # how many times the loop body started (more than 1: restarted)
+        self.supervisor = Supervisor(
+            backoff=Backoff(initial=0.5, cap=config.reconnect_max_delay),
+            stable_after=config.thread_stable_after,
+            on_restart=self._on_thread_restart,
+        )
+        for name in SUPERVISED_THREADS:  # every series present from the first scrape, at 0
+            self.metrics.thread_restarts.labels(thread=name)
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -202,23 +216,23 @@ class AgentDaemon:
             self.server.start()
             log.info("event=metrics_listening address=%s port=%d", self.config.metrics_address, self.server.port)
         if self.kernel_events is not None:
-            self.kernel_events.start()
+            self.supervisor.start("kernel_events", self.kernel_events.run)
             self.kernel_events.ready.wait(5.0)
-        self._loop_thread = threading.Thread(target=self._loop, name="hnv-loop", daemon=True)
-        self._loop_thread.start()
-        self.reporter.start()
-        self.watch.start()
+        self.supervisor.start("loop", self._loop)
+        self.supervisor.start("status", self.reporter.run)
+        self.supervisor.start("watch", self.watch.run)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the threads. The kernel is left exactly as it is (no cleanup on exit)."""
+        # Why the supervisor first: a thread told to stop must not be restarted.
+        self.supervisor.stop()
         self._stop.set()
         self.inbox.stop()
         self.watch.stop()
-        self.reporter.stop(timeout)
+        self.reporter.stop()
         if self.kernel_events is not None:
-            self.kernel_events.stop(timeout)
-        if self._loop_thread is not None:
-            self._loop_thread.join(timeout)
+            self.kernel_events.stop()
+        self.supervisor.join(timeout)
         if self.server is not None:
             self.server.stop()
 
@@ -249,23 +263,34 @@ class AgentDaemon:
         log.info("event=agent_stopped")
         return 0
 
+    def healthy(self) -> bool:
+        """True while the agent works: the loop turns and every supervised thread is up.
+
+        What /healthz answers (200 or 503) and what a systemd watchdog should be fed on.
+        """
+        return self.health()[0]
+
     def health(self) -> tuple[bool, dict[str, Any]]:
+        """(healthy, the /healthz body): generations, connection, last reconcile, threads."""
         # The loop turns at least once per resync interval, or once per reconcile when a
         # large first apply takes long; a loop stuck far longer (a hung netlink call) is
         # not alive even if the process is.
         stall_limit = max(10 * self.config.resync_interval, LOOP_STALL_LIMIT)
-        alive = (
-            self._loop_thread is not None
-            and self._loop_thread.is_alive()
-            and time.monotonic() - self._loop_tick < stall_limit
-        )
+        threads = self.supervisor.health()
+        loop = threads.get("loop")
+        loop_turning = loop is not None and loop.up and time.monotonic() - self._loop_tick < stall_limit
+        down = sorted(name for name, thread in threads.items() if not thread.up)
+        if loop is not None and loop.up and not loop_turning:
+            down.append("loop")  # alive, but stuck
         body = {
             "applied_generation": self.applied_generation,
             "desired_generation": self.desired_generation,
             "controller_connected": self.controller_connected,
             "last_reconcile": self.last_reconcile,
+            "threads": {name: thread.as_dict() for name, thread in threads.items()},
+            "threads_down": down,
         }
-        return alive, body
+        return loop_turning and not down, body
 
     def _tunnel_stats(self) -> list[Any]:
         """Per-tunnel counters for a scrape; gives up rather than hold a scrape for long."""
@@ -277,6 +302,12 @@ class AgentDaemon:
             self._kernel_lock.release()
 
     # --- callbacks from other threads: record and signal only ---------------------------
+
+    def _on_thread_restart(self, thread: str, reason: str) -> None:
+        self.metrics.thread_restarts.labels(thread=thread).inc()
+        if thread == "kernel_events":
+            # Notifications were missed while no one listened: reconcile once for them.
+            self.inbox.note_kernel_event("kernel event watch restarted")
 
     def _on_document(self, document: Any) -> None:
         self.inbox.put_document(document)
@@ -315,8 +346,10 @@ class AgentDaemon:
         log.info("event=state_loaded generation=%d path=%s", state.generation, self.store.path)
 
     def _loop(self) -> None:
+        self._loop_runs += 1
+        self._loop_tick = time.monotonic()
         if self.held is not None:
-            self._reconcile(self.held, reason="startup")
+            self._reconcile(self.held, reason="startup" if self._loop_runs == 1 else "loop_restart")
         next_resync = self._next_resync()
         while not self._stop.is_set():
             self._loop_tick = time.monotonic()

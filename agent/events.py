@@ -6,6 +6,9 @@ turned into a one-line description and handed to a callback, which records it an
 the reconcile loop (the loop debounces a burst into one reconcile). It never writes to
 the kernel and never decides what the kernel should hold; the periodic reconcile remains
 the safety net for anything missed here (a full socket buffer drops notifications).
+In the agent ``run`` is supervised (agent.supervision): a failed subscription or read
+is logged, counted and subscribed again, and the daemon reconciles once for whatever
+changed while no one was listening.
 
 What counts as relevant, and why:
 - every link message (RTM_NEWLINK / RTM_DELLINK): a deleted tunnel, a port pulled off the
@@ -33,7 +36,8 @@ from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.ndmsg import NUD_NOARP, NUD_PERMANENT
 
-from agent.apply import in_netns
+from agent.logfmt import quote
+from agent.netns import in_netns
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,9 @@ class KernelEventWatch:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="hnv-events", daemon=True)
+        """Run in a thread of its own, unsupervised: a failure is only recorded in ``failed``
+        (the agent supervises ``run`` instead, which restarts it)."""
+        self._thread = threading.Thread(target=self._run_unsupervised, name="hnv-events", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -80,17 +86,25 @@ class KernelEventWatch:
         if self._thread is not None and timeout:
             self._thread.join(timeout)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Read notifications until ``stop``; a failure is recorded in ``failed`` and raised."""
+        self.failed = None
         try:
             # The reader's thread itself enters the namespace (setns moves one thread),
             # so the socket is opened there without pyroute2 forking a helper process:
             # a fork of a threaded daemon is fragile, and slow under emulation.
             in_netns(self.netns, lambda: asyncio.run(self._follow()))
-        except Exception as exc:  # the periodic reconcile still covers drift
+        except Exception as exc:
             self.failed = f"{type(exc).__name__}: {exc}"
-            log.error("event=kernel_events_failed netns=%s reason=%r", self.netns, self.failed)
+            raise
         finally:
             self.ready.set()
+
+    def _run_unsupervised(self) -> None:
+        try:
+            self.run()
+        except Exception:  # the periodic reconcile still covers drift
+            log.error("event=kernel_events_failed netns=%s reason=%s", self.netns, quote(self.failed))
 
     async def _follow(self) -> None:
         ipr = AsyncIPRoute()

@@ -28,6 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from agent.logfmt import quote
 from agent.state import HostState
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class TunnelStatsCollector(Collector):
         try:
             stats = list(self.read_stats())
         except Exception as exc:
-            log.warning("event=tunnel_stats_failed reason=%r", f"{type(exc).__name__}: {exc}")
+            log.warning("event=tunnel_stats_failed reason=%s", quote(f"{type(exc).__name__}: {exc}"))
             stats = []
         for tunnel in stats:
             labels = (str(tunnel.name), str(tunnel.vsid), str(tunnel.remote))
@@ -118,6 +119,11 @@ class AgentMetrics:
         self.applied_generation = Gauge(
             "hnv_agent_applied_generation", "Generation the last reconcile applied", registry=r,
         )
+        self.thread_restarts = Counter(
+            "hnv_agent_thread_restarts",
+            "Times a thread of the agent (watch, status, kernel_events, loop) failed and was "
+            "started again by its supervisor", ["thread"], registry=r,
+        )
         if read_tunnel_stats is not None:
             r.register(TunnelStatsCollector(read_tunnel_stats))
 
@@ -147,8 +153,8 @@ def _replace_series(gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> No
 class ObservabilityServer:
     """A threaded HTTP server: GET /metrics and GET /healthz, nothing else.
 
-    ``health()`` returns (alive, body); /healthz answers 200 with the body when alive,
-    503 otherwise. ``address`` is "host:port" or "[v6]:port"; port 0 picks a free one
+    ``health()`` returns (healthy, body); /healthz answers 200 with the body when healthy,
+    503 otherwise (the daemon's health: the loop turning and every supervised thread up). ``address`` is "host:port" or "[v6]:port"; port 0 picks a free one
     (``port`` tells which).
     """
 

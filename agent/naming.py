@@ -95,3 +95,28 @@ def gateway_mac(vsid: int) -> str:
     derived from the VSID alone, so that every host answers the gateway with the same
     MAC and a migrated VM's ARP cache stays right."""
     return "02:48:4e:%02x:%02x:%02x" % ((vsid >> 16) & 0xFF, (vsid >> 8) & 0xFF, vsid & 0xFF)
+
+
+# A lab VM's namespace that the agent created carries this mark on its loopback device:
+# ``openhnv:netns:<port device>@<host>``. The port device names the VM (hashed), the host
+# lets a lab tell its own VMs from another lab's on the same kernel.
+NETNS = "netns"
+_HOST_TAG_MAX = 200  # keeps the whole mark within IFALIASZ (256 bytes with its NUL)
+
+
+def host_tag(host: str) -> str:
+    """The host part of a VM namespace mark: the name, or a hash when it is too long."""
+    return host if len(host.encode()) <= _HOST_TAG_MAX else "sha1-" + _short_hash(host)
+
+
+def vm_netns_marker(port_device: str, host: str) -> str:
+    return marker(NETNS, f"{port_device}@{host_tag(host)}")
+
+
+def parse_vm_netns_marker(alias: str | None) -> tuple[str, str] | None:
+    """(port device, host tag) of a VM namespace mark, or None when it is not one."""
+    owner = parse_marker(alias)
+    if owner is None or owner[0] != NETNS or "@" not in owner[1]:
+        return None
+    port, _, host = owner[1].partition("@")
+    return port, host

@@ -44,14 +44,14 @@ whose entry is already gone counts as done (ENOENT is success).
 
 from __future__ import annotations
 
-import ctypes
 import errno as errno_codes
 import os
 import socket
 import struct
-import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+from agent.netns import in_netns
 
 # --- netlink / rtnetlink constants (linux/netlink.h, linux/rtnetlink.h, linux/neighbour.h)
 
@@ -95,7 +95,6 @@ NUD_PERMANENT = 0x80
 _FDB_STATIC_STATE = NUD_NOARP | NUD_REACHABLE
 
 AF_BRIDGE = 7
-CLONE_NEWNET = 0x40000000
 
 _HEADER = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _NDMSG = struct.Struct("=BxxxiHBB")  # ndmsg: family, pad, pad16, ifindex, state, flags, type
@@ -218,46 +217,14 @@ def describe_entry(entry: FdbEntry | NeighEntry) -> str:
 # --- the namespace ---------------------------------------------------------------------
 
 
-def _netns_path(netns: str) -> str:
-    return netns if netns.startswith("/") else f"/run/netns/{netns}"
-
-
 def _create_in_netns(netns: str | None, factory: Callable[[], socket.socket]) -> socket.socket:
-    """Run ``factory`` inside ``netns``: a socket keeps the namespace it was created in.
-
-    setns(2) moves only the calling thread, so a short-lived thread enters the namespace,
-    creates the socket and ends; the caller's thread never leaves its own namespace.
-    """
-    if netns is None:
-        return factory()
-    result: dict[str, object] = {}
-
-    def enter_and_create() -> None:
-        try:
-            fd = os.open(_netns_path(netns), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            result["error"] = NetlinkBatchError(exc.errno, f"network namespace {netns}: {exc.strerror}")
-            return
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                code = ctypes.get_errno()
-                result["error"] = NetlinkBatchError(
-                    code, f"network namespace {netns}: setns failed: {os.strerror(code)}"
-                )
-                return
-            result["socket"] = factory()
-        except Exception as exc:  # noqa: BLE001 - handed to the caller's thread
-            result["error"] = exc
-        finally:
-            os.close(fd)
-
-    thread = threading.Thread(target=enter_and_create, name=f"netns-{netns}")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]  # type: ignore[misc]
-    return result["socket"]  # type: ignore[return-value]
+    """Run ``factory`` inside ``netns``: a socket keeps the namespace it was created in."""
+    try:
+        return in_netns(netns, factory)
+    except NetlinkBatchError:
+        raise
+    except OSError as exc:  # the namespace cannot be opened or entered
+        raise NetlinkBatchError(exc.errno, str(exc.strerror or exc)) from None
 
 
 def _open_rtnetlink(receive_buffer: int) -> socket.socket:

@@ -7,10 +7,17 @@ call costs ~10 ms and, in a loop, file descriptors). The daemon (agent.daemon) c
 calls it once.
 
     rec = Reconciler(netns="hnv-host1")
-    result = rec.reconcile(state)        # ReconcileResult; never raises for a kernel refusal
+    result = rec.reconcile(state)        # ReconcileResult; never raises for a netlink failure
     rec.plan(state).describe()           # what would change, without writing
     rec.tunnel_stats()                   # per-tunnel counters
     rec.close()
+
+Netlink failures are reconcile errors, never crashes: an OSError, a pyroute2
+``NetlinkError`` (not an OSError) or a dump the kernel interrupted because the table
+changed under it (``NetlinkDumpInterrupted``) while reading the kernel back or while
+applying becomes an ``ObjectError`` of kind ``host`` in the result; the sockets are then
+closed, so the next reconcile starts on fresh ones. An interrupted read is first taken
+again, up to ``DUMP_ATTEMPTS`` times, as ``ip`` does.
 
 It may not talk netlink itself (agent.observe reads, agent.apply writes) nor decide
 what the kernel should hold (agent.plan).
@@ -24,6 +31,7 @@ from dataclasses import dataclass, field
 
 import pyroute2.config
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
 from agent.apply import Applier, ObjectError
 from agent.kernel_model import KernelState
@@ -37,6 +45,9 @@ __all__ = ["ObjectError", "ReconcileResult", "Reconciler", "Plan", "TunnelStats"
 
 log = logging.getLogger("openhnv.agent.reconcile")
 NETNS_HELPER_TIMEOUT_S = 30
+DUMP_ATTEMPTS = 3  # reads of the kernel before an ever-changing table is a reconcile error
+# What a failing namespace or socket raises; pyroute2's NetlinkError is not an OSError.
+NETLINK_FAILURES = (OSError, NetlinkError)
 
 
 @dataclass
@@ -75,8 +86,17 @@ class Reconciler:
         return self._ipr, self._records
 
     def observe(self) -> KernelState:
-        ipr, records = self._sockets()
-        return observe(ipr, records)
+        """One consistent read of the kernel; an interrupted dump is taken again."""
+        for attempt in range(1, DUMP_ATTEMPTS + 1):
+            ipr, records = self._sockets()
+            try:
+                return observe(ipr, records)
+            except NetlinkDumpInterrupted:
+                if attempt == DUMP_ATTEMPTS:
+                    raise
+                log.info("reading the kernel back: a dump was interrupted (attempt %d of %d)",
+                         attempt, DUMP_ATTEMPTS)
+        raise AssertionError("unreachable")
 
     def plan(self, desired: HostState) -> Plan:
         """What reconcile would do now: observe and diff, no writes."""
@@ -87,14 +107,17 @@ class Reconciler:
         want = desired_kernel_state(desired)
         try:
             plan = diff(want, self.observe())
-        except OSError as exc:
+        except NETLINK_FAILURES as exc:
             # The namespace or the socket itself failed: nothing was written.
-            self.close()
-            error = ObjectError("host", self.netns or "", exc.errno, f"reading the kernel back: {exc}")
-            return ReconcileResult(desired.generation, 0, 0, [error],
-                                   time.monotonic() - started, want.counts())
-        ipr, records = self._sockets()
-        applied, errors = Applier(ipr, records, self.netns).apply(plan) if plan.ops else (0, [])
+            return self._failed(desired, want, started, "reading the kernel back", exc)
+        try:
+            ipr, records = self._sockets()
+            applier = Applier(ipr, records, self.netns, host=desired.host)
+            applied, errors = applier.apply(plan) if plan.ops else (0, [])
+        except NETLINK_FAILURES as exc:
+            # Per-object refusals are ObjectErrors inside apply; this is the socket or the
+            # namespace itself (its first dump of links, a batch send that broke off).
+            return self._failed(desired, want, started, "applying the plan", exc, plan)
         result = ReconcileResult(
             generation=desired.generation, planned=len(plan), applied=applied, errors=errors,
             duration_s=time.monotonic() - started, objects_by_kind=want.counts(), plan=plan,
@@ -103,6 +126,19 @@ class Reconciler:
             log.info("reconciled generation %d: %d planned, %d applied, %d errors in %.3f s",
                      result.generation, result.planned, result.applied, len(errors), result.duration_s)
         return result
+
+    def _failed(self, desired: HostState, want: KernelState, started: float, doing: str,
+                exc: Exception, plan: Plan | None = None) -> ReconcileResult:
+        """A reconcile the socket or namespace failed: one host-level error, fresh sockets next."""
+        self.close()
+        code = getattr(exc, "errno", None) if isinstance(exc, OSError) else getattr(exc, "code", None)
+        what = "the kernel kept changing the table during the dump" if isinstance(exc, NetlinkDumpInterrupted) \
+            else f"{type(exc).__name__}: {exc}"
+        error = ObjectError("host", self.netns or "", code if isinstance(code, int) and code > 0 else None,
+                            f"{doing}: {what}")
+        log.warning("reconcile of generation %d failed %s: %s", desired.generation, doing, what)
+        return ReconcileResult(desired.generation, len(plan) if plan else 0, 0, [error],
+                               time.monotonic() - started, want.counts(), plan)
 
     def tunnel_stats(self) -> list[TunnelStats]:
         ipr, _ = self._sockets()

@@ -9,7 +9,9 @@ Owns the HTTP conversation with the controller and nothing else:
   (a half-open TCP connection never says so): the read timeout is ``heartbeat x
   missed_heartbeats``. Every way a connection ends (refused, 4xx, 5xx, timeout, garbage on
   the line) leads to the same place: reconnect after a capped exponential backoff with
-  jitter, so a thousand agents do not hammer a controller that just came back.
+  jitter, so a thousand agents do not hammer a controller that just came back. Anything
+  else (a callback that raises, a bug) ends ``run`` with the exception: in the agent the
+  thread runs under agent.supervision, which logs it, counts it and starts ``run`` again.
 - ``StatusReporter`` sends ``PUT /v1/hosts/{host}/status`` from its own thread, latest
   status wins, retried with the same backoff until the controller has it.
 
@@ -32,6 +34,8 @@ from importlib import metadata
 from typing import Any
 
 import httpx
+
+from agent.logfmt import quote as _quote
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +74,6 @@ def describe_error_response(response: httpx.Response) -> str:
             text += f" (field {body['field']})"
         return text
     return f"HTTP {response.status_code} {response.reason_phrase}".strip()
-
-
-def _quote(value: object) -> str:
-    return json.dumps(str(value))
 
 
 class ControllerEndpoint:
@@ -137,7 +137,8 @@ class WatchStream:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="hnv-watch", daemon=True)
+        """Run in a thread of its own, unsupervised (the agent supervises ``run`` instead)."""
+        self._thread = threading.Thread(target=self.run, name="hnv-watch", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -146,7 +147,8 @@ class WatchStream:
         if self._thread is not None and timeout:
             self._thread.join(timeout)
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Follow the stream until ``stop``; raises only what no reconnect can mend."""
         attempt = 0
         while not self._stop.is_set():
             received = self._follow_once()
@@ -192,11 +194,18 @@ class WatchStream:
                         received += 1
         except httpx.ReadTimeout:
             reason = f"no message for {read_timeout:g}s ({self.missed_heartbeats} heartbeats missed)"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.StreamError, httpx.InvalidURL) as exc:
+            # StreamError and InvalidURL are not HTTPErrors, yet end a connection all the same.
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except (ValueError, KeyError, TypeError) as exc:
             # Not NDJSON, or not our messages: the stream is out of step; start over.
             reason = f"malformed message on the stream: {exc}"
+        except BaseException as exc:
+            # Anything else (a callback that raised) ends run(); the stream is down all the same.
+            reason = f"{type(exc).__name__}: {exc}"
+            if connected:
+                self.on_connection(False, reason)
+            raise
         if connected:
             log.warning("event=watch_lost controller=%s reason=%s", self.endpoint.url, _quote(reason))
             self.on_connection(False, reason)
@@ -269,7 +278,8 @@ class StatusReporter:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="hnv-status", daemon=True)
+        """Run in a thread of its own, unsupervised (the agent supervises ``run`` instead)."""
+        self._thread = threading.Thread(target=self.run, name="hnv-status", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
@@ -292,7 +302,8 @@ class StatusReporter:
                 self._pending = self._last_sent
                 self._condition.notify_all()
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Send reports until ``stop``; a report not yet sent when this raises is kept."""
         client = self.endpoint.client(httpx.Timeout(self.timeout))
         attempt = 0
         try:
@@ -321,7 +332,7 @@ class StatusReporter:
     def _put(self, client: httpx.Client, report: StatusReport) -> bool:
         try:
             response = client.put(self.endpoint.status_path(), json=report.body())
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.StreamError, httpx.InvalidURL) as exc:
             log.warning(
                 "event=status_unsent generation=%d reason=%s",
                 report.generation, _quote(f"{type(exc).__name__}: {exc}"),

@@ -35,7 +35,6 @@ import os
 import random
 import re
 import resource
-import signal
 import socket
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.table import Row, Stopwatch, Timing, seconds
+from netns_lab.processes import stop_process
 
 SECTION = "convergence"
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -241,12 +241,7 @@ def controller_server(state_dir: Path, port: int, log):
     try:
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, grace=20)
         log_file.close()
 
 

@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from agent.netns import netns_exec_argv
 from bench.table import Row
 
 SECTION = "datapath"
@@ -86,7 +87,7 @@ SWITCH_NETNS = "dp-switch"
 
 
 def sh(*argv: str, netns: str | None = None, check: bool = True, timeout: float = 120) -> str:
-    full = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
+    full = netns_exec_argv(netns, argv)
     proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(full)}: exit {proc.returncode}: {proc.stderr.strip()}")

@@ -3,8 +3,10 @@
 Owns the lab record (``/run/openhnv-lab/<lab>.json``): the list of namespaces, links and
 processes the lab made, each written to the record *before* it is created, so that
 ``down`` after a crash at any instant still knows everything that may exist and removes
-exactly that, and nothing else. Also owns the small shell every lab command uses to
-reach into a namespace (``run``, ``entered_netns``).
+exactly that, and nothing else; and finding the VM namespaces the agents made (through
+the hosts' veths, and by the mark an agent puts on a VM namespace it creates). Also owns
+the small shell every lab command uses to reach into a namespace (``run``,
+``entered_netns``, both on agent.netns).
 
 What gets built (the seed's cabling):
 
@@ -26,21 +28,20 @@ owns (team, virtual switch, PAs, tunnels, VMs).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from agent import naming, netns as agent_netns
+from agent.netns import netns_exec_argv
 from netns_lab.topology import Topology
 
 RECORD_DIR = Path(os.environ.get("OPENHNV_LAB_RUN_DIR", "/run/openhnv-lab"))
 NETNS_DIR = Path("/run/netns")
-CLONE_NEWNET = 0x40000000
 
 
 class LabError(RuntimeError):
@@ -53,7 +54,7 @@ class LabError(RuntimeError):
 def run(argv: Sequence[str], *, netns: str | None = None, check: bool = True,
         timeout: float = 60, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` (inside ``netns`` through ``ip netns exec`` when given), capture text."""
-    full = ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
+    full = netns_exec_argv(netns, argv)
     try:
         proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout,
                               input=input, check=False)
@@ -73,37 +74,19 @@ def ip_batch(netns: str, commands: Sequence[str], tool: str = "ip") -> None:
         run([tool, "-n", netns, "-batch", "-"], input="\n".join(commands) + "\n")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno))
-
-
 @contextlib.contextmanager
 def entered_netns(name: str) -> Iterator[None]:
     """Move the calling thread into network namespace ``name`` for the ``with`` block.
 
     Sockets opened inside the block live in that namespace (an HTTP client talking to
     the controller over the lab's management network). setns() applies to the calling
-    thread only, and the original namespace is restored on exit, also on error.
+    thread only, and the original namespace is restored on exit, also on error
+    (agent.netns.entered_netns; here with the lab's error when the lab is not up).
     """
-    path = NETNS_DIR / name
-    if not path.exists():
+    if not (NETNS_DIR / name).exists():
         raise LabError(f"namespace {name} does not exist (is the lab up?)")
-    original = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
-    target = os.open(path, os.O_RDONLY)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(original)
-    finally:
-        os.close(target)
-        os.close(original)
+    with agent_netns.entered_netns(name):
+        yield
 
 
 def namespace_exists(name: str) -> bool:
@@ -275,10 +258,30 @@ def peer_namespaces(netns: str) -> set[str]:
     return peers
 
 
-def discover_vm_namespaces(record: LabRecord) -> list[str]:
-    """Namespaces joined to a lab host by a veth that the lab did not create itself."""
+def marked_vm_namespaces(record: LabRecord) -> set[str]:
+    """Namespaces an agent of this lab created for a VM, found by their mark alone.
+
+    The agents mark each VM namespace they create (agent.netns.ensure_vm_netns) with the
+    host's name; this finds one even when no veth leads to it any more (its port was
+    deleted, its host namespace is gone). Another lab's VMs carry other host names.
+    """
     own = set(record.namespaces)
-    found = set(record.vm_namespaces)
+    hosts = {naming.host_tag(ns) for ns in record.namespaces}
+    found = set()
+    for ns in agent_netns.netns_names() - own:
+        try:
+            mark = naming.parse_vm_netns_marker(agent_netns.vm_netns_marker_of(ns))
+        except Exception:  # noqa: BLE001 - a stale name or a namespace we may not enter
+            continue
+        if mark is not None and mark[1] in hosts:
+            found.add(ns)
+    return found
+
+
+def discover_vm_namespaces(record: LabRecord) -> list[str]:
+    """The lab's VM namespaces: joined to a lab host by a veth, or marked by a lab agent."""
+    own = set(record.namespaces)
+    found = set(record.vm_namespaces) | marked_vm_namespaces(record)
     for ns in record.namespaces:
         if ns == record.namespaces[0] or not namespace_exists(ns):
             continue  # the switch's peers are the hosts
@@ -305,8 +308,8 @@ def teardown(record: LabRecord) -> list[str]:
         record.vm_namespaces = vm_namespaces
         record.save()
     removed = []
-    # VMs first: their namespaces are found through the hosts' veths, which vanish with
-    # the host namespaces.
+    # VMs first: some are found only through the hosts' veths (a VM namespace someone
+    # else made), which vanish with the host namespaces.
     for ns in [*record.vm_namespaces, *reversed(record.namespaces)]:
         if not namespace_exists(ns):
             continue

@@ -28,7 +28,9 @@ from scapy.packet import Packet
 from scapy.utils import PcapReader
 
 from agent.nvgre import decapsulate
+from agent.netns import netns_exec_argv
 from netns_lab.build import LabError, namespace_exists
+from netns_lab.processes import stop_process
 from netns_lab.tcpdump import tcpdump_argv
 from netns_lab.topology import Topology
 
@@ -140,8 +142,7 @@ class Capture:
                  bpf_filter: str = ""):
         self.netns, self.interface, self.pcap = netns, interface, pcap
         count_args = ("-c", str(count)) if count else ()
-        self.argv = ["ip", "netns", "exec", netns,
-                     *tcpdump_argv(interface, pcap, bpf_filter, *count_args)]
+        self.argv = netns_exec_argv(netns, tcpdump_argv(interface, pcap, bpf_filter, *count_args))
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Capture:
@@ -165,13 +166,8 @@ class Capture:
         self.stop()
 
     def stop(self) -> list[DecodedFrame]:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGINT)  # SIGINT: tcpdump flushes the file first
         if self.proc is not None and self.proc.stderr:
             self.proc.stderr.close()
         return read_pcap(self.pcap) if self.pcap.exists() and self.pcap.stat().st_size else []

@@ -557,6 +557,25 @@ def run_walkthrough(w: Walkthrough) -> None:
             f"{vsids['Fabrikam2']} (Fabrikam2), PAs {sorted(filter(None, expected_pas))}, "
             f"CAs {sorted(filter(None, expected_cas))}")
 
+    w.step(f"VM delete: TenantVM05 leaves {hv_b}, and its namespace goes with it")
+    w.cmdlet('Remove-SCVirtualMachine -VM "TenantVM05"')
+    w.ctl("vm", "delete", "TenantVM05")
+    w.wait_in_sync([hv_a, hv_b], "vm-delete")
+    # The agent made the VM's namespace (as a hypervisor makes the VM) and removes it
+    # with its port; nothing is left for `down` to find.
+    gone = _wait_for(lambda: not build.namespace_exists("TenantVM05"), SYNC_TIMEOUT)
+    w.check("vm-delete-removes-namespace", gone,
+            f"namespace TenantVM05 {'removed' if gone else 'still present'} after the VM was deleted")
+
+
+def _wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(SYNC_POLL)
+    return True
+
 
 def _kernel_records(result: Result) -> list[dict[str, str]]:
     """``hnv-agent show records -o json`` rows (Get-NetVirtualizationLookupRecord's

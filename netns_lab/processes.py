@@ -5,7 +5,9 @@ management network, as VMM and its hosts do; the controller's certificate names 
 address, the agents verify it against the controller's CA file), waiting until they answer, and stopping
 exactly the processes the lab record lists. A pid alone is not proof of identity after a
 crash (pids are reused), so each entry also keeps the process's start time from
-``/proc/<pid>/stat`` and only a process with both is signalled.
+``/proc/<pid>/stat`` and only a process with both is signalled. Also owns
+``stop_process``, the one way the labs, the tests and the benchmarks stop a child they
+started with Popen (signal, grace period, SIGKILL, reap).
 
 Work directory layout (``record.workdir``, on a local file system)::
 
@@ -24,19 +26,20 @@ It never touches links or namespaces (``netns_lab.build``).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from netns_lab.build import CLONE_NEWNET, NETNS_DIR, LabError, LabRecord, ProcessEntry, entered_netns
+from agent.netns import enter_netns_for_good
+from netns_lab.build import LabError, LabRecord, ProcessEntry, entered_netns
 from netns_lab.topology import Topology
 
 
@@ -93,9 +96,6 @@ def is_alive(entry: ProcessEntry) -> bool:
     return bool(fields) and fields[0] != "Z" and int(fields[19]) == entry.start_time
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def _enter_host(netns: str) -> None:
     """Become a process of host ``netns`` for good: its network namespace, nothing else.
 
@@ -105,12 +105,7 @@ def _enter_host(netns: str) -> None:
     ("setting the network namespace failed: Invalid argument"). The daemons read
     /proc/sys/net, which follows the network namespace; nothing of theirs reads /sys.
     """
-    fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            raise OSError(ctypes.get_errno(), f"setns into {netns}")
-    finally:
-        os.close(fd)
+    enter_netns_for_good(netns)
 
 
 def _main_of(entry: ProcessEntry) -> Callable[[list[str]], int]:
@@ -291,6 +286,25 @@ def _reap(pid: int) -> None:
     """Collect the exit status of a daemon this process forked (nothing if not ours)."""
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 10.0) -> int:
+    """Stop a child started with Popen: ``sig``, ``grace`` seconds to exit, then SIGKILL.
+
+    The one way the labs, the tests and the benchmarks stop a process they started
+    (SIGINT lets tcpdump flush its capture file; SIGTERM lets a daemon finish its
+    request). Always reaps it; returns its exit status (negative: the signal that ended
+    it). A process that already exited is only reaped.
+    """
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    return proc.wait()
 
 
 def stop_all(record: LabRecord) -> list[str]:

@@ -13,8 +13,9 @@ Owns no state; must not touch the store (that is the engine, `controller.fabric.
 
 from __future__ import annotations
 
+from agent.logfmt import quote
+
 import ipaddress
-import json
 import logging
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -186,13 +187,9 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _quoted(text: object) -> str:
-    """A logfmt value: bare when it is one plain word, else a JSON string (quoted, with
-    '"', '\\' and control characters escaped), so a line stays one event of key=value
+    """A logfmt value (agent.logfmt's one quoting), so a line stays one event of key=value
     pairs whatever a request's names and reasons hold."""
-    text = str(text)
-    if text and not any(c in text for c in ' "=\\') and text.isprintable():
-        return text
-    return json.dumps(text, ensure_ascii=False)
+    return quote(text)
 
 
 def _uuid_of(kind: str, key: str, obj: Any) -> str:

@@ -47,6 +47,8 @@ REQUIRED_CHECKS = (
     "record-follows-migration",
     "ping-after-migration",
     "nvgre-on-the-wire",
+    "in-sync-vm-delete",
+    "vm-delete-removes-namespace",
 )
 
 
@@ -219,3 +221,33 @@ def test_the_management_network_carries_no_token_in_clear(clean_lab, tmp_path):
     assert not leaked, f"tokens in clear on the management network: {leaked}"
     assert b"Authorization" not in wire and b"Bearer" not in wire
     assert b"\x16\x03" in wire, "no TLS handshake record in the capture"
+
+
+def test_down_removes_a_lab_vm_namespace_no_veth_leads_to(clean_lab):
+    """A VM namespace an agent of this lab made, whose port is gone (so no veth of a host
+    leads to it), is still the lab's: `down` removes it by the agent's mark. A namespace
+    marked by another lab's agent, and an unmarked one, are not the lab's."""
+    from agent import naming
+    from agent.netns import ensure_vm_netns
+
+    orphan, other_lab, bystander = "orphan-vm-lab-test", "other-lab-vm-test", "bystander-lab-test"
+    subprocess.run(["ip", "netns", "add", bystander], check=True)
+    ensure_vm_netns(other_lab, naming.vm_netns_marker(naming.vm_port("ElsewhereVM"), "HOST-OF-ANOTHER-LAB"))
+    try:
+        before = _snapshot()
+        up = subprocess.run([*HNV_LAB, "up", "--no-daemons"], capture_output=True, text=True,
+                            timeout=300, check=False)
+        assert up.returncode == 0, up.stderr
+        # What an agent on the lab's first host does for a VM, with the port since deleted.
+        ensure_vm_netns(orphan, naming.vm_netns_marker(naming.vm_port("OrphanVM"), TOPOLOGY.hosts[0].name))
+        status = subprocess.run([*HNV_LAB, "status"], capture_output=True, text=True, timeout=300, check=False)
+        assert f"vm   {orphan}" in status.stdout
+
+        down = subprocess.run([*HNV_LAB, "down"], capture_output=True, text=True, timeout=300, check=False)
+        assert down.returncode == 0, down.stderr
+        assert f"namespace {orphan}" in down.stdout
+        assert {other_lab, bystander} <= _namespaces()
+        _assert_nothing_left(before)
+    finally:
+        for name in (orphan, other_lab, bystander):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)

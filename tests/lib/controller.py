@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from netns_lab.processes import stop_process
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -158,13 +159,8 @@ class LiveController:
             self.thread.join(timeout=10)
             self.fabric.store.close()
             self.server = self.thread = None
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
         self.process = None
 
     def restart(self) -> None:

@@ -27,6 +27,8 @@ import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from agent.netns import netns_exec_argv
+from netns_lab.processes import stop_process
 from netns_lab.tcpdump import tcpdump_argv
 
 
@@ -45,7 +47,7 @@ class CommandFailed(Exception):
 def run(argv: Sequence[str], *, check: bool = True, timeout: float = 30,
         namespace: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``argv`` (in ``namespace`` if given), capture text output, raise CommandFailed."""
-    full = ["ip", "netns", "exec", namespace, *argv] if namespace else list(argv)
+    full = netns_exec_argv(namespace, argv)
     proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise CommandFailed(namespace, argv, proc.returncode, proc.stderr)
@@ -74,7 +76,7 @@ class Namespace:
     def popen(self, *argv: str, **kwargs) -> subprocess.Popen:
         """Start a long-running process in the namespace; it is stopped at teardown."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
-        proc = subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kwargs)
+        proc = subprocess.Popen(netns_exec_argv(self.name, argv), **kwargs)
         self._procs.append(proc)
         return proc
 
@@ -109,23 +111,12 @@ class Namespace:
         try:
             yield pcap
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, signal.SIGINT)
 
     def stop_processes(self) -> None:
         """Stop what :meth:`popen` started, then anything else still in the namespace."""
         for proc in self._procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, grace=5)
         self._procs.clear()
         # Processes started some other way (a daemon that forked, `ip netns exec` by hand).
         pids = run(["ip", "netns", "pids", self.name], check=False).stdout.split()

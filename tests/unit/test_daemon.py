@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,6 +331,68 @@ def test_healthz_is_503_when_the_loop_is_not_running(tmp_path, controller):
         daemon.server.stop()
 
 
+def restarts_of(daemon: AgentDaemon, thread: str) -> float:
+    exposition = httpx.get(f"http://127.0.0.1:{daemon.server.port}/metrics").text
+    return sample(exposition, f'hnv_agent_thread_restarts_total{{thread="{thread}"}}')
+
+
+def test_a_raising_watch_callback_does_not_stop_the_watch(tmp_path, controller, daemons, caplog):
+    reconciler = FakeReconciler()
+    controller.publish(HOST, host_state(HOST, 1))
+    daemon = make_daemon(tmp_path, controller.url, reconciler)
+    deliver, failed = daemon.watch.on_state, []
+
+    def fails_once(document):
+        if not failed:
+            failed.append(document)
+            raise RuntimeError("a bug in the state callback")
+        deliver(document)
+
+    daemon.watch.on_state = fails_once
+    with caplog.at_level(logging.ERROR, logger="agent.supervision"):
+        start(daemons, daemon)
+        # The supervisor starts the watch again: it reconnects and gets generation 1 anew.
+        controller.wait_for_status(HOST, lambda s: s["generation"] == 1)
+    controller.publish(HOST, host_state(HOST, 2, ca="192.168.0.20"))
+    controller.wait_for_status(HOST, lambda s: s["generation"] == 2 and s["sync"] == "InSync")
+    assert failed and reconciler.applied_generations == [1, 2]
+    assert restarts_of(daemon, "watch") == 1
+    assert restarts_of(daemon, "loop") == restarts_of(daemon, "status") == 0
+    line = next(r.getMessage() for r in caplog.records if "event=thread_failed" in r.getMessage())
+    assert 'thread=watch' in line and 'reason="RuntimeError: a bug in the state callback"' in line
+
+
+def test_healthz_names_a_thread_that_keeps_failing_until_it_recovers(tmp_path, controller, daemons):
+    controller.publish(HOST, host_state(HOST, 1))
+    daemon = make_daemon(tmp_path, controller.url, thread_stable_after=0.5)
+    deliver, broken = daemon.watch.on_state, threading.Event()
+    broken.set()
+
+    def callback(document):
+        if broken.is_set():
+            raise RuntimeError("the state handler is broken")
+        deliver(document)
+
+    daemon.watch.on_state = callback
+    start(daemons, daemon)
+    healthz = f"http://127.0.0.1:{daemon.server.port}/healthz"
+    replies = []
+    wait_until(lambda: replies.append(httpx.get(healthz)) or replies[-1].status_code == 503,
+               what="/healthz to report the failing watch thread")
+    body = replies[-1].json()
+    assert body["threads_down"] == ["watch"]
+    assert body["threads"]["watch"]["last_error"] == "RuntimeError: the state handler is broken"
+    assert body["threads"]["loop"]["up"] is True
+    assert not daemon.healthy()
+    wait_until(lambda: restarts_of(daemon, "watch") >= 2, what="the watch to be restarted again")
+
+    broken.clear()
+    controller.wait_for_status(HOST, lambda s: s["generation"] == 1)
+    wait_until(lambda: httpx.get(healthz).status_code == 200, what="/healthz to recover")
+    assert daemon.healthy()
+    assert httpx.get(healthz).json()["threads"]["watch"]["restarts"] >= 2
+
+
 def test_stopping_does_not_touch_the_kernel(tmp_path, controller):
     reconciler = FakeReconciler()
     controller.publish(HOST, host_state(HOST, 1))
@@ -339,7 +402,7 @@ def test_stopping_does_not_touch_the_kernel(tmp_path, controller):
     calls = len(reconciler.plans)
     daemon.stop()
     assert len(reconciler.plans) == calls
-    assert not daemon._loop_thread.is_alive()
+    assert not daemon.supervisor.threads["loop"].is_alive()
     time.sleep(0.5)  # several resync intervals: a stopped agent does not reconcile
     assert len(reconciler.plans) == calls
     assert json.loads((tmp_path / "state" / "state.json").read_text())["generation"] == 1
