@@ -8,7 +8,9 @@
 DIR/hosts/<NAME>.token (mode 0600; the database keeps only their SHA-256 hashes).
 `run` takes an exclusive lock on DIR/controller.lock: the controller keeps the fabric in
 memory and is the only writer of its database, so a second controller on the same
-directory is refused rather than allowed to hand out the same addresses.
+directory is refused rather than allowed to hand out the same addresses. Under systemd
+(Type=notify) it sends READY=1 once the store is loaded and feeds the watchdog from the
+server's event loop while the database answers.
 
 This module owns the command line and the process; the work is in `controller.fabric`.
 """
@@ -16,12 +18,17 @@ This module owns the command line and the process; the work is in `controller.fa
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+from agent import sd_notify
 from controller.auth import ADMIN, HOST, issue_token, write_secret_file
 from controller.store import Store
 
@@ -100,13 +107,52 @@ def cmd_run(args: argparse.Namespace) -> int:
     lock.flush()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     fabric = Fabric(Store(state_dir / DB_NAME, synchronous=args.synchronous))
+    app = create_app(fabric)
+    # systemd supervision (agent.sd_notify; no-ops outside systemd): the store is loaded.
+    sd_notify.notify("READY=1", "STATUS=store loaded, serving")
+    supervise_from_event_loop(app, fabric.store)
     address, port = args.listen
     # uvicorn's access log prints the request line only (never headers), so tokens stay out.
     # Watch streams never end by themselves: give open connections a short grace on
     # SIGTERM, then close them (agents reconnect to the next controller process).
-    uvicorn.run(create_app(fabric), host=address, port=port, log_level=args.log_level,
+    uvicorn.run(app, host=address, port=port, log_level=args.log_level,
                 access_log=args.access_log, timeout_graceful_shutdown=2)
     return 0
+
+
+def supervise_from_event_loop(app: Any, store: Store) -> None:
+    """Feed systemd's watchdog from the server's event loop, while the store answers.
+
+    The task runs on the loop that serves every request, so a blocked loop starves the
+    watchdog as surely as a hung process; the store is read in a worker thread (its lock
+    may be held by a long commit) and a failed read withholds WATCHDOG=1, so systemd
+    restarts a controller that lost its database. STOPPING=1 goes out at shutdown.
+    """
+    interval = sd_notify.watchdog_interval()
+    served = app.router.lifespan_context
+
+    async def feed_watchdog() -> None:
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(store.check), timeout=interval)
+                sd_notify.notify("WATCHDOG=1")
+            except Exception as exc:  # noqa: BLE001 - no WATCHDOG=1 is the report
+                logging.getLogger("openhnv.controller").warning(
+                    "event=watchdog_withheld reason=%r", f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(interval)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        task = asyncio.get_running_loop().create_task(feed_watchdog()) if interval else None
+        try:
+            async with served(app_) as state:
+                yield state
+        finally:
+            sd_notify.notify("STOPPING=1")
+            if task is not None:
+                task.cancel()
+
+    app.router.lifespan_context = lifespan
 
 
 def build_parser() -> argparse.ArgumentParser:
