@@ -138,12 +138,23 @@ class AgentSpec(_Model):
     metrics_port: int = Field(default=9477, ge=1, le=65535)
 
 
+class PrometheusSpec(_Model):
+    """Debian's prometheus server scraping the lab (netns_lab.prometheus); off unless
+    ``enabled`` or ``hnv-lab up --prometheus``. It runs in a host of the management
+    cluster (default: the controller's) and listens on its management address."""
+
+    enabled: bool = False
+    host: NodeName | None = None
+    port: int = Field(default=9090, ge=1, le=65535)
+
+
 class Topology(_Model):
     name: str = Field(default="seed", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
     switch: SwitchSpec = SwitchSpec()
     management: ManagementSpec = ManagementSpec()
     controller: ControllerSpec
     agent: AgentSpec = AgentSpec()
+    prometheus: PrometheusSpec = PrometheusSpec()
     clusters: tuple[ClusterSpec, ...]
 
     @model_validator(mode="after")
@@ -186,6 +197,23 @@ class Topology(_Model):
             raise ValueError(
                 f"controller.host: {self.controller.host} is not in a cluster with role management"
             )
+        prometheus_on = self.prometheus.host or self.controller.host
+        taken = {self.agent.metrics_port: "agent.metrics_port"}
+        if prometheus_on == self.controller.host:
+            taken[self.controller.port] = "controller.port"
+        if self.prometheus.port in taken:
+            raise ValueError(
+                f"prometheus.port: {self.prometheus.port} is already {taken[self.prometheus.port]} "
+                f"on {prometheus_on}"
+            )
+        if self.prometheus.host is not None:
+            prometheus_host = self.host(self.prometheus.host)
+            if prometheus_host is None:
+                raise ValueError(f"prometheus.host: {self.prometheus.host} is not a host of any cluster")
+            if self.cluster_of(prometheus_host.name).role is not ClusterRole.management:
+                raise ValueError(
+                    f"prometheus.host: {self.prometheus.host} is not in a cluster with role management"
+                )
         return self
 
     # --- derived names, shared by build, processes, demo, capture and graph ---------------
