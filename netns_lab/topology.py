@@ -190,13 +190,9 @@ class Topology(_Model):
                         f"{path}.nics[{j}]: switch port name {port} is over the kernel's 15 bytes; "
                         "shorten the NIC name or set port_prefix"
                     )
-        controller_host = self.host(self.controller.host)
-        if controller_host is None:
-            raise ValueError(f"controller.host: {self.controller.host} is not a host of any cluster")
-        if self.cluster_of(controller_host.name).role is not ClusterRole.management:
-            raise ValueError(
-                f"controller.host: {self.controller.host} is not in a cluster with role management"
-            )
+        self._check_management_host("controller.host", self.controller.host)
+        if self.prometheus.host is not None:
+            self._check_management_host("prometheus.host", self.prometheus.host)
         prometheus_on = self.prometheus.host or self.controller.host
         taken = {self.agent.metrics_port: "agent.metrics_port"}
         if prometheus_on == self.controller.host:
@@ -206,15 +202,15 @@ class Topology(_Model):
                 f"prometheus.port: {self.prometheus.port} is already {taken[self.prometheus.port]} "
                 f"on {prometheus_on}"
             )
-        if self.prometheus.host is not None:
-            prometheus_host = self.host(self.prometheus.host)
-            if prometheus_host is None:
-                raise ValueError(f"prometheus.host: {self.prometheus.host} is not a host of any cluster")
-            if self.cluster_of(prometheus_host.name).role is not ClusterRole.management:
-                raise ValueError(
-                    f"prometheus.host: {self.prometheus.host} is not in a cluster with role management"
-                )
         return self
+
+    def _check_management_host(self, field: str, name: str) -> None:
+        """``field`` names a host of a cluster with role management (the VMM server's)."""
+        host = self.host(name)
+        if host is None:
+            raise ValueError(f"{field}: {name} is not a host of any cluster")
+        if self.cluster_of(host.name).role is not ClusterRole.management:
+            raise ValueError(f"{field}: {name} is not in a cluster with role management")
 
     # --- derived names, shared by build, processes, demo, capture and graph ---------------
 
