@@ -21,12 +21,15 @@ unexport PYTHONDONTWRITEBYTECODE
 # virtme-ng boots for the kernel tier; iproute2, iputils-ping, tcpdump, kmod and procps are
 # used by the tests and the lab inside and outside the VM; systemd (systemd-analyze) and
 # vagrant (+ vagrant-libvirt, whose settings validate checks) check the unit files and the
-# Vagrantfile; iperf3 is bench/datapath's load.
+# Vagrantfile; iperf3 is bench/datapath's load; prometheus gives promtool (the alert rules'
+# unit tests) and the server `hnv-lab up --prometheus` runs in the lab (on a host booted
+# with systemd the package also enables its own prometheus.service on :9090).
 # Append here; keep one list.
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev \
 	iproute2 iputils-ping tcpdump procps util-linux \
-	systemd vagrant vagrant-libvirt graphviz iperf3
+	systemd vagrant vagrant-libvirt graphviz iperf3 \
+	prometheus
 
 .PHONY: help setup debs venv test unit netns kernel multikernel demo bench features clean
 

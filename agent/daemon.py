@@ -13,6 +13,9 @@ does the work):
   changed" in the inbox and wakes the loop.
 - status (agent.watch.StatusReporter): sends the latest status to the controller.
 - metrics (agent.metrics.ObservabilityServer): answers /metrics and /healthz.
+- main thread (this module): waits for a stop signal and talks to systemd
+  (agent.sd_notify): READY=1 after the first reconcile, WATCHDOG=1 each second while
+  ``feeds_watchdog()`` says healthy, STOPPING=1 on the way out.
 - the loop (this module): the only thread that decides, persists and reconciles. It
   wakes for a document, for kernel events (debounced: a burst of notifications, most of
   them caused by our own writes, becomes one reconcile), and every resync interval.
@@ -51,6 +54,7 @@ from typing import Any, Protocol
 
 from agent.events import KernelEventWatch
 from agent.intake import IntakeDecision, StateFileError, StateStore, Verdict, decide
+from agent import sd_notify
 from agent.metrics import AgentMetrics, ObservabilityServer
 from agent.logfmt import quote as _q
 from agent.state import HostState
@@ -254,8 +258,10 @@ class AgentDaemon:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
+        ready = False
         while not self._stop.wait(1.0):
-            pass
+            ready = self._notify_systemd(ready)
+        sd_notify.notify("STOPPING=1")
         if received:
             log.info("event=agent_stopping signal=%s kernel=left_in_place",
                      signal.Signals(received[0]).name)
@@ -291,6 +297,27 @@ class AgentDaemon:
             "threads_down": down,
         }
         return loop_turning and not down, body
+
+    # --- systemd supervision (agent.sd_notify; no-ops outside systemd) -----------------
+
+    def feeds_watchdog(self) -> bool:
+        """Whether the daemon is healthy enough to feed systemd's watchdog.
+
+        The one place that answers it: today what /healthz checks (the loop thread runs
+        and turns); a daemon that stops answering yes is killed and restarted by systemd
+        after WatchdogSec.
+        """
+        return self.health()[0]
+
+    def _notify_systemd(self, ready: bool) -> bool:
+        """One turn of the main thread: READY=1 once, after the first reconcile (the
+        kernel then holds the last accepted state), and WATCHDOG=1 while healthy."""
+        if not ready and self.reconcile_count > 0:
+            sd_notify.notify("READY=1", f"STATUS=generation {self.applied_generation} applied")
+            ready = True
+        if self.feeds_watchdog():
+            sd_notify.notify("WATCHDOG=1")
+        return ready
 
     def _tunnel_stats(self) -> list[Any]:
         """Per-tunnel counters for a scrape; gives up rather than hold a scrape for long."""

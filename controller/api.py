@@ -137,6 +137,19 @@ class _FabricCollector:
         yield GaugeMetricFamily(
             "hnv_controller_watchers", "Open watch streams", value=self.watchers.count()
         )
+        yield GaugeMetricFamily(
+            "hnv_controller_database_up", "1 while the store answers a read of its database",
+            value=1 if _store_answers(self.fabric.store) else 0,
+        )
+
+
+def _store_answers(store: Any) -> bool:
+    try:
+        store.check()
+    except Exception as exc:  # any failure means "no database" to the scraper
+        log.warning("event=database_check_failed reason=%r", f"{type(exc).__name__}: {exc}")
+        return False
+    return True
 
 
 class _Watchers:

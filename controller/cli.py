@@ -19,7 +19,9 @@ the token. `token revoke` takes effect on the controller's next request.
 `--insecure-http` is given (and then logs that tokens cross the network in clear).
 `run` takes an exclusive lock on DIR/controller.lock: the controller keeps the fabric in
 memory and is the only writer of its database, so a second controller on the same
-directory is refused rather than allowed to hand out the same addresses.
+directory is refused rather than allowed to hand out the same addresses. Under systemd
+(Type=notify) it sends READY=1 once the store is loaded and feeds the watchdog from the
+server's event loop while the database answers.
 
 This module owns the command line and the process; the work is in `controller.fabric`.
 """
@@ -27,13 +29,18 @@ This module owns the command line and the process; the work is in `controller.fa
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime
 import fcntl
 import logging
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+from agent import sd_notify
 from controller.auth import (
     ADMIN,
     HOST,
@@ -260,12 +267,50 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("event=tls listen=%s:%d certificate=%s names=%s ca=%s", address, port, tls.server_cert,
                  ",".join(server_names(tls)), tls.ca_cert)
     app = create_app(fabric, max_body_bytes=args.max_body_bytes, max_batch_bytes=args.max_batch_bytes)
+    # systemd supervision (agent.sd_notify; no-ops outside systemd): the store is loaded.
+    sd_notify.notify("READY=1", "STATUS=store loaded, serving")
+    supervise_from_event_loop(app, fabric.store)
     # uvicorn's access log prints the request line only (never headers), so tokens stay out.
     # Watch streams never end by themselves: give open connections a short grace on
     # SIGTERM, then close them (agents reconnect to the next controller process).
     uvicorn.run(app, host=address, port=port, log_level=args.log_level,
                 access_log=args.access_log, timeout_graceful_shutdown=2, **ssl_options)
     return 0
+
+
+def supervise_from_event_loop(app: Any, store: Store) -> None:
+    """Feed systemd's watchdog from the server's event loop, while the store answers.
+
+    The task runs on the loop that serves every request, so a blocked loop starves the
+    watchdog as surely as a hung process; the store is read in a worker thread (its lock
+    may be held by a long commit) and a failed read withholds WATCHDOG=1, so systemd
+    restarts a controller that lost its database. STOPPING=1 goes out at shutdown.
+    """
+    interval = sd_notify.watchdog_interval()
+    served = app.router.lifespan_context
+
+    async def feed_watchdog() -> None:
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(store.check), timeout=interval)
+                sd_notify.notify("WATCHDOG=1")
+            except Exception as exc:  # noqa: BLE001 - no WATCHDOG=1 is the report
+                logging.getLogger("openhnv.controller").warning(
+                    "event=watchdog_withheld reason=%r", f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(interval)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app_: Any) -> AsyncIterator[Any]:
+        task = asyncio.get_running_loop().create_task(feed_watchdog()) if interval else None
+        try:
+            async with served(app_) as state:
+                yield state
+        finally:
+            sd_notify.notify("STOPPING=1")
+            if task is not None:
+                task.cancel()
+
+    app.router.lifespan_context = lifespan
 
 
 def build_parser() -> argparse.ArgumentParser:

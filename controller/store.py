@@ -267,6 +267,16 @@ class Store:
             ],
         )
 
+    def check(self) -> None:
+        """Read one row from the database file; raises (sqlite3.Error) when it cannot.
+
+        What ``hnv_controller_database_up`` and the controller's systemd watchdog ask.
+        """
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            raise sqlite3.DatabaseError("the meta table has no schema_version row")
+
     # --- tokens ---------------------------------------------------------------------
 
     def add_token(self, token_hash: str, role: str, host: str | None, expires: float | None = None) -> int:

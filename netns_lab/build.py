@@ -105,7 +105,7 @@ def existing_namespaces() -> set[str]:
 
 @dataclass
 class ProcessEntry:
-    role: str  # "controller" or "agent"
+    role: str  # "controller", "agent" or "prometheus"
     name: str  # host name
     netns: str
     argv: list[str]

@@ -3,7 +3,8 @@
 Owns the command line: parsing, where each command runs, and exit codes (0 done,
 1 a check or step failed, 2 bad input such as a topology refused by field and reason).
 The work is done by topology (the model), build (namespaces and cabling), processes
-(controller and agents), demo (the walkthrough), capture and graph.
+(controller and agents), prometheus (``up --prometheus``), demo (the walkthrough),
+capture and graph.
 
 When the running kernel lacks what the data plane needs (``netns_lab.features``: gretap,
 802.1Q, bonding, VRF, VLAN filtering), ``demo`` and ``run`` re-run themselves inside a
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from netns_lab import build, features, processes, vm
+from netns_lab import build, features, processes, prometheus, vm
 from netns_lab.build import LabError, LabRecord
 from netns_lab.topology import Topology, TopologyError, load_topology
 
@@ -65,8 +66,11 @@ def _kernel_lacks() -> list[str]:
 
 
 def lab_up(topology: Topology, *, workdir: Path | None = None, daemons: bool = True,
-           topology_source: str = "seed") -> LabRecord:
-    """Build the lab and start its daemons; idempotent (a lab already up is completed)."""
+           topology_source: str = "seed", with_prometheus: bool = False) -> LabRecord:
+    """Build the lab and start its daemons; idempotent (a lab already up is completed).
+
+    ``with_prometheus`` (or the topology's ``prometheus.enabled``) also starts Prometheus
+    scraping them (netns_lab.prometheus)."""
     _need_root()
     record = LabRecord.load(topology.name)
     if record is None:
@@ -87,6 +91,12 @@ def lab_up(topology: Topology, *, workdir: Path | None = None, daemons: bool = T
         _say(f"up: controller on {topology.controller.host} listening at {topology.controller_url}, "
              f"{len(topology.hosts)} agents running ({time.monotonic() - t0:.1f} s); "
              f"tokens and state in {record.workdir}, logs in {record.artefacts_dir / 'logs'}")
+    if daemons and (with_prometheus or topology.prometheus.enabled):
+        t0 = time.monotonic()
+        prometheus.start(topology, record)
+        _say(f"up: prometheus on {prometheus.server_host(topology).name} at {prometheus.base_url(topology)} "
+             f"scraping the controller and {len(topology.hosts)} agents every {prometheus.LAB_SCRAPE_INTERVAL} "
+             f"({time.monotonic() - t0:.1f} s); data in {prometheus.workdir(record)}")
     return record
 
 
@@ -114,7 +124,7 @@ def cmd_up(args: argparse.Namespace, topology: Topology) -> int:
              "    hnv-lab run -- 'hnv-lab demo --keep && hnv-lab ping TenantVM01 TenantVM02'")
         return EXIT_BAD_INPUT
     lab_up(topology, workdir=args.workdir, daemons=not args.no_daemons,
-           topology_source=str(args.topology or "seed"))
+           topology_source=str(args.topology or "seed"), with_prometheus=args.prometheus)
     return 0
 
 
@@ -240,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     up = command("up", "build the switch and hosts, start the controller and agents")
     up.add_argument("--workdir", type=Path, help="logs and tokens (default /run/openhnv-lab/<lab>)")
     up.add_argument("--no-daemons", action="store_true", help="only the namespaces and cabling")
+    up.add_argument("--prometheus", action="store_true",
+                    help="also run Prometheus scraping the controller and agents, with the shipped "
+                         "alert rules (default: the topology's prometheus.enabled)")
     command("down", "remove exactly what up built (also after a crash); idempotent")
     demo = command("demo", "up (if needed), the seed walkthrough step by step, then down")
     demo.add_argument("--keep", action="store_true", help="leave the lab up at the end")

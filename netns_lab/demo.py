@@ -36,7 +36,7 @@ from netns_lab.capture import Capture, DecodedFrame
 from netns_lab.graph import vm_addresses
 from netns_lab.topology import ClusterRole, Topology
 
-# The seed's numbers (DESIGN.md section 6): the transport site, the PA pool, the
+# The seed's numbers (examples/seed-fabric.yaml): the transport site, the PA pool, the
 # tenants' shared CA range and part I's VLAN tenants.
 TRANSPORT_VLAN = 802
 TRANSPORT_SUBNET = "10.80.2.0/24"

@@ -19,6 +19,7 @@ and in ``record.artefacts_dir`` (the same directory, or the VM's shared one)::
 
     logs/controller.log    stdout+stderr of each daemon
     logs/agent-<host>.log
+    logs/prometheus.log    (hnv-lab up --prometheus: netns_lab.prometheus)
 
 It never touches links or namespaces (``netns_lab.build``).
 """
@@ -109,7 +110,10 @@ def _enter_host(netns: str) -> None:
 
 
 def _main_of(entry: ProcessEntry) -> Callable[[list[str]], int]:
-    """The daemon's own ``main`` (its console script's), imported in the parent."""
+    """The daemon's own ``main`` (its console script's), imported in the parent; for a
+    program that is not ours (the lab's Prometheus), a function that execs it."""
+    if entry.role not in ("controller", "agent"):
+        return lambda args: os.execv(entry.argv[0], entry.argv)
     if entry.role == "controller":
         from controller import cli as controller_cli
 
@@ -120,12 +124,12 @@ def _main_of(entry: ProcessEntry) -> Callable[[list[str]], int]:
 
 
 def preload_daemons() -> None:
-    """Import the daemons' code once, before forking them (see :func:`_spawn`)."""
+    """Import the daemons' code once, before forking them (see :func:`spawn`)."""
     from agent import cli as agent_cli, daemon  # noqa: F401
     from controller import api, cli as controller_cli  # noqa: F401
 
 
-def _spawn(record: LabRecord, entry: ProcessEntry) -> None:
+def spawn(record: LabRecord, entry: ProcessEntry) -> None:
     """Start one daemon: a forked child that enters its host and runs the daemon's main.
 
     Why fork rather than exec ``ip netns exec hnv-agent run ...``: a fresh Python that
@@ -233,7 +237,7 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
         log=str(logs / "controller.log"),
     )
     if ("controller", controller.name) not in running:
-        _spawn(record, controller)
+        spawn(record, controller)
     else:
         controller = next(p for p in record.processes if p.role == "controller" and is_alive(p))
 
@@ -245,7 +249,7 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
             continue
         state_dir = workdir / "agents" / host.name
         state_dir.mkdir(parents=True, exist_ok=True)
-        _spawn(record, ProcessEntry(
+        spawn(record, ProcessEntry(
             role="agent", name=host.name, netns=host.name,
             argv=[agent_bin, "run", "--controller", topology.controller_url,
                   "--host", host.name, "--token-file", str(host_token_file(record, host.name)),

@@ -138,12 +138,23 @@ class AgentSpec(_Model):
     metrics_port: int = Field(default=9477, ge=1, le=65535)
 
 
+class PrometheusSpec(_Model):
+    """Debian's prometheus server scraping the lab (netns_lab.prometheus); off unless
+    ``enabled`` or ``hnv-lab up --prometheus``. It runs in a host of the management
+    cluster (default: the controller's) and listens on its management address."""
+
+    enabled: bool = False
+    host: NodeName | None = None
+    port: int = Field(default=9090, ge=1, le=65535)
+
+
 class Topology(_Model):
     name: str = Field(default="seed", min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_.-]+$")
     switch: SwitchSpec = SwitchSpec()
     management: ManagementSpec = ManagementSpec()
     controller: ControllerSpec
     agent: AgentSpec = AgentSpec()
+    prometheus: PrometheusSpec = PrometheusSpec()
     clusters: tuple[ClusterSpec, ...]
 
     @model_validator(mode="after")
@@ -179,14 +190,27 @@ class Topology(_Model):
                         f"{path}.nics[{j}]: switch port name {port} is over the kernel's 15 bytes; "
                         "shorten the NIC name or set port_prefix"
                     )
-        controller_host = self.host(self.controller.host)
-        if controller_host is None:
-            raise ValueError(f"controller.host: {self.controller.host} is not a host of any cluster")
-        if self.cluster_of(controller_host.name).role is not ClusterRole.management:
+        self._check_management_host("controller.host", self.controller.host)
+        if self.prometheus.host is not None:
+            self._check_management_host("prometheus.host", self.prometheus.host)
+        prometheus_on = self.prometheus.host or self.controller.host
+        taken = {self.agent.metrics_port: "agent.metrics_port"}
+        if prometheus_on == self.controller.host:
+            taken[self.controller.port] = "controller.port"
+        if self.prometheus.port in taken:
             raise ValueError(
-                f"controller.host: {self.controller.host} is not in a cluster with role management"
+                f"prometheus.port: {self.prometheus.port} is already {taken[self.prometheus.port]} "
+                f"on {prometheus_on}"
             )
         return self
+
+    def _check_management_host(self, field: str, name: str) -> None:
+        """``field`` names a host of a cluster with role management (the VMM server's)."""
+        host = self.host(name)
+        if host is None:
+            raise ValueError(f"{field}: {name} is not a host of any cluster")
+        if self.cluster_of(host.name).role is not ClusterRole.management:
+            raise ValueError(f"{field}: {name} is not in a cluster with role management")
 
     # --- derived names, shared by build, processes, demo, capture and graph ---------------
 

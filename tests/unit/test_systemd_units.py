@@ -138,3 +138,15 @@ def test_env_example_defines_every_variable_the_unit_uses(unit, example):
     defined = {line.split("=", 1)[0] for line in (SYSTEMD / example).read_text().splitlines()
                if line and not line.startswith("#")}
     assert used and used <= defined, f"{example} lacks {sorted(used - defined)}"
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_units_are_supervised_by_notify_and_watchdog(unit):
+    # The daemons send READY=1 and WATCHDOG=1 themselves (agent.sd_notify; the protocol
+    # is tested in test_sd_notify.py); the unit must ask systemd to listen to the main
+    # process only and to restart the service when the pings stop.
+    settings = _unit_settings(SYSTEMD / unit)
+    assert settings["Type"] == ["notify"]
+    assert settings["NotifyAccess"] == ["main"]
+    assert settings["WatchdogSec"] == ["30s"]
+    assert settings["Restart"] == ["on-failure"]

@@ -1,0 +1,102 @@
+"""A real Prometheus scraping the lab: `hnv-lab up --prometheus` starts Debian's server in
+the controller's host namespace with the project's scrape configuration and alert rules
+(intervals and `for:` shortened for the lab), and its HTTP API, queried from inside the
+lab's management network, shows every target up and every host's series; stopping one
+agent fires HnvAgentDown for that host and no other; `down` stops Prometheus too.
+
+Runs in the kernel tier's VM, like the lab demo (tests/kernel/test_lab_demo.py).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from netns_lab import processes, prometheus
+from netns_lab.build import LabRecord
+from netns_lab.topology import load_topology
+
+TOPOLOGY = load_topology()
+HNV_LAB = [sys.executable, "-m", "netns_lab.cli"]
+HOSTS = {host.name for host in TOPOLOGY.hosts}
+STOPPED = "CON-HyperV7"
+
+
+@pytest.fixture
+def clean_lab():
+    subprocess.run([*HNV_LAB, "down"], capture_output=True, timeout=300, check=False)
+    yield
+    subprocess.run([*HNV_LAB, "down"], capture_output=True, timeout=300, check=False)
+
+
+def wait_for(what: str, probe, timeout: float = 240.0):
+    """Poll ``probe`` (returns a truthy answer or None) until it answers; fail saying what."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last answer: {last}")
+
+
+def targets_up(job: str) -> dict[str, str]:
+    """instance -> value of `up` for one job."""
+    return {r["metric"]["instance"]: r["value"][1] for r in prometheus.query(TOPOLOGY, f'up{{job="{job}"}}')}
+
+
+def test_prometheus_scrapes_every_target_and_fires_agent_down(clean_lab):
+    started = time.monotonic()
+    up = subprocess.run([*HNV_LAB, "up", "--prometheus"], capture_output=True, text=True,
+                        timeout=1200, check=False)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"up: prometheus on {TOPOLOGY.controller.host} at {prometheus.base_url(TOPOLOGY)}" in up.stdout
+    record = LabRecord.load(TOPOLOGY.name)
+    assert record is not None
+    server = next(p for p in record.processes if p.role == "prometheus")
+    assert processes.is_alive(server)
+    print(f"up --prometheus took {time.monotonic() - started:.0f} s")
+
+    # Every target answers: the controller and seven agents, each up == 1.
+    agents = {f"{host.address}:{TOPOLOGY.agent.metrics_port}" for host in TOPOLOGY.hosts}
+    wait_for("every agent scraped with up == 1",
+             lambda: (lambda up: up if set(up) == agents and set(up.values()) == {"1"} else None)(
+                 targets_up("hnv-agent")))
+    controller_target = f"{TOPOLOGY.controller_address}:{TOPOLOGY.controller.port}"
+    assert wait_for("the controller scraped with up == 1",
+                    lambda: targets_up("hnv-controller") or None) == {controller_target: "1"}
+
+    # Every host's own series, labelled with its name in the fabric.
+    for metric in ("hnv_agent_controller_connected", "hnv_agent_reconcile_duration_seconds_count"):
+        hosts = {r["metric"]["host"] for r in prometheus.query(TOPOLOGY, metric)}
+        assert hosts == HOSTS, f"{metric}: series for {sorted(hosts)}, expected every host"
+    database = prometheus.query(TOPOLOGY, "hnv_controller_database_up")
+    assert [r["value"][1] for r in database] == ["1"]
+    assert not [a for a in prometheus.firing_alerts(TOPOLOGY) if a["labels"]["alertname"] == "HnvAgentDown"]
+
+    # One agent stops: its alert fires, for it alone.
+    agent = next(p for p in record.processes if p.role == "agent" and p.name == STOPPED)
+    stopped_at = time.monotonic()
+    assert processes.stop(agent)
+
+    def agent_down_alerts():
+        firing = [a for a in prometheus.firing_alerts(TOPOLOGY) if a["labels"]["alertname"] == "HnvAgentDown"]
+        return firing or None
+
+    firing = wait_for(f"HnvAgentDown to fire for {STOPPED}", agent_down_alerts, timeout=120)
+    print(f"HnvAgentDown fired {time.monotonic() - stopped_at:.1f} s after the agent stopped")
+    assert [a["labels"]["host"] for a in firing] == [STOPPED]
+    assert firing[0]["labels"]["severity"] == "critical"
+    assert firing[0]["annotations"]["summary"] == f"openhnv agent on {STOPPED} is down"
+    assert targets_up("hnv-agent")[f"{TOPOLOGY.host(STOPPED).address}:{TOPOLOGY.agent.metrics_port}"] == "0"
+
+    # down stops Prometheus with the daemons.
+    down = subprocess.run([*HNV_LAB, "down"], capture_output=True, text=True, timeout=300, check=False)
+    assert down.returncode == 0, down.stderr
+    assert f"prometheus {server.name} (pid {server.pid})" in down.stdout
+    assert not processes.is_alive(server)
+    print(f"the whole test took {time.monotonic() - started:.0f} s")
