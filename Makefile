@@ -21,20 +21,22 @@ unexport PYTHONDONTWRITEBYTECODE
 # virtme-ng boots for the kernel tier; iproute2, iputils-ping, tcpdump, kmod and procps are
 # used by the tests and the lab inside and outside the VM; systemd (systemd-analyze) and
 # vagrant (+ vagrant-libvirt, whose settings validate checks) check the unit files and the
-# Vagrantfile; iperf3 is bench/datapath's load.
+# Vagrantfile; iperf3 is bench/datapath's load; mmdebstrap builds the system tier's host
+# image (netns_lab.hostimage) from Debian's packages, e2fsprogs makes it a disk.
 # Append here; keep one list.
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev \
 	iproute2 iputils-ping tcpdump procps util-linux \
-	systemd vagrant vagrant-libvirt graphviz iperf3
+	systemd vagrant vagrant-libvirt graphviz iperf3 \
+	mmdebstrap e2fsprogs
 
-.PHONY: help setup debs venv test unit netns kernel multikernel demo bench features clean
+.PHONY: help setup debs venv test unit netns kernel multikernel system demo bench features clean
 
 help:
 	@echo "make demo     set up, then run the lab walkthrough"
-	@echo "make test     set up, then run the unit, netns and kernel test tiers"
+	@echo "make test     set up, then run the unit, netns, kernel, multikernel and system tiers"
 	@echo "make bench    set up, then run the benchmarks"
-	@echo "make unit | netns | kernel | multikernel   one tier only (after set-up)"
+	@echo "make unit | netns | kernel | multikernel | system   one tier only (after set-up)"
 	@echo "make features show which kernel features the running kernel has"
 
 setup: debs venv
@@ -69,9 +71,9 @@ $(STAMP): pyproject.toml | debs
 	@touch $@
 
 test: setup
-	$(PY) -m tests.run_tiers unit netns kernel multikernel
+	$(PY) -m tests.run_tiers unit netns kernel multikernel system
 
-unit netns kernel multikernel: setup
+unit netns kernel multikernel system: setup
 	$(PY) -m tests.run_tiers $@
 
 features: venv

@@ -6,7 +6,8 @@
 
 `init` creates DIR/controller.db (SQLite, WAL), DIR/admin.token and
 DIR/hosts/<NAME>.token (mode 0600; the database keeps only their SHA-256 hashes).
-`run` takes an exclusive lock on DIR/controller.lock: the controller keeps the fabric in
+`init` makes DIR owner-only (0700) and `run` refuses to serve from a DIR that group or
+others can enter. `run` takes an exclusive lock on DIR/controller.lock: the controller keeps the fabric in
 memory and is the only writer of its database, so a second controller on the same
 directory is refused rather than allowed to hand out the same addresses.
 
@@ -42,6 +43,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     admin_path = state_dir / "admin.token"
     store = _store(state_dir)
+    # Owner-only, whatever made the directory: `run` refuses any other mode.
+    state_dir.chmod(0o700)
     try:
         if admin_path.exists() and not args.force:
             print(f"{admin_path} exists; keeping the admin token (use --force for a new one)", file=sys.stderr)
@@ -89,6 +92,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     if not (state_dir / DB_NAME).exists():
         print(f"{state_dir} is not initialised; run: hnv-controller init --state-dir {state_dir}", file=sys.stderr)
+        return 2
+    # The store and the tokens must be the controller's alone: refuse, rather than serve
+    # from a directory that group or others can read (a copy with `cp -r`, a wrong mode).
+    mode = state_dir.stat().st_mode & 0o777
+    if mode & 0o077:
+        print(f"{state_dir}: mode {mode:04o} lets group or others in; it holds the store and "
+              f"the tokens and must be owner-only: chmod 0700 {state_dir}", file=sys.stderr)
         return 2
     lock = open(state_dir / "controller.lock", "w")
     try:
