@@ -84,11 +84,6 @@ def _parse_listen(text: str) -> tuple[str, int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from controller.api import create_app
-    from controller.fabric import Fabric
-
     state_dir = Path(args.state_dir)
     if not (state_dir / DB_NAME).exists():
         print(f"{state_dir} is not initialised; run: hnv-controller init --state-dir {state_dir}", file=sys.stderr)
@@ -108,6 +103,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     lock.write(f"{os.getpid()}\n")
     lock.flush()
+    # Imported only now: a refusal above costs no second of importing the web stack.
+    import uvicorn
+
+    from controller.api import create_app
+    from controller.fabric import Fabric
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     fabric = Fabric(Store(state_dir / DB_NAME, synchronous=args.synchronous))
     address, port = args.listen

@@ -54,14 +54,14 @@ from pathlib import Path
 CHECKOUT = Path(__file__).resolve().parent.parent
 CACHE_ROOT = Path(os.environ.get("OPENHNV_IMAGE_CACHE", "/var/cache/openhnv/images"))
 SUITE = "bookworm"
-# Debian 12 with systemd as PID 1, what the project needs on a host (iproute2, python3
-# and python3-venv for the install, kmod for the data plane's modules) and what an
+# Debian 12 with systemd as PID 1, what the project needs on a host (iproute2, python3,
+# python3-venv and python3-pip for the install, kmod for the data plane's modules) and what an
 # operator checks with (tcpdump, ping, ps); Debian's kernel, whose modules must be in the
 # image. dbus: systemctl and journalctl work without it, hostnamectl and friends do not.
 PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "kmod",
     "iproute2", "iputils-ping", "tcpdump", "procps",
-    "python3", "python3-venv",
+    "python3", "python3-venv", "python3-pip",
     "linux-image-amd64", "initramfs-tools", "zstd",
 )
 IMAGE_SIZE = "3G"  # sparse; the tree is ~0.9 GB, the rest holds the venv and logs

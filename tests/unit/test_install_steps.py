@@ -14,7 +14,7 @@ def test_readme_has_every_install_step():
     steps = bootlab.install_steps()
     assert list(steps) == list(bootlab.STEPS)
     assert "pip wheel" in steps[bootlab.BUILD_STEP]
-    assert "--no-index --find-links wheelhouse openhnv" in steps[bootlab.EVERY_HOST]
+    assert "install --no-index --find-links wheelhouse openhnv" in steps[bootlab.EVERY_HOST]
     assert "systemctl enable --now hnv-controller" in steps[bootlab.MANAGEMENT_NODE]
     assert "systemctl enable --now hnv-agent" in steps[bootlab.AGENT_HOST]
 
