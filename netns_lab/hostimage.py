@@ -164,9 +164,9 @@ ENABLE = ("hnv-lab-network.service", "hnv-lab-runner.service")
 MASK = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer",
         "man-db.timer", "getty@tty1.service", "serial-getty@ttyS0.service",
         "systemd-networkd-wait-online.service",
-        # Nobody logs in to a lab host and nothing runs foreign binaries: two units less
-        # to start on a slow emulated vCPU.
-        "systemd-logind.service", "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount")
+        # Nothing runs foreign binaries: a unit less to start on a slow emulated vCPU.
+        # (systemd-logind stays: `systemctl poweroff` goes through it.)
+        "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount")
 
 
 class ImageUnavailable(RuntimeError):
