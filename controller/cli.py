@@ -6,8 +6,8 @@
 
 `init` creates DIR/controller.db (SQLite, WAL), DIR/admin.token and
 DIR/hosts/<NAME>.token (mode 0600; the database keeps only their SHA-256 hashes).
-`init` makes DIR owner-only (0700) and `run` refuses to serve from a DIR that group or
-others can enter. `run` takes an exclusive lock on DIR/controller.lock: the controller keeps the fabric in
+`init` makes DIR owner-only (0700) and `run` refuses to serve from a DIR, or with a
+token file, that group or others can read. `run` takes an exclusive lock on DIR/controller.lock: the controller keeps the fabric in
 memory and is the only writer of its database, so a second controller on the same
 directory is refused rather than allowed to hand out the same addresses.
 
@@ -83,17 +83,27 @@ def _parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _open_to_others(state_dir: Path) -> list[tuple[Path, int]]:
+    """The state directory and token files that group or others may read, with their modes."""
+    paths = [state_dir, state_dir / "admin.token", state_dir / "hosts",
+             *sorted((state_dir / "hosts").glob("*.token"))]
+    modes = [(p, p.stat().st_mode & 0o777) for p in paths if p.exists()]
+    return [(p, mode) for p, mode in modes if mode & 0o077]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
     if not (state_dir / DB_NAME).exists():
         print(f"{state_dir} is not initialised; run: hnv-controller init --state-dir {state_dir}", file=sys.stderr)
         return 2
     # The store and the tokens must be the controller's alone: refuse, rather than serve
-    # from a directory that group or others can read (a copy with `cp -r`, a wrong mode).
-    mode = state_dir.stat().st_mode & 0o777
-    if mode & 0o077:
-        print(f"{state_dir}: mode {mode:04o} lets group or others in; it holds the store and "
-              f"the tokens and must be owner-only: chmod 0700 {state_dir}", file=sys.stderr)
+    # from a directory or with a token that group or others can read (a copy with `cp -r`,
+    # a wrong mode). systemd resets the mode of a StateDirectory= itself at each start,
+    # but not of the files in it.
+    for path, mode in _open_to_others(state_dir):
+        wanted = "0700" if path.is_dir() else "0600"
+        print(f"{path}: mode {mode:04o} lets group or others in; the controller's store and "
+              f"tokens must be owner-only: chmod {wanted} {path}", file=sys.stderr)
         return 2
     lock = open(state_dir / "controller.lock", "w")
     try:

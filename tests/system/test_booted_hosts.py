@@ -267,27 +267,29 @@ def test_a_hung_agent_is_restarted_by_the_watchdog(lab, tenants):
     assert summary["lost"] == 0, summary["summary"]
 
 
-def test_the_controller_refuses_a_state_directory_open_to_others(lab):
+def test_the_controller_refuses_a_token_others_can_read(lab):
+    # Not the directory's mode: systemd resets a StateDirectory= to StateDirectoryMode=
+    # (0700) at every start. The files in it keep theirs.
     controller = lab.controller
-    state = "/var/lib/openhnv/controller"
+    token = "/var/lib/openhnv/controller/admin.token"
     since = controller.run("date +%s").output.strip()
-    controller.run(f"chmod 0750 {state}\nsystemctl restart hnv-controller")
+    controller.run(f"chmod 0644 {token}\nsystemctl restart hnv-controller")
     try:
         # Type=simple: the start "succeeds", the process then exits 2 (and systemd retries,
         # Restart=on-failure, with the same outcome); the journal tells both sides.
         journal = ""
         deadline = time.monotonic() + 300
         while not ("lets group or others in" in journal and "status=2" in journal):
-            assert time.monotonic() < deadline, f"hnv-controller did not refuse a 0750 state dir:\n{journal[-1500:]}"
+            assert time.monotonic() < deadline, f"hnv-controller did not refuse a 0644 token:\n{journal[-1500:]}"
             time.sleep(2)
             journal = controller.run(f"journalctl -u hnv-controller --since @{since} --no-pager -o cat").output
         why = [line for line in journal.splitlines() if "lets group or others in" in line][-1]
-        record("hnv-controller on a 0750 state dir says", why)
-        assert why == (f"{state}: mode 0750 lets group or others in; it holds the store and the "
-                       f"tokens and must be owner-only: chmod 0700 {state}"), why
+        record("hnv-controller with a 0644 admin token says", why)
+        assert why == (f"{token}: mode 0644 lets group or others in; the controller's store and "
+                       f"tokens must be owner-only: chmod 0600 {token}"), why
         assert lab.hnvctl("hosts", timeout=120, check=False).returncode != 0  # and it serves nothing
     finally:
-        controller.run(f"chmod 0700 {state}\nsystemctl reset-failed hnv-controller\nsystemctl restart hnv-controller")
+        controller.run(f"chmod 0600 {token}\nsystemctl reset-failed hnv-controller\nsystemctl restart hnv-controller")
         controller.run("timeout 600 sh -c 'until /opt/openhnv/bin/hnvctl hosts >/dev/null 2>&1; do sleep 2; done'",
                        timeout=660, check=False)
         hosts = " ".join(f"--host {a.name}" for a in lab.agents)
