@@ -24,20 +24,22 @@ unexport PYTHONDONTWRITEBYTECODE
 # Vagrantfile; iperf3 is bench/datapath's load; prometheus gives promtool (the alert rules'
 # unit tests) and the server `hnv-lab up --prometheus` runs in the lab (on a host booted
 # with systemd the package also enables its own prometheus.service on :9090).
+# mmdebstrap builds the system tier's host image (netns_lab.hostimage) from Debian's
+# packages; e2fsprogs makes it a disk.
 # Append here; keep one list.
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev \
 	iproute2 iputils-ping tcpdump procps util-linux \
 	systemd vagrant vagrant-libvirt graphviz iperf3 \
-	prometheus
+	prometheus mmdebstrap e2fsprogs
 
-.PHONY: help setup debs venv test unit netns kernel multikernel demo bench features clean
+.PHONY: help setup debs venv test unit netns kernel multikernel system demo bench features clean
 
 help:
 	@echo "make demo     set up, then run the lab walkthrough"
-	@echo "make test     set up, then run the unit, netns and kernel test tiers"
+	@echo "make test     set up, then run the unit, netns, kernel, multikernel and system tiers"
 	@echo "make bench    set up, then run the benchmarks"
-	@echo "make unit | netns | kernel | multikernel   one tier only (after set-up)"
+	@echo "make unit | netns | kernel | multikernel | system   one tier only (after set-up)"
 	@echo "make features show which kernel features the running kernel has"
 
 setup: debs venv
@@ -74,7 +76,7 @@ $(STAMP): pyproject.toml | debs
 test: setup
 	$(PY) -m tests.run_tiers unit netns kernel multikernel
 
-unit netns kernel multikernel: setup
+unit netns kernel multikernel system: setup
 	$(PY) -m tests.run_tiers $@
 
 features: venv

@@ -17,7 +17,8 @@ DIR/tls (`controller.tls`; default names: this machine's host name, localhost,
 the token. `token revoke` takes effect on the controller's next request.
 `run` serves HTTPS with DIR/tls/server.crt; without it, it refuses to start unless
 `--insecure-http` is given (and then logs that tokens cross the network in clear).
-`run` takes an exclusive lock on DIR/controller.lock: the controller keeps the fabric in
+`run` refuses to serve from a DIR, or with a token file, that group or others can
+read. `run` takes an exclusive lock on DIR/controller.lock: the controller keeps the fabric in
 memory and is the only writer of its database, so a second controller on the same
 directory is refused rather than allowed to hand out the same addresses. Under systemd
 (Type=notify) it sends READY=1 once the store is loaded and feeds the watchdog from the
@@ -103,6 +104,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"created {path}")
     print(f"CA certificate for agents and hnvctl (--ca-file): {files.ca_cert}")
     store = _store(state_dir)
+    # Owner-only, whatever made the directory: `run` refuses any other mode.
+    state_dir.chmod(0o700)
     try:
         if admin_path.exists() and not args.force:
             print(f"{admin_path} exists; keeping the admin token (use --force for a new one)", file=sys.stderr)
@@ -230,17 +233,30 @@ def _parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _open_to_others(state_dir: Path) -> list[tuple[Path, int]]:
+    """The state directory and token files that group or others may read, with their modes."""
+    paths = [state_dir, state_dir / "admin.token", state_dir / "hosts",
+             *sorted((state_dir / "hosts").glob("*.token"))]
+    modes = [(p, p.stat().st_mode & 0o777) for p in paths if p.exists()]
+    return [(p, mode) for p, mode in modes if mode & 0o077]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from controller.api import create_app
-    from controller.fabric import Fabric
-    from controller.tls import server_names, tls_files
-
     state_dir = Path(args.state_dir)
     if not (state_dir / DB_NAME).exists():
         print(f"{state_dir} is not initialised; run: hnv-controller init --state-dir {state_dir}", file=sys.stderr)
         return 2
+    # The store and the tokens must be the controller's alone: refuse, rather than serve
+    # from a directory or with a token that group or others can read (a copy with `cp -r`,
+    # a wrong mode). systemd resets the mode of a StateDirectory= itself at each start,
+    # but not of the files in it.
+    for path, mode in _open_to_others(state_dir):
+        wanted = "0700" if path.is_dir() else "0600"
+        print(f"{path}: mode {mode:04o} lets group or others in; the controller's store and "
+              f"tokens must be owner-only: chmod {wanted} {path}", file=sys.stderr)
+        return 2
+    from controller.tls import server_names, tls_files
+
     tls = tls_files(state_dir)
     if not args.insecure_http and not tls.server_ready():
         print(f"{tls.server_cert} is missing: run hnv-controller init --state-dir {state_dir} "
@@ -255,6 +271,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     lock.write(f"{os.getpid()}\n")
     lock.flush()
+    # Imported only now: a refusal above costs no second of importing the web stack.
+    import uvicorn
+
+    from controller.api import create_app
+    from controller.fabric import Fabric
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     fabric = Fabric(Store(state_dir / DB_NAME, synchronous=args.synchronous))
     address, port = args.listen

@@ -249,7 +249,7 @@ class LabOutcome:
         return lines
 
 
-def _start_capture(plan: LabPlan, tap: str, pcap: Path) -> subprocess.Popen:
+def start_switch_capture(plan: LabPlan, tap: str, pcap: Path) -> subprocess.Popen:
     # Everything, headers only (256 bytes hold outer 802.1Q/IP/GRE and the inner frame's
     # headers): the tests look for NVGRE in VLAN 802, a person debugging for ARP and the rest.
     return subprocess.Popen(
@@ -285,7 +285,7 @@ def run_lab(run_dir: Path, hosts: Sequence[str] = DEFAULT_HOSTS, timeout: float 
                 if guest.virtualization:
                     for tap in guest.taps:
                         captures[tap] = run_dir / f"wire-{tap}.pcap"
-                        tcpdumps.append(_start_capture(plan, tap, captures[tap]))
+                        tcpdumps.append(start_switch_capture(plan, tap, captures[tap]))
             for guest in plan.guests:
                 console = open(run_dir / guest.name / "console.log", "w")
                 procs[guest.name] = subprocess.Popen(
@@ -586,7 +586,7 @@ class Guest:
             learnt = [n.get("lladdr") for n in json.loads(neighbour or "[]")]
             pings.append({"from": local, "to": peer, "ca": facts["ca"], "network": facts["network"],
                           "peer_mac": facts["mac"], "learnt_mac": learnt[0] if learnt else None,
-                          **_ping_summary(out)})
+                          **ping_summary(out)})
         self.result["pings"] = pings
         self.stage(f"pinged {len(pings)} peer VMs")
 
@@ -621,7 +621,7 @@ class Guest:
                                   "old_pid": old_pid, "new_pid": self.processes["agent"].pid,
                                   "health": health,
                                   "resync_seconds": round(time.monotonic() - restarted, 1),
-                                  **_ping_summary(out)}
+                                  **ping_summary(out)}
         self.stage("continuous ping stopped")
 
     def dump_kernel_state(self) -> None:
@@ -714,12 +714,12 @@ def _http_json(url: str) -> dict | None:
         return None
 
 
-_PING_RE = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
+PING_RE = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
 
 
-def _ping_summary(output: str) -> dict:
+def ping_summary(output: str) -> dict:
     """ping's own summary: transmitted, received, loss; the last lines kept for the report."""
-    match = _PING_RE.search(output)
+    match = PING_RE.search(output)
     transmitted, received = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
     return {"transmitted": transmitted, "received": received, "lost": transmitted - received,
             "summary": "\n".join(output.strip().splitlines()[-2:])}

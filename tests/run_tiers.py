@@ -29,9 +29,10 @@ from pathlib import Path
 from netns_lab import features, vm
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-# multikernel boots its own VMs (one kernel per host, netns_lab.multivm) from this
-# machine: it runs here, never inside the kernel tier's VM.
-TIERS = ("unit", "netns", "kernel", "multikernel")
+# multikernel and system boot their own VMs (one kernel per host: netns_lab.multivm, and
+# netns_lab.bootlab's hosts booted with systemd) from this machine: they run here, never
+# inside the kernel tier's VM.
+TIERS = ("unit", "netns", "kernel", "multikernel", "system")
 
 
 @dataclass
@@ -41,10 +42,14 @@ class TierResult:
     summary: str  # "12 passed, 1 failed" or why there is no count
     seconds: float
     where: str  # "here" or "VM (TCG)"
+    skipped: bool = False  # every test skipped: shown as SKIP with the reason, never PASS
 
 
 def _junit_summary(junit: Path) -> tuple[str, int] | None:
-    """("3 passed, 1 failed", tests run) from pytest's junit XML, None if there is none."""
+    """("3 passed, 1 failed", tests run) from pytest's junit XML, None if there is none.
+
+    When every test was skipped, the summary is the skip reason (the first one).
+    """
     try:
         root = ET.parse(junit).getroot()
     except (OSError, ET.ParseError):
@@ -54,6 +59,9 @@ def _junit_summary(junit: Path) -> tuple[str, int] | None:
         return None
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    if counts["tests"] and counts["skipped"] == counts["tests"]:
+        reason = next((s.get("message", "") for s in suite.iter("skipped")), "")
+        return f"{counts['skipped']} skipped: {reason}", counts["tests"]
     parts = [f"{passed} passed"]
     parts += [f"{counts[k]} {k}" for k in ("failures", "errors", "skipped") if counts[k]]
     return ", ".join(parts), counts["tests"]
@@ -103,7 +111,8 @@ def run_tier(tier: str, extra: list[str], workdir: Path, vm_timeout: float | Non
     summary, ran = parsed
     if ran == 0:
         return TierResult(tier, False, "no tests ran", seconds, where)
-    return TierResult(tier, returncode == 0, summary, seconds, where)
+    return TierResult(tier, returncode == 0, summary, seconds, where,
+                      skipped=returncode == 0 and summary.split()[1:2] == ["skipped:"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== test tiers ==")
     for r in results:
-        print(f"  {r.tier:<7} {'PASS' if r.ok else 'FAIL'}  {r.summary:<40} {r.seconds:6.1f} s  {r.where}")
+        status = "SKIP" if r.skipped else "PASS" if r.ok else "FAIL"
+        print(f"  {r.tier:<11} {status}  {r.summary:<40} {r.seconds:6.1f} s  {r.where}")
     skipped = [t for t in args.tiers if t not in {r.tier for r in results}]
     if skipped:
         print(f"  not run (--fail-fast): {', '.join(skipped)}")

@@ -23,6 +23,16 @@ def test_junit_summary_counts_passed_failed_errors_skipped(tmp_path):
     assert run_tiers._junit_summary(junit) == ("3 passed, 1 failures, 2 errors, 1 skipped", 7)
 
 
+def test_a_tier_whose_every_test_skipped_says_why(tmp_path):
+    junit = tmp_path / "j.xml"
+    junit.write_text('<?xml version="1.0"?><testsuites><testsuite name="system" tests="2" '
+                     'failures="0" errors="0" skipped="2"><testcase name="a"><skipped '
+                     'message="no host image: missing mmdebstrap"/></testcase><testcase name="b">'
+                     '<skipped message="no host image: missing mmdebstrap"/></testcase>'
+                     '</testsuite></testsuites>')
+    assert run_tiers._junit_summary(junit) == ("2 skipped: no host image: missing mmdebstrap", 2)
+
+
 def test_missing_or_broken_junit_is_no_summary(tmp_path):
     assert run_tiers._junit_summary(tmp_path / "absent.xml") is None
     broken = tmp_path / "broken.xml"
