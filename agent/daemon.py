@@ -303,11 +303,11 @@ class AgentDaemon:
     def feeds_watchdog(self) -> bool:
         """Whether the daemon is healthy enough to feed systemd's watchdog.
 
-        The one place that answers it: today what /healthz checks (the loop thread runs
-        and turns); a daemon that stops answering yes is killed and restarted by systemd
-        after WatchdogSec.
+        What /healthz checks (`healthy`: the loop turns and every supervised thread is
+        up); a daemon that stops answering yes is killed and restarted by systemd after
+        WatchdogSec.
         """
-        return self.health()[0]
+        return self.healthy()
 
     def _notify_systemd(self, ready: bool) -> bool:
         """One turn of the main thread: READY=1 once, after the first reconcile (the

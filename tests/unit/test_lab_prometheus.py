@@ -35,8 +35,9 @@ def test_lab_configuration_is_valid_and_scrapes_the_controller_and_every_agent(t
     assert result.returncode == 0, result.stdout + result.stderr
 
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    # The controller as the lab serves it today: its URL's scheme, no CA for plain HTTP.
-    assert jobs["hnv-controller"]["scheme"] == "http" and "tls_config" not in jobs["hnv-controller"]
+    # The lab's controller serves HTTPS: Prometheus checks it against the lab controller's CA.
+    assert jobs["hnv-controller"]["scheme"] == "https"
+    assert jobs["hnv-controller"]["tls_config"] == {"ca_file": str(tmp_path / "controller" / "tls" / "ca.crt")}
     assert jobs["hnv-controller"]["static_configs"] == [{"targets": ["10.0.0.11:8080"]}]
     agents = {group["labels"]["host"]: group["targets"] for group in jobs["hnv-agent"]["static_configs"]}
     assert agents == {h.name: [f"{h.address}:{TOPOLOGY.agent.metrics_port}"] for h in TOPOLOGY.hosts}

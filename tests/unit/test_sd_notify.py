@@ -128,7 +128,7 @@ def test_agent_stops_feeding_the_watchdog_when_unhealthy(tmp_path, controller, n
         assert notify_socket.wait_for("WATCHDOG=1")
         daemon._stop.set()  # the loop thread ends: /healthz would answer 503
         daemon.inbox.stop()
-        daemon._loop_thread.join(5)
+        daemon.supervisor.threads["loop"].join(5)
         assert not daemon.feeds_watchdog()
         count = notify_socket.lines().count("WATCHDOG=1")
         daemon._notify_systemd(ready=True)

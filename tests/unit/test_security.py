@@ -219,7 +219,7 @@ def test_no_token_is_401_before_the_body_is_parsed_and_a_host_token_403(ctl):
     assert_refused(ctl.client_for(OWN).post("/v1/vms", json={}), 403, "Authorization", "admin token")
     assert_refused(ctl.client_for(OWN).put(f"/v1/hosts/{OTHER}/status", content=b"]"), 403, "Authorization",
                    "another host")
-    assert_refused(ctl.admin.post("/v1/vms", json={}), 422, "name", "Field required")
+    assert_refused(ctl.admin.post("/v1/vms", json={}), 422, "name", "is required")
 
 
 def _raw_request(ctl: LiveController, head: str, body: bytes = b"", timeout: float = 10) -> tuple[int, dict]:
@@ -410,8 +410,8 @@ def test_run_refuses_plain_http_unless_asked(tmp_path):
 
 def test_a_route_added_later_is_admin_only_and_the_apply_route_has_the_batch_limit(tmp_path):
     """The gate reads the app's routes on each request and fails closed: a route that
-    declares no x-access needs the admin token (here /v1/fabric/apply, added after
-    create_app as its own module adds it), and the whole-fabric apply gets the batch limit."""
+    declares no x-access needs the admin token (here one added after create_app), and the
+    whole-fabric apply gets the batch limit."""
     from fastapi.testclient import TestClient
 
     from controller.api import create_app
@@ -422,15 +422,20 @@ def test_a_route_added_later_is_admin_only_and_the_apply_route_has_the_batch_lim
     try:
         app = create_app(fabric, max_body_bytes=1024, max_batch_bytes=200_000)
 
-        @app.post("/v1/fabric/apply")
-        def apply(body: dict) -> dict:
+        @app.post("/v1/added-later")
+        def added_later(body: dict) -> dict:
             return {"keys": len(body)}
 
         admin = {"Authorization": f"Bearer {(tmp_path / 's' / 'admin.token').read_text().strip()}"}
         with TestClient(app) as client:
+            assert client.post("/v1/added-later", json={}).status_code == 401
+            assert client.post("/v1/added-later", json={"a": 1}, headers=admin).json() == {"keys": 1}
+            assert client.post("/v1/added-later", json={"a": "v" * 2000}, headers=admin).status_code == 413
             assert client.post("/v1/fabric/apply", json={}).status_code == 401
             document = {f"k{i}": "v" * 100 for i in range(1000)}  # ~110 kB: above one object's limit
-            assert client.post("/v1/fabric/apply", json=document, headers=admin).json() == {"keys": 1000}
+            # past the gate (batch limit), refused by the document check itself
+            answer = client.post("/v1/fabric/apply", json=document, headers=admin)
+            assert answer.status_code == 422 and "unknown section" in answer.json()["error"]
             too_big = {f"k{i}": "v" * 100 for i in range(2000)}
             assert client.post("/v1/fabric/apply", json=too_big, headers=admin).status_code == 413
             assert client.post("/v1/vms", json={"name": "x" * 2000}, headers=admin).status_code == 413
