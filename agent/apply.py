@@ -344,7 +344,8 @@ class Applier:
         self._delete_link(port.name)
 
     def _vm_netns_of(self, port: Link) -> str | None:
-        """The named namespace of ``port``'s VM end, if it bears openhnv's mark for this port.
+        """The named namespace of ``port``'s VM end, if it bears openhnv's mark for this
+        port and this host.
 
         A namespace without the mark (one the agent found already there) is never named here.
         """
@@ -360,14 +361,21 @@ class Applier:
             mark = naming.parse_vm_netns_marker(vm_netns_marker_of(name))
         except (OSError, NetlinkError):
             return None
-        return name if mark is not None and mark[0] == port.name else None
+        # Only a mark naming this host as well: in the lab's live migration the destination
+        # takes the namespace over (re-marks it for itself) and the source, hearing of the
+        # move later, must not remove what is now the destination's VM.
+        return name if mark == (port.name, naming.host_tag(self.host)) else None
 
     def _create_vm_port(self, link: Link) -> None:
         end = link.vm
         assert end is not None
         ensure_vm_netns(end.namespace, naming.vm_netns_marker(link.name, self.host))
         vm_name = link.key.rpartition(":")[0]
-        with IPRoute(netns=end.namespace) as vm:
+        # flags=0: never create the namespace here (pyroute2 would, by default). If it was
+        # removed since ensure_vm_netns (the VM's previous host letting it go), this fails
+        # and the next reconcile makes and marks a new one; created here it would carry no
+        # mark, and the agent would never remove it.
+        with IPRoute(netns=end.namespace, flags=0) as vm:
             stale = vm.link_lookup(ifname=naming.VM_IFNAME)
             if stale:
                 # The VM's NIC exists but its host end is not ours: the VM was running on

@@ -251,6 +251,9 @@ class AgentDaemon:
             # No logging here: the handler runs between two bytecodes of the main thread,
             # which may be inside a write to the same stream (a reentrant-call error).
             received.append(signum)
+            # The supervisor first (an Event.set, safe here): the loop thread returns as
+            # soon as _stop is set, and must be seen as asked to stop, not as failed.
+            self.supervisor.stop()
             self._stop.set()
             self.inbox.stop()
 

@@ -117,6 +117,8 @@ def test_agent_is_ready_after_its_first_reconcile_feeds_the_watchdog_and_says_st
     assert "STATUS=generation 3 applied" in notify_socket.lines()
     notify_socket.wait_for("STOPPING=1", timeout=5)
     assert daemon.applied_generation == 3
+    # A stop is not a failure: no thread was counted as failed and restarted.
+    assert {name: t.restarts for name, t in daemon.supervisor.threads.items() if t.restarts} == {}
 
 
 def test_agent_stops_feeding_the_watchdog_when_unhealthy(tmp_path, controller, notify_socket):  # noqa: F811
