@@ -1,22 +1,33 @@
 """The agent's side of the controller protocol: the watch stream in, the sync status out.
 
-Owns the HTTP conversation with the controller and nothing else:
+Owns the HTTP conversation with the controllers and nothing else:
+
+- ``controller_urls`` reads and checks the controller URLs an operator gives (several
+  replicas of one fabric, comma- or space-separated or repeated); ``ControllerEndpoint``
+  holds them, the one in use, the host name and the token. The agent talks to one
+  controller at a time, picked by a stable hash of the host name so that a fleet spreads
+  over the replicas; ``move_on`` passes to the next one (in the order given, wrapping)
+  and logs ``event=controller_switch from=... to=...``.
 
 - ``WatchStream`` follows ``GET /v1/hosts/{host}/state?watch=1`` (NDJSON, never closed by
-  the server) in its own thread. It hands every ``state`` message's document to a
+  the server) of the controller in use, in its own thread. It hands every ``state`` message's document to a
   callback as it came, undecoded beyond JSON: deciding whether to hold it is intake's job,
   applying it the loop's. A stream that stays silent longer than a few heartbeats is dead
   (a half-open TCP connection never says so): the read timeout is ``heartbeat x
   missed_heartbeats``. Every way a connection ends (refused, 4xx, 5xx, timeout, garbage on
-  the line) leads to the same place: reconnect after a capped exponential backoff with
-  jitter, so a thousand agents do not hammer a controller that just came back. Anything
+  the line) leads to the same place: move on to the next controller (the same one when
+  there is only one) and connect after a capped exponential backoff with jitter, so a
+  thousand agents do not hammer a controller that just came back. Replicas of one fabric
+  serve the same generations, so the agent resumes where it was: intake holds what it has
+  when the next one sends the same generation, and ignores an older one. Anything
   else (a callback that raises, a bug) ends ``run`` with the exception: in the agent the
   thread runs under agent.supervision, which logs it, counts it and starts ``run`` again.
-- ``StatusReporter`` sends ``PUT /v1/hosts/{host}/status`` from its own thread, latest
-  status wins, retried with the same backoff until the controller has it.
+- ``StatusReporter`` sends ``PUT /v1/hosts/{host}/status`` from its own thread to the
+  controller the watch uses, latest status wins, retried with the same backoff until a
+  controller has it.
 
 A failed or empty fetch produces no document at all; nothing here can turn an outage into
-"the desired state is empty". The bearer token goes into a header and nowhere else: it is
+"the desired state is empty", and while no controller answers nothing reaches the loop. The bearer token goes into a header and nowhere else: it is
 never logged, never part of a URL or an exception message.
 """
 
@@ -26,12 +37,15 @@ import json
 import logging
 import random
 import ssl
+import re
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -76,24 +90,102 @@ def describe_error_response(response: httpx.Response) -> str:
     return f"HTTP {response.status_code} {response.reason_phrase}".strip()
 
 
-class ControllerEndpoint:
-    """Where the controller is and how to authenticate: URL, host name, bearer token, and
-    the CA file that signed the controller's certificate (https:// URLs; without one, the
-    system's CAs are trusted)."""
+# Between two URLs in one value: commas, whitespace, or both (an env file's "a, b c").
+_URL_SEPARATORS = re.compile(r"[,\s]+")
 
-    def __init__(self, url: str, host: str, token: str, ca_file: str | None = None):
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"controller URL {url!r} must start with http:// or https://")
+
+def controller_urls(values: str | Iterable[str]) -> tuple[str, ...]:
+    """The controller URLs in ``values`` (each value may hold several, comma- or
+    space-separated), checked, in the order given, without repeats or trailing slashes.
+
+    Raises ValueError naming the first bad URL and why: not http:// or https://, no host,
+    a bad port, credentials, a query or a fragment in it, a control character; or no URL
+    at all. A URL is shown escaped (agent.text.printable): it may come from anywhere.
+    Plain http:// stays allowed, as before, for controllers run with --insecure-http.
+    """
+    from agent.text import printable
+
+    texts = [values] if isinstance(values, str) else list(values)
+    urls: list[str] = []
+    for text in texts:
+        for url in _URL_SEPARATORS.split(text.strip()):
+            if not url:
+                continue
+            shown = printable(url)
+            if any(not char.isprintable() for char in url):
+                raise ValueError(f"controller URL '{shown}' holds a control character")
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"controller URL '{shown}' must start with http:// or https://")
+            try:
+                parts = urlsplit(url)
+                parts.port  # raises on a port that is not a number in 0..65535
+            except ValueError as exc:
+                raise ValueError(f"controller URL '{shown}': {exc}") from None
+            if not parts.hostname:
+                raise ValueError(f"controller URL '{shown}' names no host")
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(f"controller URL {printable(parts.scheme)}://...@{printable(parts.hostname)} "
+                                 "must not hold credentials (the token goes in a file, never in a URL)")
+            if parts.query or parts.fragment:
+                raise ValueError(f"controller URL '{shown}' must not have a query or a fragment")
+            url = url.rstrip("/")
+            if url not in urls:
+                urls.append(url)
+    if not urls:
+        raise ValueError("no controller URL given")
+    return tuple(urls)
+
+
+class ControllerEndpoint:
+    """Where the controllers are and how to authenticate: their URLs, the one in use, the
+    host name, bearer token, and the CA file that signed the controllers' certificates
+    (https:// URLs; without one, the system's CAs are trusted).
+
+    ``url`` is the controller in use; ``move_on(reason)`` makes the next one the one in
+    use, logs the switch and calls ``on_switch(from_url, to_url, reason)`` (metrics).
+    Shared by the watch and the status reporter, so both talk to the same controller.
+    """
+
+    def __init__(
+        self,
+        url: str | Iterable[str],
+        host: str,
+        token: str,
+        ca_file: str | None = None,
+        on_switch: Callable[[str, str, str], None] = lambda old, new, reason: None,
+    ):
+        self.urls = controller_urls(url)
         if not token:
             raise ValueError("the host token is empty")
-        self.url = url.rstrip("/")
         self.host = host
+        self.on_switch = on_switch
+        # A stable pick: the same host starts on the same replica after a restart, and the
+        # hosts of a fleet spread over the replicas instead of all loading the first one.
+        self._index = zlib.crc32(host.encode()) % len(self.urls)
+        self._lock = threading.Lock()
         self._headers = {"Authorization": f"Bearer {token}", "User-Agent": AGENT_NAME}
         # Loaded once, here: an unreadable CA file is a start-up error, not a retry loop.
         self._verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
 
     def __repr__(self) -> str:  # never show the token
         return f"ControllerEndpoint(url={self.url!r}, host={self.host!r})"
+
+    @property
+    def url(self) -> str:
+        """The controller in use."""
+        return self.urls[self._index]
+
+    def move_on(self, reason: str) -> str:
+        """Make the next controller the one in use (the same one when there is only one);
+        returns its URL."""
+        with self._lock:
+            old = self.url
+            self._index = (self._index + 1) % len(self.urls)
+            new = self.url
+        if new != old:
+            log.warning("event=controller_switch from=%s to=%s reason=%s", _quote(old), _quote(new), _quote(reason))
+            self.on_switch(old, new, reason)
+        return new
 
     def state_path(self) -> str:
         return f"/v1/hosts/{self.host}/state"
@@ -102,11 +194,13 @@ class ControllerEndpoint:
         return f"/v1/hosts/{self.host}/status"
 
     def client(self, timeout: httpx.Timeout) -> httpx.Client:
+        """A client of the controller in use."""
         return httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, verify=self._verify)
 
 
 class WatchStream:
-    """Follows the controller's watch stream in a thread and reconnects forever.
+    """Follows the watch stream of the controller in use in a thread and reconnects
+    forever, moving on to the next controller whenever a connection fails or ends.
 
     Callbacks run on the watch thread and must only record and signal (the reconcile
     loop does the work): ``on_state(document)`` for each state message,
@@ -151,18 +245,24 @@ class WatchStream:
         """Follow the stream until ``stop``; raises only what no reconnect can mend."""
         attempt = 0
         while not self._stop.is_set():
-            received = self._follow_once()
+            received, reason = self._follow_once()
             if self._stop.is_set():
                 break
             # A connection that delivered messages resets the backoff: the controller was
-            # fine, the stream merely ended. One that failed before any message backs off.
+            # fine, the stream merely ended. One that failed before any message backs off,
+            # so a fleet whose every controller is down slows down to the cap.
             attempt = 0 if received else attempt + 1
+            # Whatever ended the connection (refused, 5xx, missed heartbeats, a 4xx), the
+            # next try goes to the next controller: a replica that is going away or
+            # misbehaving is left behind, and with one URL this is the same controller.
+            self.endpoint.move_on(reason)
             delay = self.backoff.delay(attempt)
-            log.info("event=watch_retry delay_s=%.2f attempt=%d", delay, attempt)
+            log.info("event=watch_retry delay_s=%.2f attempt=%d controller=%s", delay, attempt, self.endpoint.url)
             self._stop.wait(delay)
 
-    def _follow_once(self) -> int:
-        """One connection, from connect to its end. Returns the number of messages read."""
+    def _follow_once(self) -> tuple[int, str]:
+        """One connection, from connect to its end: the number of messages read, and why
+        it ended."""
         read_timeout = self.heartbeat * self.missed_heartbeats
         timeout = httpx.Timeout(connect=5.0, read=read_timeout, write=5.0, pool=5.0)
         params = {"watch": "1", "heartbeat": f"{self.heartbeat:g}"}
@@ -179,7 +279,7 @@ class WatchStream:
                             "event=watch_refused controller=%s status=%d error=%s",
                             self.endpoint.url, response.status_code, _quote(reason),
                         )
-                        return 0
+                        return 0, f"HTTP {response.status_code}: {reason}"
                     connected = True
                     self.connects += 1
                     log.info("event=watch_connected controller=%s", self.endpoint.url)
@@ -211,7 +311,7 @@ class WatchStream:
             self.on_connection(False, reason)
         else:
             log.warning("event=watch_unreachable controller=%s reason=%s", self.endpoint.url, _quote(reason))
-        return received
+        return received, reason
 
     def _dispatch(self, message: Any) -> None:
         if not isinstance(message, dict):
@@ -251,7 +351,7 @@ class StatusReport:
 
 
 class StatusReporter:
-    """Sends the latest status to the controller from its own thread; latest wins.
+    """Sends the latest status to the controller in use from its own thread; latest wins.
 
     ``submit`` never blocks on the network. A report that fails is retried with backoff
     until it succeeds or a newer one replaces it; ``resend`` asks for the last report to
@@ -304,7 +404,8 @@ class StatusReporter:
 
     def run(self) -> None:
         """Send reports until ``stop``; a report not yet sent when this raises is kept."""
-        client = self.endpoint.client(httpx.Timeout(self.timeout))
+        client: httpx.Client | None = None
+        client_url = None  # the controller `client` talks to
         attempt = 0
         try:
             while True:
@@ -314,6 +415,12 @@ class StatusReporter:
                     if self._stop:
                         return
                     report = self._pending
+                if client is None or client_url != self.endpoint.url:
+                    # The watch moved to another controller: report to that one.
+                    if client is not None:
+                        client.close()
+                    client_url = self.endpoint.url
+                    client = self.endpoint.client(httpx.Timeout(self.timeout))
                 if self._put(client, report):
                     attempt = 0
                     with self._condition:
@@ -327,7 +434,8 @@ class StatusReporter:
                     # Wake early only to stop; a newer report waits for the backoff too.
                     self._condition.wait_for(lambda: self._stop, timeout=delay)
         finally:
-            client.close()
+            if client is not None:
+                client.close()
 
     def _put(self, client: httpx.Client, report: StatusReport) -> bool:
         try:
