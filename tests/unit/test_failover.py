@@ -327,3 +327,12 @@ def test_hnvctl_help_says_what_is_retried_and_what_is_not():
     flat = " ".join(parser_help.split())
     assert "repeat it (or separate URLs with commas)" in flat
     assert "never sent to another (a write may have been applied)" in flat
+
+
+def test_the_agent_env_example_lists_several_controllers_the_agent_accepts():
+    # hnv-agent.service passes ${HNV_CONTROLLER_URL} as one argument: what the example
+    # holds must be what the agent reads.
+    settings = dict(line.split("=", 1) for line in (CHECKOUT / "systemd" / "agent.env.example").read_text().splitlines()
+                    if line and not line.startswith("#"))
+    assert len(controller_urls(settings["HNV_CONTROLLER_URL"])) == 3
+    assert "--controller ${HNV_CONTROLLER_URL}" in (CHECKOUT / "systemd" / "hnv-agent.service").read_text()
