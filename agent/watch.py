@@ -5,9 +5,12 @@ Owns the HTTP conversation with the controllers and nothing else:
 - ``controller_urls`` reads and checks the controller URLs an operator gives (several
   replicas of one fabric, comma- or space-separated or repeated); ``ControllerEndpoint``
   holds them, the one in use, the host name and the token. The agent talks to one
-  controller at a time, picked by a stable hash of the host name so that a fleet spreads
-  over the replicas; ``move_on`` passes to the next one (in the order given, wrapping)
-  and logs ``event=controller_switch from=... to=...``.
+  controller at a time. Each host ranks the controllers by a hash of (host, URL)
+  (rendezvous hashing): it starts on its first, and ``move_on`` passes to its next one,
+  wrapping round, and logs ``event=controller_switch from=... to=...``. So a fleet
+  spreads evenly over the replicas, a host returns to the same one after a restart, and
+  the hosts of a replica that dies spread evenly over the others instead of all landing
+  on the one listed after it.
 
 - ``WatchStream`` follows ``GET /v1/hosts/{host}/state?watch=1`` (NDJSON, never closed by
   the server) of the controller in use, in its own thread. It hands every ``state`` message's document to a
@@ -33,14 +36,14 @@ never logged, never part of a URL or an exception message.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
-import ssl
 import re
+import ssl
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
@@ -159,9 +162,11 @@ class ControllerEndpoint:
             raise ValueError("the host token is empty")
         self.host = host
         self.on_switch = on_switch
-        # A stable pick: the same host starts on the same replica after a restart, and the
-        # hosts of a fleet spread over the replicas instead of all loading the first one.
-        self._index = zlib.crc32(host.encode()) % len(self.urls)
+        # This host's order of the controllers (rendezvous hashing; see the module).
+        # (A cryptographic digest because CRC32's output for near-identical inputs is
+        # correlated: the ranking must look random across hosts.)
+        self.order = tuple(sorted(self.urls, key=lambda each: hashlib.blake2b(f"{host}\0{each}".encode()).digest()))
+        self._index = 0
         self._lock = threading.Lock()
         self._headers = {"Authorization": f"Bearer {token}", "User-Agent": AGENT_NAME}
         # Loaded once, here: an unreadable CA file is a start-up error, not a retry loop.
@@ -173,14 +178,14 @@ class ControllerEndpoint:
     @property
     def url(self) -> str:
         """The controller in use."""
-        return self.urls[self._index]
+        return self.order[self._index]
 
     def move_on(self, reason: str) -> str:
-        """Make the next controller the one in use (the same one when there is only one);
-        returns its URL."""
+        """Make this host's next controller the one in use (the same one when there is
+        only one); returns its URL."""
         with self._lock:
             old = self.url
-            self._index = (self._index + 1) % len(self.urls)
+            self._index = (self._index + 1) % len(self.order)
             new = self.url
         if new != old:
             log.warning("event=controller_switch from=%s to=%s reason=%s", _quote(old), _quote(new), _quote(reason))

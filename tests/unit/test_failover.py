@@ -105,11 +105,16 @@ def test_the_endpoint_moves_round_the_urls_and_says_so(caplog):
     assert single.move_on("timeout") == "http://10.0.0.11:8080" and len(switches) == 3
 
 
-def test_hosts_spread_over_the_controllers():
-    urls = "http://10.0.0.11:8080,http://10.0.0.12:8080,http://10.0.0.13:8080"
-    picked = {ControllerEndpoint(urls, f"host{n}", "t").url for n in range(30)}
-    assert picked == set(controller_urls(urls))
-    assert ControllerEndpoint(urls, HOST, "t").url == ControllerEndpoint(urls, HOST, "t").url  # stable
+def test_hosts_spread_over_the_controllers_and_a_dead_ones_hosts_over_the_others():
+    urls = controller_urls("http://10.0.0.11:8080,http://10.0.0.12:8080,http://10.0.0.13:8080")
+    endpoints = [ControllerEndpoint(urls, f"CON-HyperV{n}", "t") for n in range(300)]
+    on = {url: [e for e in endpoints if e.url == url] for url in urls}
+    assert all(70 <= len(hosts) <= 130 for hosts in on.values()), {u: len(h) for u, h in on.items()}
+    # The first replica dies: its hosts move on, and not all to the same replica.
+    moved = {endpoint.move_on("refused") for endpoint in on[urls[0]]}
+    assert moved == set(urls[1:])
+    # Stable: a restarted agent starts where it was.
+    assert ControllerEndpoint(urls, "CON-HyperV6", "t").url == ControllerEndpoint(urls, "CON-HyperV6", "t").url
 
 
 # --- the agent with two real controller processes -----------------------------------------
