@@ -37,6 +37,7 @@ from agent.watch import controller_urls
 from controller.models import STORED_OF, Kind, Lease, VirtualSwitch, Vm
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:8080"
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection to one controller (as the agent's watch)
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
@@ -136,7 +137,10 @@ class ControllerClient:
                 verify = ssl.create_default_context(cafile=os.fspath(ca_file))
             except (OSError, ssl.SSLError) as exc:
                 raise ControllerError(f"CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
-        self._client_options = {"headers": headers, "timeout": timeout, "transport": transport, "verify": verify}
+        # A controller whose machine is gone answers nothing, not even a refusal: give up
+        # connecting after CONNECT_TIMEOUT and try the next one, not after the whole `timeout`.
+        timeouts = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
+        self._client_options = {"headers": headers, "timeout": timeouts, "transport": transport, "verify": verify}
         self._http: dict[str, httpx.Client] = {}  # one pool per controller, opened when first used
 
     @property
