@@ -627,8 +627,9 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "run",
         help="follow the controller and keep the kernel in the desired state",
-        description="Follow the controller's watch stream, keep the last accepted state on "
-        "disk and reconcile the kernel to it; stopping leaves the kernel as it is.",
+        description="Follow the controller's watch stream (one of several replicas, moving to the next "
+        "when it stops answering), keep the last accepted state on disk and reconcile the kernel to it; "
+        "with no controller answering the kernel is kept as it is; stopping leaves the kernel as it is.",
     )
     parser.add_argument("--controller", action="append", metavar="URL",
                         help="controller base URL, e.g. https://10.0.0.2:8080; repeat it (or give several, "

@@ -13,9 +13,9 @@ Owns the HTTP conversation with the controllers and nothing else:
   on the one listed after it.
 
 - ``WatchStream`` follows ``GET /v1/hosts/{host}/state?watch=1`` (NDJSON, never closed by
-  the server) of the controller in use, in its own thread. It hands every ``state`` message's document to a
-  callback as it came, undecoded beyond JSON: deciding whether to hold it is intake's job,
-  applying it the loop's. A stream that stays silent longer than a few heartbeats is dead
+  the server) of the controller in use, in its own thread. It hands every ``state``
+  message's document to a callback as it came, undecoded beyond JSON: deciding whether to
+  hold it is intake's job, applying it the loop's. A stream that stays silent longer than a few heartbeats is dead
   (a half-open TCP connection never says so): the read timeout is ``heartbeat x
   missed_heartbeats``. Every way a connection ends (refused, 4xx, 5xx, timeout, garbage on
   the line) leads to the same place: move on to the next controller (the same one when
@@ -30,8 +30,9 @@ Owns the HTTP conversation with the controllers and nothing else:
   controller has it.
 
 A failed or empty fetch produces no document at all; nothing here can turn an outage into
-"the desired state is empty", and while no controller answers nothing reaches the loop. The bearer token goes into a header and nowhere else: it is
-never logged, never part of a URL or an exception message.
+"the desired state is empty", and while no controller answers nothing reaches the loop.
+The bearer token goes into a header and nowhere else: it is never logged, never part of a
+URL or an exception message.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from agent.logfmt import quote as _quote
+from agent.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +108,6 @@ def controller_urls(values: str | Iterable[str]) -> tuple[str, ...]:
     at all. A URL is shown escaped (agent.text.printable): it may come from anywhere.
     Plain http:// stays allowed, as before, for controllers run with --insecure-http.
     """
-    from agent.text import printable
-
     texts = [values] if isinstance(values, str) else list(values)
     urls: list[str] = []
     for text in texts:
