@@ -447,14 +447,14 @@ class StatusReporter:
             response = client.put(self.endpoint.status_path(), json=report.body())
         except (httpx.HTTPError, httpx.StreamError, httpx.InvalidURL) as exc:
             log.warning(
-                "event=status_unsent generation=%d reason=%s",
-                report.generation, _quote(f"{type(exc).__name__}: {exc}"),
+                "event=status_unsent generation=%d controller=%s reason=%s",
+                report.generation, client.base_url, _quote(f"{type(exc).__name__}: {exc}"),
             )
             return False
         if response.status_code != 200:
             log.warning(
-                "event=status_refused generation=%d status=%d error=%s",
-                report.generation, response.status_code, _quote(describe_error_response(response)),
+                "event=status_refused generation=%d controller=%s status=%d error=%s",
+                report.generation, client.base_url, response.status_code, _quote(describe_error_response(response)),
             )
             # A 4xx will not get better by retrying the same body, but the controller may
             # be mid-restart (e.g. host not yet known): retry with backoff like a 5xx.
@@ -465,8 +465,8 @@ class StatusReporter:
             reply = {}
         self.last_reply = reply if isinstance(reply, dict) else {}
         log.info(
-            "event=status_sent generation=%d errors=%d sync=%s reason=%s",
-            report.generation, len(report.errors),
+            "event=status_sent generation=%d controller=%s errors=%d sync=%s reason=%s",
+            report.generation, client.base_url, len(report.errors),
             self.last_reply.get("sync"), _quote(self.last_reply.get("reason", "")),
         )
         self.on_reply(self.last_reply)
