@@ -7,7 +7,9 @@ the rest (the daemon adds ``run``).
     hnv-agent apply STATE.json [--netns NS] [--dry-run]
         exit 0 done, 1 some object failed, 2 the document was refused (nothing touched)
     hnv-agent show records|provider-addresses|tunnels|ports [--netns NS] [-o json]
-    hnv-agent run ...   (agent.daemon)
+    hnv-agent run --controller URL [--controller URL ...] ...   (agent.daemon)
+        several URLs: replicas of one fabric, watched one at a time; exit 2 for a URL
+        that cannot be used, before anything else is done
 """
 
 from __future__ import annotations

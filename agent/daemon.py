@@ -7,11 +7,15 @@ disk only through agent.intake.
 Threads, and who may do what (Neutron's lesson: callbacks record what changed, one loop
 does the work):
 
-- watch (agent.watch.WatchStream): reads the controller's stream; records the newest
-  document in the inbox and wakes the loop. Never validates, never applies.
+- watch (agent.watch.WatchStream): reads the stream of the controller in use; records the
+  newest document in the inbox and wakes the loop. Never validates, never applies. Given
+  several controllers (replicas of one fabric), it moves to the next when the one in use
+  stops answering; ``hnv_agent_controller_info{url}`` (1 for the one in use),
+  ``hnv_agent_controller_switches_total`` and /healthz's ``controller`` say which.
 - kernel events (agent.events.KernelEventWatch): records "a link or static neighbour
   changed" in the inbox and wakes the loop.
-- status (agent.watch.StatusReporter): sends the latest status to the controller.
+- status (agent.watch.StatusReporter): sends the latest status to the controller the
+  watch uses.
 - metrics (agent.metrics.ObservabilityServer): answers /metrics and /healthz.
 - main thread (this module): waits for a stop signal and talks to systemd
   (agent.sd_notify): READY=1 after the first reconcile, WATCHDOG=1 each second while
@@ -33,7 +37,7 @@ failing; /healthz names the thread and its last error. A systemd watchdog fed on
 Restart semantics: the last accepted state is loaded from disk before the controller is
 contacted, and the first reconcile runs against it; when the kernel already matches, its
 plan is empty and nothing is written, so tenant traffic never notices the restart. With
-the controller down the agent keeps holding (and repairing) that state. Stopping, by
+every controller down the agent keeps holding (and repairing) that state. Stopping, by
 signal or kill -9, leaves the kernel as it is: there is no cleanup on exit, on purpose.
 """
 
@@ -52,6 +56,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.cli import EXIT_REFUSED
 from agent.events import KernelEventWatch
 from agent.intake import IntakeDecision, StateFileError, StateStore, Verdict, decide
 from agent import sd_notify
@@ -59,7 +64,7 @@ from agent.metrics import AgentMetrics, ObservabilityServer
 from agent.logfmt import quote as _q
 from agent.state import HostState
 from agent.supervision import Supervisor
-from agent.watch import Backoff, ControllerEndpoint, StatusReport, StatusReporter, WatchStream
+from agent.watch import Backoff, ControllerEndpoint, StatusReport, StatusReporter, WatchStream, controller_urls
 
 log = logging.getLogger("agent.daemon")
 
@@ -85,7 +90,9 @@ class ReconcilerLike(Protocol):
 class DaemonConfig:
     host: str
     state_dir: Path
-    controller_url: str
+    # One controller URL, or several (replicas of one fabric; a string may hold several,
+    # comma- or space-separated): agent.watch.controller_urls reads and checks them.
+    controller_url: str | tuple[str, ...]
     token: str = field(repr=False)
     metrics_address: str | None = DEFAULT_METRICS_ADDRESS
     resync_interval: float = 2.0
@@ -166,7 +173,10 @@ class AgentDaemon:
         # /metrics scrape (tunnel counters) take turns.
         self._kernel_lock = threading.Lock()
         self.metrics = AgentMetrics(self._tunnel_stats)
-        self.endpoint = ControllerEndpoint(config.controller_url, config.host, config.token, config.ca_file)
+        self.endpoint = ControllerEndpoint(config.controller_url, config.host, config.token, config.ca_file,
+                                           on_switch=self._on_controller_switch)
+        for url in self.endpoint.urls:  # every series present from the first scrape
+            self.metrics.controller_info.labels(url=url).set(1 if url == self.endpoint.url else 0)
         backoff = Backoff(initial=0.5, cap=config.reconnect_max_delay)
         self.watch = WatchStream(
             self.endpoint,
@@ -295,6 +305,7 @@ class AgentDaemon:
             "applied_generation": self.applied_generation,
             "desired_generation": self.desired_generation,
             "controller_connected": self.controller_connected,
+            "controller": self.endpoint.url,
             "last_reconcile": self.last_reconcile,
             "threads": {name: thread.as_dict() for name, thread in threads.items()},
             "threads_down": down,
@@ -338,6 +349,11 @@ class AgentDaemon:
         if thread == "kernel_events":
             # Notifications were missed while no one listened: reconcile once for them.
             self.inbox.note_kernel_event("kernel event watch restarted")
+
+    def _on_controller_switch(self, old: str, new: str, reason: str) -> None:
+        self.metrics.controller_switches.inc()
+        self.metrics.controller_info.labels(url=old).set(0)
+        self.metrics.controller_info.labels(url=new).set(1)
 
     def _on_document(self, document: Any) -> None:
         self.inbox.put_document(document)
@@ -614,10 +630,14 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "run",
         help="follow the controller and keep the kernel in the desired state",
-        description="Follow the controller's watch stream, keep the last accepted state on "
-        "disk and reconcile the kernel to it; stopping leaves the kernel as it is.",
+        description="Follow the controller's watch stream (one of several replicas, moving to the next "
+        "when it stops answering), keep the last accepted state on disk and reconcile the kernel to it; "
+        "with no controller answering the kernel is kept as it is; stopping leaves the kernel as it is.",
     )
-    parser.add_argument("--controller", required=True, metavar="URL", help="controller base URL, e.g. https://10.0.0.2:8080")
+    parser.add_argument("--controller", action="append", metavar="URL",
+                        help="controller base URL, e.g. https://10.0.0.2:8080; repeat it (or give several, "
+                             "comma- or space-separated) for replicas of one fabric: the agent watches one "
+                             "and moves to the next when it stops answering (env HNV_CONTROLLER_URL)")
     parser.add_argument("--ca-file", default=os.environ.get("HNV_CA_FILE") or None, metavar="FILE",
                         help="CA certificate that signed the controller's (the controller's tls/ca.crt; "
                              "env HNV_CA_FILE; default: the system's CAs)")
@@ -644,10 +664,20 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> int:
     configure_logging(getattr(logging, args.log_level.upper()))
+    # Checked first, before the token or the kernel: a mistyped URL is one line and exit 2.
+    given = args.controller or os.environ.get("HNV_CONTROLLER_URL", "")
+    if not given:
+        print("hnv-agent run: --controller: required (or HNV_CONTROLLER_URL in the environment)", file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        controllers = controller_urls(given)
+    except ValueError as exc:
+        print(f"hnv-agent run: --controller: {exc}", file=sys.stderr)
+        return EXIT_REFUSED
     config = DaemonConfig(
         host=args.host,
         state_dir=Path(args.state_dir),
-        controller_url=args.controller,
+        controller_url=controllers,
         token=read_token(args.token_file),
         metrics_address=args.metrics_address or None,
         resync_interval=args.resync_interval,
@@ -680,8 +710,9 @@ def run_command(args: argparse.Namespace) -> int:
         except OSError as exc:  # the metrics port is taken
             raise SystemExit(f"hnv-agent run: --metrics-address {args.metrics_address}: {exc.strerror}") from None
         log.info(
-            "event=agent_starting host=%s controller=%s state_dir=%s netns=%s resync_s=%g",
-            config.host, config.controller_url, config.state_dir, config.netns, config.resync_interval,
+            "event=agent_starting host=%s controllers=%s controller=%s state_dir=%s netns=%s resync_s=%g",
+            config.host, ",".join(daemon.endpoint.urls), daemon.endpoint.url, config.state_dir, config.netns,
+            config.resync_interval,
         )
         return daemon.run_forever()
     finally:

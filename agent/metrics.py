@@ -113,6 +113,16 @@ class AgentMetrics:
             "hnv_agent_controller_connected", "1 while the watch stream to the controller is up",
             registry=r,
         )
+        self.controller_info = Gauge(
+            "hnv_agent_controller_info",
+            "One series per configured controller URL: 1 for the one the agent watches, 0 for the others",
+            ["url"], registry=r,
+        )
+        self.controller_switches = Counter(
+            "hnv_agent_controller_switches",
+            "Times the agent moved to the next controller because the one in use stopped answering",
+            registry=r,
+        )
         self.desired_generation = Gauge(
             "hnv_agent_desired_generation", "Newest generation the controller announced", registry=r,
         )

@@ -3,7 +3,7 @@
 Owns two pure functions and the `Plan` they produce:
 
 - `desired_kernel_state(state)` compiles a validated HostState into kernel terms (the
-  kernel mapping, tabled in docs/architecture.md and in full in README "Agent");
+  kernel mapping, tabled in docs/architecture.md);
 - `diff(desired, observed)` compares two `KernelState`s and returns the ordered
   operations that turn the observed kernel into the desired one.
 

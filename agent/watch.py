@@ -1,41 +1,60 @@
 """The agent's side of the controller protocol: the watch stream in, the sync status out.
 
-Owns the HTTP conversation with the controller and nothing else:
+Owns the HTTP conversation with the controllers and nothing else:
+
+- ``controller_urls`` reads and checks the controller URLs an operator gives (several
+  replicas of one fabric, comma- or space-separated or repeated); ``ControllerEndpoint``
+  holds them, the one in use, the host name and the token. The agent talks to one
+  controller at a time. Each host ranks the controllers by a hash of (host, URL)
+  (rendezvous hashing): it starts on its first, and ``move_on`` passes to its next one,
+  wrapping round, and logs ``event=controller_switch from=... to=...``. So a fleet
+  spreads evenly over the replicas, a host returns to the same one after a restart, and
+  the hosts of a replica that dies spread evenly over the others instead of all landing
+  on the one listed after it.
 
 - ``WatchStream`` follows ``GET /v1/hosts/{host}/state?watch=1`` (NDJSON, never closed by
-  the server) in its own thread. It hands every ``state`` message's document to a
-  callback as it came, undecoded beyond JSON: deciding whether to hold it is intake's job,
-  applying it the loop's. A stream that stays silent longer than a few heartbeats is dead
+  the server) of the controller in use, in its own thread. It hands every ``state``
+  message's document to a callback as it came, undecoded beyond JSON: deciding whether to
+  hold it is intake's job, applying it the loop's. A stream that stays silent longer than a few heartbeats is dead
   (a half-open TCP connection never says so): the read timeout is ``heartbeat x
   missed_heartbeats``. Every way a connection ends (refused, 4xx, 5xx, timeout, garbage on
-  the line) leads to the same place: reconnect after a capped exponential backoff with
-  jitter, so a thousand agents do not hammer a controller that just came back. Anything
+  the line) leads to the same place: move on to the next controller (the same one when
+  there is only one) and connect after a capped exponential backoff with jitter, so a
+  thousand agents do not hammer a controller that just came back. Replicas of one fabric
+  serve the same generations, so the agent resumes where it was: intake holds what it has
+  when the next one sends the same generation, and ignores an older one. Anything
   else (a callback that raises, a bug) ends ``run`` with the exception: in the agent the
   thread runs under agent.supervision, which logs it, counts it and starts ``run`` again.
-- ``StatusReporter`` sends ``PUT /v1/hosts/{host}/status`` from its own thread, latest
-  status wins, retried with the same backoff until the controller has it.
+- ``StatusReporter`` sends ``PUT /v1/hosts/{host}/status`` from its own thread to the
+  controller the watch uses, latest status wins, retried with the same backoff until a
+  controller has it.
 
 A failed or empty fetch produces no document at all; nothing here can turn an outage into
-"the desired state is empty". The bearer token goes into a header and nowhere else: it is
-never logged, never part of a URL or an exception message.
+"the desired state is empty", and while no controller answers nothing reaches the loop.
+The bearer token goes into a header and nowhere else: it is never logged, never part of a
+URL or an exception message.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
+import re
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from agent.logfmt import quote as _quote
+from agent.text import printable
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +95,102 @@ def describe_error_response(response: httpx.Response) -> str:
     return f"HTTP {response.status_code} {response.reason_phrase}".strip()
 
 
-class ControllerEndpoint:
-    """Where the controller is and how to authenticate: URL, host name, bearer token, and
-    the CA file that signed the controller's certificate (https:// URLs; without one, the
-    system's CAs are trusted)."""
+# Between two URLs in one value: commas, whitespace, or both (an env file's "a, b c").
+_URL_SEPARATORS = re.compile(r"[,\s]+")
 
-    def __init__(self, url: str, host: str, token: str, ca_file: str | None = None):
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"controller URL {url!r} must start with http:// or https://")
+
+def controller_urls(values: str | Iterable[str]) -> tuple[str, ...]:
+    """The controller URLs in ``values`` (each value may hold several, comma- or
+    space-separated), checked, in the order given, without repeats or trailing slashes.
+
+    Raises ValueError naming the first bad URL and why: not http:// or https://, no host,
+    a bad port, credentials, a query or a fragment in it, a control character; or no URL
+    at all. A URL is shown escaped (agent.text.printable): it may come from anywhere.
+    Plain http:// stays allowed, as before, for controllers run with --insecure-http.
+    """
+    texts = [values] if isinstance(values, str) else list(values)
+    urls: list[str] = []
+    for text in texts:
+        for url in _URL_SEPARATORS.split(text.strip()):
+            if not url:
+                continue
+            shown = printable(url)
+            if any(not char.isprintable() for char in url):
+                raise ValueError(f"controller URL '{shown}' holds a control character")
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"controller URL '{shown}' must start with http:// or https://")
+            try:
+                parts = urlsplit(url)
+                parts.port  # raises on a port that is not a number in 0..65535
+            except ValueError as exc:
+                raise ValueError(f"controller URL '{shown}': {exc}") from None
+            if not parts.hostname:
+                raise ValueError(f"controller URL '{shown}' names no host")
+            if parts.username is not None or parts.password is not None:
+                raise ValueError(f"controller URL {printable(parts.scheme)}://...@{printable(parts.hostname)} "
+                                 "must not hold credentials (the token goes in a file, never in a URL)")
+            if parts.query or parts.fragment:
+                raise ValueError(f"controller URL '{shown}' must not have a query or a fragment")
+            url = url.rstrip("/")
+            if url not in urls:
+                urls.append(url)
+    if not urls:
+        raise ValueError("no controller URL given")
+    return tuple(urls)
+
+
+class ControllerEndpoint:
+    """Where the controllers are and how to authenticate: their URLs, the one in use, the
+    host name, bearer token, and the CA file that signed the controllers' certificates
+    (https:// URLs; without one, the system's CAs are trusted).
+
+    ``url`` is the controller in use; ``move_on(reason)`` makes the next one the one in
+    use, logs the switch and calls ``on_switch(from_url, to_url, reason)`` (metrics).
+    Shared by the watch and the status reporter, so both talk to the same controller.
+    """
+
+    def __init__(
+        self,
+        url: str | Iterable[str],
+        host: str,
+        token: str,
+        ca_file: str | None = None,
+        on_switch: Callable[[str, str, str], None] = lambda old, new, reason: None,
+    ):
+        self.urls = controller_urls(url)
         if not token:
             raise ValueError("the host token is empty")
-        self.url = url.rstrip("/")
         self.host = host
+        self.on_switch = on_switch
+        # This host's order of the controllers (rendezvous hashing; see the module).
+        # (A cryptographic digest because CRC32's output for near-identical inputs is
+        # correlated: the ranking must look random across hosts.)
+        self.order = tuple(sorted(self.urls, key=lambda each: hashlib.blake2b(f"{host}\0{each}".encode()).digest()))
+        self._index = 0
+        self._lock = threading.Lock()
         self._headers = {"Authorization": f"Bearer {token}", "User-Agent": AGENT_NAME}
         # Loaded once, here: an unreadable CA file is a start-up error, not a retry loop.
         self._verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=ca_file) if ca_file else True
 
     def __repr__(self) -> str:  # never show the token
         return f"ControllerEndpoint(url={self.url!r}, host={self.host!r})"
+
+    @property
+    def url(self) -> str:
+        """The controller in use."""
+        return self.order[self._index]
+
+    def move_on(self, reason: str) -> str:
+        """Make this host's next controller the one in use (the same one when there is
+        only one); returns its URL."""
+        with self._lock:
+            old = self.url
+            self._index = (self._index + 1) % len(self.order)
+            new = self.url
+        if new != old:
+            log.warning("event=controller_switch from=%s to=%s reason=%s", _quote(old), _quote(new), _quote(reason))
+            self.on_switch(old, new, reason)
+        return new
 
     def state_path(self) -> str:
         return f"/v1/hosts/{self.host}/state"
@@ -102,11 +199,13 @@ class ControllerEndpoint:
         return f"/v1/hosts/{self.host}/status"
 
     def client(self, timeout: httpx.Timeout) -> httpx.Client:
+        """A client of the controller in use."""
         return httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, verify=self._verify)
 
 
 class WatchStream:
-    """Follows the controller's watch stream in a thread and reconnects forever.
+    """Follows the watch stream of the controller in use in a thread and reconnects
+    forever, moving on to the next controller whenever a connection fails or ends.
 
     Callbacks run on the watch thread and must only record and signal (the reconcile
     loop does the work): ``on_state(document)`` for each state message,
@@ -151,18 +250,24 @@ class WatchStream:
         """Follow the stream until ``stop``; raises only what no reconnect can mend."""
         attempt = 0
         while not self._stop.is_set():
-            received = self._follow_once()
+            received, reason = self._follow_once()
             if self._stop.is_set():
                 break
             # A connection that delivered messages resets the backoff: the controller was
-            # fine, the stream merely ended. One that failed before any message backs off.
+            # fine, the stream merely ended. One that failed before any message backs off,
+            # so a fleet whose every controller is down slows down to the cap.
             attempt = 0 if received else attempt + 1
+            # Whatever ended the connection (refused, 5xx, missed heartbeats, a 4xx), the
+            # next try goes to the next controller: a replica that is going away or
+            # misbehaving is left behind, and with one URL this is the same controller.
+            self.endpoint.move_on(reason)
             delay = self.backoff.delay(attempt)
-            log.info("event=watch_retry delay_s=%.2f attempt=%d", delay, attempt)
+            log.info("event=watch_retry delay_s=%.2f attempt=%d controller=%s", delay, attempt, self.endpoint.url)
             self._stop.wait(delay)
 
-    def _follow_once(self) -> int:
-        """One connection, from connect to its end. Returns the number of messages read."""
+    def _follow_once(self) -> tuple[int, str]:
+        """One connection, from connect to its end: the number of messages read, and why
+        it ended."""
         read_timeout = self.heartbeat * self.missed_heartbeats
         timeout = httpx.Timeout(connect=5.0, read=read_timeout, write=5.0, pool=5.0)
         params = {"watch": "1", "heartbeat": f"{self.heartbeat:g}"}
@@ -179,7 +284,7 @@ class WatchStream:
                             "event=watch_refused controller=%s status=%d error=%s",
                             self.endpoint.url, response.status_code, _quote(reason),
                         )
-                        return 0
+                        return 0, f"HTTP {response.status_code}: {reason}"
                     connected = True
                     self.connects += 1
                     log.info("event=watch_connected controller=%s", self.endpoint.url)
@@ -211,7 +316,7 @@ class WatchStream:
             self.on_connection(False, reason)
         else:
             log.warning("event=watch_unreachable controller=%s reason=%s", self.endpoint.url, _quote(reason))
-        return received
+        return received, reason
 
     def _dispatch(self, message: Any) -> None:
         if not isinstance(message, dict):
@@ -251,7 +356,7 @@ class StatusReport:
 
 
 class StatusReporter:
-    """Sends the latest status to the controller from its own thread; latest wins.
+    """Sends the latest status to the controller in use from its own thread; latest wins.
 
     ``submit`` never blocks on the network. A report that fails is retried with backoff
     until it succeeds or a newer one replaces it; ``resend`` asks for the last report to
@@ -304,7 +409,8 @@ class StatusReporter:
 
     def run(self) -> None:
         """Send reports until ``stop``; a report not yet sent when this raises is kept."""
-        client = self.endpoint.client(httpx.Timeout(self.timeout))
+        client: httpx.Client | None = None
+        client_url = None  # the controller `client` talks to
         attempt = 0
         try:
             while True:
@@ -314,6 +420,12 @@ class StatusReporter:
                     if self._stop:
                         return
                     report = self._pending
+                if client is None or client_url != self.endpoint.url:
+                    # The watch moved to another controller: report to that one.
+                    if client is not None:
+                        client.close()
+                    client_url = self.endpoint.url
+                    client = self.endpoint.client(httpx.Timeout(self.timeout))
                 if self._put(client, report):
                     attempt = 0
                     with self._condition:
@@ -327,21 +439,22 @@ class StatusReporter:
                     # Wake early only to stop; a newer report waits for the backoff too.
                     self._condition.wait_for(lambda: self._stop, timeout=delay)
         finally:
-            client.close()
+            if client is not None:
+                client.close()
 
     def _put(self, client: httpx.Client, report: StatusReport) -> bool:
         try:
             response = client.put(self.endpoint.status_path(), json=report.body())
         except (httpx.HTTPError, httpx.StreamError, httpx.InvalidURL) as exc:
             log.warning(
-                "event=status_unsent generation=%d reason=%s",
-                report.generation, _quote(f"{type(exc).__name__}: {exc}"),
+                "event=status_unsent generation=%d controller=%s reason=%s",
+                report.generation, client.base_url, _quote(f"{type(exc).__name__}: {exc}"),
             )
             return False
         if response.status_code != 200:
             log.warning(
-                "event=status_refused generation=%d status=%d error=%s",
-                report.generation, response.status_code, _quote(describe_error_response(response)),
+                "event=status_refused generation=%d controller=%s status=%d error=%s",
+                report.generation, client.base_url, response.status_code, _quote(describe_error_response(response)),
             )
             # A 4xx will not get better by retrying the same body, but the controller may
             # be mid-restart (e.g. host not yet known): retry with backoff like a 5xx.
@@ -352,8 +465,8 @@ class StatusReporter:
             reply = {}
         self.last_reply = reply if isinstance(reply, dict) else {}
         log.info(
-            "event=status_sent generation=%d errors=%d sync=%s reason=%s",
-            report.generation, len(report.errors),
+            "event=status_sent generation=%d controller=%s errors=%d sync=%s reason=%s",
+            report.generation, client.base_url, len(report.errors),
             self.last_reply.get("sync"), _quote(self.last_reply.get("reason", "")),
         )
         self.on_reply(self.last_reply)

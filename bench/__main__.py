@@ -1,7 +1,7 @@
 """``python -m bench [records] [convergence] [datapath]``: run the benchmarks, print one table.
 
 Owns the order of the sections and the machine line printed above the table (cores, CPU
-model, kernel, date), which the README's Benchmarks section copies. Each section
+model, kernel, date), which docs/benchmarks.md copies. Each section
 measures its own baseline in the same run; a section that cannot run here says why in
 its row instead of silently disappearing. Progress goes to stderr, the table to stdout.
 """

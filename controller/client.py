@@ -1,11 +1,19 @@
 """A typed client of the controller's REST API (controller/API.md), over httpx.
 
 Used by hnvctl, the lab and the benchmarks. One `ControllerClient` keeps one HTTP
-connection pool; every call returns the controller's own models (`controller.models`
-stored objects, `Lease`, `agent.state.LookupRecord`, `HostSync`) or raises:
+connection pool per controller URL; every call returns the controller's own models
+(`controller.models` stored objects, `Lease`, `agent.state.LookupRecord`, `HostSync`) or
+raises:
 
 - `ApiRefused` for a 4xx: the controller's `error`, `field` and `reason`, the status;
 - `ControllerUnavailable` for a refused connection, a time-out or a 5xx.
+
+Several URLs (replicas of one fabric): a request goes to the controller that answered
+last (the first one at the start) and moves on to the next, in the order given, only
+when it could not connect (nothing was sent) or the controller answered 503 (it did not
+act). A time-out after the request was sent, a connection that broke mid-request or any
+other 5xx is reported and never sent to another controller: a write may have been
+applied, and sending it again could apply it twice.
 
 This module owns HTTP mechanics (URLs, tokens, status codes, JSON decoding). It holds no
 fabric rules and never prints; it never logs the token.
@@ -17,7 +25,7 @@ import os
 import ssl
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, TypeVar
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -25,9 +33,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from agent.state import HostState, LookupRecord
 from agent.text import describe_validation_error
+from agent.watch import controller_urls
 from controller.models import STORED_OF, Kind, Lease, VirtualSwitch, Vm
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:8080"
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection to one controller (as the agent's watch)
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
@@ -98,33 +108,54 @@ def _item_path(kind: Kind, key: str) -> str:
 
 
 class ControllerClient:
-    """One controller, one token, one connection pool. Use as a context manager."""
+    """One controller or several replicas of one fabric, one token, a connection pool per
+    controller. Use as a context manager."""
 
     def __init__(
         self,
-        base_url: str = DEFAULT_CONTROLLER,
+        base_url: str | Sequence[str] = DEFAULT_CONTROLLER,
         token: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         ca_file: str | os.PathLike[str] | None = None,
     ):
-        """`ca_file`: the CA that signed the controller's certificate (its tls/ca.crt), for
+        """`base_url`: one URL, or several (a list, or one string with commas or spaces),
+        checked by `agent.watch.controller_urls` (a bad one is a ControllerError).
+        `ca_file`: the CA that signed the controllers' certificates (their tls/ca.crt), for
         https:// URLs; None trusts the system's CAs. An unreadable file is a ControllerError."""
+        try:
+            self.urls = controller_urls(base_url)
+        except ValueError as exc:
+            raise ControllerError(str(exc)) from None
+        self._current = 0  # index of the controller that answered last
         headers = {"User-Agent": "hnvctl/0.1"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self.base_url = base_url.rstrip("/")
         verify: ssl.SSLContext | bool = True
         if ca_file:
             try:
                 verify = ssl.create_default_context(cafile=os.fspath(ca_file))
             except (OSError, ssl.SSLError) as exc:
                 raise ControllerError(f"CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, transport=transport,
-                                  verify=verify)
+        # A controller whose machine is gone answers nothing, not even a refusal: give up
+        # connecting after CONNECT_TIMEOUT and try the next one, not after the whole `timeout`.
+        timeouts = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
+        self._client_options = {"headers": headers, "timeout": timeouts, "transport": transport, "verify": verify}
+        self._http: dict[str, httpx.Client] = {}  # one pool per controller, opened when first used
+
+    @property
+    def base_url(self) -> str:
+        """The controller in use: the one that answered last."""
+        return self.urls[self._current]
+
+    def _http_for(self, url: str) -> httpx.Client:
+        if url not in self._http:
+            self._http[url] = httpx.Client(base_url=url, **self._client_options)
+        return self._http[url]
 
     def close(self) -> None:
-        self._http.close()
+        for http in self._http.values():
+            http.close()
 
     def __enter__(self) -> ControllerClient:
         return self
@@ -135,17 +166,48 @@ class ControllerClient:
     # --- transport --------------------------------------------------------------------
 
     def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        """One request; the decoded JSON body (None for 204) or an exception."""
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException:
-            raise ControllerUnavailable(f"controller {self.base_url}: no answer to {method} {path} in time") from None
-        except httpx.TransportError as exc:
-            raise ControllerUnavailable(f"controller {self.base_url}: {_transport_reason(exc)}") from None
+        """One request; the decoded JSON body (None for 204) or an exception.
+
+        Tried on the controller that answered last, then on each other one in order, but
+        only past a failure that proves the request was not acted on (see the module)."""
+        failures: list[str] = []
+        for offset in range(len(self.urls)):
+            index = (self._current + offset) % len(self.urls)
+            url = self.urls[index]
+            try:
+                response = self._http_for(url).request(method, path, **kwargs)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Why these two only: the connection never opened, nothing was sent.
+                failures.append(f"controller {url}: {_transport_reason(exc)}")
+                continue
+            except httpx.TimeoutException:
+                raise ControllerUnavailable(
+                    f"controller {url}: no answer to {method} {path} in time" + self._not_retried(method)
+                ) from None
+            except httpx.TransportError as exc:
+                raise ControllerUnavailable(f"controller {url}: {_transport_reason(exc)}"
+                                            + self._not_retried(method)) from None
+            if response.status_code == 503:
+                # The controller says it did not act (e.g. its database is unreachable).
+                failures.append(f"controller {url}: {method} {path} failed with HTTP 503{_body_excerpt(response)}")
+                continue
+            self._current = index
+            return self._answer(url, method, path, response)
+        if len(failures) == 1:
+            raise ControllerUnavailable(failures[0])
+        raise ControllerUnavailable("no controller answered: " + "; ".join(failures))
+
+    def _not_retried(self, method: str) -> str:
+        if len(self.urls) == 1 or method in ("GET", "HEAD"):
+            return ""
+        return " (not sent to another controller: it may have been applied)"
+
+    def _answer(self, url: str, method: str, path: str, response: httpx.Response) -> Any:
+        """A controller's response: the decoded JSON body, or the exception it means."""
         if response.status_code >= 500:
             raise ControllerUnavailable(
-                f"controller {self.base_url}: {method} {path} failed with HTTP {response.status_code}"
-                + _body_excerpt(response)
+                f"controller {url}: {method} {path} failed with HTTP {response.status_code}"
+                + _body_excerpt(response) + self._not_retried(method)
             )
         if response.status_code >= 400:
             raise _refusal(method, path, response)
@@ -155,7 +217,7 @@ class ControllerClient:
             return response.json()
         except ValueError:
             raise ControllerUnavailable(
-                f"controller {self.base_url}: {method} {path} answered HTTP {response.status_code} "
+                f"controller {url}: {method} {path} answered HTTP {response.status_code} "
                 "with a body that is not JSON"
             ) from None
 

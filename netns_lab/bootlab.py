@@ -1,4 +1,4 @@
-"""The booted-host lab: one qemu VM per host, systemd as PID 1, openhnv installed as README says.
+"""The booted-host lab: one qemu VM per host, systemd as PID 1, openhnv installed as docs/operating.md says.
 
 The multi-kernel lab (``netns_lab.multivm``) runs the daemons by hand in throw-away VMs
 that share this machine's file system; this lab boots hosts the way an operator has
@@ -9,8 +9,8 @@ module creates and deletes (``multivm.physical_switch``: the same switch, plan, 
 taps as the multi-kernel lab). Hosts come from the seed topology: the controller on its
 management host (CON-HyperV1), agents on the two VIRTUALCLUSTER hosts.
 
-openhnv is installed by the commands of README's "Installing on a host", read from the
-README itself (``install_steps``) and run as they are: the build-machine step here (a
+openhnv is installed by the commands of docs/operating.md's "Installing on a host", read
+from that document itself (``install_steps``) and run as they are: the build-machine step here (a
 wheel of the project and a wheelhouse of its dependencies; the guests have no internet),
 the host steps on each booted host, with only the settings block's values replaced by
 each host's. The installation media reach the hosts as a read-only 9p share; each host
@@ -18,7 +18,7 @@ has a writable 9p share of its own (``/lab``), through which this side hands it 
 files (the image's ``hnv-lab-runner``: an operator's shell) and reads their output back,
 and through which the operator-copied host token travels. Every wait is bounded.
 
-Owns: booting and reaping the VMs, the command channel, running the README's install
+Owns: booting and reaping the VMs, the command channel, running the documented install
 steps. It must not configure anything that the install steps, the units or the agent own.
 
     python -m netns_lab.bootlab up     # boot, install, bring the fabric up, print a summary
@@ -47,8 +47,8 @@ from netns_lab import hostimage
 from netns_lab.multivm import GuestPlan, LabPlan, physical_switch, plan_lab, start_switch_capture
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-README = CHECKOUT / "README.md"
-INSTALL_SECTION = "### Installing on a host"
+INSTALL_DOC = CHECKOUT / "docs" / "operating.md"
+INSTALL_SECTION = "## Installing on a host"
 # The install steps of that section, by the role named on each block's first line.
 BUILD_STEP, SETTINGS, EVERY_HOST, MANAGEMENT_NODE, AGENT_HOST = (
     "on the build machine", "settings", "on every host", "on the management node", "on each agent host")
@@ -72,22 +72,23 @@ class BootLabError(RuntimeError):
     """Something the booted-host lab could not do; names the host and the reason."""
 
 
-# --- README's install steps ----------------------------------------------------------------
+# --- the documented install steps ----------------------------------------------------------
 
 _FENCE = re.compile(r"^```sh\n(.*?)^```", re.S | re.M)
 
 
-def install_steps(readme: Path = README) -> dict[str, str]:
-    """The shell blocks of README's "Installing on a host", keyed by their first-line role.
+def install_steps(doc: Path = INSTALL_DOC) -> dict[str, str]:
+    """The shell blocks of the operating guide's "Installing on a host", keyed by their first-line role.
 
     Every block in the section starts with ``# on ...`` (or ``# settings``); the lab runs
-    them as they stand, so what README says is exactly what the tier proves.
+    them as they stand, so what the guide says is exactly what the tier proves. The
+    section ends at the next level-2 heading ("## "; a block's "# on ..." comment is not one).
     """
-    text = readme.read_text()
+    text = doc.read_text()
     heading = re.search(rf"^{re.escape(INSTALL_SECTION)}$", text, re.M)
     if heading is None:
-        raise BootLabError(f"README.md has no section {INSTALL_SECTION!r}")
-    end = text.find("\n### ", heading.end())
+        raise BootLabError(f"{doc.name} has no section {INSTALL_SECTION!r}")
+    end = text.find("\n## ", heading.end())
     section = text[heading.end():end if end > 0 else None]
     steps: dict[str, str] = {}
     for block in _FENCE.findall(section):
@@ -95,13 +96,13 @@ def install_steps(readme: Path = README) -> dict[str, str]:
         role = first.lstrip("#").strip()
         role = next((r for r in STEPS if role.startswith(r)), role)
         if role not in STEPS:
-            raise BootLabError(f"README {INSTALL_SECTION}: a block starts with {first!r}, "
+            raise BootLabError(f"{doc.name} {INSTALL_SECTION}: a block starts with {first!r}, "
                                f"not one of {', '.join('# ' + s for s in STEPS)}")
         if role in steps:
-            raise BootLabError(f"README {INSTALL_SECTION}: two blocks for {role!r}")
+            raise BootLabError(f"{doc.name} {INSTALL_SECTION}: two blocks for {role!r}")
         steps[role] = body
     if missing := [s for s in STEPS if s not in steps]:
-        raise BootLabError(f"README {INSTALL_SECTION}: no block for {', '.join(missing)}")
+        raise BootLabError(f"{doc.name} {INSTALL_SECTION}: no block for {', '.join(missing)}")
     return steps
 
 
@@ -111,10 +112,10 @@ def settings_names(settings: str) -> list[str]:
 
 
 def with_settings(step: str, settings_block: str, values: dict[str, str]) -> str:
-    """A step preceded by this host's settings; every name the README block sets, and only those."""
+    """A step preceded by this host's settings; every name the settings block sets, and only those."""
     names = settings_names(settings_block)
     if unknown := sorted(set(values) - set(names)):
-        raise BootLabError(f"settings {', '.join(unknown)} are not in README's settings block")
+        raise BootLabError(f"settings {', '.join(unknown)} are not in the guide's settings block")
     lines = [f"{name}={shlex.quote(values[name])}" for name in names if name in values]
     return "set -euo pipefail\n" + "\n".join(lines) + "\n" + step
 
@@ -289,7 +290,7 @@ class BootLab:
         return self.controller.run(f"{env} /opt/openhnv/bin/hnvctl {args}", timeout, check)
 
     def build_media(self) -> None:
-        """README's build-machine step, here: the wheelhouse, the units and the seed files."""
+        """The guide's build-machine step, here: the wheelhouse, the units and the seed files."""
         script = with_settings(self.steps[BUILD_STEP], self.steps[SETTINGS], {"MEDIA": str(self.media)})
         # python3 is this machine's venv interpreter (it has pip); the step runs in the checkout.
         env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}")
@@ -297,10 +298,10 @@ class BootLab:
                               text=True, check=False, timeout=STEP_TIMEOUT)
         (self.run_dir / "build-media.log").write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0:
-            raise BootLabError(f"README's build-machine step exited {proc.returncode}:\n{(proc.stderr or proc.stdout)[-2000:]}")
+            raise BootLabError(f"the build-machine step exited {proc.returncode}:\n{(proc.stderr or proc.stdout)[-2000:]}")
 
     def install(self) -> None:
-        """README's host steps on every host; the hosts bring the fabric up by themselves."""
+        """The guide's host steps on every host; the hosts bring the fabric up by themselves."""
         t = time.monotonic()
         for command in [self.step(h, EVERY_HOST) for h in self.hosts.values()]:
             command.wait(STEP_TIMEOUT)

@@ -15,7 +15,7 @@ leave it and every run boots the cached one. Guests boot it copy-on-write (qemu'
 ``snapshot=on``), so the cached image is never written to.
 
 What is in the tree besides the packages is the least a lab host needs that a real host
-gets from its installer, and nothing of openhnv (the tier installs openhnv as README's
+gets from its installer, and nothing of openhnv (the tier installs openhnv as docs/operating.md's
 "Installing on a host" says, on the booted host):
 
 - its identity from the kernel command line: ``systemd.hostname=``, ``systemd.machine_id=``

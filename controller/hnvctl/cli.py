@@ -3,8 +3,11 @@
 `main(argv, stdout=, stderr=, environ=)` is the console script and is called in
 process by the lab's walkthrough. Exit codes: 0 done; 2 bad input (an argument, a
 document, or a 4xx from the controller), with one line on stderr naming the object,
-the field and the reason, and nothing changed; 1 the controller could not be reached
-or failed (5xx). Every line it prints on stderr is escaped (`output.error_line`).
+the field and the reason, and nothing changed; 1 no controller could be reached, or one
+failed (5xx). Several controller URLs (repeated --controller, or commas in
+HNV_CONTROLLER) are tried in order as `controller.client` says: the next one only after
+a connection failure or a 503; a time-out after a write was sent is reported, not
+retried elsewhere. Every line it prints on stderr is escaped (`output.error_line`).
 
 Owns the parser and the mapping of failures to exit codes; what commands do is
 `commands`/`apply`'s, how they look `output`'s.
@@ -18,6 +21,7 @@ import sys
 import typing
 from typing import TextIO
 
+from agent.watch import controller_urls
 from controller.client import (
     DEFAULT_CONTROLLER,
     ApiRefused,
@@ -62,7 +66,12 @@ class _Parser(argparse.ArgumentParser):
 def _globals() -> argparse.ArgumentParser:
     # SUPPRESS keeps a subcommand's copy of these flags from overwriting the top level's.
     common = _Parser(add_help=False)
-    common.add_argument("--controller", default=argparse.SUPPRESS, help=f"controller URL (env HNV_CONTROLLER, default {DEFAULT_CONTROLLER})")
+    common.add_argument("--controller", action="append", default=argparse.SUPPRESS, metavar="URL",
+                        help="controller URL; repeat it (or separate URLs with commas) for replicas of one "
+                             "fabric: they are tried in order, the next only when one cannot be connected to "
+                             "or answers 503; a request that timed out or broke after it was sent is reported, "
+                             "never sent to another (a write may have been applied) "
+                             f"(env HNV_CONTROLLER, default {DEFAULT_CONTROLLER})")
     common.add_argument("--ca-file", default=argparse.SUPPRESS, help="CA certificate that signed the controller's (its tls/ca.crt; env HNV_CA_FILE)")
     common.add_argument("--token-file", default=argparse.SUPPRESS, help="file holding the bearer token (env HNV_TOKEN_FILE, or the token in HNV_TOKEN)")
     common.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help="table (default) or json")
@@ -179,11 +188,13 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
         return EXIT_BAD_INPUT
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    url = getattr(args, "controller", None) or environ.get("HNV_CONTROLLER") or DEFAULT_CONTROLLER
+    given = getattr(args, "controller", None) or environ.get("HNV_CONTROLLER") or DEFAULT_CONTROLLER
     out = Output(getattr(args, "output", None) or "table", stdout)
     try:
-        if not url.startswith(("http://", "https://")):
-            raise UsageError(f"--controller: {url!r} is not an http:// or https:// URL")
+        try:
+            urls = controller_urls(given)
+        except ValueError as exc:
+            raise UsageError(f"--controller: {exc}") from None
         token = read_token(getattr(args, "token_file", None), environ)
         ca_file = read_ca_file(getattr(args, "ca_file", None), environ)
         if ca_file and not os.path.isfile(ca_file):
@@ -193,7 +204,7 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
         return EXIT_BAD_INPUT
 
     def connect() -> ControllerClient:
-        return ControllerClient(url, token, ca_file=ca_file)
+        return ControllerClient(urls, token, ca_file=ca_file)
 
     ctx = Context(connect, out)
     try:

@@ -1,8 +1,8 @@
 """system tier: hosts booted like real hosts (``netns_lab.bootlab``), one lab per session.
 
 Three VMs boot the project's host image (Debian 12, Debian's kernel, systemd as PID 1)
-under qemu, cabled to one switch; openhnv is installed on them by README's "Installing
-on a host" commands, run as they stand. The tests then do what an operator does on
+under qemu, cabled to one switch; openhnv is installed on them by the "Installing on a host"
+commands of docs/operating.md, run as they stand. The tests then do what an operator does on
 those hosts (systemctl, journalctl, ping, a capture on the switch) and check what the
 operator would check. Figures (pings lost, seconds to restart, timings) are printed at
 the end of the run.

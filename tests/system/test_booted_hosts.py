@@ -1,4 +1,4 @@
-"""What an operator checks on hosts that booted with systemd and were installed by README.
+"""What an operator checks on hosts that booted with systemd and were installed as docs/operating.md says.
 
 One lab for the module (``lab`` in conftest): CON-HyperV1 runs the controller unit,
 CON-HyperV6 and CON-HyperV7 the agent unit, with the seed's fabric and tenants applied.

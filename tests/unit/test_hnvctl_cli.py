@@ -54,7 +54,7 @@ def test_bad_arguments_are_one_line_exit_2_before_any_request(argv, expected):
 def test_bad_controller_url_and_token_file_are_exit_2(tmp_path):
     out, err = io.StringIO(), io.StringIO()
     assert main(["hosts"], stdout=out, stderr=err, environ={"HNV_CONTROLLER": "127.0.0.1:8080"}) == 2
-    assert err.getvalue() == "hnvctl: --controller: '127.0.0.1:8080' is not an http:// or https:// URL\n"
+    assert err.getvalue() == "hnvctl: --controller: controller URL '127.0.0.1:8080' must start with http:// or https://\n"
     out, err = io.StringIO(), io.StringIO()
     missing = tmp_path / "admin.token"
     assert main(["--token-file", str(missing), "hosts"], stdout=out, stderr=err, environ={}) == 2

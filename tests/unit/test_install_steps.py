@@ -1,4 +1,4 @@
-"""README's "Installing on a host" is what the system tier runs: the blocks parse, and
+"""docs/operating.md's "Installing on a host" is what the system tier runs: the blocks parse, and
 every variable they use is one the settings block sets and the tier fills in."""
 
 from __future__ import annotations
@@ -28,19 +28,27 @@ def test_every_variable_the_steps_use_is_a_setting():
         assert used <= names, (role, used - names)
 
 
-def test_the_tier_fills_in_only_readme_settings():
+def test_the_tier_fills_in_only_documented_settings():
     settings = bootlab.install_steps()[bootlab.SETTINGS]
     script = bootlab.with_settings("echo $HOST", settings, {"HOST": "CON-HyperV6", "MEDIA": "/m"})
     assert script.splitlines()[1:] == ["MEDIA=/m", "HOST=CON-HyperV6", "echo $HOST"]
-    with pytest.raises(bootlab.BootLabError, match="NOT_IN_README"):
-        bootlab.with_settings("true", settings, {"NOT_IN_README": "x"})
+    with pytest.raises(bootlab.BootLabError, match="NOT_A_SETTING"):
+        bootlab.with_settings("true", settings, {"NOT_A_SETTING": "x"})
 
 
-def test_a_readme_block_without_a_role_is_refused(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"{bootlab.INSTALL_SECTION}\n\n```sh\nrm -rf /\n```\n")
+def test_a_block_without_a_role_is_refused(tmp_path):
+    doc = tmp_path / "operating.md"
+    doc.write_text(f"{bootlab.INSTALL_SECTION}\n\n```sh\nrm -rf /\n```\n")
     with pytest.raises(bootlab.BootLabError, match="a block starts with 'rm -rf /'"):
-        bootlab.install_steps(readme)
+        bootlab.install_steps(doc)
+
+
+def test_the_section_ends_at_the_next_level_two_heading(tmp_path):
+    steps = bootlab.install_steps()
+    doc = tmp_path / "operating.md"
+    blocks = "".join(f"```sh\n# {role}\n{steps[role]}```\n\n" for role in bootlab.STEPS)
+    doc.write_text(f"# Guide\n\n{bootlab.INSTALL_SECTION}\n\n{blocks}## Next\n\n```sh\n# on every host\nexit 1\n```\n")
+    assert bootlab.install_steps(doc) == steps
 
 
 def test_the_image_cache_key_follows_the_recipe(tmp_path, monkeypatch):
