@@ -563,7 +563,8 @@ def run_walkthrough(w: Walkthrough) -> None:
     w.wait_in_sync([hv_a, hv_b], "vm-delete")
     # The agent made the VM's namespace (as a hypervisor makes the VM) and removes it
     # with its port; nothing is left for `down` to find.
-    gone = _wait_for(lambda: not build.namespace_exists("TenantVM05"), SYNC_TIMEOUT)
+    # The reconcile that reported InSync removed it: seconds, not a sync timeout.
+    gone = _wait_for(lambda: not build.namespace_exists("TenantVM05"), 30.0)
     w.check("vm-delete-removes-namespace", gone,
             f"namespace TenantVM05 {'removed' if gone else 'still present'} after the VM was deleted")
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from agent import naming
+from agent.netns import ensure_vm_netns
 from agent.reconcile import Reconciler
 from agent.state import parse_host_state
 from tests.kernel.agentlab import AgentLab, host_state
@@ -33,6 +34,11 @@ def links(netns: str) -> dict[str, dict[str, Any]]:
     out = subprocess.run(["ip", "-n", netns, "-j", "link", "show"], capture_output=True,
                          text=True, check=True).stdout
     return {link["ifname"]: link for link in json.loads(out)}
+
+
+# Devices the kernel itself puts in every new namespace once ip_gre is loaded (its
+# fallback tunnels): not the VM's, not the agent's.
+KERNEL_FALLBACK_DEVICES = {"gre0", "gretap0", "erspan0"}
 
 
 def without_vms(document: dict[str, Any], names: set[str]) -> dict[str, Any]:
@@ -76,10 +82,64 @@ def test_a_deleted_namespace_vm_leaves_no_namespace_and_a_foreign_one_is_kept(la
         assert result.errors == [], result.errors
         assert lab.agent_made not in namespaces(), "the deleted VM's namespace was left behind"
         assert foreign in namespaces(), "the agent removed a namespace it did not create"
-        assert set(links(foreign)) == {"lo"}, "the foreign namespace still holds the VM's eth0"
+        assert set(links(foreign)) - KERNEL_FALLBACK_DEVICES == {"lo"}, "the foreign namespace still holds the VM's eth0"
         host_links = links(host.name)
         assert naming.vm_port("vmA2") not in host_links and naming.vm_port("vmA3") not in host_links
         assert naming.vm_port("vmA100") in host_links  # the other VMs are untouched
 
         again = reconciler.reconcile(parse_host_state(later))
         assert again.errors == [] and again.planned == 0
+
+
+def moved(document: dict[str, Any], vm_name: str, to: dict[str, Any]) -> dict[str, Any]:
+    """``to`` (the other host's document) with ``vm_name``'s port taken from ``document``."""
+    doc = copy.deepcopy(to)
+    doc["ports"].append(next(p for p in document["ports"] if p["name"] == vm_name))
+    doc["generation"] += 1
+    return doc
+
+
+@pytest.mark.parametrize("first", ["destination", "source"])
+def test_a_vm_migrated_then_deleted_leaves_no_namespace(lab, first):
+    """The lab's live migration: the namespace the source made moves to the destination
+    (whichever host hears of the move first), which removes it when the VM is deleted."""
+    a, b = lab.hosts["a"], lab.hosts["b"]
+    vm_netns = {**lab.vm_netns, "vmA2": lab.agent_made}
+    on_a = host_state("a", vm_netns)
+    on_b = host_state("b", vm_netns)
+    with Reconciler(netns=a.name) as source, Reconciler(netns=b.name) as destination:
+        assert source.reconcile(parse_host_state(on_a)).errors == []
+        assert destination.reconcile(parse_host_state(on_b)).errors == []
+        assert lab.agent_made in namespaces()
+
+        a_without, b_with = without_vms(on_a, {"vmA2"}), moved(on_a, "vmA2", on_b)
+        steps = [(destination, b_with), (source, a_without)]
+        for reconciler, document in steps if first == "destination" else reversed(steps):
+            result = reconciler.reconcile(parse_host_state(document))
+            assert result.errors == [], result.errors
+        # Drift repair on both, as the agents' periodic reconciles do.
+        assert destination.reconcile(parse_host_state(b_with)).errors == []
+        assert source.reconcile(parse_host_state(a_without)).errors == []
+        assert lab.agent_made in namespaces()
+        assert links(lab.agent_made)["eth0"]["address"] == "00:15:5d:00:02:0a"
+        assert naming.vm_port("vmA2") in links(b.name) and naming.vm_port("vmA2") not in links(a.name)
+
+        result = destination.reconcile(parse_host_state(without_vms(b_with, {"vmA2"})))
+        assert result.errors == [], result.errors
+        assert lab.agent_made not in namespaces(), "the migrated VM's namespace was left behind"
+
+
+def test_the_source_keeps_a_namespace_its_destination_took_over(lab):
+    """The race of the lab's live migration: the destination has marked the namespace as
+    its own while the source's port still exists; the source removes its port, not the
+    namespace (it did, and the destination's VM lost its namespace)."""
+    a = lab.hosts["a"]
+    vm_netns = {**lab.vm_netns, "vmA2": lab.agent_made}
+    on_a, on_b = host_state("a", vm_netns), host_state("b", vm_netns)
+    with Reconciler(netns=a.name) as source:
+        assert source.reconcile(parse_host_state(on_a)).errors == []
+        ensure_vm_netns(lab.agent_made, naming.vm_netns_marker(naming.vm_port("vmA2"), on_b["host"]))
+        result = source.reconcile(parse_host_state(without_vms(on_a, {"vmA2"})))
+        assert result.errors == [], result.errors
+        assert naming.vm_port("vmA2") not in links(a.name)
+        assert lab.agent_made in namespaces(), "the source removed the namespace its destination took over"
