@@ -32,6 +32,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.auth import ADMIN, OWN_HOST, PUBLIC, Authenticator, Forbidden, Unauthorized
+from controller.fabric.common import RETRY_AFTER_BUSY_S
+from controller.store import StoreBusy
 
 BATCH = "batch"
 # Whole-document routes with the batch limit whether or not they declare x-body-limit.
@@ -78,6 +80,11 @@ class RequestGate:
         except (Unauthorized, Forbidden) as exc:
             extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             await JSONResponse(exc.body(), status_code=exc.status, headers=extra)(scope, receive, send)
+            return
+        except StoreBusy as exc:  # the token could not be checked: the database is unreachable
+            await JSONResponse({"error": f"{method} {path}: the controller cannot check the token now",
+                                "field": "Authorization", "reason": str(exc)}, status_code=503,
+                               headers={"Retry-After": str(RETRY_AFTER_BUSY_S)})(scope, receive, send)
             return
         limit = self.max_batch_bytes if uses_batch_limit(route) else self.max_body_bytes
         declared = headers.get("content-length")
