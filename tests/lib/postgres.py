@@ -138,7 +138,7 @@ class PgCluster:
         """A streaming standby of this cluster (pg_basebackup -R), started."""
         standby = PgCluster(self.root, free_port(), self.root / f"standby-{self._databases}")
         self._run("pg_basebackup", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-D",
-                  str(standby.data), "-R", "-X", "stream")
+                  str(standby.data), "-R", "-X", "stream", "-c", "fast")
         with open(standby.data / "postgresql.conf", "a") as conf:
             conf.write(f"\nport = {standby.port}\n")
         standby.start()
