@@ -2,7 +2,8 @@
 measured in the same run on the same machine, and with three replicas sharing it.
 
 Each case starts real `hnv-controller run` processes (tests.lib.controller), on a
-throw-away PostgreSQL cluster (tests.lib.postgres) or a SQLite file, builds the seed
+throw-away PostgreSQL cluster (tests.lib.postgres, default settings: an fsync per
+commit) or a SQLite file (synchronous=FULL, the controller's default: the same), builds the seed
 fabric plus three tenant VM networks, then creates VMs through the REST API:
 sequentially through one client (latency-bound, what one operator sees), and from
 CONCURRENCY clients at once (spread over the replicas where there are several).
@@ -31,11 +32,13 @@ def _controllers(root: Path, store: str | None, replicas: int):
     from tests.lib.seed_fabric import VIRTUAL_HOSTS, add_tenant_network, build_seed_fabric
 
     state = root / "state"
+    # SQLite as it runs by default: synchronous=FULL, an fsync per commit like PostgreSQL's.
+    options = ("--no-access-log",) if store else ("--no-access-log", "--synchronous", "FULL")
     first = LiveController(state, hosts=list(VIRTUAL_HOSTS), process=True, store=store, log_level="error",
-                           run_args=("--no-access-log",))
+                           run_args=options)
     first.init()
-    group = [first] + [LiveController(state, process=True, store=store, log_level="error",
-                                      run_args=("--no-access-log",)) for _ in range(replicas - 1)]
+    group = [first] + [LiveController(state, process=True, store=store, log_level="error", run_args=options)
+                       for _ in range(replicas - 1)]
     for controller in group:
         controller.start(timeout=120)
     build_seed_fabric(first.admin)

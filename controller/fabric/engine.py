@@ -1,8 +1,12 @@
 """The transaction engine: every fabric operation, validated, allocated and compiled as one.
 
 An operation runs under one write lock (writes are serialised; the API's worker threads
-queue here) in four steps, and any refusal leaves nothing changed:
+queue here) inside one store write session (`controller.store`: on PostgreSQL a
+transaction holding the advisory lock every replica takes, so writes are serialised
+across replicas too), in five steps, and any refusal leaves nothing changed:
 
+0. *catch up*: apply what other replicas committed since this one's last revision
+   (`_apply_revisions`; nothing on SQLite, where this process is the only writer);
 1. *build*: check the request against the fabric and put every change - objects,
    VSIDs, MACs, leases - into a `Tx` (refusals raise `Invalid` 422, `NotFound` 404,
    `Conflict` 409, naming the object, the field and the reason). The builder comes
@@ -11,13 +15,21 @@ queue here) in four steps, and any refusal leaves nothing changed:
    host; a HostState that agent.state refuses undoes the Tx and refuses the request, so
    the controller never publishes a state an agent would reject;
 3. *commit*: write the Tx, with the host generations it bumps, to the store in one
-   BEGIN IMMEDIATE transaction (the store's primary keys refuse any value taken twice;
-   a busy database is `Unavailable` 503; any failure undoes the Tx in memory too);
+   transaction, appended to the revision log on a shared store (the store's primary
+   keys refuse any value taken twice, 409; a busy or unreachable database is
+   `Unavailable` 503; any failure undoes the Tx in memory too);
 4. *publish*: replace the inventory's committed view (what every reader sees), serve
    the new generations and wake the watchers of the hosts whose content changed.
 
 Readers (`get`, `list`, `leases`, the views) never take the lock and never see a step
 before 4: they read `inventory.committed`, immutable and replaced only after a commit.
+
+On a shared store a follower thread (`_follow`) wakes on the log's NOTIFY, or every
+`FOLLOW_INTERVAL_S` seconds whatever happens (the log is the truth, a notification only
+a wake-up), applies other replicas' revisions the same way (publishing their hosts'
+new states to this replica's watchers with the generation and digest they committed),
+and reads agents' statuses reported through other replicas. While the database is
+unreachable it retries each interval and the fabric keeps serving what was committed.
 
 Affected hosts are narrow for VM operations (the hosts of the VM network, before and
 after, plus source and destination) and all hosts for fabric-wide objects (switches,
@@ -434,8 +446,11 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
         merged = Tx()
         latest: dict[str, Any] = {}  # host -> its last row in the batch
         deleted: set[str] = set()
+        networks: set[str] | None = set()
         for revision in revisions:
             tx = self.inventory.tx_of(revision.changes)
+            touched = self._networks_of(tx)
+            networks = ALL if touched is ALL or networks is ALL else networks | touched
             self.inventory.apply(tx)
             merged.objects.update(tx.objects)
             merged.leases.update(tx.leases)
@@ -445,7 +460,7 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
             for host in revision.changes.delete_hosts:
                 latest.pop(host, None)
                 deleted.add(host)
-        self.compiler.invalidate(ALL)
+        self.compiler.invalidate(networks)
         states, changed = {}, []
         for host, row in sorted(latest.items()):
             if host not in self.inventory.objects[Kind.host]:
@@ -470,6 +485,33 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
         log.info("event=replica_caught_up revision=%d revisions=%d hosts=%d", self.revision, len(revisions),
                  len(changed))
         return set(latest) | deleted
+
+    def _networks_of(self, tx: Tx) -> set[str] | None:
+        """The VM networks whose compiled records a replayed Tx may change, before it is
+        applied (old and new objects both count); ALL for anything wider, as the rules'
+        own scopes say (sites, switches, profiles, hosts: rare and cheap)."""
+        inventory = self.inventory
+        networks: set[str] = set()
+        for (kind, key), obj in tx.objects.items():
+            if kind == Kind.vm_network.value:
+                networks.add(key)
+                continue
+            if kind not in (Kind.vm.value, Kind.vm_subnet.value, Kind.ip_pool.value):
+                return ALL
+            for version in (obj, inventory.get(Kind(kind), key)):
+                if version is None:
+                    continue
+                network = getattr(version, "vm_network", None)
+                if network is None:
+                    return ALL  # an IP pool of a network site
+                networks.add(network)
+        for (pool, address), lease in tx.leases.items():
+            for version in (lease, inventory.leases.get(pool, {}).get(address)):
+                if version is not None:
+                    if version.vm_network is None:
+                        return ALL
+                    networks.add(version.vm_network)
+        return networks
 
     def catch_up(self) -> int:
         """Apply every revision other replicas committed since ours; the revision now."""

@@ -256,9 +256,9 @@ class _PgWriteSession:
         self.db = self._use.__enter__()
         try:
             with _mapped("the fabric's write lock"):
-                self.db.execute("BEGIN")
-                self.db.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
-                self.db.execute("SELECT pg_advisory_xact_lock(%s)", (FABRIC_LOCK,))
+                # One round trip (no parameters: the simple protocol takes several statements).
+                self.db.execute(f"BEGIN; SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}; "
+                                f"SELECT pg_advisory_xact_lock({FABRIC_LOCK})")
         except BaseException as exc:
             self._end(type(exc), exc)
             raise
@@ -274,32 +274,34 @@ class _PgWriteSession:
             return None
         db = self.db
         with _mapped("commit"), db.cursor() as cursor:
+            def many(statement: str, rows: list) -> None:
+                if rows:  # an empty list is no round trip
+                    cursor.executemany(statement, rows)
+
             # Deletes first: a change that frees and retakes one key must not trip on it.
-            cursor.executemany("DELETE FROM objects WHERE kind = %s AND key = %s", list(changes.delete_objects))
-            cursor.executemany("DELETE FROM allocations WHERE space = %s AND value = %s",
-                               list(changes.delete_allocations))
-            cursor.executemany("DELETE FROM leases WHERE pool = %s AND address = %s", list(changes.delete_leases))
-            cursor.executemany("UPDATE tokens SET revoked = %s WHERE role = 'host' AND host = %s AND revoked IS NULL",
-                               [(time.time(), host) for host in deleted_hosts(changes)])
-            cursor.executemany(
-                "INSERT INTO objects (kind, key, uuid, doc) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc",
-                [(kind, key, uuid, doc) for (kind, key), (uuid, doc) in changes.put_objects.items()])
+            many("DELETE FROM objects WHERE kind = %s AND key = %s", list(changes.delete_objects))
+            many("DELETE FROM allocations WHERE space = %s AND value = %s", list(changes.delete_allocations))
+            many("DELETE FROM leases WHERE pool = %s AND address = %s", list(changes.delete_leases))
+            many("UPDATE tokens SET revoked = %s WHERE role = 'host' AND host = %s AND revoked IS NULL",
+                 [(time.time(), host) for host in deleted_hosts(changes)])
+            many("INSERT INTO objects (kind, key, uuid, doc) VALUES (%s, %s, %s, %s) "
+                 "ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc",
+                 [(kind, key, uuid, doc) for (kind, key), (uuid, doc) in changes.put_objects.items()])
             # Plain INSERT: a value already taken is a conflict, never overwritten.
-            cursor.executemany("INSERT INTO allocations (space, value, holder) VALUES (%s, %s, %s)",
-                               [(s, v, h) for (s, v), h in changes.put_allocations.items()])
-            cursor.executemany(
-                "INSERT INTO leases (pool, address, doc) VALUES (%s, %s, %s) "
-                "ON CONFLICT (pool, address) DO UPDATE SET doc = excluded.doc",
-                [(pool, address, doc) for (pool, address), doc in changes.put_leases.items()])
-            cursor.executemany("DELETE FROM hosts_sync WHERE host = %s", [(host,) for host in changes.delete_hosts])
-            cursor.executemany(
-                "INSERT INTO hosts_sync (host, generation, digest) VALUES (%s, %s, %s) "
-                "ON CONFLICT (host) DO UPDATE SET generation = excluded.generation, digest = excluded.digest",
-                [(row.host, row.generation, row.digest) for row in changes.put_hosts])
-            revision = cursor.execute("SELECT COALESCE(MAX(revision), 0) + 1 FROM revisions").fetchone()[0]
-            cursor.execute("INSERT INTO revisions (revision, replica, created, changes) VALUES (%s, %s, %s, %s)",
-                           (revision, self.store.replica, time.time(), changes.to_json()))
+            many("INSERT INTO allocations (space, value, holder) VALUES (%s, %s, %s)",
+                 [(s, v, h) for (s, v), h in changes.put_allocations.items()])
+            many("INSERT INTO leases (pool, address, doc) VALUES (%s, %s, %s) "
+                 "ON CONFLICT (pool, address) DO UPDATE SET doc = excluded.doc",
+                 [(pool, address, doc) for (pool, address), doc in changes.put_leases.items()])
+            many("DELETE FROM hosts_sync WHERE host = %s", [(host,) for host in changes.delete_hosts])
+            many("INSERT INTO hosts_sync (host, generation, digest) VALUES (%s, %s, %s) "
+                 "ON CONFLICT (host) DO UPDATE SET generation = excluded.generation, digest = excluded.digest",
+                 [(row.host, row.generation, row.digest) for row in changes.put_hosts])
+            # Max + 1 under the fabric's lock: no gaps, numbered in commit order.
+            revision = cursor.execute(
+                "INSERT INTO revisions (revision, replica, created, changes) "
+                "SELECT COALESCE(MAX(revision), 0) + 1, %s, %s, %s FROM revisions RETURNING revision",
+                (self.store.replica, time.time(), changes.to_json())).fetchone()[0]
             cursor.execute("SELECT pg_notify(%s, %s)", (REVISIONS_CHANNEL, str(revision)))
         return revision
 
