@@ -443,6 +443,10 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
         """
         if not revisions:
             return set()
+        if revisions[0].revision != self.revision + 1:
+            # The revisions in between were pruned from the log: reload everything.
+            return self._reload(f"revisions {self.revision + 1}..{revisions[0].revision - 1} are no longer in "
+                                "the log")
         merged = Tx()
         latest: dict[str, Any] = {}  # host -> its last row in the batch
         deleted: set[str] = set()
@@ -485,6 +489,46 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
         log.info("event=replica_caught_up revision=%d revisions=%d hosts=%d", self.revision, len(revisions),
                  len(changed))
         return set(latest) | deleted
+
+    def _reload(self, why: str) -> set[str]:
+        """Replace the in-memory fabric with the store's, serving each host the generation
+        and digest the store holds; wakes every watcher (one whose generation did not move
+        sends nothing). Under the write lock; the hosts published or removed."""
+        log.warning("event=replica_reload revision=%d reason=%s", self.revision, _quoted(why))
+        snapshot = self.store.load()
+        inventory = Inventory()
+        inventory.load(snapshot)
+        compiler = Compiler(inventory)
+        entries: dict[str, HostEntry] = {}
+        for name in inventory.objects[Kind.host]:
+            row = snapshot.hosts.get(name)
+            try:
+                state = compiler.compile(name)
+            except (ValidationError, ValueError) as exc:
+                problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
+                self.unpublishable[name] = problems[0]
+                continue
+            digest, body = compiler.serialise(state)
+            generation = row.generation if row is not None else 0
+            state = state.model_copy(update={"generation": generation})
+            entries[name] = HostEntry(generation, row.digest if row else digest, state,
+                                      tuple(body.pieces(generation)), time.monotonic())
+        # Why this order: the new committed view and entries replace the old ones in two
+        # assignments, then statuses, then the watchers are woken.
+        gone = set(self.entries) - set(entries)
+        self.inventory, self.compiler = inventory, compiler
+        self.entries = entries
+        for name in gone:
+            self.applied.pop(name, None)
+            self.statuses.pop(name, None)
+        for name, row in snapshot.hosts.items():
+            self.applied[name] = row.applied_generation
+            self.statuses[name] = row.status or {}
+        self.revision = snapshot.revision
+        hosts = sorted(set(entries) | gone)
+        for listener in self._listeners:
+            listener(hosts)
+        return set(hosts)
 
     def _networks_of(self, tx: Tx) -> set[str] | None:
         """The VM networks whose compiled records a replayed Tx may change, before it is
@@ -538,9 +582,14 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
         in-memory fabric keeps serving what was last committed meanwhile.
         """
         failing = False
+        polled = 0.0
         while not self._stop.is_set():
             try:
-                self.store.wait_for_change(interval)
+                # Waits of at most a second, so `close` never waits longer than that.
+                woken = self.store.wait_for_change(min(interval, 1.0))
+                if not woken and time.monotonic() - polled < interval:
+                    continue
+                polled = time.monotonic()
                 self.catch_up()
                 self.refresh_statuses()
                 if failing:

@@ -10,16 +10,20 @@ the meeting point:
   last line of defence, as `StoreConflict`);
 - each commit appends its change set, with the host generations and digests it bumps,
   to `revisions` in the same transaction. Revision numbers are max + 1 under the lock,
-  so the log has no gaps and its order is the commit order; `pg_notify` on
+  so the log has no gaps and its order is the commit order (the writer of every
+  `PRUNE_EVERY`-th revision drops all but the last `KEEP_REVISIONS`: a replica that
+  finds a gap reloads the whole fabric instead); `pg_notify` on
   `REVISIONS_CHANNEL` wakes the other replicas' followers when it commits. A follower
   also polls the log, so a lost notification costs one poll interval, never a change;
 - tokens, revocations and agents' statuses are rows every replica reads.
 
-Connections: one per role (writes, token checks, the follower, the rest), each used
+Connections: one per role (writes, token checks, LISTEN, the follower's reads, the
+rest), each used
 under its own lock and opened again on the next use after any connection error, so a
 controller recovers by itself when the database returns or a standby is promoted. Why
-not a pool: four fixed connections each serialised by its owner's lock are the whole
-need, and reconnecting on the next use keeps a failure's cost and timing obvious.
+not a pool: five fixed connections each serialised by its owner's lock are the whole
+need (the LISTEN one waits up to a poll interval holding its lock: nothing else uses it),
+and reconnecting on the next use keeps a failure's cost and timing obvious.
 Errors: an unreachable or read-only database is `StoreUnavailable`; the advisory lock
 not granted within `lock_timeout` is `StoreBusy`; a unique key is `StoreConflict`.
 
@@ -70,6 +74,8 @@ TOKEN_GRACE_S = 60.0  # how long a verified token is accepted while the database
 RETRY_CONNECT_S = 1.0  # after a failed connection, token checks use the cache this long before retrying
 CONNECT_TIMEOUT_S = 3
 LOCK_TIMEOUT_MS = 5000  # the advisory lock not granted within this is StoreBusy
+KEEP_REVISIONS = 10_000  # the revision log keeps this many; a replica further behind reloads
+PRUNE_EVERY = 100  # ... pruned by the writer of every PRUNE_EVERY-th revision
 
 
 class PostgresStore:
@@ -77,8 +83,9 @@ class PostgresStore:
 
     def __init__(self, conninfo: str, migrate: bool = False, replica: str | None = None):
         self.url = conninfo
+        self.keep_revisions = KEEP_REVISIONS
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
-        self._connections = {role: _Connection(conninfo, role) for role in ("write", "tokens", "follow", "misc")}
+        self._connections = {role: _Connection(conninfo, role) for role in ("write", "tokens", "listen", "follow", "misc")}
         self._token_cache: dict[str, tuple[str, str | None, float | None, float]] = {}
         self._token_retry_at = 0.0
         self.schema_version = self._prepare_schema(migrate)
@@ -136,7 +143,7 @@ class PostgresStore:
 
     def wait_for_change(self, timeout: float) -> bool:
         """Block until another replica's commit is notified (True) or `timeout` passes."""
-        connection = self._connections["follow"]
+        connection = self._connections["listen"]
         with connection.use() as db:
             if connection.listening is not db:
                 db.execute(f"LISTEN {REVISIONS_CHANNEL}")
@@ -303,6 +310,9 @@ class _PgWriteSession:
                 "SELECT COALESCE(MAX(revision), 0) + 1, %s, %s, %s FROM revisions RETURNING revision",
                 (self.store.replica, time.time(), changes.to_json())).fetchone()[0]
             cursor.execute("SELECT pg_notify(%s, %s)", (REVISIONS_CHANNEL, str(revision)))
+            if revision % PRUNE_EVERY == 0:
+                # The log's head is all a follower needs; one further behind reloads.
+                cursor.execute("DELETE FROM revisions WHERE revision <= %s", (revision - self.store.keep_revisions,))
         return revision
 
     def __exit__(self, exc_type, exc, tb) -> None:
