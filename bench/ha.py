@@ -28,19 +28,14 @@ NETWORKS = {"Blue": "192.168.10.0/24", "Green": "192.168.20.0/24", "Red": "192.1
 
 
 def _controllers(root: Path, store: str | None, replicas: int):
-    from tests.lib.controller import LiveController
+    from tests.lib.controller import start_replicas
     from tests.lib.seed_fabric import VIRTUAL_HOSTS, add_tenant_network, build_seed_fabric
 
-    state = root / "state"
     # SQLite as it runs by default: synchronous=FULL, an fsync per commit like PostgreSQL's.
     options = ("--no-access-log",) if store else ("--no-access-log", "--synchronous", "FULL")
-    first = LiveController(state, hosts=list(VIRTUAL_HOSTS), process=True, store=store, log_level="error",
+    group = start_replicas(root / "state", store, replicas, hosts=VIRTUAL_HOSTS, log_level="error",
                            run_args=options)
-    first.init()
-    group = [first] + [LiveController(state, process=True, store=store, log_level="error", run_args=options)
-                       for _ in range(replicas - 1)]
-    for controller in group:
-        controller.start(timeout=120)
+    first = group[0]
     build_seed_fabric(first.admin)
     for name, prefix in NETWORKS.items():
         add_tenant_network(first.admin, name, prefix)

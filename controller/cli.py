@@ -390,7 +390,11 @@ def supervise_from_event_loop(app: Any, store: Any) -> None:
     The task runs on the loop that serves every request, so a blocked loop starves the
     watchdog as surely as a hung process; the store is read in a worker thread (its lock
     may be held by a long commit) and a failed read withholds WATCHDOG=1, so systemd
-    restarts a controller that lost its database. STOPPING=1 goes out at shutdown.
+    restarts a controller that lost its SQLite file. A shared (PostgreSQL) store that
+    does not answer is no reason for a restart: the replica serves reads and watch
+    streams from memory meanwhile, answers writes 503 and reconnects by itself, while a
+    restarted one could not even load; so then only the event loop is watched, and the
+    failure is logged. STOPPING=1 goes out at shutdown.
     """
     interval = sd_notify.watchdog_interval()
     served = app.router.lifespan_context
@@ -401,8 +405,13 @@ def supervise_from_event_loop(app: Any, store: Any) -> None:
                 await asyncio.wait_for(asyncio.to_thread(store.check), timeout=interval)
                 sd_notify.notify("WATCHDOG=1")
             except Exception as exc:  # noqa: BLE001 - no WATCHDOG=1 is the report
-                logging.getLogger("openhnv.controller").warning(
-                    "event=watchdog_withheld reason=%r", f"{type(exc).__name__}: {exc}")
+                if isinstance(exc, StoreUnavailable) and getattr(store, "shared", False):
+                    sd_notify.notify("WATCHDOG=1")
+                    logging.getLogger("openhnv.controller").warning(
+                        "event=database_unreachable reason=%r", str(exc))
+                else:
+                    logging.getLogger("openhnv.controller").warning(
+                        "event=watchdog_withheld reason=%r", f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(interval)
 
     @contextlib.asynccontextmanager

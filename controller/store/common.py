@@ -97,6 +97,14 @@ MIGRATIONS: tuple[Migration, ...] = (
 SCHEMA_VERSION = MIGRATIONS[-1].version
 
 
+def upgrade_statements(found: int, dialect: str) -> list[str]:
+    """What takes a database from schema version `found` (0: empty) to SCHEMA_VERSION in
+    `dialect` ('sqlite' or 'postgresql'), the version row last; run in one transaction."""
+    statements = [statement for step in MIGRATIONS if step.version > found for statement in getattr(step, dialect)]
+    return statements + [f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}') "
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value"]
+
+
 class SchemaError(Exception):
     """The database's schema is not the one this code knows; nothing was changed."""
 

@@ -52,7 +52,6 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from controller.store.common import (
-    MIGRATIONS,
     REVISIONS_CHANNEL,
     SCHEMA_VERSION,
     ChangeSet,
@@ -65,6 +64,7 @@ from controller.store.common import (
     StoreUnavailable,
     TokenRow,
     check_schema_version,
+    upgrade_statements,
 )
 from controller.store.sqlite import deleted_hosts
 
@@ -105,12 +105,8 @@ class PostgresStore:
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 found = int(row[0]) if row else 0
                 check_schema_version(found, _redacted(self.url), upgrading)
-            for step in MIGRATIONS:
-                if step.version > found:
-                    for statement in step.postgresql:
-                        db.execute(statement)
-            db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', %s) "
-                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+            for statement in upgrade_statements(found, "postgresql"):
+                db.execute(statement)
         return SCHEMA_VERSION
 
     # --- fabric ---------------------------------------------------------------------

@@ -42,7 +42,6 @@ from typing import Any
 
 from controller.store.common import (
     HOST_KIND,
-    MIGRATIONS,
     SCHEMA_VERSION,
     ChangeSet,
     Dump,
@@ -52,6 +51,7 @@ from controller.store.common import (
     StoreBusy,
     TokenRow,
     check_schema_version,
+    upgrade_statements,
 )
 
 
@@ -124,12 +124,8 @@ class SqliteStore:
             check_schema_version(found, str(self.path), upgrading)
             self._add_token_columns()
         with _busy_as_store_busy("schema"), self._transaction() as db:
-            for step in MIGRATIONS:
-                if step.version > found:
-                    for statement in step.sqlite:
-                        db.execute(statement)
-            db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (str(SCHEMA_VERSION),))
+            for statement in upgrade_statements(found, "sqlite"):
+                db.execute(statement)
         return SCHEMA_VERSION
 
     def _add_token_columns(self) -> None:

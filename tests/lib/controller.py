@@ -212,3 +212,20 @@ class LiveController:
 
     def client_for(self, host: str) -> httpx.Client:
         return self.client(self.host_token(host))
+
+
+def start_replicas(state_dir: Path, store: str, count: int, hosts: list[str] | tuple[str, ...] = (),
+                   **options) -> list[LiveController]:
+    """`count` controller processes on one shared store and one state directory: the
+    first initialises it (tokens for `hosts`), all are started. Stop each (`__exit__`)."""
+    first = LiveController(state_dir, hosts=hosts, process=True, store=store, **options)
+    first.init()
+    group = [first] + [LiveController(state_dir, process=True, store=store, **options) for _ in range(count - 1)]
+    try:
+        for controller in group:
+            controller.start(timeout=120)
+    except BaseException:
+        for controller in group:
+            controller.__exit__(None, None, None)
+        raise
+    return group

@@ -1,9 +1,10 @@
 """The PostgreSQL tier's fixtures: one throw-away cluster per session (tests.lib.postgres),
-a fresh database per test. Skipped, with the reason, only when PostgreSQL's binaries
-are missing."""
+a fresh database per test, and a cluster of a test's own for the tests that stop, kill or
+promote one. Skipped, with the reason, only when PostgreSQL's binaries are missing."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -11,8 +12,8 @@ import pytest
 from tests.lib import postgres
 
 
-@pytest.fixture(scope="session")
-def pg_cluster() -> Iterator[postgres.PgCluster]:
+@contextlib.contextmanager
+def _cluster() -> Iterator[postgres.PgCluster]:
     reason = postgres.missing()
     if reason:
         pytest.skip(reason)
@@ -21,6 +22,19 @@ def pg_cluster() -> Iterator[postgres.PgCluster]:
         yield cluster
     finally:
         cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[postgres.PgCluster]:
+    with _cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_pg_cluster() -> Iterator[postgres.PgCluster]:
+    """A cluster of this test's own: the test stops, kills or promotes it."""
+    with _cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture

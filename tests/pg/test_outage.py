@@ -13,26 +13,12 @@ import threading
 import time
 
 import httpx
-import pytest
 
-from tests.lib import postgres
 from tests.lib.controller import LiveController
 from tests.lib.seed_fabric import VIRTUAL_HOSTS, add_tenant_network, build_seed_fabric
+from tests.unit.test_sd_notify import notify_socket  # noqa: F401 - the fixture
 
 OUTAGE_S = 10
-
-
-@pytest.fixture
-def own_cluster():
-    """A cluster of this test's own: it is stopped in the middle of the test."""
-    reason = postgres.missing()
-    if reason:
-        pytest.skip(reason)
-    cluster = postgres.PgCluster.create()
-    try:
-        yield cluster
-    finally:
-        cluster.destroy()
 
 
 class Writer(threading.Thread):
@@ -88,8 +74,8 @@ class Watcher(threading.Thread):
             self.error = exc
 
 
-def test_database_outage_refuses_writes_keeps_reads_and_recovers(own_cluster, tmp_path):
-    url = own_cluster.new_database()
+def test_database_outage_refuses_writes_keeps_reads_and_recovers(own_pg_cluster, tmp_path):
+    url = own_pg_cluster.new_database()
     controller = LiveController(tmp_path / "state", hosts=list(VIRTUAL_HOSTS), process=True, store=url)
     with controller:
         build_seed_fabric(controller.admin)
@@ -103,7 +89,7 @@ def test_database_outage_refuses_writes_keeps_reads_and_recovers(own_cluster, tm
             time.sleep(0.05)
         assert len(writer.acknowledged) >= 5, writer.others
 
-        own_cluster.stop()
+        own_pg_cluster.stop()
         stopped = time.monotonic()
         acknowledged_before = len(writer.acknowledged)
         reads = []
@@ -111,7 +97,7 @@ def test_database_outage_refuses_writes_keeps_reads_and_recovers(own_cluster, tm
             reads.append(controller.admin.get("/v1/vms").status_code)
             time.sleep(0.25)
         refusals_during = [r for r in writer.refusals]
-        own_cluster.start()
+        own_pg_cluster.start()
         restarted = time.monotonic()
         deadline = restarted + 30
         while writer.last_ok < restarted and time.monotonic() < deadline:
@@ -146,3 +132,24 @@ def test_database_outage_refuses_writes_keeps_reads_and_recovers(own_cluster, tm
         controller.restart()
         names = {vm["name"] for vm in controller.admin.get("/v1/vms").json()}
         assert set(writer.acknowledged) <= names
+
+
+def test_a_replica_keeps_its_watchdog_fed_and_reports_the_database_down(own_pg_cluster, tmp_path,
+                                                                        notify_socket):  # noqa: F811
+    """Under systemd a replica is not restarted for a database outage (it could not load
+    anyway): the watchdog is fed from its event loop, /metrics says the database is down."""
+    url = own_pg_cluster.new_database()
+    with LiveController(tmp_path / "state", process=True, store=url) as live:
+        notify_socket.wait_for("WATCHDOG=1")
+        assert "hnv_controller_database_up 1.0" in live.client().get("/metrics").text
+        own_pg_cluster.stop()
+        stopped = time.monotonic()
+        time.sleep(3.5)  # WATCHDOG_USEC is 2 s: fed every second
+        fed = [at for at, line in notify_socket.messages if line == "WATCHDOG=1" and at > stopped]
+        assert len(fed) >= 2, notify_socket.lines()
+        assert "hnv_controller_database_up 0.0" in live.client().get("/metrics").text
+        own_pg_cluster.start()
+        deadline = time.monotonic() + 20
+        while "hnv_controller_database_up 1.0" not in live.client().get("/metrics").text:
+            assert time.monotonic() < deadline, "the database never read as up again"
+            time.sleep(0.2)

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.lib.controller import CHECKOUT, LiveController, _env
+from tests.lib.controller import CHECKOUT, LiveController, _env, start_replicas
 from tests.lib.seed_fabric import VIRTUAL_HOSTS, add_tenant_network, build_seed_fabric
 
 NETWORKS = {"Blue": "192.168.10.0/24", "Green": "192.168.20.0/24", "Red": "192.168.30.0/24"}
@@ -40,13 +40,9 @@ def wait_for(condition, timeout: float, what: str):
 
 @pytest.fixture
 def replicas(pg_url, tmp_path):
-    state = tmp_path / "state"
-    first = LiveController(state, hosts=list(VIRTUAL_HOSTS), process=True, store=pg_url)
-    first.init()
-    group = [first] + [LiveController(state, process=True, store=pg_url) for _ in range(2)]
+    group = start_replicas(tmp_path / "state", pg_url, 3, hosts=VIRTUAL_HOSTS)
+    first = group[0]
     try:
-        for replica in group:
-            replica.start(timeout=60)
         build_seed_fabric(first.admin)
         for name, prefix in NETWORKS.items():
             add_tenant_network(first.admin, name, prefix)

@@ -10,31 +10,26 @@ import time
 
 import pytest
 
-from tests.lib import postgres
 from tests.lib.controller import LiveController
 from tests.lib.seed_fabric import VIRTUAL_HOSTS, add_tenant_network, build_seed_fabric
 
 
 @pytest.fixture
-def primary_and_standby():
-    reason = postgres.missing()
-    if reason:
-        pytest.skip(reason)
-    primary = postgres.PgCluster.create()
-    try:
-        database = primary.new_database().rsplit("/", 1)[1]
-        standby = primary.standby()
-        import psycopg
+def primary_and_standby(own_pg_cluster):
+    import psycopg
 
-        # Synchronous: a commit is acknowledged once the standby has it, so a promoted
-        # standby holds every write the controller acknowledged.
-        with psycopg.connect(primary.url(), autocommit=True) as db:
-            db.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
-            db.execute("SELECT pg_reload_conf()")
+    primary = own_pg_cluster
+    database = primary.new_database().rsplit("/", 1)[1]
+    standby = primary.standby()
+    # Synchronous: a commit is acknowledged once the standby has it, so a promoted
+    # standby holds every write the controller acknowledged.
+    with psycopg.connect(primary.url(), autocommit=True) as db:
+        db.execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        db.execute("SELECT pg_reload_conf()")
+    try:
         yield primary, standby, database
-        standby.stop("immediate")
     finally:
-        primary.destroy()
+        standby.stop("immediate")
 
 
 def test_controller_follows_a_promoted_standby(primary_and_standby, tmp_path):
