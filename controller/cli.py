@@ -46,6 +46,7 @@ import datetime
 import fcntl
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -100,6 +101,8 @@ def _open(url: str, migrate: bool = False, **options: Any) -> Any:
         return open_store(url, migrate=migrate, **options)
     except (StoreUrlError, SchemaError, StoreUnavailable) as exc:
         raise StoreRefused(str(exc)) from None
+    except (sqlite3.Error, OSError) as exc:  # a path that is no database, or not ours to open
+        raise StoreRefused(f"{url}: {exc}") from None
 
 
 def _store(args: argparse.Namespace) -> Any:

@@ -37,6 +37,7 @@ from controller.store.common import (
     StoreConflict,
     StoreUnavailable,
     TokenRow,
+    redacted,
 )
 from controller.store.sqlite import SqliteStore
 
@@ -56,7 +57,7 @@ def is_postgresql(url: str) -> bool:
 
 def sqlite_path(url: str) -> Path:
     if not url.startswith(SQLITE_PREFIX) or len(url) == len(SQLITE_PREFIX):
-        raise StoreUrlError(f"{url!r} is not a store URL: expected sqlite:///PATH (absolute), "
+        raise StoreUrlError(f"{redacted(url)!r} is not a store URL: expected sqlite:///PATH (absolute), "
                             "postgresql://USER@HOST/DB or a libpq string such as "
                             "'host=a,b dbname=hnv target_session_attrs=read-write'")
     return Path("/" + url[len(SQLITE_PREFIX):].lstrip("/"))

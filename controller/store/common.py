@@ -30,6 +30,7 @@ the API.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,12 @@ def upgrade_statements(found: int, dialect: str) -> list[str]:
     statements = [statement for step in MIGRATIONS if step.version > found for statement in getattr(step, dialect)]
     return statements + [f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}') "
                          "ON CONFLICT (key) DO UPDATE SET value = excluded.value"]
+
+
+def redacted(url: str) -> str:
+    """A store URL fit for a message: any password replaced, in a URL or a keyword string."""
+    text = re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", url, flags=re.IGNORECASE)
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
 
 
 class SchemaError(Exception):

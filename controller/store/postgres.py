@@ -64,6 +64,7 @@ from controller.store.common import (
     StoreUnavailable,
     TokenRow,
     check_schema_version,
+    redacted,
     upgrade_statements,
 )
 from controller.store.sqlite import deleted_hosts
@@ -104,7 +105,7 @@ class PostgresStore:
             if db.execute("SELECT to_regclass('meta')").fetchone()[0] is not None:
                 row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
                 found = int(row[0]) if row else 0
-                check_schema_version(found, _redacted(self.url), upgrading)
+                check_schema_version(found, redacted(self.url), upgrading)
             for statement in upgrade_statements(found, "postgresql"):
                 db.execute(statement)
         return SCHEMA_VERSION
@@ -406,11 +407,3 @@ def _transaction(db: psycopg.Connection, mode: str = "") -> Iterator[None]:
         raise
     with _mapped("commit"):
         db.execute("COMMIT")
-
-
-def _redacted(conninfo: str) -> str:
-    """A connection string fit for a message: any password replaced."""
-    import re
-
-    text = re.sub(r"(password\s*=\s*)('[^']*'|\S+)", r"\1***", conninfo, flags=re.IGNORECASE)
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)

@@ -172,3 +172,15 @@ def _drop_revisions(url: str) -> None:
 
         with psycopg.connect(url, autocommit=True) as db:
             db.execute("DROP TABLE revisions")
+
+
+def test_a_bad_store_url_is_one_line_without_its_password(tmp_path):
+    for url, expected in (("mysql://admin:hunter2@db/hnv", "is not a store URL"),
+                          (f"sqlite:///{tmp_path}", "Is a directory"),
+                          ("postgresql://admin:hunter2@127.0.0.1:1/hnv", "the database is unreachable")):
+        done = subprocess.run([sys.executable, "-m", "controller.cli", "migrate-store", "--from", url,
+                               "--to", f"sqlite:///{tmp_path / 'copy.db'}"], cwd=CHECKOUT, env=_env(),
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, done
+        assert expected in done.stderr and "hunter2" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
