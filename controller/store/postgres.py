@@ -17,11 +17,11 @@ the meeting point:
   also polls the log, so a lost notification costs one poll interval, never a change;
 - tokens, revocations and agents' statuses are rows every replica reads.
 
-Connections: one per role (writes, token checks, LISTEN, the follower's reads, the
-rest), each used
+Connections: one per role (writes, token checks, LISTEN, the follower's reads, agents'
+statuses, the rest), each used
 under its own lock and opened again on the next use after any connection error, so a
 controller recovers by itself when the database returns or a standby is promoted. Why
-not a pool: five fixed connections each serialised by its owner's lock are the whole
+not a pool: six fixed connections each serialised by its owner's lock are the whole
 need (the LISTEN one waits up to a poll interval holding its lock: nothing else uses it),
 and reconnecting on the next use keeps a failure's cost and timing obvious.
 Errors: an unreachable or read-only database is `StoreUnavailable`; the advisory lock
@@ -87,6 +87,10 @@ class PostgresStore:
         self.keep_revisions = KEEP_REVISIONS
         self.replica = replica or f"{socket.gethostname()}:{os.getpid()}"
         self._connections = {role: _Connection(conninfo, role) for role in ("write", "tokens", "listen", "follow", "misc")}
+        # Agents' status reports: hundreds at once when agents move to this replica, and
+        # each is reported again by its agent; so no wait for the WAL flush per report
+        # (a crash may lose the last few, never a fabric change: those commit on "write").
+        self._connections["status"] = _Connection(conninfo, "status", setup="SET synchronous_commit = off")
         self._token_cache: dict[str, tuple[str, str | None, float | None, float]] = {}
         self._token_retry_at = 0.0
         self.schema_version = self._prepare_schema(migrate)
@@ -150,7 +154,7 @@ class PostgresStore:
         return False
 
     def save_status(self, host: str, applied_generation: int, status: dict[str, Any]) -> None:
-        with self._connections["misc"].use() as db:
+        with self._connections["status"].use() as db:
             db.execute("UPDATE hosts_sync SET applied_generation = %s, status = %s WHERE host = %s",
                        (applied_generation, json.dumps(status), host))
 
@@ -346,8 +350,8 @@ def _revisions_since(db: psycopg.Connection, revision: int) -> list[Revision]:
 class _Connection:
     """One connection for one role, opened on first use and again after any error."""
 
-    def __init__(self, conninfo: str, role: str):
-        self.conninfo, self.role = conninfo, role
+    def __init__(self, conninfo: str, role: str, setup: str | None = None):
+        self.conninfo, self.role, self.setup = conninfo, role, setup
         self.lock = threading.Lock()
         self.db: psycopg.Connection | None = None
         self.listening: psycopg.Connection | None = None  # the connection that ran LISTEN
@@ -360,6 +364,8 @@ class _Connection:
                     if self.db is None or self.db.closed or self.db.broken:
                         self.db = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                                   application_name=f"openhnv-controller ({self.role})")
+                        if self.setup:
+                            self.db.execute(self.setup)
                     yield self.db
             except StoreUnavailable:
                 self._drop()

@@ -18,6 +18,8 @@ import httpx
 
 class SimulatedAgent:
     def __init__(self, host: str, token: str, urls: list[str], first: int = 0):
+        self.attached_at = 0.0  # time.monotonic() when its current stream opened
+        self.lost_at = 0.0  # ... and when the last one ended
         self.host, self.token, self.urls = host, token, urls
         self.index = first  # which URL it watches first
         self.replica: str | None = None  # the URL whose stream is open now
@@ -31,10 +33,10 @@ class SimulatedAgent:
             url = self.urls[self.index % len(self.urls)]
             try:
                 async with client.stream("GET", f"{url}/v1/hosts/{self.host}/state",
-                                         params={"watch": 1, "heartbeat": 1}, headers=headers) as stream:
+                                         params={"watch": 1, "heartbeat": 5}, headers=headers) as stream:
                     if stream.status_code != 200:
                         raise httpx.HTTPError(f"watch answered {stream.status_code}")
-                    self.replica = url
+                    self.replica, self.attached_at = url, time.monotonic()
                     async for line in stream.aiter_lines():
                         document = json.loads(line)
                         if document["type"] != "state":
@@ -47,6 +49,7 @@ class SimulatedAgent:
                             self.reported_to, self.reported_at = url, time.monotonic()
             except (httpx.HTTPError, json.JSONDecodeError):
                 pass
+            self.lost_at = time.monotonic()
             self.replica = None
             self.index += 1
             await asyncio.sleep(random.uniform(0.05, 0.5))  # jittered backoff
