@@ -7,7 +7,9 @@ route that will serve it (the router's own `matches`), then, in this order:
 1. access: each route declares `x-access` in its OpenAPI extra (`public`, `host`: the
    admin token or the token of the host in the path, or `admin`); a route that declares
    nothing needs the admin token (fail closed: a route added later is protected without
-   anyone remembering to). 401 without a valid token, 403 with the wrong one.
+   anyone remembering to). 401 without a valid token, 403 with the wrong one, 503 with
+   Retry-After when the token cannot be checked (a shared store unreachable, and the
+   token not among those this replica verified in the last minute).
 2. size: a declared Content-Length above the route's limit is answered 413 at once; a
    chunked body is read only up to the limit (413 as soon as it passes it), then handed
    to the app as it came. The limit is `max_body_bytes` (one object), or

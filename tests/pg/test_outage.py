@@ -96,6 +96,8 @@ def test_database_outage_refuses_writes_keeps_reads_and_recovers(own_pg_cluster,
         while time.monotonic() - stopped < OUTAGE_S:
             reads.append(controller.admin.get("/v1/vms").status_code)
             time.sleep(0.25)
+        # A token this replica never verified cannot be checked now: 503, not 401.
+        unchecked = controller.client("never-seen-token").get("/v1/vms")
         refusals_during = [r for r in writer.refusals]
         own_pg_cluster.start()
         restarted = time.monotonic()
@@ -118,6 +120,8 @@ def test_database_outage_refuses_writes_keeps_reads_and_recovers(own_pg_cluster,
         assert int(refusal.headers["Retry-After"]) >= 1
         assert len(writer.acknowledged) >= acknowledged_before
         assert writer.others == []
+        assert unchecked.status_code == 503 and unchecked.json()["field"] == "Authorization", unchecked.text
+        assert "Retry-After" in unchecked.headers
         # Reads were served all along.
         assert reads and set(reads) == {200}, reads
         # The watch stream stayed open: heartbeats kept coming through the outage.
