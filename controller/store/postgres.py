@@ -50,6 +50,7 @@ from typing import Any, Iterator
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from controller.store.common import (
     REVISIONS_CHANNEL,
@@ -347,11 +348,24 @@ def _revisions_since(db: psycopg.Connection, revision: int) -> list[Revision]:
     return [Revision(number, replica, ChangeSet.from_json(changes)) for number, replica, changes in rows]
 
 
+# A database host that vanishes without a FIN or RST (a lost machine, a cut link) must not
+# hold a write, and the fabric's lock with it, for the kernel's default two hours: TCP
+# keepalives and a user timeout end such a connection in about ten seconds. Settings in
+# the store URL win over these.
+_TCP_DEFAULTS = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2", "keepalives_count": "3",
+                 "tcp_user_timeout": "10000"}
+
+
+def _with_tcp_defaults(conninfo: str) -> str:
+    given = conninfo_to_dict(conninfo)
+    return make_conninfo(conninfo, **{key: value for key, value in _TCP_DEFAULTS.items() if key not in given})
+
+
 class _Connection:
     """One connection for one role, opened on first use and again after any error."""
 
     def __init__(self, conninfo: str, role: str, setup: str | None = None):
-        self.conninfo, self.role, self.setup = conninfo, role, setup
+        self.conninfo, self.role, self.setup = _with_tcp_defaults(conninfo), role, setup
         self.lock = threading.Lock()
         self.db: psycopg.Connection | None = None
         self.listening: psycopg.Connection | None = None  # the connection that ran LISTEN
