@@ -26,20 +26,23 @@ unexport PYTHONDONTWRITEBYTECODE
 # with systemd the package also enables its own prometheus.service on :9090).
 # mmdebstrap builds the system tier's host image (netns_lab.hostimage) from Debian's
 # packages; e2fsprogs makes it a disk.
+# postgresql is the shared store of controller replicas (the pg tier starts throw-away
+# clusters with its initdb/pg_ctl); libpq5 is the client library psycopg loads.
 # Append here; keep one list.
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev \
 	iproute2 iputils-ping tcpdump procps util-linux \
 	systemd vagrant vagrant-libvirt graphviz iperf3 \
-	prometheus mmdebstrap e2fsprogs
+	prometheus mmdebstrap e2fsprogs \
+	postgresql libpq5
 
-.PHONY: help setup debs venv test unit netns kernel multikernel system demo bench features clean
+.PHONY: help setup debs venv test unit netns pg kernel multikernel system demo bench features clean
 
 help:
 	@echo "make demo     set up, then run the lab walkthrough"
-	@echo "make test     set up, then run the unit, netns, kernel, multikernel and system tiers"
+	@echo "make test     set up, then run the unit, netns, pg, kernel and multikernel tiers"
 	@echo "make bench    set up, then run the benchmarks"
-	@echo "make unit | netns | kernel | multikernel | system   one tier only (after set-up)"
+	@echo "make unit | netns | pg | kernel | multikernel | system   one tier only (after set-up)"
 	@echo "make features show which kernel features the running kernel has"
 
 setup: debs venv
@@ -74,23 +77,18 @@ $(STAMP): pyproject.toml | debs
 	@touch $@
 
 test: setup
-	$(PY) -m tests.run_tiers unit netns kernel multikernel
+	$(PY) -m tests.run_tiers unit netns pg kernel multikernel
 
-unit netns kernel multikernel system: setup
+unit netns pg kernel multikernel system: setup
 	$(PY) -m tests.run_tiers $@
 
 features: venv
 	$(PY) -m netns_lab.features
 
-# The lab walkthrough arrives with netns_lab/cli.py (`hnv-lab demo`). Until then the demo
-# is the kernel tier's NVGRE smoke scenario, in a VM when this kernel lacks gretap.
+# The seed walkthrough in the namespace lab (`hnv-lab demo`); hnv-lab runs it inside a
+# throw-away VM when this kernel lacks what the lab needs.
 demo: setup
-	@if [ -f netns_lab/cli.py ]; then \
-		$(VENV)/bin/hnv-lab demo; \
-	else \
-		$(PY) -m tests.run_tiers kernel -- -v tests/kernel/test_gretap_smoke.py && \
-		echo "demo: the seed walkthrough (controller, agents, seven hosts) comes with hnv-lab"; \
-	fi
+	$(VENV)/bin/hnv-lab demo
 
 bench: setup
 	$(PY) -m bench $(BENCH)

@@ -7,7 +7,10 @@ code path here logs one.
 
 Every request looks its token up in the store (`Store.find_token`, an indexed read on a
 connection of its own): a token revoked by `hnv-controller token revoke` in another
-process, or expired, is refused on the very next request; nothing is cached.
+process or on another controller replica, or expired, is refused on the very next request.
+The one exception: a replica cut off from its PostgreSQL store accepts a token it verified
+in the last minute (`controller.store.postgres.TOKEN_GRACE_S`) so reads and watches go on
+during the outage; no revocation can be recorded meanwhile anyway.
 
 Host names are compared as UTF-8 bytes (`hmac.compare_digest` refuses non-ASCII str).
 A token file's name is the host name percent-escaped (`host_token_file_name`), so no

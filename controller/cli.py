@@ -5,8 +5,18 @@
     hnv-controller token  list   --state-dir DIR
     hnv-controller token  create --state-dir DIR --role admin|host [--host NAME] [--ttl 30d]
     hnv-controller token  revoke --state-dir DIR ID [ID ...]
-    hnv-controller run    --state-dir DIR [--listen 0.0.0.0:8080] [--insecure-http]
+    hnv-controller run    --state-dir DIR [--store URL] [--listen 0.0.0.0:8080] [--insecure-http]
                           [--max-body-bytes N] [--max-batch-bytes N]
+    hnv-controller migrate --state-dir DIR [--store URL]
+    hnv-controller migrate-store --from URL --to URL
+
+Every command that opens the store takes `--store URL`: `sqlite:///PATH` (the default is
+DIR/controller.db) or a PostgreSQL connection string (`postgresql://USER@HOST/DB`, or
+libpq keywords such as `host=a,b dbname=hnv target_session_attrs=read-write`), shared by
+any number of `run` replicas (`controller.store.postgres`). A store whose schema is older
+than the code is refused until `migrate` upgrades it; a newer one is always refused.
+`migrate-store` copies a whole store (objects, leases, allocations, generations, token
+hashes) into an empty one: a controller started on the copy serves the same host states.
 
 `init` creates DIR (0700), DIR/controller.db (SQLite, WAL, 0600), DIR/admin.token and
 DIR/hosts/<NAME>.token (0600; the database keeps only their SHA-256 hashes; a host file
@@ -36,6 +46,7 @@ import datetime
 import fcntl
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -50,7 +61,15 @@ from controller.auth import (
     parse_ttl,
     write_secret_file,
 )
-from controller.store import Store
+from controller.store import (
+    SCHEMA_VERSION,
+    SchemaError,
+    StoreUnavailable,
+    StoreUrlError,
+    is_postgresql,
+    open_store,
+    sqlite_path,
+)
 
 DEFAULT_STATE_DIR = "/var/lib/openhnv-controller"
 DB_NAME = "controller.db"
@@ -68,15 +87,36 @@ def _state_dir(path: str) -> Path:
     return state_dir
 
 
-def _store(state_dir: Path) -> Store:
-    return Store(_state_dir(str(state_dir)) / DB_NAME)
+class StoreRefused(Exception):
+    """The store cannot be opened; the message is the one line the command prints."""
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    return getattr(args, "store", None) or f"sqlite:///{Path(args.state_dir).absolute() / DB_NAME}"
+
+
+def _open(url: str, migrate: bool = False, **options: Any) -> Any:
+    """The store a URL names, or `StoreRefused` with why (bad URL, schema, unreachable)."""
+    try:
+        return open_store(url, migrate=migrate, **options)
+    except (StoreUrlError, SchemaError, StoreUnavailable) as exc:
+        raise StoreRefused(str(exc)) from None
+    except (sqlite3.Error, OSError) as exc:  # a path that is no database, or not ours to open
+        raise StoreRefused(f"{url}: {exc}") from None
+
+
+def _store(args: argparse.Namespace) -> Any:
+    url = _store_url(args)
+    if not is_postgresql(url):
+        _state_dir(args.state_dir)
+    return _open(url)
 
 
 def host_token_path(state_dir: Path, host: str) -> Path:
     return Path(state_dir) / "hosts" / host_token_file_name(host)
 
 
-def _mint_into_file(store: Store, path_of, role: str, host: str | None, expires: float | None) -> tuple[int, Path]:
+def _mint_into_file(store: Any, path_of, role: str, host: str | None, expires: float | None) -> tuple[int, Path]:
     """Mint a token, store its hash, write it to `path_of(token id)`; if the file cannot be
     written the token is revoked at once (nobody would hold it)."""
     token_id, token = issue_token_with_id(store, role, host, expires)
@@ -103,7 +143,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     for path in created:
         print(f"created {path}")
     print(f"CA certificate for agents and hnvctl (--ca-file): {files.ca_cert}")
-    store = _store(state_dir)
+    store = _store(args)
     # Owner-only, whatever made the directory: `run` refuses any other mode.
     state_dir.chmod(0o700)
     try:
@@ -125,11 +165,12 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _existing_store(state_dir: Path) -> Store | None:
-    if not (state_dir / DB_NAME).exists():
+def _existing_store(args: argparse.Namespace) -> Any:
+    state_dir = Path(args.state_dir)
+    if not is_postgresql(_store_url(args)) and not (state_dir / DB_NAME).exists() and not args.store:
         print(f"{state_dir} is not initialised; run: hnv-controller init --state-dir {state_dir}", file=sys.stderr)
         return None
-    return _store(state_dir)
+    return _store(args)
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
@@ -145,7 +186,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"hnv-controller token create: --ttl: {exc}", file=sys.stderr)
             return 2
-    store = _existing_store(state_dir)
+    store = _existing_store(args)
     if store is None:
         return 2
     try:
@@ -167,7 +208,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    store = _existing_store(Path(args.state_dir))
+    store = _existing_store(args)
     if store is None:
         return 2
     try:
@@ -184,7 +225,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    store = _existing_store(Path(args.state_dir))
+    store = _existing_store(args)
     if store is None:
         return 2
     try:
@@ -241,9 +282,46 @@ def _open_to_others(state_dir: Path) -> list[tuple[Path, int]]:
     return [(p, mode) for p, mode in modes if mode & 0o077]
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    url = _store_url(args)
+    if not is_postgresql(url) and url.startswith("sqlite:///") and not sqlite_path(url).exists():
+        print(f"hnv-controller migrate: no database at {url}", file=sys.stderr)
+        return 2
+    store = _open(url, migrate=True)
+    store.close()
+    print(f"store schema at version {SCHEMA_VERSION}")
+    return 0
+
+
+def cmd_migrate_store(args: argparse.Namespace) -> int:
+    """Copy a whole store into an empty one (for example SQLite -> PostgreSQL)."""
+    if args.source == args.target:
+        print("hnv-controller migrate-store: --from and --to name the same store", file=sys.stderr)
+        return 2
+    source = _open(args.source)
+    try:
+        target = _open(args.target)
+        try:
+            if not target.is_empty():
+                print(f"hnv-controller migrate-store: --to: the store already holds a fabric or tokens; "
+                      "migrate into an empty database", file=sys.stderr)
+                return 2
+            dump = source.dump()
+            target.restore(dump)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    snapshot = dump.snapshot
+    print(f"copied {len(snapshot.objects)} objects, {len(snapshot.allocations)} allocations, "
+          f"{len(snapshot.leases)} leases, {len(snapshot.hosts)} host generations, {len(dump.tokens)} token hashes")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     state_dir = Path(args.state_dir)
-    if not (state_dir / DB_NAME).exists():
+    shared = is_postgresql(_store_url(args))
+    if not shared and not args.store and not (state_dir / DB_NAME).exists():
         print(f"{state_dir} is not initialised; run: hnv-controller init --state-dir {state_dir}", file=sys.stderr)
         return 2
     # The store and the tokens must be the controller's alone: refuse, rather than serve
@@ -263,14 +341,16 @@ def cmd_run(args: argparse.Namespace) -> int:
               "(it creates the CA and the server certificate), or pass --insecure-http "
               "to send tokens in clear", file=sys.stderr)
         return 2
-    lock = open(state_dir / "controller.lock", "w")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        print(f"another controller is running on {state_dir}", file=sys.stderr)
-        return 1
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
+    if not shared:
+        # One writer per SQLite file; PostgreSQL replicas serialise in the database.
+        lock = open(state_dir / "controller.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another controller is running on {state_dir}", file=sys.stderr)
+            return 1
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
     # Imported only now: a refusal above costs no second of importing the web stack.
     import uvicorn
 
@@ -278,7 +358,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from controller.fabric import Fabric
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    fabric = Fabric(Store(state_dir / DB_NAME, synchronous=args.synchronous))
+    options = {} if shared else {"synchronous": args.synchronous}
+    store = _open(_store_url(args), **options)
+    try:
+        fabric = Fabric(store)
+    except StoreUnavailable as exc:
+        raise StoreRefused(str(exc)) from None
+    log.info("event=store_opened store=%s shared=%s revision=%d", "postgresql" if shared else "sqlite",
+             shared, fabric.revision)
     address, port = args.listen
     if args.insecure_http:
         ssl_options = {}
@@ -300,13 +387,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def supervise_from_event_loop(app: Any, store: Store) -> None:
+def supervise_from_event_loop(app: Any, store: Any) -> None:
     """Feed systemd's watchdog from the server's event loop, while the store answers.
 
     The task runs on the loop that serves every request, so a blocked loop starves the
     watchdog as surely as a hung process; the store is read in a worker thread (its lock
     may be held by a long commit) and a failed read withholds WATCHDOG=1, so systemd
-    restarts a controller that lost its database. STOPPING=1 goes out at shutdown.
+    restarts a controller that lost its SQLite file. A shared (PostgreSQL) store that
+    does not answer is no reason for a restart: the replica serves reads and watch
+    streams from memory meanwhile, answers writes 503 and reconnects by itself, while a
+    restarted one could not even load; so then only the event loop is watched, and the
+    failure is logged. STOPPING=1 goes out at shutdown.
     """
     interval = sd_notify.watchdog_interval()
     served = app.router.lifespan_context
@@ -317,8 +408,13 @@ def supervise_from_event_loop(app: Any, store: Store) -> None:
                 await asyncio.wait_for(asyncio.to_thread(store.check), timeout=interval)
                 sd_notify.notify("WATCHDOG=1")
             except Exception as exc:  # noqa: BLE001 - no WATCHDOG=1 is the report
-                logging.getLogger("openhnv.controller").warning(
-                    "event=watchdog_withheld reason=%r", f"{type(exc).__name__}: {exc}")
+                if isinstance(exc, StoreUnavailable) and getattr(store, "shared", False):
+                    sd_notify.notify("WATCHDOG=1")
+                    logging.getLogger("openhnv.controller").warning(
+                        "event=database_unreachable reason=%r", str(exc))
+                else:
+                    logging.getLogger("openhnv.controller").warning(
+                        "event=watchdog_withheld reason=%r", f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(interval)
 
     @contextlib.asynccontextmanager
@@ -381,12 +477,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"],
                      help="SQLite durability: FULL survives power loss, NORMAL only process crashes")
     run.set_defaults(func=cmd_run)
+
+    migrate = sub.add_parser("migrate", help="upgrade the store's schema to this version's")
+    migrate.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    migrate.set_defaults(func=cmd_migrate)
+
+    copy = sub.add_parser("migrate-store", help="copy a whole store into an empty one (e.g. SQLite -> PostgreSQL)")
+    copy.add_argument("--from", dest="source", required=True, metavar="URL", help="the store to copy")
+    copy.add_argument("--to", dest="target", required=True, metavar="URL", help="an empty store to copy into")
+    copy.set_defaults(func=cmd_migrate_store)
+
+    for command in (init, listing, create, revoke, run, migrate):
+        command.add_argument("--store", metavar="URL",
+                             help="sqlite:///PATH (default: STATE_DIR/controller.db) or a PostgreSQL "
+                                  "connection string (postgresql://USER@HOST/DB, or 'host=a,b dbname=hnv "
+                                  "target_session_attrs=read-write')")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except StoreRefused as exc:
+        print(f"hnv-controller {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ route that will serve it (the router's own `matches`), then, in this order:
 1. access: each route declares `x-access` in its OpenAPI extra (`public`, `host`: the
    admin token or the token of the host in the path, or `admin`); a route that declares
    nothing needs the admin token (fail closed: a route added later is protected without
-   anyone remembering to). 401 without a valid token, 403 with the wrong one.
+   anyone remembering to). 401 without a valid token, 403 with the wrong one, 503 with
+   Retry-After when the token cannot be checked (a shared store unreachable, and the
+   token not among those this replica verified in the last minute).
 2. size: a declared Content-Length above the route's limit is answered 413 at once; a
    chunked body is read only up to the limit (413 as soon as it passes it), then handed
    to the app as it came. The limit is `max_body_bytes` (one object), or
@@ -32,6 +34,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.auth import ADMIN, OWN_HOST, PUBLIC, Authenticator, Forbidden, Unauthorized
+from controller.fabric.common import RETRY_AFTER_BUSY_S
+from controller.store import StoreBusy
 
 BATCH = "batch"
 # Whole-document routes with the batch limit whether or not they declare x-body-limit.
@@ -78,6 +82,11 @@ class RequestGate:
         except (Unauthorized, Forbidden) as exc:
             extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             await JSONResponse(exc.body(), status_code=exc.status, headers=extra)(scope, receive, send)
+            return
+        except StoreBusy as exc:  # the token could not be checked: the database is unreachable
+            await JSONResponse({"error": f"{method} {path}: the controller cannot check the token now",
+                                "field": "Authorization", "reason": str(exc)}, status_code=503,
+                               headers={"Retry-After": str(RETRY_AFTER_BUSY_S)})(scope, receive, send)
             return
         limit = self.max_batch_bytes if uses_batch_limit(route) else self.max_body_bytes
         declared = headers.get("content-length")

@@ -271,17 +271,33 @@ class Inventory:
     def load(self, snapshot: Snapshot) -> None:
         tx = Tx()
         for kind, key, _uuid, doc in snapshot.objects:
-            # STORED_CONTEXT: what was valid when it was stored still loads (see models).
-            if kind == VIRTUAL_SWITCH:
-                tx.put(kind, key, VirtualSwitch.model_validate_json(doc, context=STORED_CONTEXT))
-            else:
-                tx.put(kind, key, STORED_OF[Kind(kind)].model_validate_json(doc, context=STORED_CONTEXT))
+            tx.put(kind, key, _stored_object(kind, doc))
         for space, value, holder in snapshot.allocations:
             tx.take(space, value, holder)
         for _pool, _address, doc in snapshot.leases:
             tx.lease(Lease.model_validate_json(doc))
         self.apply(tx)
         self.publish_all()
+
+    @staticmethod
+    def tx_of(changes: ChangeSet) -> Tx:
+        """The Tx of a change set another controller replica committed (read back from
+        the revision log), to `apply` and `publish` here. Deletes go in first, so a key
+        deleted and put again in one change set ends put."""
+        tx = Tx()
+        for kind, key in changes.delete_objects:
+            tx.delete(kind, key)
+        for (kind, key), (_uuid, doc) in changes.put_objects.items():
+            tx.put(kind, key, _stored_object(kind, doc))
+        for space, value in changes.delete_allocations:
+            tx.free(space, value)
+        for (space, value), holder in changes.put_allocations.items():
+            tx.take(space, value, holder)
+        for pool, address in changes.delete_leases:
+            tx.leases[(pool, address)] = None
+        for (pool, address), doc in changes.put_leases.items():
+            tx.leases[(pool, address)] = Lease.model_validate_json(doc)
+        return tx
 
     def _put_object(self, kind: str, key: str, obj: Any) -> None:
         if kind == VIRTUAL_SWITCH:
@@ -339,6 +355,13 @@ class Inventory:
         held[:] = [lease for lease in held if not (lease.pool == pool and str(lease.address) == address)]
         if old.kind is LeaseKind.PA and self.pa_leases.get((old.host, old.vm_network)) == old:
             del self.pa_leases[(old.host, old.vm_network)]
+
+
+def _stored_object(kind: str, doc: str) -> Any:
+    # STORED_CONTEXT: what was valid when it was stored still loads (see models).
+    if kind == VIRTUAL_SWITCH:
+        return VirtualSwitch.model_validate_json(doc, context=STORED_CONTEXT)
+    return STORED_OF[Kind(kind)].model_validate_json(doc, context=STORED_CONTEXT)
 
 
 def _set_or_drop(mutation: Any, key: str, value: Any) -> None:

@@ -1,6 +1,7 @@
 """Run the test tiers in order and summarise each: ``python -m tests.run_tiers [TIER...] [-- PYTEST ARGS]``.
 
-Owns the decision of *where* each tier runs. unit and netns run here with pytest. The
+Owns the decision of *where* each tier runs. unit, netns and pg (a throw-away PostgreSQL
+cluster of its own) run here with pytest. The
 kernel tier runs here when the running kernel has every feature it needs
 (``netns_lab.features.missing()`` is empty, or we are already inside the VM); otherwise
 the whole tier runs inside ONE throw-away VM (``netns_lab.vm``): boot once per tier, not
@@ -32,7 +33,7 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 # multikernel and system boot their own VMs (one kernel per host: netns_lab.multivm, and
 # netns_lab.bootlab's hosts booted with systemd) from this machine: they run here, never
 # inside the kernel tier's VM.
-TIERS = ("unit", "netns", "kernel", "multikernel", "system")
+TIERS = ("unit", "netns", "pg", "kernel", "multikernel", "system")
 
 
 @dataclass

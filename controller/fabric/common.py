@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from controller.allocate import allocate_address, allocate_mac, mac_text
 from controller.inventory import SPACE_MAC, VIRTUAL_SWITCH, Inventory, TakenView, Tx
 from controller.models import STORED_OF, Conflict, FabricError, IpPool, Kind, Lease, LeaseKind, NotFound
-from controller.store import StoreBusy
+from controller.store import StoreBusy, StoreUnavailable
 
 ALL = None  # scope: every host
 log = logging.getLogger("openhnv.controller.fabric")
@@ -68,6 +68,9 @@ RETRY_AFTER_BUSY_S = 1  # what a 503 for a busy database asks the client to wait
 
 
 def _busy(what: str, exc: StoreBusy) -> Unavailable:
+    if isinstance(exc, StoreUnavailable):
+        return Unavailable(f"{what}: the controller's database is unreachable; nothing was changed", None,
+                           str(exc), retry_after=RETRY_AFTER_BUSY_S)
     return Unavailable(f"{what}: the controller's database is busy; nothing was changed", None,
                        f"another process holds the database's write lock ({exc})",
                        retry_after=RETRY_AFTER_BUSY_S)

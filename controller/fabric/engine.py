@@ -1,8 +1,12 @@
 """The transaction engine: every fabric operation, validated, allocated and compiled as one.
 
 An operation runs under one write lock (writes are serialised; the API's worker threads
-queue here) in four steps, and any refusal leaves nothing changed:
+queue here) inside one store write session (`controller.store`: on PostgreSQL a
+transaction holding the advisory lock every replica takes, so writes are serialised
+across replicas too), in five steps, and any refusal leaves nothing changed:
 
+0. *catch up*: apply what other replicas committed since this one's last revision
+   (`_apply_revisions`; nothing on SQLite, where this process is the only writer);
 1. *build*: check the request against the fabric and put every change - objects,
    VSIDs, MACs, leases - into a `Tx` (refusals raise `Invalid` 422, `NotFound` 404,
    `Conflict` 409, naming the object, the field and the reason). The builder comes
@@ -11,13 +15,21 @@ queue here) in four steps, and any refusal leaves nothing changed:
    host; a HostState that agent.state refuses undoes the Tx and refuses the request, so
    the controller never publishes a state an agent would reject;
 3. *commit*: write the Tx, with the host generations it bumps, to the store in one
-   BEGIN IMMEDIATE transaction (the store's primary keys refuse any value taken twice;
-   a busy database is `Unavailable` 503; any failure undoes the Tx in memory too);
+   transaction, appended to the revision log on a shared store (the store's primary
+   keys refuse any value taken twice, 409; a busy or unreachable database is
+   `Unavailable` 503; any failure undoes the Tx in memory too);
 4. *publish*: replace the inventory's committed view (what every reader sees), serve
    the new generations and wake the watchers of the hosts whose content changed.
 
 Readers (`get`, `list`, `leases`, the views) never take the lock and never see a step
 before 4: they read `inventory.committed`, immutable and replaced only after a commit.
+
+On a shared store a follower thread (`_follow`) wakes on the log's NOTIFY, or every
+`FOLLOW_INTERVAL_S` seconds whatever happens (the log is the truth, a notification only
+a wake-up), applies other replicas' revisions the same way (publishing their hosts'
+new states to this replica's watchers with the generation and digest they committed),
+and reads agents' statuses reported through other replicas. While the database is
+unreachable it retries each interval and the fabric keeps serving what was committed.
 
 Affected hosts are narrow for VM operations (the hosts of the VM network, before and
 after, plus source and destination) and all hosts for fabric-wide objects (switches,
@@ -32,6 +44,7 @@ host states `controller.compiler`.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -84,7 +97,7 @@ from controller.operations import (
     SetVirtualSwitch,
 )
 from controller.operations import describe as describe_operation
-from controller.store import HostRow, Store, StoreBusy
+from controller.store import HostRow, Revision, Store, StoreBusy, StoreConflict
 
 # kind -> how it is created and deleted (PATCH is one rule for every kind: `PatchRules`).
 RULES: dict[Kind, KindRules] = {
@@ -103,6 +116,9 @@ RULES: dict[Kind, KindRules] = {
 }
 
 
+FOLLOW_INTERVAL_S = 1.0  # a replica polls the revision log at least this often (NOTIFY wakes it sooner)
+
+
 class _DryRunDone(Exception):
     """Raised inside the engine after a dry run's trial compile, so the undo path runs."""
 
@@ -114,7 +130,7 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
     state (inventory, compiler, published entries) and the order of a write's steps.
     """
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, follow_interval: float = FOLLOW_INTERVAL_S):
         self.store = store
         self.inventory = Inventory()
         self.compiler = Compiler(self.inventory)
@@ -125,15 +141,11 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
         self.applied: dict[str, int | None] = {}
         self.unpublishable: dict[str, str] = {}  # host -> why its stored fabric does not compile
         self._last_generation: dict[str, int] = {}  # ... and the generation it last published
+        self._status_text: dict[str, str | None] = {}  # host -> its status row as last read (follower)
         snapshot = store.load()
+        # The last revision of the shared log this replica's fabric includes.
+        self.revision = snapshot.revision
         self.inventory.load(snapshot)
-        if self.inventory.get(Kind.host_group, ROOT_HOST_GROUP) is None:
-            tx = Tx()
-            root = HostGroup(name=ROOT_HOST_GROUP, parent=None, uuid=str(uuidlib.uuid4()))
-            tx.put(Kind.host_group, ROOT_HOST_GROUP, root)
-            store.commit(tx.changeset(_uuid_of))
-            self.inventory.apply(tx)
-            self.inventory.publish(tx)
         # Recompile every host; a generation moves only if the content differs from what
         # was last published (the controller's code may have changed across the restart).
         rows = []
@@ -154,13 +166,45 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
             generation = row.generation if row is not None else 0
             if row is None or row.digest != digest:
                 generation += 1
-                rows.append(HostRow(name, generation, digest, row.applied_generation if row else None,
-                                    row.status if row else None))
+                rows.append(HostRow(name, generation, digest))
             self._set_entry(name, state, generation, digest, body)
             if row is not None:
                 self.applied[name] = row.applied_generation
                 self.statuses[name] = row.status or {}
-        store.save_host_rows(rows)
+        self._commit_at_start(rows)
+        self._stop = threading.Event()
+        self._follower: threading.Thread | None = None
+        if store.shared:
+            self._follower = threading.Thread(target=self._follow, args=(follow_interval,),
+                                              name="revision-follower", daemon=True)
+            self._follower.start()
+
+    def _commit_at_start(self, rows: list[HostRow]) -> None:
+        """The root host group of a new fabric, and the generations a new code version
+        bumps, committed as one write (under the shared lock: two replicas starting at
+        once on a new database create one root, and bump a host once)."""
+        root_missing = self.inventory.get(Kind.host_group, ROOT_HOST_GROUP) is None
+        if not root_missing and not rows:
+            return
+        with self._lock, self.store.write_session() as session:
+            caught_up = self._apply_revisions(session.revisions_since(self.revision))
+            tx = Tx()
+            if self.inventory.get(Kind.host_group, ROOT_HOST_GROUP) is None:
+                root = HostGroup(name=ROOT_HOST_GROUP, parent=None, uuid=str(uuidlib.uuid4()))
+                tx.put(Kind.host_group, ROOT_HOST_GROUP, root)
+            changes = tx.changeset(_uuid_of)
+            changes.put_hosts = [row for row in rows if row.host not in caught_up]
+            revision = session.commit(changes)
+        self.inventory.apply(tx)
+        self.inventory.publish(tx)
+        if revision is not None:
+            self.revision = revision
+
+    def close(self) -> None:
+        """Stop following the shared revision log (the store is the caller's to close)."""
+        self._stop.set()
+        if self._follower is not None:
+            self._follower.join(timeout=10)
 
     @classmethod
     def open(cls, state_dir: str | Path, synchronous: str = "FULL", busy_timeout: float = 5.0) -> Fabric:
@@ -320,60 +364,245 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
             hosts_before: set[str] = set()
             hosts_named: set[str] = set()
             try:
-                for build in builds:
-                    tx = Tx()
-                    result, scope = build(tx)
-                    results.append(result)
-                    if scope.networks is ALL or networks is ALL:
-                        networks = ALL
-                    else:
-                        networks |= scope.networks
-                    hosts_named |= scope.hosts
-                    hosts_before |= self._affected_hosts(scope)
-                    undos.append(self._undo_of(tx))
-                    self.inventory.apply(tx)
-                    merged.merge(tx)
-                scope = _Scope(networks=networks, hosts=hosts_named)
-                self.compiler.invalidate(networks)
-                existing = set(self.inventory.objects[Kind.host])
-                hosts = (hosts_before | self._affected_hosts(scope)) & existing
-                try:
-                    states = {name: self.compiler.compile(name) for name in sorted(hosts)}
-                except (ValidationError, ValueError) as exc:
-                    problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
-                    raise Invalid(
-                        f"the change would give a host a state its agent refuses: {problems[0]}",
-                        None,
-                        problems[0],
-                    ) from None
-                if dry_run:
-                    raise _DryRunDone
-                deleted = sorted(hosts_before - existing)
-                changes = merged.changeset(_uuid_of)
-                # The generations this change bumps are committed with it: a controller
-                # that dies right after the commit restarts with both or neither.
-                changes.put_hosts, bumps = self._bumps(states)
-                changes.delete_hosts = deleted
-                try:
-                    self.store.commit(changes)
-                except sqlite3.IntegrityError as exc:
-                    raise Conflict("the store refused the change", None, str(exc)) from None
-                except StoreBusy as exc:
-                    raise _busy(operation, exc) from None
+                # Why the session first: on a shared store it takes the fabric's lock for
+                # every replica, and what others committed before it must be in memory
+                # before anything is built on it (allocations stay exactly-once).
+                with self.store.write_session() as session:
+                    self._apply_revisions(session.revisions_since(self.revision))
+                    for build in builds:
+                        tx = Tx()
+                        result, scope = build(tx)
+                        results.append(result)
+                        if scope.networks is ALL or networks is ALL:
+                            networks = ALL
+                        else:
+                            networks |= scope.networks
+                        hosts_named |= scope.hosts
+                        hosts_before |= self._affected_hosts(scope)
+                        undos.append(self._undo_of(tx))
+                        self.inventory.apply(tx)
+                        merged.merge(tx)
+                    scope = _Scope(networks=networks, hosts=hosts_named)
+                    self.compiler.invalidate(networks)
+                    existing = set(self.inventory.objects[Kind.host])
+                    hosts = (hosts_before | self._affected_hosts(scope)) & existing
+                    try:
+                        states = {name: self.compiler.compile(name) for name in sorted(hosts)}
+                    except (ValidationError, ValueError) as exc:
+                        problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
+                        raise Invalid(
+                            f"the change would give a host a state its agent refuses: {problems[0]}",
+                            None,
+                            problems[0],
+                        ) from None
+                    if dry_run:
+                        raise _DryRunDone
+                    deleted = sorted(hosts_before - existing)
+                    changes = merged.changeset(_uuid_of)
+                    # The generations this change bumps are committed with it: a controller
+                    # that dies right after the commit restarts with both or neither.
+                    changes.put_hosts, bumps = self._bumps(states)
+                    changes.delete_hosts = deleted
+                    revision = session.commit(changes)
+            except (sqlite3.IntegrityError, StoreConflict) as exc:
+                self._undo(undos, networks)
+                raise Conflict("the store refused the change", None, str(exc)) from None
+            except StoreBusy as exc:
+                self._undo(undos, networks)
+                raise _busy(operation, exc) from None
             except BaseException as exc:
-                for undo in reversed(undos):
-                    self.inventory.apply(undo)
-                self.compiler.invalidate(ALL if networks is ALL else networks)
+                self._undo(undos, networks)
                 if isinstance(exc, _DryRunDone):
                     return results
                 if isinstance(exc, FabricError):
                     log.info("event=fabric_refused op=%s status=%d field=%s reason=%s", _quoted(operation),
                              exc.status, exc.field, _quoted(exc.reason))
                 raise
+            if revision is not None:
+                self.revision = revision
             bumped = self._publish(merged, states, bumps, deleted)
             log.info("event=fabric_write op=%s compiled=%d bumped=%d duration_ms=%.1f", _quoted(operation),
                      len(states), len(bumped), (time.perf_counter() - started) * 1000)
             return results
+
+    def _undo(self, undos: list[Tx], networks: Any) -> None:
+        for undo in reversed(undos):
+            self.inventory.apply(undo)
+        self.compiler.invalidate(ALL if networks is ALL else networks)
+
+    # --- following the other replicas (shared store) ---------------------------------------------
+
+    def _apply_revisions(self, revisions: list[Revision]) -> set[str]:
+        """Make other replicas' committed changes true here, and serve their hosts' new
+        states with the generation and digest they committed (read, never recomputed to
+        another number). Called under the write lock; returns the hosts it published.
+
+        Why this order: the inventory first (the compile reads it), then each bumped
+        host compiled once for the whole batch, then `_publish` (committed view, entries,
+        watchers), as for a write of our own.
+        """
+        if not revisions:
+            return set()
+        if revisions[0].revision != self.revision + 1:
+            # The revisions in between were pruned from the log: reload everything.
+            return self._reload(f"revisions {self.revision + 1}..{revisions[0].revision - 1} are no longer in "
+                                "the log")
+        merged = Tx()
+        latest: dict[str, Any] = {}  # host -> its last row in the batch
+        deleted: set[str] = set()
+        networks: set[str] | None = set()
+        for revision in revisions:
+            tx = self.inventory.tx_of(revision.changes)
+            touched = self._networks_of(tx)
+            networks = ALL if touched is ALL or networks is ALL else networks | touched
+            self.inventory.apply(tx)
+            merged.objects.update(tx.objects)
+            merged.leases.update(tx.leases)
+            for row in revision.changes.put_hosts:
+                latest[row.host] = row
+                deleted.discard(row.host)
+            for host in revision.changes.delete_hosts:
+                latest.pop(host, None)
+                deleted.add(host)
+        self.compiler.invalidate(networks)
+        states, changed = {}, []
+        for host, row in sorted(latest.items()):
+            if host not in self.inventory.objects[Kind.host]:
+                continue
+            try:
+                state = self.compiler.compile(host)
+            except (ValidationError, ValueError) as exc:
+                problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
+                self.unpublishable[host] = problems[0]
+                self._last_generation[host] = row.generation
+                log.error("event=host_state_invalid host=%s reason=%s", host, _quoted(problems[0]))
+                continue
+            digest, body = self.compiler.serialise(state)
+            if digest != row.digest:
+                # Another code version committed it: serve its number, say so.
+                log.warning("event=replica_digest_differs host=%s generation=%d committed=%s here=%s",
+                            host, row.generation, row.digest, digest)
+            states[host] = state
+            changed.append((host, state, row.generation, row.digest, body))
+        self.revision = revisions[-1].revision
+        self._publish(merged, states, changed, sorted(deleted))
+        log.info("event=replica_caught_up revision=%d revisions=%d hosts=%d", self.revision, len(revisions),
+                 len(changed))
+        return set(latest) | deleted
+
+    def _reload(self, why: str) -> set[str]:
+        """Replace the in-memory fabric with the store's, serving each host the generation
+        and digest the store holds; wakes every watcher (one whose generation did not move
+        sends nothing). Under the write lock; the hosts published or removed."""
+        log.warning("event=replica_reload revision=%d reason=%s", self.revision, _quoted(why))
+        snapshot = self.store.load()
+        inventory = Inventory()
+        inventory.load(snapshot)
+        compiler = Compiler(inventory)
+        entries: dict[str, HostEntry] = {}
+        for name in inventory.objects[Kind.host]:
+            row = snapshot.hosts.get(name)
+            try:
+                state = compiler.compile(name)
+            except (ValidationError, ValueError) as exc:
+                problems = describe_validation_error(exc) if isinstance(exc, ValidationError) else [str(exc)]
+                self.unpublishable[name] = problems[0]
+                continue
+            digest, body = compiler.serialise(state)
+            generation = row.generation if row is not None else 0
+            state = state.model_copy(update={"generation": generation})
+            entries[name] = HostEntry(generation, row.digest if row else digest, state,
+                                      tuple(body.pieces(generation)), time.monotonic())
+        # Why this order: the new committed view and entries replace the old ones in two
+        # assignments, then statuses, then the watchers are woken.
+        gone = set(self.entries) - set(entries)
+        self.inventory, self.compiler = inventory, compiler
+        self.entries = entries
+        for name in gone:
+            self.applied.pop(name, None)
+            self.statuses.pop(name, None)
+        for name, row in snapshot.hosts.items():
+            self.applied[name] = row.applied_generation
+            self.statuses[name] = row.status or {}
+        self.revision = snapshot.revision
+        hosts = sorted(set(entries) | gone)
+        for listener in self._listeners:
+            listener(hosts)
+        return set(hosts)
+
+    def _networks_of(self, tx: Tx) -> set[str] | None:
+        """The VM networks whose compiled records a replayed Tx may change, before it is
+        applied (old and new objects both count); ALL for anything wider, as the rules'
+        own scopes say (sites, switches, profiles, hosts: rare and cheap)."""
+        inventory = self.inventory
+        networks: set[str] = set()
+        for (kind, key), obj in tx.objects.items():
+            if kind == Kind.vm_network.value:
+                networks.add(key)
+                continue
+            if kind not in (Kind.vm.value, Kind.vm_subnet.value, Kind.ip_pool.value):
+                return ALL
+            for version in (obj, inventory.get(Kind(kind), key)):
+                if version is None:
+                    continue
+                network = getattr(version, "vm_network", None)
+                if network is None:
+                    return ALL  # an IP pool of a network site
+                networks.add(network)
+        for (pool, address), lease in tx.leases.items():
+            for version in (lease, inventory.leases.get(pool, {}).get(address)):
+                if version is not None:
+                    if version.vm_network is None:
+                        return ALL
+                    networks.add(version.vm_network)
+        return networks
+
+    def catch_up(self) -> int:
+        """Apply every revision other replicas committed since ours; the revision now."""
+        with self._lock:
+            self._apply_revisions(self.store.revisions_since(self.revision))
+            return self.revision
+
+    def refresh_statuses(self) -> None:
+        """Agents' reports made through other replicas (the store's rows are the truth)."""
+        rows = self.store.host_statuses()
+        with self._lock:
+            for host, (applied, text) in rows.items():
+                if self._status_text.get(host, "") == text or host not in self.entries:
+                    continue
+                self._status_text[host] = text
+                self.applied[host] = applied
+                self.statuses[host] = json.loads(text) if text else {}
+
+    def _follow(self, interval: float) -> None:
+        """The follower: wake on a NOTIFY or every `interval` s, catch up, read statuses.
+
+        The log is the truth: a lost notification costs one interval. Any store error
+        (the database down) is logged once per outage and retried each interval; the
+        in-memory fabric keeps serving what was last committed meanwhile.
+        """
+        failing = False
+        polled = 0.0
+        while not self._stop.is_set():
+            try:
+                # Waits of at most a second, so `close` never waits longer than that.
+                woken = self.store.wait_for_change(min(interval, 1.0))
+                if not woken and time.monotonic() - polled < interval:
+                    continue
+                polled = time.monotonic()
+                self.catch_up()
+                self.refresh_statuses()
+                if failing:
+                    log.info("event=follower_resumed revision=%d", self.revision)
+                failing = False
+            except StoreBusy as exc:
+                if not failing:
+                    log.warning("event=follower_waiting reason=%s", _quoted(str(exc)))
+                failing = True
+                self._stop.wait(interval)
+            except Exception as exc:  # noqa: BLE001 - the follower must outlive any one failure
+                log.exception("event=follower_error reason=%s", _quoted(f"{type(exc).__name__}: {exc}"))
+                self._stop.wait(interval)
 
     def _affected_hosts(self, scope: _Scope) -> set[str]:
         if scope.networks is ALL:

@@ -20,7 +20,7 @@ from agent.state import HostState, LookupRecord
 from controller.fabric.common import Unavailable, _busy, _skipped, log
 from controller.inventory import SPACE_VSID
 from controller.models import Host, Invalid, Kind, NotFound, VirtualSwitch
-from controller.store import HostRow, StoreBusy
+from controller.store import StoreBusy
 
 
 @dataclass
@@ -138,7 +138,7 @@ class SyncStatus:
                 )
             status = {"errors": errors, "agent": agent, "time": time.time()}
             try:
-                self.store.save_host_rows([HostRow(host, entry.generation, entry.digest, generation, status)])
+                self.store.save_status(host, generation, status)
             except StoreBusy as exc:
                 raise _busy(f"status of host {host}", exc) from None
             self.applied[host] = generation

@@ -5,7 +5,9 @@
         ctl.client_for("CON-HyperV6").get(...)       # ... with that host's token
         ctl.restart()                                # stop it, start it again on the same state
 
-Two ways to run it, same HTTP server, same SQLite file:
+`store="postgresql://..."` runs it on that store (`--store`); replicas on one PostgreSQL
+database may share one state directory (its TLS files and token files): init the first.
+Two ways to run it, same HTTP server, same store:
 - `process=True`: `hnv-controller init` and `hnv-controller run` as a child process (the
   installed CLI, exactly as systemd starts it); `stop()` ends exactly that process;
 - `process=False` (default): `controller.cli`'s init in-process and uvicorn serving
@@ -66,10 +68,12 @@ class LiveController:
         process: bool = False,
         tls: bool = False,
         run_args: tuple[str, ...] = (),
+        store: str | None = None,
     ):
         self.process_mode = process
         self.tls = tls
-        self.run_args = tuple(run_args)
+        self.store = store  # a store URL (`--store`); None: the state directory's SQLite file
+        self.run_args = tuple(run_args) + (("--store", store) if store else ())
         self.server = None
         self.thread: threading.Thread | None = None
         self.state_dir = Path(state_dir)
@@ -78,7 +82,7 @@ class LiveController:
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         self._clients: list[httpx.Client] = []
-        self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
+        self.log_path = self.state_dir.parent / f"{self.state_dir.name}-{self.port}.log"
 
     @property
     def base_url(self) -> str:
@@ -97,7 +101,7 @@ class LiveController:
     # --- life cycle -------------------------------------------------------------------
 
     def init(self) -> None:
-        args = ["init", "--state-dir", str(self.state_dir)]
+        args = ["init", "--state-dir", str(self.state_dir), *(("--store", self.store) if self.store else ())]
         for host in self.hosts:
             args += ["--host", host]
         if self.process_mode:
@@ -138,7 +142,12 @@ class LiveController:
         from controller.api import create_app
         from controller.fabric import Fabric
 
-        self.fabric = Fabric.open(self.state_dir, synchronous="NORMAL")
+        if self.store:
+            from controller.store import open_store
+
+            self.fabric = Fabric(open_store(self.store))
+        else:
+            self.fabric = Fabric.open(self.state_dir, synchronous="NORMAL")
         tls = {"ssl_certfile": str(self.state_dir / "tls" / "server.crt"),
                "ssl_keyfile": str(self.state_dir / "tls" / "server.key")} if self.tls else {}
         config = uvicorn.Config(create_app(self.fabric), host="127.0.0.1", port=self.port,
@@ -157,6 +166,7 @@ class LiveController:
         if self.server is not None:
             self.server.should_exit = True
             self.thread.join(timeout=10)
+            self.fabric.close()
             self.fabric.store.close()
             self.server = self.thread = None
         if self.process is not None:
@@ -202,3 +212,20 @@ class LiveController:
 
     def client_for(self, host: str) -> httpx.Client:
         return self.client(self.host_token(host))
+
+
+def start_replicas(state_dir: Path, store: str, count: int, hosts: list[str] | tuple[str, ...] = (),
+                   **options) -> list[LiveController]:
+    """`count` controller processes on one shared store and one state directory: the
+    first initialises it (tokens for `hosts`), all are started. Stop each (`__exit__`)."""
+    first = LiveController(state_dir, hosts=hosts, process=True, store=store, **options)
+    first.init()
+    group = [first] + [LiveController(state_dir, process=True, store=store, **options) for _ in range(count - 1)]
+    try:
+        for controller in group:
+            controller.start(timeout=120)
+    except BaseException:
+        for controller in group:
+            controller.__exit__(None, None, None)
+        raise
+    return group

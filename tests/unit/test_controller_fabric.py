@@ -95,7 +95,11 @@ def test_store_commit_is_all_or_nothing(tmp_path):
 
 def small_fabric(tmp_path) -> Fabric:
     """Two NV hosts (one transport pool with only three PAs) and one host without a switch."""
-    fabric = Fabric.open(tmp_path, synchronous="NORMAL")
+    return populate_small_fabric(Fabric.open(tmp_path, synchronous="NORMAL"))
+
+
+def populate_small_fabric(fabric: Fabric) -> Fabric:
+    """`small_fabric`'s objects, created on any fabric (any store)."""
     fabric.create(Kind.host_group, HostGroupSpec(name="Virtualization"))
     fabric.create(Kind.logical_network, LogicalNetworkSpec(name="Virtualization", network_virtualization=True))
     fabric.create(Kind.network_site, NetworkSiteSpec(

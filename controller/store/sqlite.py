@@ -1,29 +1,32 @@
-"""The repository: the only code that touches the controller's database.
+"""The embedded store: one SQLite file, for a single controller (the default).
 
-SQLite by default: one file, WAL (readers never wait for the writer), synchronous=FULL
-(a committed allocation survives a power cut, so no address is ever handed out twice).
-The interface is narrow on purpose, so a distributed store can replace it:
+WAL (readers never wait for the writer), synchronous=FULL (a committed allocation
+survives a power cut, so no address is ever handed out twice). One process writes it
+(`hnv-controller run` holds a lock on the state directory), so a write session is one
+BEGIN IMMEDIATE transaction at commit time and there is no revision log to append to
+(the table exists: the schema is the same as PostgreSQL's; nobody follows a single
+controller).
 
-- `load()` returns everything at start-up (the controller keeps the fabric in memory and
-  answers reads from there);
 - `commit(changes)` writes one `ChangeSet` (objects, allocations, leases, and the host
   generations the change bumps) in one BEGIN IMMEDIATE transaction: all of it or
   nothing. The primary keys are the last line of defence against double allocation:
   (space, value) for VSIDs, MACs and routing-domain ids, (pool, address) for leases;
-- `save_host_rows()` keeps generations, digests and applied status;
-- tokens are kept as SHA-256 hashes only, each with an id, a role, a host name, an
-  optional expiry and a revocation time; deleting a host revokes its tokens in the same
-  transaction, so a later host of the same name does not inherit them.
+- tokens are kept as SHA-256 hashes only, each with an id (the rowid), a role, a host
+  name, an optional expiry and a revocation time; deleting a host revokes its tokens in
+  the same transaction, so a later host of the same name does not inherit them.
 
 The database and its -wal/-shm files are created owner-only (0600): the token hashes and
 the fabric are nobody else's business.
 
 Another process holding the write lock past the busy timeout (`busy_timeout` seconds,
 5 by default) is raised as `StoreBusy`, never as a bare `sqlite3.OperationalError`, so
-the API can answer 503 with Retry-After; nothing was written when it is raised.
+the API can answer 503 with Retry-After; nothing was written when it is raised. A unique
+key refusing a change is `sqlite3.IntegrityError`.
 
-This module knows tables and JSON, not fabric rules; it must not import the compiler or
-the API.
+The schema is `controller.store.common.MIGRATIONS`: a new file gets the latest version;
+an older one is refused until `migrate=True` (`hnv-controller migrate`), a newer one
+always. This module knows tables and JSON, not fabric rules; it must not import the
+compiler or the API.
 """
 
 from __future__ import annotations
@@ -34,99 +37,22 @@ import os
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
-HOST_KIND = "hosts"  # the objects table's kind of a host (controller.models.Kind.host)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS objects (
-    kind TEXT NOT NULL,
-    key TEXT NOT NULL,
-    uuid TEXT NOT NULL UNIQUE,
-    doc TEXT NOT NULL,
-    PRIMARY KEY (kind, key)
-);
-CREATE TABLE IF NOT EXISTS allocations (
-    space TEXT NOT NULL,          -- 'vsid', 'mac', 'routing_domain'
-    value TEXT NOT NULL,
-    holder TEXT NOT NULL,
-    PRIMARY KEY (space, value)
-);
-CREATE TABLE IF NOT EXISTS leases (
-    pool TEXT NOT NULL,
-    address TEXT NOT NULL,
-    doc TEXT NOT NULL,
-    PRIMARY KEY (pool, address)
-);
-CREATE TABLE IF NOT EXISTS hosts_sync (
-    host TEXT PRIMARY KEY,
-    generation INTEGER NOT NULL,
-    digest TEXT NOT NULL,
-    applied_generation INTEGER,
-    status TEXT
-);
-CREATE TABLE IF NOT EXISTS tokens (
-    hash TEXT PRIMARY KEY,
-    role TEXT NOT NULL CHECK (role IN ('admin', 'host')),
-    host TEXT,
-    created REAL NOT NULL,
-    expires REAL,
-    revoked REAL
-);
-"""
-
-
-@dataclass
-class HostRow:
-    host: str
-    generation: int
-    digest: str
-    applied_generation: int | None = None
-    status: dict[str, Any] | None = None
-
-
-@dataclass
-class ChangeSet:
-    """What one fabric operation writes; built in memory, committed at once."""
-
-    put_objects: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # (kind,key) -> (uuid, doc)
-    delete_objects: set[tuple[str, str]] = field(default_factory=set)
-    put_allocations: dict[tuple[str, str], str] = field(default_factory=dict)  # (space,value) -> holder
-    delete_allocations: set[tuple[str, str]] = field(default_factory=set)
-    put_leases: dict[tuple[str, str], str] = field(default_factory=dict)  # (pool,address) -> doc
-    delete_leases: set[tuple[str, str]] = field(default_factory=set)
-    # The generations this change bumps, committed with it (never one without the other).
-    put_hosts: list[HostRow] = field(default_factory=list)
-    delete_hosts: list[str] = field(default_factory=list)
-
-    def empty(self) -> bool:
-        return not (
-            self.put_objects
-            or self.delete_objects
-            or self.put_allocations
-            or self.delete_allocations
-            or self.put_leases
-            or self.delete_leases
-            or self.put_hosts
-            or self.delete_hosts
-        )
-
-
-@dataclass
-class Snapshot:
-    objects: list[tuple[str, str, str, str]]  # kind, key, uuid, doc
-    allocations: list[tuple[str, str, str]]  # space, value, holder
-    leases: list[tuple[str, str, str]]  # pool, address, doc
-    hosts: dict[str, HostRow]
-
-
-class StoreBusy(Exception):
-    """Another connection held the database's write lock past the busy timeout; nothing
-    was written. Worth retrying (the API answers 503 with Retry-After)."""
+from controller.store.common import (
+    HOST_KIND,
+    SCHEMA_VERSION,
+    ChangeSet,
+    Dump,
+    HostRow,
+    Revision,
+    Snapshot,
+    StoreBusy,
+    TokenRow,
+    check_schema_version,
+    upgrade_statements,
+)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -147,26 +73,15 @@ def _busy_as_store_busy(what: str):
         raise
 
 
-@dataclass(frozen=True)
-class TokenRow:
-    """One token as `hnv-controller token list` shows it: never the token, nor its hash."""
-
-    id: int
-    role: str
-    host: str | None
-    created: float
-    expires: float | None
-    revoked: float | None
-
-    def valid_at(self, now: float) -> bool:
-        return self.revoked is None and (self.expires is None or now < self.expires)
-
-
-class Store:
+class SqliteStore:
     """One SQLite connection, serialised by a lock (the controller is one process)."""
 
-    def __init__(self, path: str | Path, synchronous: str = "FULL", busy_timeout: float = 5.0):
+    shared = False  # no other controller writes this database
+
+    def __init__(self, path: str | Path, synchronous: str = "FULL", busy_timeout: float = 5.0,
+                 migrate: bool = False):
         self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
         self._lock = threading.Lock()
         _create_owner_only(self.path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
@@ -174,12 +89,11 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
-        self._add_token_columns()
+        try:
+            self.schema_version = self._prepare_schema(migrate)
+        except BaseException:
+            self._db.close()
+            raise
         # Token checks run on every request: they get their own connection, so (WAL) they
         # never wait behind a commit's fsync on the main one.
         self._token_lock = threading.Lock()
@@ -196,20 +110,51 @@ class Store:
         with self._lock:
             self._db.execute(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
 
+    # --- schema ---------------------------------------------------------------------
+
+    def _prepare_schema(self, upgrading: bool) -> int:
+        """The schema version after opening: a new file gets every step; an existing one
+        is checked (`check_schema_version`) and upgraded only when `upgrading`."""
+        has_meta = self._db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        found = 0
+        if has_meta:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            found = int(row[0]) if row else 1
+            check_schema_version(found, str(self.path), upgrading)
+            self._add_token_columns()
+        with _busy_as_store_busy("schema"), self._transaction() as db:
+            for statement in upgrade_statements(found, "sqlite"):
+                db.execute(statement)
+        return SCHEMA_VERSION
+
+    def _add_token_columns(self) -> None:
+        """Databases made before expiry and revocation existed get the two columns."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(tokens)")}
+        for column in ("expires", "revoked"):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE tokens ADD COLUMN {column} REAL")
+
     # --- fabric ---------------------------------------------------------------------
 
     def load(self) -> Snapshot:
         with self._lock:
             objects = self._db.execute("SELECT kind, key, uuid, doc FROM objects ORDER BY rowid").fetchall()
-            allocations = self._db.execute("SELECT space, value, holder FROM allocations").fetchall()
+            allocations = self._db.execute("SELECT space, value, holder FROM allocations ORDER BY rowid").fetchall()
             leases = self._db.execute("SELECT pool, address, doc FROM leases ORDER BY rowid").fetchall()
             hosts = {
                 row[0]: HostRow(row[0], row[1], row[2], row[3], json.loads(row[4]) if row[4] else None)
                 for row in self._db.execute(
-                    "SELECT host, generation, digest, applied_generation, status FROM hosts_sync"
+                    "SELECT host, generation, digest, applied_generation, status FROM hosts_sync ORDER BY rowid"
                 )
             }
         return Snapshot(objects, allocations, leases, hosts)
+
+    def write_session(self) -> _SqliteWriteSession:
+        return _SqliteWriteSession(self)
+
+    def revisions_since(self, revision: int) -> list[Revision]:
+        return []  # one writer: nothing to catch up with
 
     def commit(self, changes: ChangeSet) -> None:
         """Write a change set in one transaction; on any error nothing is written."""
@@ -223,7 +168,9 @@ class Store:
                 "DELETE FROM allocations WHERE space = ? AND value = ?", list(changes.delete_allocations)
             )
             db.executemany("DELETE FROM leases WHERE pool = ? AND address = ?", list(changes.delete_leases))
-            _revoke_tokens_of_deleted_hosts(db, changes)
+            gone = [(time.time(), host) for host in deleted_hosts(changes)]
+            db.executemany("UPDATE tokens SET revoked = ? WHERE role = 'host' AND host = ? AND revoked IS NULL",
+                           gone)
             db.executemany(
                 "INSERT INTO objects (kind, key, uuid, doc) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc",
@@ -239,33 +186,25 @@ class Store:
                 "ON CONFLICT (pool, address) DO UPDATE SET doc = excluded.doc",
                 [(pool, address, doc) for (pool, address), doc in changes.put_leases.items()],
             )
-            self._write_host_rows(db, changes.put_hosts, changes.delete_hosts)
+            db.executemany("DELETE FROM hosts_sync WHERE host = ?", [(host,) for host in changes.delete_hosts])
+            # A bump moves the generation and digest only; what the agent applied is its own.
+            db.executemany(
+                "INSERT INTO hosts_sync (host, generation, digest, applied_generation, status) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (host) DO UPDATE SET "
+                "generation = excluded.generation, digest = excluded.digest",
+                [_host_values(row) for row in changes.put_hosts],
+            )
 
-    def save_host_rows(self, rows: list[HostRow], deleted: list[str] = ()) -> None:
-        if not rows and not deleted:
-            return
+    def save_status(self, host: str, applied_generation: int, status: dict[str, Any]) -> None:
+        """An agent's report: the generation it applied and its errors."""
         with self._lock, _busy_as_store_busy("host status"), self._transaction() as db:
-            self._write_host_rows(db, rows, deleted)
+            db.execute("UPDATE hosts_sync SET applied_generation = ?, status = ? WHERE host = ?",
+                       (applied_generation, json.dumps(status), host))
 
-    @staticmethod
-    def _write_host_rows(db: sqlite3.Connection, rows: list[HostRow], deleted: list[str]) -> None:
-        db.executemany("DELETE FROM hosts_sync WHERE host = ?", [(host,) for host in deleted])
-        db.executemany(
-            "INSERT INTO hosts_sync (host, generation, digest, applied_generation, status) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (host) DO UPDATE SET "
-            "generation = excluded.generation, digest = excluded.digest, "
-            "applied_generation = excluded.applied_generation, status = excluded.status",
-            [
-                (
-                    row.host,
-                    row.generation,
-                    row.digest,
-                    row.applied_generation,
-                    json.dumps(row.status) if row.status is not None else None,
-                )
-                for row in rows
-            ],
-        )
+    def host_statuses(self) -> dict[str, tuple[int | None, str | None]]:
+        with self._lock:
+            return {row[0]: (row[1], row[2]) for row in
+                    self._db.execute("SELECT host, applied_generation, status FROM hosts_sync")}
 
     def check(self) -> None:
         """Read one row from the database file; raises (sqlite3.Error) when it cannot.
@@ -319,13 +258,30 @@ class Store:
             db.executemany("UPDATE tokens SET revoked = ? WHERE rowid = ?", [(time.time(), i) for i in found])
         return found
 
-    def _add_token_columns(self) -> None:
-        """Databases made before expiry and revocation existed get the two columns."""
+    # --- migrate-store --------------------------------------------------------------
+
+    def dump(self) -> Dump:
         with self._lock:
-            have = {row[1] for row in self._db.execute("PRAGMA table_info(tokens)")}
-            for column in ("expires", "revoked"):
-                if column not in have:
-                    self._db.execute(f"ALTER TABLE tokens ADD COLUMN {column} REAL")
+            tokens = self._db.execute(
+                "SELECT rowid, hash, role, host, created, expires, revoked FROM tokens ORDER BY rowid").fetchall()
+        return Dump(self.load(), tokens)
+
+    def restore(self, dump: Dump) -> None:
+        """Write a whole dump into this (empty) store in one transaction."""
+        snapshot = dump.snapshot
+        with self._lock, self._transaction() as db:
+            db.executemany("INSERT INTO objects (kind, key, uuid, doc) VALUES (?, ?, ?, ?)", snapshot.objects)
+            db.executemany("INSERT INTO allocations (space, value, holder) VALUES (?, ?, ?)", snapshot.allocations)
+            db.executemany("INSERT INTO leases (pool, address, doc) VALUES (?, ?, ?)", snapshot.leases)
+            db.executemany("INSERT INTO hosts_sync (host, generation, digest, applied_generation, status) "
+                           "VALUES (?, ?, ?, ?, ?)", [_host_values(row) for row in snapshot.hosts.values()])
+            db.executemany("INSERT INTO tokens (rowid, hash, role, host, created, expires, revoked) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", dump.tokens)
+
+    def is_empty(self) -> bool:
+        with self._lock:
+            return all(self._db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() is None
+                       for table in ("objects", "tokens"))
 
     # --- helpers --------------------------------------------------------------------
 
@@ -333,12 +289,36 @@ class Store:
         return _Transaction(self._db)
 
 
-def _revoke_tokens_of_deleted_hosts(db: sqlite3.Connection, changes: ChangeSet) -> None:
-    """A deleted host's tokens die with it, in the deleting transaction: a new host of the
-    same name gets new tokens, never the old host's."""
-    gone = [(time.time(), key) for (kind, key) in changes.delete_objects
+class _SqliteWriteSession:
+    """One fabric write on the embedded store: the commit is the only database step."""
+
+    def __init__(self, store: SqliteStore):
+        self.store = store
+
+    def __enter__(self) -> _SqliteWriteSession:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def revisions_since(self, revision: int) -> list[Revision]:
+        return []
+
+    def commit(self, changes: ChangeSet) -> int | None:
+        self.store.commit(changes)
+        return None
+
+
+def deleted_hosts(changes: ChangeSet) -> list[str]:
+    """Hosts a change set deletes (their tokens die in the same transaction: a new host
+    of the same name gets new tokens, never the old host's)."""
+    return [key for (kind, key) in changes.delete_objects
             if kind == HOST_KIND and (kind, key) not in changes.put_objects]
-    db.executemany("UPDATE tokens SET revoked = ? WHERE role = 'host' AND host = ? AND revoked IS NULL", gone)
+
+
+def _host_values(row: HostRow) -> tuple:
+    return (row.host, row.generation, row.digest, row.applied_generation,
+            json.dumps(row.status) if row.status is not None else None)
 
 
 def _create_owner_only(path: Path) -> None:
