@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from netns_lab.multivm import LabPlan, MultiVMError, _ping_summary, plan_lab
+from netns_lab.multivm import LabPlan, MultiVMError, ping_summary, plan_lab
 
 
 def test_plan_gives_every_nic_a_unique_mac_and_a_tap_name_the_kernel_accepts(tmp_path):
@@ -41,11 +41,11 @@ def test_a_plan_that_cannot_show_tenant_pings_is_refused(tmp_path, hosts, reason
         plan_lab(tmp_path, hosts)
 
 
-def test_ping_summary_is_read_from_pings_own_statistics():
+def testping_summary_is_read_from_pings_own_statistics():
     output = ("64 bytes from 192.168.0.10: icmp_seq=461 ttl=64 time=1.2 ms\n\n"
               "--- 192.168.0.10 ping statistics ---\n"
               "461 packets transmitted, 458 received, 0.65% packet loss, time 92150ms\n"
               "rtt min/avg/max/mdev = 0.4/2.1/40.2/3.0 ms\n")
-    summary = _ping_summary(output)
+    summary = ping_summary(output)
     assert (summary["transmitted"], summary["received"], summary["lost"]) == (461, 458, 3)
-    assert _ping_summary("ping: connect: Network is unreachable")["received"] == 0
+    assert ping_summary("ping: connect: Network is unreachable")["received"] == 0
