@@ -91,6 +91,9 @@ class StoreRefused(Exception):
     """The store cannot be opened; the message is the one line the command prints."""
 
 
+STORE_ENV = "HNV_STORE_URL"  # --store's default (systemd/controller.env.example)
+
+
 def _store_url(args: argparse.Namespace) -> str:
     return getattr(args, "store", None) or f"sqlite:///{Path(args.state_dir).absolute() / DB_NAME}"
 
@@ -488,10 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     copy.set_defaults(func=cmd_migrate_store)
 
     for command in (init, listing, create, revoke, run, migrate):
-        command.add_argument("--store", metavar="URL",
+        # The environment as the default (the unit's env file): a URL on ExecStart would
+        # be readable by every user in /proc/PID/cmdline.
+        command.add_argument("--store", metavar="URL", default=os.environ.get(STORE_ENV) or None,
                              help="sqlite:///PATH (default: STATE_DIR/controller.db) or a PostgreSQL "
                                   "connection string (postgresql://USER@HOST/DB, or 'host=a,b dbname=hnv "
-                                  "target_session_attrs=read-write')")
+                                  f"target_session_attrs=read-write'); default: ${STORE_ENV} when set")
     return parser
 
 

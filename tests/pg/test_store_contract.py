@@ -184,3 +184,16 @@ def test_a_bad_store_url_is_one_line_without_its_password(tmp_path):
         assert done.returncode == 2, done
         assert expected in done.stderr and "hunter2" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_the_store_url_comes_from_the_environment_as_the_unit_gives_it(tmp_path):
+    """HNV_STORE_URL (the unit's env file) is --store's default; --store still wins."""
+    env = {**_env(), "HNV_STORE_URL": "mysql://admin:hunter2@db/hnv"}
+    done = subprocess.run([sys.executable, "-m", "controller.cli", "migrate", "--state-dir", str(tmp_path)],
+                          cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert "is not a store URL" in done.stderr and "hunter2" not in done.stderr
+    done = subprocess.run([sys.executable, "-m", "controller.cli", "migrate", "--state-dir", str(tmp_path),
+                           "--store", f"sqlite:///{tmp_path / 'controller.db'}"],
+                          cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no database at sqlite:///" in done.stderr, done  # --store, not the env
