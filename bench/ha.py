@@ -218,6 +218,7 @@ def _replicated_convergence(store: str, quick: bool, log) -> list[Row]:
     log(f"bench: ha: migration convergence: 3 replicas p50 {p50:.3f} s p99 {p99:.3f} s "
         f"(after the answer p50 {after50:.3f} s p99 {after99:.3f} s), one SQLite controller "
         f"p50 {base50:.3f} s p99 {base99:.3f} s")
+    cpu_each, base_cpu_each = replicated_cpu / len(replicated), single_cpu / len(single)
     requests = [r.request for r in replicated]
     base_requests = [r.request for r in single]
     return [
@@ -235,9 +236,8 @@ def _replicated_convergence(store: str, quick: bool, log) -> list[Row]:
             f"{seconds(percentile(base_requests, 50))} / {seconds(percentile(base_requests, 99))}",
             f"{percentile(requests, 99) / percentile(base_requests, 99):.2f}x"),
         Row(SECTION, "migration convergence: CPU per migration, 3 replicas together; pushes to unaffected hosts",
-            f"cpu {seconds(replicated_cpu / len(replicated))}, {unexpected} unexpected",
-            f"cpu {seconds(single_cpu / len(single))}", f"{replicated_cpu / len(replicated) / (single_cpu / len(single)):.2f}x"
-            if single_cpu else "", "0 unexpected", unexpected == 0),
+            f"cpu {seconds(cpu_each)}, {unexpected} unexpected", f"cpu {seconds(base_cpu_each)}",
+            f"{cpu_each / base_cpu_each:.2f}x" if base_cpu_each else "", "0 unexpected", unexpected == 0),
         Row(SECTION, "migration convergence: peak memory of each replica (fabric "
             f"built in {seconds(build)}, copied to PostgreSQL in {seconds(copied)})",
             " / ".join(f"{peak:,.0f} MiB" for peak in peaks), f"{single_peak:,.0f} MiB (1 controller on SQLite)",
