@@ -229,8 +229,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def controller_server(state_dir: Path, port: int, log):
+def controller_server(state_dir: Path, port: int, log, store: str | None = None):
+    """`hnv-controller run` on ``state_dir``'s SQLite file, or on ``store`` (a store URL,
+    e.g. a PostgreSQL replica's: bench.ha), logging to ``state_dir``/server.log."""
     argv = [sys.executable, "-m", "controller.cli", "run", "--state-dir", str(state_dir),
+            *(("--store", store) if store else ()),
             "--listen", f"127.0.0.1:{port}", "--log-level", "warning", "--no-access-log",
             "--synchronous", "NORMAL",
             # Loopback only, and the state directory is made here without `init`'s TLS files:
@@ -245,7 +248,7 @@ def controller_server(state_dir: Path, port: int, log):
         log_file.close()
 
 
-def _wait_healthy(port: int, process: subprocess.Popen, state_dir: Path, timeout: float = 300) -> float:
+def wait_healthy(port: int, process: subprocess.Popen, state_dir: Path, timeout: float = 300) -> float:
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
         if process.poll() is not None:
@@ -348,9 +351,12 @@ class MigrationResult:
 
 
 async def drive(port: int, admin: str, tokens: dict[str, str], layout: Layout, scale: Scale, log,
-                server_cpu, seed: int = 7) -> tuple[list[MigrationResult], int, float, float]:
-    """Connect every watcher, run the migrations; (results, unexpected pushes, connect s,
-    server CPU seconds spent on the migrations)."""
+                server_cpu, seed: int = 7, watch_ports: list[int] | None = None,
+                ) -> tuple[list[MigrationResult], int, float, float]:
+    """Connect every watcher, run the migrations (posted to ``port``); (results, unexpected
+    pushes, connect s, server CPU seconds spent on the migrations). ``watch_ports``: the
+    watchers take these ports in turn, host by host (replicas sharing one store), instead
+    of ``port``."""
     arrivals: dict[str, float] = {}
     expected: set[str] = set()
     unexpected = 0
@@ -365,7 +371,8 @@ async def drive(port: int, admin: str, tokens: dict[str, str], layout: Layout, s
         elif expected:
             unexpected += 1
 
-    watchers = [Watcher(h, tokens[h], port, on_state) for h in sorted(tokens)]
+    ports = watch_ports or [port]
+    watchers = [Watcher(h, tokens[h], ports[i % len(ports)], on_state) for i, h in enumerate(sorted(tokens))]
     start = time.perf_counter()
     tasks = []
     for i in range(0, len(watchers), 50):  # connect in waves: each gets ~400 KB at once
@@ -450,7 +457,7 @@ def run(quick: bool = False, log=print) -> list[Row]:
             f"start-up {startup}")
         port = _free_port()
         with controller_server(state_dir, port, log) as server:
-            server_start = _wait_healthy(port, server, state_dir)
+            server_start = wait_healthy(port, server, state_dir)
             start_cpu = process_cpu_s(server.pid)
             results, unexpected, connect, migrations_cpu = asyncio.run(
                 drive(port, admin, tokens, layout, scale, log, lambda: process_cpu_s(server.pid)))

@@ -14,12 +14,29 @@ a watch stream and status reports each, moving to the next URL with jittered bac
 a third watching each replica; `kill -9` of one replica; for each agent that watched it,
 the time until another replica answered its status report. Target: p99 < 5 s.
 
-Not here yet: migration convergence with 3 replicas at 1,000 hosts / 50,000 VMs.
+Migration convergence on three replicas: bench.convergence's fabric and layout (1,000
+hosts, 100 VM networks, 50,000 VMs; `--quick`: its smaller scale) built once into SQLite
+by its builder, copied into PostgreSQL with `hnv-controller migrate-store` (the supported
+path, and far faster than 50,000 creates over HTTP), then the same migrations (same
+seed, same starting layout) measured twice in this run: on one controller on the SQLite
+file (convergence's own figure, the baseline) and on three `hnv-controller run --store
+postgresql://...` replicas, with the watch streams spread host by host over the three and
+every migration posted to replica 1. The figure is the time from each POST's answer until
+every affected host's watcher, on whichever replica, holds the new generation (a watcher
+served before the answer counts as 0). Target: p99 < 1 s. Also each replica's memory
+against the single controller's. Owns the temporary directories, databases and
+controller processes it starts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
+import gc
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -134,6 +151,99 @@ def _failover(store: str, agents_count: int, log) -> tuple[list[float], float]:
     return recoveries, total
 
 
+def _after_answer(results) -> list[float]:
+    """Per migration: POST answered -> last affected watcher served (0 if all were before)."""
+    return [max(0.0, r.latency - r.request) for r in results]
+
+
+def _replicated_convergence(store: str, quick: bool, log) -> list[Row]:
+    """The migration-convergence rows: 3 replicas on PostgreSQL against one SQLite controller."""
+    from bench import convergence
+    from tests.lib.controller import free_port
+
+    scale = convergence.QUICK if quick else convergence.FULL
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # a watch stream per host, twice over
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, scale.hosts * 4 + 256)), hard))
+    with tempfile.TemporaryDirectory(prefix="openhnv-bench-ha-") as tmp:
+        root = Path(tmp)
+        single_dir = root / "sqlite"
+        single_dir.mkdir(mode=0o700)
+        started = time.perf_counter()
+        layout, admin, tokens = convergence.build_fabric(single_dir, scale, log)
+        build = time.perf_counter() - started
+        gc.collect()  # the builder's Fabric is unreachable now
+        # Why copy before the SQLite run: both runs then start from the same fabric and,
+        # with the same seed, make the same migrations.
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "controller.cli", "migrate-store", "--from",
+                        f"sqlite:///{single_dir / 'controller.db'}", "--to", store],
+                       cwd=convergence.CHECKOUT, check=True, capture_output=True, text=True)
+        copied = time.perf_counter() - started
+        log(f"bench: ha: fabric built in {build:.1f} s, copied into PostgreSQL in {copied:.1f} s")
+        replicated_layout = copy.deepcopy(layout)
+
+        port = free_port()
+        with convergence.controller_server(single_dir, port, log) as server:
+            convergence.wait_healthy(port, server, single_dir)
+            single, _, _, single_cpu = asyncio.run(convergence.drive(
+                port, admin, tokens, layout, scale, log, lambda: convergence.process_cpu_s(server.pid)))
+            single_peak, _ = convergence.process_memory_mb(server.pid)
+
+        with contextlib.ExitStack() as replicas:
+            ports, servers = [], []
+            for i in range(3):
+                state_dir = root / f"replica{i + 1}"
+                state_dir.mkdir(mode=0o700)
+                ports.append(free_port())
+                servers.append((replicas.enter_context(
+                    convergence.controller_server(state_dir, ports[-1], log, store=store)), state_dir))
+            for port, (server, state_dir) in zip(ports, servers):
+                convergence.wait_healthy(port, server, state_dir)
+            pids = [server.pid for server, _ in servers]
+            replicated, unexpected, _, replicated_cpu = asyncio.run(convergence.drive(
+                ports[0], admin, tokens, replicated_layout, scale, log,
+                lambda: sum(convergence.process_cpu_s(pid) for pid in pids), watch_ports=ports))
+            peaks = [convergence.process_memory_mb(pid)[0] for pid in pids]
+
+    percentile = convergence.percentile
+    sent = [r.latency for r in replicated]
+    base_sent = [r.latency for r in single]
+    p50, p99 = percentile(sent, 50), percentile(sent, 99)
+    base50, base99 = percentile(base_sent, 50), percentile(base_sent, 99)
+    single_after, replicated_after = _after_answer(single), _after_answer(replicated)
+    after50, after99 = percentile(replicated_after, 50), percentile(replicated_after, 99)
+    fanout = sum(r.affected for r in replicated) / len(replicated)
+    where = f"{scale.hosts:,} hosts / {scale.vms:,} VMs" + (", --quick" if quick else "")
+    log(f"bench: ha: migration convergence: 3 replicas p50 {p50:.3f} s p99 {p99:.3f} s "
+        f"(after the answer p50 {after50:.3f} s p99 {after99:.3f} s), one SQLite controller "
+        f"p50 {base50:.3f} s p99 {base99:.3f} s")
+    cpu_each, base_cpu_each = replicated_cpu / len(replicated), single_cpu / len(single)
+    requests = [r.request for r in replicated]
+    base_requests = [r.request for r in single]
+    return [
+        Row(SECTION, f"migration convergence, 3 PostgreSQL replicas vs 1 SQLite controller, {where}: "
+            "request -> every affected watcher (p50 / p99)",
+            f"{seconds(p50)} / {seconds(p99)}", f"{seconds(base50)} / {seconds(base99)}",
+            f"{p99 / base99:.2f}x", "p99 < 1 s", p99 < 1.0),
+        Row(SECTION, f"migration convergence: POST answered -> every affected watcher (p50 / p99; "
+            f"{len(replicated)} migrations posted to replica 1, ~{fanout:.0f} hosts each)",
+            f"{seconds(after50)} / {seconds(after99)}",
+            f"{seconds(percentile(single_after, 50))} / {seconds(percentile(single_after, 99))}"
+            " (1 controller publishes before it answers)"),
+        Row(SECTION, "migration convergence: migrate request round trip on replica 1 (p50 / p99)",
+            f"{seconds(percentile(requests, 50))} / {seconds(percentile(requests, 99))}",
+            f"{seconds(percentile(base_requests, 50))} / {seconds(percentile(base_requests, 99))}",
+            f"{percentile(requests, 99) / percentile(base_requests, 99):.2f}x"),
+        Row(SECTION, "migration convergence: CPU per migration, 3 replicas together; pushes to unaffected hosts",
+            f"cpu {seconds(cpu_each)}, {unexpected} unexpected", f"cpu {seconds(base_cpu_each)}",
+            f"{cpu_each / base_cpu_each:.2f}x" if base_cpu_each else "", "0 unexpected", unexpected == 0),
+        Row(SECTION, "migration convergence: peak memory of each replica (fabric "
+            f"built in {seconds(build)}, copied to PostgreSQL in {seconds(copied)})",
+            " / ".join(f"{peak:,.0f} MiB" for peak in peaks), f"{single_peak:,.0f} MiB (1 controller on SQLite)",
+            f"{max(peaks) / single_peak:.2f}x"),
+    ]
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -153,6 +263,7 @@ def run(quick: bool = False, log=print) -> list[Row]:
         ha_seq, ha_conc = _case(cluster.new_database, 3, count, log)
         agents = 200 if quick else AGENTS
         recoveries, total = _failover(cluster.new_database(), agents, log)
+        convergence_rows = _replicated_convergence(cluster.new_database(), quick, log)
     finally:
         cluster.destroy()
     ratio = sqlite_seq / pg_seq
@@ -173,4 +284,5 @@ def run(quick: bool = False, log=print) -> list[Row]:
             f"{sqlite_conc / ha_conc:.2f}x"),
         Row(SECTION, "mean create round trip, one client (PostgreSQL 1 replica / 3 replicas)",
             f"{seconds(pg_seq / count)} / {seconds(ha_seq / count)}", seconds(sqlite_seq / count)),
+        *convergence_rows,
     ]
