@@ -44,7 +44,6 @@ import random
 import re
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata

@@ -306,7 +306,7 @@ def cmd_migrate_store(args: argparse.Namespace) -> int:
         target = _open(args.target)
         try:
             if not target.is_empty():
-                print(f"hnv-controller migrate-store: --to: the store already holds a fabric or tokens; "
+                print("hnv-controller migrate-store: --to: the store already holds a fabric or tokens; "
                       "migrate into an empty database", file=sys.stderr)
                 return 2
             dump = source.dump()

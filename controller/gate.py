@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from controller.auth import ADMIN, OWN_HOST, PUBLIC, Authenticator, Forbidden, Unauthorized
+from controller.auth import ADMIN, PUBLIC, Authenticator, Forbidden, Unauthorized
 from controller.fabric.common import RETRY_AFTER_BUSY_S
 from controller.store import StoreBusy
 

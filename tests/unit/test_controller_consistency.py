@@ -13,8 +13,6 @@ import sqlite3
 import threading
 import time
 
-import httpx
-import pytest
 
 from controller.compiler import Compiler
 from controller.models import HostGroupSpec, Kind, NotFound, VmSpec
