@@ -22,6 +22,10 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import re
+import signal
+import subprocess
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -81,10 +85,11 @@ class StepFailed(Exception):
 class Hnvctl:
     """``hnvctl`` against the lab's controller, run in this process, over the lab network."""
 
-    def __init__(self, topology: Topology, record: LabRecord):
+    def __init__(self, topology: Topology, record: LabRecord, url: str | None = None):
         self.netns = topology.controller.host
+        self.url = url or topology.controller_url  # one replica's, when there are several
         self.environ = {
-            "HNV_CONTROLLER": topology.controller_url,
+            "HNV_CONTROLLER": self.url,
             "HNV_TOKEN_FILE": str(processes.admin_token_file(record)),
             "HNV_CA_FILE": str(processes.ca_file(record)),
         }
@@ -569,6 +574,101 @@ def run_walkthrough(w: Walkthrough) -> None:
             f"namespace TenantVM05 {'removed' if gone else 'still present'} after the VM was deleted")
 
 
+# The failover step's tenant ping: 10 echoes a second, as the issue's users would watch.
+HA_PING_INTERVAL = 0.1
+# Echoes sent in the last seconds before the ping is stopped may still be in flight.
+HA_PING_IN_FLIGHT = 2.0
+FAILOVER_TIMEOUT = 120.0
+
+
+def agent_health(topology: Topology, host: str) -> dict[str, Any]:
+    """The agent's /healthz body (which controller it watches), over the management network."""
+    import urllib.error
+    import urllib.request
+
+    spec = topology.host(host)
+    assert spec is not None
+    url = f"http://{spec.address}:{topology.agent.metrics_port}/healthz"
+    with entered_netns(topology.controller.host):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # 503: unhealthy, the body still says why
+            return json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return {}
+
+
+def ping_losses(output: str, interval: float) -> tuple[int, int, list[int]]:
+    """(sent, answered, echoes lost) from ``ping -n`` output; the echoes sent in the last
+    HA_PING_IN_FLIGHT seconds before it was stopped are not counted as lost."""
+    sent_match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
+    sent = int(sent_match.group(1)) if sent_match else 0
+    answered = {int(seq) for seq in re.findall(r"icmp_seq=(\d+) ttl=", output)}
+    settled = sent - int(HA_PING_IN_FLIGHT / interval)
+    return sent, len(answered), [seq for seq in range(1, settled + 1) if seq not in answered]
+
+
+def run_failover_step(w: Walkthrough) -> None:
+    """kill -9 of the replica the Virtualization hosts watch, under a 10/s tenant ping."""
+    topology, record = w.topology, w.record
+    vcluster = topology.clusters_with_role(ClusterRole.virtualization)[0]
+    hv_a = vcluster.hosts[0].name
+    hosts = [h.name for h in vcluster.hosts]
+    w.step(f"High availability: {len(topology.controller_replicas)} controller replicas on PostgreSQL; "
+           f"kill -9 of the one {vcluster.name} watches, under a 10/s tenant ping")
+    watched = {host: agent_health(topology, host).get("controller") for host in hosts}
+    for host, url in watched.items():
+        w.say(f"   {host} watches {url}")
+    victim_url = watched[hv_a]
+    if not victim_url or any(url != victim_url for url in watched.values()):
+        raise StepFailed(f"the {vcluster.name} hosts do not all watch one replica: {watched}")
+    victim = next((p for p in record.processes if p.role == "controller"
+                   and f"https://{p.argv[p.argv.index('--listen') + 1]}" == victim_url), None)
+    if victim is None or not processes.is_alive(victim):
+        raise StepFailed(f"no running replica listens at {victim_url}")
+    others = [url for url in topology.controller_urls if url != victim_url]
+
+    target = w.vm_ca("TenantVM02")
+    pinger = subprocess.Popen(build.netns_exec_argv("TenantVM01", ["ping", "-n", "-i", str(HA_PING_INTERVAL), target]),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(2.0)  # the ping is running before the kill (a few echoes answered)
+        w.say(f"   # kill -9 {victim.pid}    (hnv-controller run --listen {victim_url}, on {victim.netns})")
+        os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+        killed_at = time.monotonic()
+        moved: dict[str, Any] = {}
+
+        def all_moved() -> bool:
+            for host in hosts:
+                health = agent_health(topology, host)
+                if health.get("controller_connected") and health.get("controller") not in (None, victim_url):
+                    moved[host] = health["controller"]
+            return len(moved) == len(hosts)
+
+        ok = _wait_for(all_moved, FAILOVER_TIMEOUT)
+        w.check("ha-hosts-moved", ok,
+                f"{', '.join(f'{h} now watches {u}' for h, u in moved.items()) or 'none moved'} "
+                f"({time.monotonic() - killed_at:.1f} s after the kill)")
+
+        through = others[-1]
+        w.hnvctl = Hnvctl(topology, record, through)
+        w.say(f"   # through another replica: HNV_CONTROLLER={through}")
+        w.cmdlet(f'New-SCVirtualMachine -Name "TenantVM06" ... (placement: {hv_a})')
+        w.ctl("vm", "create", "TenantVM06", "--vm-network", "Fabrikam2", "--host", hv_a)
+        w.wait_in_sync(hosts, "ha-vm-create")
+        w.ping_check("ha-vm-through-another-replica", "TenantVM06", "TenantVM02")
+        time.sleep(HA_PING_IN_FLIGHT)
+    finally:
+        processes.stop_process(pinger, signal.SIGINT)
+    output = pinger.stdout.read() if pinger.stdout else ""
+    sent, answered, lost = ping_losses(output, HA_PING_INTERVAL)
+    w.check("ha-no-ping-lost", sent > 0 and not lost,
+            f"TenantVM01 -> TenantVM02 ({target}) every {HA_PING_INTERVAL} s throughout: {sent} sent, "
+            f"{answered} answered, lost {lost[:10] or 'none'}")
+    w.wait_in_sync([h.name for h in topology.hosts], "ha-all-hosts")
+
+
 def _wait_for(condition, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -613,7 +713,7 @@ def _switch_ports(topology: Topology, host_name: str) -> list[tuple[str, str]]:
 
 
 def main(topology: Topology, *, keep: bool = False, topology_source: str = "seed",
-         workdir: Path | None = None) -> int:
+         workdir: Path | None = None, ha: bool = False) -> int:
     from netns_lab.cli import lab_down, lab_up
 
     started = time.monotonic()
@@ -626,6 +726,11 @@ def main(topology: Topology, *, keep: bool = False, topology_source: str = "seed
         record = lab_up(topology, workdir=workdir, topology_source=topology_source)
         w = Walkthrough(topology, record, Hnvctl(topology, record), started=started)
         run_walkthrough(w)
+        if ha or len(topology.controller_replicas) > 1:
+            if len(topology.controller_replicas) < 2:
+                raise StepFailed("the failover step needs 2 or more controller replicas (--controllers 3 "
+                                 "--store postgresql)")
+            run_failover_step(w)
     except (StepFailed, LabError) as exc:
         failure = str(exc)
     except Exception as exc:  # noqa: BLE001 - still tear down and report, with the trace
