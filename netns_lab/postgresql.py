@@ -58,13 +58,14 @@ def _postmaster_pid(data: Path) -> int | None:
         return None
 
 
-def start(topology: Topology, record: LabRecord) -> None:
-    """Create (once) and start the cluster on the controller host's address; idempotent."""
+def start(topology: Topology, record: LabRecord) -> bool:
+    """Create (once) and start the cluster on the controller host's address; idempotent.
+    True when the cluster was created now (an empty database: the controller needs init)."""
     from netns_lab.processes import _start_time, is_alive
 
     running = [p for p in record.processes if p.role == ROLE and is_alive(p)]
     if running:
-        return
+        return False
     tools = bin_dir()
     root = directory(record)
     data = root / "data"
@@ -76,7 +77,8 @@ def start(topology: Topology, record: LabRecord) -> None:
     # Recorded before it exists, as every lab process (down finds it after a crash).
     record.processes.append(entry)
     record.save()
-    if not (data / "PG_VERSION").exists():
+    created = not (data / "PG_VERSION").exists()
+    if created:
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True, mode=0o700)
         os.chown(root, user.pw_uid, user.pw_gid)
@@ -101,6 +103,7 @@ def start(topology: Topology, record: LabRecord) -> None:
     if exists.stdout.strip() != "1":
         run(_as_nobody([str(tools / "createdb"), "-h", str(root), "-p", str(topology.controller.postgresql_port),
                         "-U", "postgres", "hnv"]))
+    return created
 
 
 def wait_stopped(entry: ProcessEntry, timeout: float = 30.0) -> None:

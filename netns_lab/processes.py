@@ -248,7 +248,10 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
         # Why first: init creates the schema and the tokens in the database.
         from netns_lab import postgresql
 
-        postgresql.start(topology, record)
+        if postgresql.start(topology, record):
+            # An empty database: token files and certificates left in the state directory
+            # by an earlier lab would name tokens it does not hold; init makes new ones.
+            shutil.rmtree(controller_dir(record), ignore_errors=True)
     init_controller(topology, record)
     running = {(p.role, p.name) for p in record.processes if is_alive(p)}
     preload_daemons()
