@@ -3,8 +3,10 @@
 Owns the command line: parsing, where each command runs, and exit codes (0 done,
 1 a check or step failed, 2 bad input such as a topology refused by field and reason).
 The work is done by topology (the model), build (namespaces and cabling), processes
-(controller and agents), prometheus (``up --prometheus``), demo (the walkthrough),
-capture and graph.
+(controller and agents), postgresql (``--store postgresql``: the replicas' database),
+prometheus (``up --prometheus``), demo (the walkthrough, and with ``--ha`` the failover
+of a controller replica), capture and graph. ``--controllers N --store postgresql``
+override the topology's ``controller.replicas``/``controller.store`` for up, demo and run.
 
 When the running kernel lacks what the data plane needs (``netns_lab.features``: gretap,
 802.1Q, bonding, VRF, VLAN filtering), ``demo`` and ``run`` re-run themselves inside a
@@ -280,8 +282,10 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the lab up at the end")
     demo.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     demo.add_argument("--ha", action="store_true",
-                      help="end with the failover step: kill -9 the replica the Virtualization hosts "
-                           "watch under a 10/s tenant ping (default with --controllers 3 --store postgresql)")
+                      help="the failover demo: three controller replicas on PostgreSQL (unless the "
+                           "topology or --controllers says otherwise), the fabric up to Fabrikam2's VMs, "
+                           "then kill -9 of the replica the Virtualization hosts watch under a 10/s tenant "
+                           "ping (a topology with replicas runs that step after the whole walkthrough)")
     controllers_options(demo)
     command("status", "nodes, processes, the controller's view of host sync")
     ex = command("exec", "run a command in a node's namespace: hnv-lab exec NODE -- CMD")

@@ -12,6 +12,12 @@ under software emulation; hnvctl's HTTP goes over the lab's management network b
 the calling thread enters the controller host's namespace for the call. Pings and
 captures are the real ``ping`` and ``tcpdump`` inside the namespaces.
 
+With several controller replicas (``demo --ha``, or a topology asking for them) the demo
+ends with the failover step (``run_failover_step``): ``kill -9`` of the replica the
+Virtualization hosts watch while a tenant VM pings another 10 times a second; the hosts
+must move to another replica (their /healthz), a VM created through a third replica must
+reach both, no echo may be lost and every host must be InSync.
+
 On failure: a failed check is printed with its reason and the walk goes on (later checks
 still tell something); a failed hnvctl step stops the walk, because every later step
 builds on it. Either way the exit status is 1 and the summary lists what failed.
@@ -335,7 +341,10 @@ def part1_document(topology: Topology) -> dict[str, Any]:
     return document
 
 
-def run_walkthrough(w: Walkthrough) -> None:
+def run_walkthrough(w: Walkthrough, *, only_for_failover: bool = False) -> None:
+    """The seed walkthrough; ``only_for_failover`` (``demo --ha``) walks only what the
+    failover step stands on: part I's fabric, the Virtualization hosts and Fabrikam2's
+    two VMs (no VLAN tenants, no Fabrikam3, no migration), so it ends sooner."""
     topology = w.topology
     management = [h.name for c in topology.clusters_with_role(ClusterRole.management) for h in c.hosts]
     vlan_hosts = [h.name for c in topology.clusters_with_role(ClusterRole.vlan) for h in c.hosts]
@@ -360,7 +369,7 @@ def run_walkthrough(w: Walkthrough) -> None:
     w.kernel(vlan_hosts[0], "ip", "-n", vlan_hosts[0], "-br", "link", "show", "master", "hnv-team")
     w.kernel(vlan_hosts[0], "ip", "-n", vlan_hosts[0], "-br", "-4", "addr", "show")
 
-    if len(vlan_hosts) >= 2:
+    if len(vlan_hosts) >= 2 and not only_for_failover:
         w.step("Part I's VLAN tenants: TenantA on VLAN 100, TenantB on VLAN 101")
         w.cmdlet(f'New-SCVirtualMachine -Name "VlanVM01" -VMHost {vlan_hosts[0]} ... (VM network TenantA)')
         w.ctl("vm", "create", "VlanVM01", "--vm-network", "TenantA", "--host", vlan_hosts[0])
@@ -450,8 +459,8 @@ def run_walkthrough(w: Walkthrough) -> None:
 
     # --- tenants --------------------------------------------------------------------------
     vsids: dict[str, int] = {}
-    for network, vms in (("Fabrikam2", ("TenantVM01", "TenantVM02")),
-                         ("Fabrikam3", ("TenantVM03", "TenantVM04"))):
+    tenants = (("Fabrikam2", ("TenantVM01", "TenantVM02")), ("Fabrikam3", ("TenantVM03", "TenantVM04")))
+    for network, vms in tenants[:1] if only_for_failover else tenants:
         w.step(f"Adding tenant network {network}: VM subnet {CA_PREFIX} and its CA pool")
         w.cmdlet(f'${network.lower()}VMNetwork = New-SCVMNetwork -Name "{network}" -LogicalNetwork $virtualizationLogicalNetwork '
                  '-IsolationType "WindowsNetworkVirtualization" -CAIPAddressPoolType "IPV4" -PAIPAddressPoolType "IPV4"')
@@ -476,6 +485,8 @@ def run_walkthrough(w: Walkthrough) -> None:
         w.cmdlet("Get-SCIPAddress")
         w.ctl("ip", "list", "--vm-network", network)
         w.ping_check(f"{network.lower()}-ping", vms[0], vms[1])
+    if only_for_failover:
+        return
 
     w.step("Looking at IP leases again: CA and PA addresses (Get-SCIPAddress)")
     w.ctl("ip", "list")
@@ -725,7 +736,7 @@ def main(topology: Topology, *, keep: bool = False, topology_source: str = "seed
     try:
         record = lab_up(topology, workdir=workdir, topology_source=topology_source)
         w = Walkthrough(topology, record, Hnvctl(topology, record), started=started)
-        run_walkthrough(w)
+        run_walkthrough(w, only_for_failover=ha)
         if ha or len(topology.controller_replicas) > 1:
             if len(topology.controller_replicas) < 2:
                 raise StepFailed("the failover step needs 2 or more controller replicas (--controllers 3 "
