@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -621,58 +622,75 @@ def ping_losses(output: str, interval: float) -> tuple[int, int, list[int]]:
 
 
 def run_failover_step(w: Walkthrough) -> None:
-    """kill -9 of the replica the Virtualization hosts watch, under a 10/s tenant ping."""
+    """kill -9 of the replica the Virtualization hosts watch, under a 10/s tenant ping.
+
+    Each agent ranks the replicas in an order of its own (agent.watch), so the hosts may
+    watch different replicas: the one killed is CON-HyperV6's (the first Virtualization
+    host's), and every host that watched it must move to another.
+    """
     topology, record = w.topology, w.record
     vcluster = topology.clusters_with_role(ClusterRole.virtualization)[0]
     hv_a = vcluster.hosts[0].name
     hosts = [h.name for h in vcluster.hosts]
     w.step(f"High availability: {len(topology.controller_replicas)} controller replicas on PostgreSQL; "
-           f"kill -9 of the one {vcluster.name} watches, under a 10/s tenant ping")
-    watched = {host: agent_health(topology, host).get("controller") for host in hosts}
+           f"kill -9 of the one {hv_a} watches, under a 10/s tenant ping")
+    watched: dict[str, str] = {}
+
+    def all_connected() -> bool:
+        for host in hosts:
+            health = agent_health(topology, host)
+            if health.get("controller_connected") and health.get("controller"):
+                watched[host] = health["controller"]
+        return len(watched) == len(hosts)
+
+    if not _wait_for(all_connected, FAILOVER_TIMEOUT):
+        raise StepFailed(f"not every {vcluster.name} host is connected to a replica: {watched}")
     for host, url in watched.items():
-        w.say(f"   {host} watches {url}")
+        w.say(f"   {host} watches {url}   (its agent's /healthz)")
     victim_url = watched[hv_a]
-    if not victim_url or any(url != victim_url for url in watched.values()):
-        raise StepFailed(f"the {vcluster.name} hosts do not all watch one replica: {watched}")
     victim = next((p for p in record.processes if p.role == "controller"
                    and f"https://{p.argv[p.argv.index('--listen') + 1]}" == victim_url), None)
     if victim is None or not processes.is_alive(victim):
         raise StepFailed(f"no running replica listens at {victim_url}")
+    movers = [host for host, url in watched.items() if url == victim_url]
     others = [url for url in topology.controller_urls if url != victim_url]
 
     target = w.vm_ca("TenantVM02")
-    pinger = subprocess.Popen(build.netns_exec_argv("TenantVM01", ["ping", "-n", "-i", str(HA_PING_INTERVAL), target]),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        time.sleep(2.0)  # the ping is running before the kill (a few echoes answered)
-        w.say(f"   # kill -9 {victim.pid}    (hnv-controller run --listen {victim_url}, on {victim.netns})")
-        os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
-        killed_at = time.monotonic()
-        moved: dict[str, Any] = {}
+    # A file, not a pipe: a pipe nobody reads would stall ping after 64 KiB of replies.
+    with tempfile.TemporaryFile("w+") as ping_output:
+        pinger = subprocess.Popen(build.netns_exec_argv("TenantVM01", ["ping", "-n", "-i", str(HA_PING_INTERVAL), target]),
+                                  stdout=ping_output, stderr=subprocess.STDOUT, text=True)
+        try:
+            time.sleep(2.0)  # the ping runs before the kill (some echoes answered first)
+            w.say(f"   # kill -9 {victim.pid}    (hnv-controller run --listen {victim_url}, on {victim.netns})")
+            os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            killed_at = time.monotonic()
+            moved: dict[str, str] = {}
 
-        def all_moved() -> bool:
-            for host in hosts:
-                health = agent_health(topology, host)
-                if health.get("controller_connected") and health.get("controller") not in (None, victim_url):
-                    moved[host] = health["controller"]
-            return len(moved) == len(hosts)
+            def all_moved() -> bool:
+                for host in movers:
+                    health = agent_health(topology, host)
+                    if health.get("controller_connected") and health.get("controller") not in (None, victim_url):
+                        moved[host] = health["controller"]
+                return len(moved) == len(movers)
 
-        ok = _wait_for(all_moved, FAILOVER_TIMEOUT)
-        w.check("ha-hosts-moved", ok,
-                f"{', '.join(f'{h} now watches {u}' for h, u in moved.items()) or 'none moved'} "
-                f"({time.monotonic() - killed_at:.1f} s after the kill)")
+            ok = _wait_for(all_moved, FAILOVER_TIMEOUT)
+            w.check("ha-hosts-moved", ok,
+                    f"{', '.join(f'{h} moved from {victim_url} to {u}' for h, u in moved.items()) or 'none moved'} "
+                    f"({time.monotonic() - killed_at:.1f} s after the kill)")
 
-        through = others[-1]
-        w.hnvctl = Hnvctl(topology, record, through)
-        w.say(f"   # through another replica: HNV_CONTROLLER={through}")
-        w.cmdlet(f'New-SCVirtualMachine -Name "TenantVM06" ... (placement: {hv_a})')
-        w.ctl("vm", "create", "TenantVM06", "--vm-network", "Fabrikam2", "--host", hv_a)
-        w.wait_in_sync(hosts, "ha-vm-create")
-        w.ping_check("ha-vm-through-another-replica", "TenantVM06", "TenantVM02")
-        time.sleep(HA_PING_IN_FLIGHT)
-    finally:
-        processes.stop_process(pinger, signal.SIGINT)
-    output = pinger.stdout.read() if pinger.stdout else ""
+            through = others[-1]
+            w.hnvctl = Hnvctl(topology, record, through)
+            w.say(f"   # through another replica: HNV_CONTROLLER={through}")
+            w.cmdlet(f'New-SCVirtualMachine -Name "TenantVM06" ... (placement: {hv_a})')
+            w.ctl("vm", "create", "TenantVM06", "--vm-network", "Fabrikam2", "--host", hv_a)
+            w.wait_in_sync(hosts, "ha-vm-create")
+            w.ping_check("ha-vm-through-another-replica", "TenantVM06", "TenantVM02")
+            time.sleep(HA_PING_IN_FLIGHT)
+        finally:
+            processes.stop_process(pinger, signal.SIGINT)
+        ping_output.seek(0)
+        output = ping_output.read()
     sent, answered, lost = ping_losses(output, HA_PING_INTERVAL)
     w.check("ha-no-ping-lost", sent > 0 and not lost,
             f"TenantVM01 -> TenantVM02 ({target}) every {HA_PING_INTERVAL} s throughout: {sent} sent, "

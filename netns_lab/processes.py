@@ -284,8 +284,8 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
         spawn(record, ProcessEntry(
             role="agent", name=host.name, netns=host.name,
             argv=[agent_bin, "run",
-                  # Every replica, in order: the agent watches the first that answers and
-                  # moves to the next when it stops answering.
+                  # Every replica: the agent ranks them in an order of its own, watches the
+                  # first that answers and moves to the next when it stops answering.
                   *[arg for url in topology.controller_urls for arg in ("--controller", url)],
                   "--host", host.name, "--token-file", str(host_token_file(record, host.name)),
                   "--ca-file", str(ca_file(record)),
