@@ -32,14 +32,20 @@ ROLE = "postgresql"
 START_TIMEOUT = 300
 
 
-def bin_dir() -> Path:
-    """The newest installed PostgreSQL's bin directory (Debian's layout)."""
+def installed_bin_dir() -> Path | None:
+    """The newest installed PostgreSQL's bin directory (Debian's layout), or None.
+    (Also what the PostgreSQL test tier's throw-away clusters use.)"""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
                    key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
-    if not found:
+    return Path(found[-1]).parent if found else None
+
+
+def bin_dir() -> Path:
+    found = installed_bin_dir()
+    if found is None:
         raise LabError("store postgresql: PostgreSQL's initdb/pg_ctl are not installed "
                        "(Debian package postgresql: make setup)")
-    return Path(found[-1]).parent
+    return found
 
 
 def directory(record: LabRecord) -> Path:
