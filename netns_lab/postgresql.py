@@ -93,7 +93,9 @@ def start(topology: Topology, record: LabRecord) -> bool:
         with open(data / "postgresql.conf", "a") as conf:
             conf.write(f"\nlisten_addresses = '{topology.controller_address}'\n"
                        f"port = {topology.controller.postgresql_port}\n"
-                       f"unix_socket_directories = '{root}'\nmax_connections = 100\n")
+                       f"unix_socket_directories = '{root}'\nmax_connections = 100\n"
+                       # Small: the lab's VM has 2 GiB for PostgreSQL, three replicas and seven agents.
+                       "shared_buffers = 32MB\n")
         with open(data / "pg_hba.conf", "a") as hba:
             hba.write(f"host all all {topology.management.subnet} trust\n")
     # pg_ctl forks the postmaster, which stays in the namespace pg_ctl was started in.
