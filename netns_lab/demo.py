@@ -679,7 +679,9 @@ def run_failover_step(w: Walkthrough) -> None:
                     f"{', '.join(f'{h} moved from {victim_url} to {u}' for h, u in moved.items()) or 'none moved'} "
                     f"({time.monotonic() - killed_at:.1f} s after the kill)")
 
-            through = others[-1]
+            # Through a replica no moved host watches, where there is one: the VM must
+            # reach the hosts by the database and the revision log, not the same process.
+            through = ([url for url in others if url not in moved.values()] or others)[-1]
             w.hnvctl = Hnvctl(topology, record, through)
             w.say(f"   # through another replica: HNV_CONTROLLER={through}")
             w.cmdlet(f'New-SCVirtualMachine -Name "TenantVM06" ... (placement: {hv_a})')
