@@ -70,10 +70,20 @@ def test_prometheus_scrapes_every_target_and_fires_agent_down(clean_lab):
     assert wait_for("the controller scraped with up == 1",
                     lambda: targets_up("hnv-controller") or None) == {controller_target: "1"}
 
-    # Every host's own series, labelled with its name in the fabric.
+    # Every host's own series, labelled with its name in the fabric. Waited for: `up` and
+    # a target's samples can show in different instant queries while Prometheus is
+    # still taking its first scrapes (under emulation one scrape round takes seconds).
     for metric in ("hnv_agent_controller_connected", "hnv_agent_reconcile_duration_seconds_count"):
-        hosts = {r["metric"]["host"] for r in prometheus.query(TOPOLOGY, metric)}
-        assert hosts == HOSTS, f"{metric}: series for {sorted(hosts)}, expected every host"
+        seen: list[set[str]] = [set()]
+
+        def every_host(metric=metric, seen=seen):
+            seen[0] = {r["metric"]["host"] for r in prometheus.query(TOPOLOGY, metric)}
+            return seen[0] == HOSTS
+
+        try:
+            wait_for(f"{metric} series for every host", every_host, timeout=60)
+        except AssertionError:
+            raise AssertionError(f"{metric}: series for {sorted(seen[0])}, expected {sorted(HOSTS)}") from None
     database = prometheus.query(TOPOLOGY, "hnv_controller_database_up")
     assert [r["value"][1] for r in database] == ["1"]
     assert not [a for a in prometheus.firing_alerts(TOPOLOGY) if a["labels"]["alertname"] == "HnvAgentDown"]
