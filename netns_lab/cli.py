@@ -3,8 +3,10 @@
 Owns the command line: parsing, where each command runs, and exit codes (0 done,
 1 a check or step failed, 2 bad input such as a topology refused by field and reason).
 The work is done by topology (the model), build (namespaces and cabling), processes
-(controller and agents), prometheus (``up --prometheus``), demo (the walkthrough),
-capture and graph.
+(controller and agents), postgresql (``--store postgresql``: the replicas' database),
+prometheus (``up --prometheus``), demo (the walkthrough, and with ``--ha`` the failover
+of a controller replica), capture and graph. ``--controllers N --store postgresql``
+override the topology's ``controller.replicas``/``controller.store`` for up, demo and run.
 
 When the running kernel lacks what the data plane needs (``netns_lab.features``: gretap,
 802.1Q, bonding, VRF, VLAN filtering), ``demo`` and ``run`` re-run themselves inside a
@@ -19,15 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from netns_lab import build, features, processes, prometheus, vm
+from netns_lab import build, features, postgresql, processes, prometheus, vm
 from netns_lab.build import LabError, LabRecord
-from netns_lab.topology import Topology, TopologyError, load_topology
+from netns_lab.topology import StoreKind, Topology, TopologyError, load_topology
 
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -88,7 +91,12 @@ def lab_up(topology: Topology, *, workdir: Path | None = None, daemons: bool = T
     if daemons:
         t0 = time.monotonic()
         processes.start_all(topology, record)
-        _say(f"up: controller on {topology.controller.host} listening at {topology.controller_url}, "
+        if len(topology.controller_replicas) == 1 and topology.controller.store is StoreKind.sqlite:
+            controllers = f"controller on {topology.controller.host} listening at {topology.controller_url}"
+        else:
+            controllers = (f"{len(topology.controller_replicas)} controller replicas at "
+                           f"{', '.join(topology.controller_urls)} on PostgreSQL {topology.postgresql_url}")
+        _say(f"up: {controllers}, "
              f"{len(topology.hosts)} agents running ({time.monotonic() - t0:.1f} s); "
              f"tokens and state in {record.workdir}, logs in {record.artefacts_dir / 'logs'}")
     if daemons and (with_prometheus or topology.prometheus.enabled):
@@ -107,8 +115,15 @@ def lab_down(topology: Topology) -> list[str]:
     if record is None:
         return []
     stopped = processes.stop_all(record)
+    on_postgresql = any(p.role == postgresql.ROLE for p in record.processes)
     removed = build.teardown(record)
-    return [*stopped, *(f"namespace {ns}" for ns in removed)]
+    dropped = []
+    if on_postgresql and postgresql.remove(record):
+        # The database held the fabric and the tokens' hashes: the controller's state
+        # directory (token files, certificates) belongs to it and goes with it.
+        shutil.rmtree(processes.controller_dir(record), ignore_errors=True)
+        dropped.append(f"PostgreSQL cluster {postgresql.directory(record)}")
+    return [*stopped, *(f"namespace {ns}" for ns in removed), *dropped]
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -216,7 +231,7 @@ def cmd_demo(args: argparse.Namespace, topology: Topology) -> int:
     from netns_lab import demo
 
     return demo.main(topology, keep=args.keep, topology_source=str(args.topology or "seed"),
-                     workdir=args.workdir)
+                     workdir=args.workdir, ha=args.ha)
 
 
 def cmd_run(args: argparse.Namespace, topology: Topology) -> int:
@@ -247,7 +262,16 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--topology", type=Path, help="topology YAML (default: the seed's fabric)")
         return c
 
+    def controllers_options(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--controllers", type=int, metavar="N",
+                       help="controller replicas (default: the topology's controller.replicas, 1); "
+                            "more than one needs --store postgresql")
+        c.add_argument("--store", choices=[kind.value for kind in StoreKind],
+                       help="the controller's store (default: the topology's controller.store, sqlite); "
+                            "postgresql runs a throw-away PostgreSQL on the controller's host")
+
     up = command("up", "build the switch and hosts, start the controller and agents")
+    controllers_options(up)
     up.add_argument("--workdir", type=Path, help="logs and tokens (default /run/openhnv-lab/<lab>)")
     up.add_argument("--no-daemons", action="store_true", help="only the namespaces and cabling")
     up.add_argument("--prometheus", action="store_true",
@@ -257,6 +281,12 @@ def parser() -> argparse.ArgumentParser:
     demo = command("demo", "up (if needed), the seed walkthrough step by step, then down")
     demo.add_argument("--keep", action="store_true", help="leave the lab up at the end")
     demo.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    demo.add_argument("--ha", action="store_true",
+                      help="the failover demo: three controller replicas on PostgreSQL (unless the "
+                           "topology or --controllers says otherwise), the fabric up to Fabrikam2's VMs, "
+                           "then kill -9 of the replica the Virtualization hosts watch under a 10/s tenant "
+                           "ping (a topology with replicas runs that step after the whole walkthrough)")
+    controllers_options(demo)
     command("status", "nodes, processes, the controller's view of host sync")
     ex = command("exec", "run a command in a node's namespace: hnv-lab exec NODE -- CMD")
     ex.add_argument("node", help="switch, a host (CON-HyperV6) or a VM (TenantVM01)")
@@ -275,6 +305,7 @@ def parser() -> argparse.ArgumentParser:
     graph.add_argument("-o", "--output", type=Path)
     graph.add_argument("--text", action="store_true")
     run = command("run", "up, run a shell command, down (one VM boot where needed)")
+    controllers_options(run)
     run.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     run.add_argument("command", nargs=argparse.REMAINDER)
     return p
@@ -303,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         topology = load_topology(args.topology)
+        if getattr(args, "ha", False) and topology.controller.replicas == 1 and args.controllers is None:
+            # demo --ha on a one-controller topology: the HA layout it demonstrates.
+            args.controllers, args.store = 3, args.store or StoreKind.postgresql.value
+        if getattr(args, "controllers", None) is not None or getattr(args, "store", None) is not None:
+            topology = topology.with_controllers(args.controllers, args.store)
     except TopologyError as exc:
         print(f"hnv-lab: topology {exc.source} refused:", file=sys.stderr)
         for problem in exc.problems:

@@ -12,6 +12,12 @@ under software emulation; hnvctl's HTTP goes over the lab's management network b
 the calling thread enters the controller host's namespace for the call. Pings and
 captures are the real ``ping`` and ``tcpdump`` inside the namespaces.
 
+With several controller replicas (``demo --ha``, or a topology asking for them) the demo
+ends with the failover step (``run_failover_step``): ``kill -9`` of the replica the
+Virtualization hosts watch while a tenant VM pings another 10 times a second; the hosts
+must move to another replica (their /healthz), a VM created through a third replica must
+reach both, no echo may be lost and every host must be InSync.
+
 On failure: a failed check is printed with its reason and the walk goes on (later checks
 still tell something); a failed hnvctl step stops the walk, because every later step
 builds on it. Either way the exit status is 1 and the summary lists what failed.
@@ -22,6 +28,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -81,10 +92,11 @@ class StepFailed(Exception):
 class Hnvctl:
     """``hnvctl`` against the lab's controller, run in this process, over the lab network."""
 
-    def __init__(self, topology: Topology, record: LabRecord):
+    def __init__(self, topology: Topology, record: LabRecord, url: str | None = None):
         self.netns = topology.controller.host
+        self.url = url or topology.controller_url  # one replica's, when there are several
         self.environ = {
-            "HNV_CONTROLLER": topology.controller_url,
+            "HNV_CONTROLLER": self.url,
             "HNV_TOKEN_FILE": str(processes.admin_token_file(record)),
             "HNV_CA_FILE": str(processes.ca_file(record)),
         }
@@ -330,7 +342,10 @@ def part1_document(topology: Topology) -> dict[str, Any]:
     return document
 
 
-def run_walkthrough(w: Walkthrough) -> None:
+def run_walkthrough(w: Walkthrough, *, only_for_failover: bool = False) -> None:
+    """The seed walkthrough; ``only_for_failover`` (``demo --ha``) walks only what the
+    failover step stands on: part I's fabric, the Virtualization hosts and Fabrikam2's
+    two VMs (no VLAN tenants, no Fabrikam3, no migration), so it ends sooner."""
     topology = w.topology
     management = [h.name for c in topology.clusters_with_role(ClusterRole.management) for h in c.hosts]
     vlan_hosts = [h.name for c in topology.clusters_with_role(ClusterRole.vlan) for h in c.hosts]
@@ -355,7 +370,7 @@ def run_walkthrough(w: Walkthrough) -> None:
     w.kernel(vlan_hosts[0], "ip", "-n", vlan_hosts[0], "-br", "link", "show", "master", "hnv-team")
     w.kernel(vlan_hosts[0], "ip", "-n", vlan_hosts[0], "-br", "-4", "addr", "show")
 
-    if len(vlan_hosts) >= 2:
+    if len(vlan_hosts) >= 2 and not only_for_failover:
         w.step("Part I's VLAN tenants: TenantA on VLAN 100, TenantB on VLAN 101")
         w.cmdlet(f'New-SCVirtualMachine -Name "VlanVM01" -VMHost {vlan_hosts[0]} ... (VM network TenantA)')
         w.ctl("vm", "create", "VlanVM01", "--vm-network", "TenantA", "--host", vlan_hosts[0])
@@ -445,8 +460,8 @@ def run_walkthrough(w: Walkthrough) -> None:
 
     # --- tenants --------------------------------------------------------------------------
     vsids: dict[str, int] = {}
-    for network, vms in (("Fabrikam2", ("TenantVM01", "TenantVM02")),
-                         ("Fabrikam3", ("TenantVM03", "TenantVM04"))):
+    tenants = (("Fabrikam2", ("TenantVM01", "TenantVM02")), ("Fabrikam3", ("TenantVM03", "TenantVM04")))
+    for network, vms in tenants[:1] if only_for_failover else tenants:
         w.step(f"Adding tenant network {network}: VM subnet {CA_PREFIX} and its CA pool")
         w.cmdlet(f'${network.lower()}VMNetwork = New-SCVMNetwork -Name "{network}" -LogicalNetwork $virtualizationLogicalNetwork '
                  '-IsolationType "WindowsNetworkVirtualization" -CAIPAddressPoolType "IPV4" -PAIPAddressPoolType "IPV4"')
@@ -471,6 +486,8 @@ def run_walkthrough(w: Walkthrough) -> None:
         w.cmdlet("Get-SCIPAddress")
         w.ctl("ip", "list", "--vm-network", network)
         w.ping_check(f"{network.lower()}-ping", vms[0], vms[1])
+    if only_for_failover:
+        return
 
     w.step("Looking at IP leases again: CA and PA addresses (Get-SCIPAddress)")
     w.ctl("ip", "list")
@@ -569,6 +586,120 @@ def run_walkthrough(w: Walkthrough) -> None:
             f"namespace TenantVM05 {'removed' if gone else 'still present'} after the VM was deleted")
 
 
+# The failover step's tenant ping: 10 echoes a second, as the issue's users would watch.
+HA_PING_INTERVAL = 0.1
+# Echoes sent in the last seconds before the ping is stopped may still be in flight.
+HA_PING_IN_FLIGHT = 2.0
+FAILOVER_TIMEOUT = 120.0
+
+
+def agent_health(topology: Topology, host: str) -> dict[str, Any]:
+    """The agent's /healthz body (which controller it watches), over the management network."""
+    import urllib.error
+    import urllib.request
+
+    spec = topology.host(host)
+    assert spec is not None
+    url = f"http://{spec.address}:{topology.agent.metrics_port}/healthz"
+    with entered_netns(topology.controller.host):
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # 503: unhealthy, the body still says why
+            return json.loads(exc.read() or b"{}")
+        except (OSError, ValueError):
+            return {}
+
+
+def ping_losses(output: str, interval: float) -> tuple[int, int, list[int]]:
+    """(sent, answered, echoes lost) from ``ping -n`` output; the echoes sent in the last
+    HA_PING_IN_FLIGHT seconds before it was stopped are not counted as lost."""
+    sent_match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
+    sent = int(sent_match.group(1)) if sent_match else 0
+    answered = {int(seq) for seq in re.findall(r"icmp_seq=(\d+) ttl=", output)}
+    settled = sent - int(HA_PING_IN_FLIGHT / interval)
+    return sent, len(answered), [seq for seq in range(1, settled + 1) if seq not in answered]
+
+
+def run_failover_step(w: Walkthrough) -> None:
+    """kill -9 of the replica the Virtualization hosts watch, under a 10/s tenant ping.
+
+    Each agent ranks the replicas in an order of its own (agent.watch), so the hosts may
+    watch different replicas: the one killed is CON-HyperV6's (the first Virtualization
+    host's), and every host that watched it must move to another.
+    """
+    topology, record = w.topology, w.record
+    vcluster = topology.clusters_with_role(ClusterRole.virtualization)[0]
+    hv_a = vcluster.hosts[0].name
+    hosts = [h.name for h in vcluster.hosts]
+    w.step(f"High availability: {len(topology.controller_replicas)} controller replicas on PostgreSQL; "
+           f"kill -9 of the one {hv_a} watches, under a 10/s tenant ping")
+    watched: dict[str, str] = {}
+
+    def all_connected() -> bool:
+        for host in hosts:
+            health = agent_health(topology, host)
+            if health.get("controller_connected") and health.get("controller"):
+                watched[host] = health["controller"]
+        return len(watched) == len(hosts)
+
+    if not _wait_for(all_connected, FAILOVER_TIMEOUT):
+        raise StepFailed(f"not every {vcluster.name} host is connected to a replica: {watched}")
+    for host, url in watched.items():
+        w.say(f"   {host} watches {url}   (its agent's /healthz)")
+    victim_url = watched[hv_a]
+    victim = next((p for p in record.processes if p.role == "controller"
+                   and f"https://{p.argv[p.argv.index('--listen') + 1]}" == victim_url), None)
+    if victim is None or not processes.is_alive(victim):
+        raise StepFailed(f"no running replica listens at {victim_url}")
+    movers = [host for host, url in watched.items() if url == victim_url]
+    others = [url for url in topology.controller_urls if url != victim_url]
+
+    target = w.vm_ca("TenantVM02")
+    # A file, not a pipe: a pipe nobody reads would stall ping after 64 KiB of replies.
+    with tempfile.TemporaryFile("w+") as ping_output:
+        pinger = subprocess.Popen(build.netns_exec_argv("TenantVM01", ["ping", "-n", "-i", str(HA_PING_INTERVAL), target]),
+                                  stdout=ping_output, stderr=subprocess.STDOUT, text=True)
+        try:
+            time.sleep(2.0)  # the ping runs before the kill (some echoes answered first)
+            w.say(f"   # kill -9 {victim.pid}    (hnv-controller run --listen {victim_url}, on {victim.netns})")
+            os.kill(victim.pid, signal.SIGKILL)  # type: ignore[arg-type]
+            killed_at = time.monotonic()
+            moved: dict[str, str] = {}
+
+            def all_moved() -> bool:
+                for host in movers:
+                    health = agent_health(topology, host)
+                    if health.get("controller_connected") and health.get("controller") not in (None, victim_url):
+                        moved[host] = health["controller"]
+                return len(moved) == len(movers)
+
+            ok = _wait_for(all_moved, FAILOVER_TIMEOUT)
+            w.check("ha-hosts-moved", ok,
+                    f"{', '.join(f'{h} moved from {victim_url} to {u}' for h, u in moved.items()) or 'none moved'} "
+                    f"({time.monotonic() - killed_at:.1f} s after the kill)")
+
+            # Through a replica no moved host watches, where there is one: the VM must
+            # reach the hosts by the database and the revision log, not the same process.
+            through = ([url for url in others if url not in moved.values()] or others)[-1]
+            w.hnvctl = Hnvctl(topology, record, through)
+            w.say(f"   # through another replica: HNV_CONTROLLER={through}")
+            w.cmdlet(f'New-SCVirtualMachine -Name "TenantVM06" ... (placement: {hv_a})')
+            w.ctl("vm", "create", "TenantVM06", "--vm-network", "Fabrikam2", "--host", hv_a)
+            w.wait_in_sync(hosts, "ha-vm-create")
+            w.ping_check("ha-vm-through-another-replica", "TenantVM06", "TenantVM02")
+            time.sleep(HA_PING_IN_FLIGHT)
+        finally:
+            processes.stop_process(pinger, signal.SIGINT)
+        ping_output.seek(0)
+        output = ping_output.read()
+    sent, answered, lost = ping_losses(output, HA_PING_INTERVAL)
+    w.check("ha-no-ping-lost", sent > 0 and not lost,
+            f"TenantVM01 -> TenantVM02 ({target}) every {HA_PING_INTERVAL} s throughout: {sent} sent, "
+            f"{answered} answered, lost {lost[:10] or 'none'}")
+    w.wait_in_sync([h.name for h in topology.hosts], "ha-all-hosts")
+
+
 def _wait_for(condition, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -613,7 +744,7 @@ def _switch_ports(topology: Topology, host_name: str) -> list[tuple[str, str]]:
 
 
 def main(topology: Topology, *, keep: bool = False, topology_source: str = "seed",
-         workdir: Path | None = None) -> int:
+         workdir: Path | None = None, ha: bool = False) -> int:
     from netns_lab.cli import lab_down, lab_up
 
     started = time.monotonic()
@@ -625,7 +756,12 @@ def main(topology: Topology, *, keep: bool = False, topology_source: str = "seed
     try:
         record = lab_up(topology, workdir=workdir, topology_source=topology_source)
         w = Walkthrough(topology, record, Hnvctl(topology, record), started=started)
-        run_walkthrough(w)
+        run_walkthrough(w, only_for_failover=ha)
+        if ha or len(topology.controller_replicas) > 1:
+            if len(topology.controller_replicas) < 2:
+                raise StepFailed("the failover step needs 2 or more controller replicas (--controllers 3 "
+                                 "--store postgresql)")
+            run_failover_step(w)
     except (StepFailed, LabError) as exc:
         failure = str(exc)
     except Exception as exc:  # noqa: BLE001 - still tear down and report, with the trace

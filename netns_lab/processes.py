@@ -1,4 +1,4 @@
-"""The lab's daemons: the controller and one agent per host, as real processes.
+"""The lab's daemons: the controller (or its replicas) and one agent per host, as real processes.
 
 Owns starting them inside their hosts' namespaces (so they talk HTTPS across the lab's
 management network, as VMM and its hosts do; the controller's certificate names its lab
@@ -17,9 +17,12 @@ Work directory layout (``record.workdir``, on a local file system)::
 
 and in ``record.artefacts_dir`` (the same directory, or the VM's shared one)::
 
-    logs/controller.log    stdout+stderr of each daemon
+    logs/controller.log    stdout+stderr of each daemon (replicas: controller-<i>.log)
     logs/agent-<host>.log
     logs/prometheus.log    (hnv-lab up --prometheus: netns_lab.prometheus)
+
+With ``controller.store: postgresql`` PostgreSQL is started first (``netns_lab.postgresql``)
+and every replica and ``init`` get ``--store URL``; agents get every replica's URL.
 
 It never touches links or namespaces (``netns_lab.build``).
 """
@@ -41,7 +44,7 @@ from pathlib import Path
 
 from agent.netns import enter_netns_for_good
 from netns_lab.build import LabError, LabRecord, ProcessEntry, entered_netns
-from netns_lab.topology import Topology
+from netns_lab.topology import StoreKind, Topology
 
 
 def executable(name: str) -> str:
@@ -176,12 +179,20 @@ def spawn(record: LabRecord, entry: ProcessEntry) -> None:
     record.save()
 
 
+def store_arguments(topology: Topology) -> list[str]:
+    """``--store URL`` for the controller's commands: none for the embedded SQLite file."""
+    if topology.controller.store is StoreKind.postgresql:
+        return ["--store", topology.postgresql_url]
+    return []
+
+
 def init_controller(topology: Topology, record: LabRecord) -> None:
     """``hnv-controller init``: the store, the admin and per-host tokens, the CA and the
     server certificate for the controller's lab address.
 
     Called in this process (the command's own ``main``): under software emulation a
-    Python start with its imports costs seconds, and nothing here needs a namespace.
+    Python start with its imports costs seconds. With ``store: postgresql`` the calling
+    thread enters the controller's host for it (the database listens there).
     """
     state_dir = controller_dir(record)
     if admin_token_file(record).exists() and ca_file(record).exists():
@@ -189,10 +200,18 @@ def init_controller(topology: Topology, record: LabRecord) -> None:
     state_dir.mkdir(parents=True, exist_ok=True)
     from controller import cli as controller_cli
 
+    # One certificate naming every replica's address (several replicas may share a host).
+    addresses = dict.fromkeys(replica.address for replica in topology.controller_replicas)
     argv = ["init", "--state-dir", str(state_dir),
-            "--tls-address", topology.controller_address, "--tls-address", "127.0.0.1", "--tls-name", "localhost",
+            *[arg for address in addresses for arg in ("--tls-address", address)],
+            "--tls-address", "127.0.0.1", "--tls-name", "localhost",
+            *store_arguments(topology),
             *[arg for host in topology.hosts for arg in ("--host", host.name)]]
-    with contextlib.redirect_stdout(io.StringIO()):
+    # PostgreSQL listens only on the lab's management network: init reaches it from the
+    # controller's host (this thread only; the embedded SQLite file needs no namespace).
+    where = (entered_netns(topology.controller.host) if topology.controller.store is StoreKind.postgresql
+             else contextlib.nullcontext())
+    with where, contextlib.redirect_stdout(io.StringIO()):
         code = controller_cli.main(argv)
     if code != 0:
         raise LabError(f"hnv-controller {' '.join(argv)} exited {code}")
@@ -221,25 +240,38 @@ START_TIMEOUT = 900.0
 
 
 def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIMEOUT) -> None:
-    """Start the controller, wait until it listens, then every agent at once."""
+    """Start PostgreSQL (``store: postgresql``), the controller replicas, wait until the
+    first listens, then every agent at once."""
     workdir = Path(record.workdir)
     logs = record.artefacts_dir / "logs"
+    if topology.controller.store is StoreKind.postgresql:
+        # Why first: init creates the schema and the tokens in the database.
+        from netns_lab import postgresql
+
+        if postgresql.start(topology, record):
+            # An empty database: token files and certificates left in the state directory
+            # by an earlier lab would name tokens it does not hold; init makes new ones.
+            shutil.rmtree(controller_dir(record), ignore_errors=True)
     init_controller(topology, record)
-    controller_host = topology.host(topology.controller.host)
-    assert controller_host is not None
     running = {(p.role, p.name) for p in record.processes if is_alive(p)}
     preload_daemons()
 
-    controller = ProcessEntry(
-        role="controller", name=controller_host.name, netns=controller_host.name,
-        argv=[executable("hnv-controller"), "run", "--state-dir", str(controller_dir(record)),
-              "--listen", f"{topology.controller_address}:{topology.controller.port}"],
-        log=str(logs / "controller.log"),
-    )
-    if ("controller", controller.name) not in running:
-        spawn(record, controller)
-    else:
-        controller = next(p for p in record.processes if p.role == "controller" and is_alive(p))
+    controllers = []
+    for i, replica in enumerate(topology.controller_replicas):
+        # One replica keeps the names the lab always had (controller, controller.log).
+        name = replica.host.name if len(topology.controller_replicas) == 1 else f"{replica.host.name}:{replica.port}"
+        entry = ProcessEntry(
+            role="controller", name=name, netns=replica.host.name,
+            argv=[executable("hnv-controller"), "run", "--state-dir", str(controller_dir(record)),
+                  *store_arguments(topology), "--listen", f"{replica.address}:{replica.port}"],
+            log=str(logs / ("controller.log" if len(topology.controller_replicas) == 1
+                            else f"controller-{i + 1}.log")),
+        )
+        if ("controller", name) not in running:
+            spawn(record, entry)
+        else:
+            entry = next(p for p in record.processes if p.role == "controller" and p.name == name and is_alive(p))
+        controllers.append(entry)
 
     # Agents start in parallel with the controller's own start-up: each retries its
     # connection, so nothing waits for anything but the slowest process.
@@ -251,7 +283,10 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
         state_dir.mkdir(parents=True, exist_ok=True)
         spawn(record, ProcessEntry(
             role="agent", name=host.name, netns=host.name,
-            argv=[agent_bin, "run", "--controller", topology.controller_url,
+            argv=[agent_bin, "run",
+                  # Every replica: the agent ranks them in an order of its own, watches the
+                  # first that answers and moves to the next when it stops answering.
+                  *[arg for url in topology.controller_urls for arg in ("--controller", url)],
                   "--host", host.name, "--token-file", str(host_token_file(record, host.name)),
                   "--ca-file", str(ca_file(record)),
                   "--state-dir", str(state_dir),
@@ -263,8 +298,8 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
                   "--reconnect-max-delay", "2", "--resync-interval", "10"],
             log=str(logs / f"agent-{host.name}.log"),
         ))
-    _wait_for_tcp(controller.netns, topology.controller_address, topology.controller.port,
-                  controller, timeout)
+    for replica, entry in zip(topology.controller_replicas, controllers):
+        _wait_for_tcp(entry.netns, replica.address, replica.port, entry, timeout)
     dead = [p for p in record.processes if not is_alive(p)]
     if dead:
         raise LabError(f"{dead[0].role} on {dead[0].name} exited; see {dead[0].log}")
@@ -311,20 +346,28 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGTERM, grace: float
     return proc.wait()
 
 
+# The order processes stop in: agents (and Prometheus), then the controllers, then the
+# database they write to (a controller stopping may still commit; PostgreSQL's shutdown
+# waits for its clients).
+_STOP_RANK = {"controller": 1, "postgresql": 2}
+
+
 def stop_all(record: LabRecord) -> list[str]:
-    """Stop every recorded process that is still the one we started; agents first."""
+    """Stop every recorded process that is still the one we started; agents first,
+    PostgreSQL last."""
     stopped = []
-    ordered = sorted(record.processes, key=lambda p: p.role == "controller")
-    alive = [p for p in ordered if is_alive(p)]
-    # SIGTERM to all at once, then wait: seven agents stop in parallel, not in turn.
-    for entry in alive:
-        try:
-            os.kill(entry.pid, signal.SIGTERM)  # type: ignore[arg-type]
-        except ProcessLookupError:
-            pass
-    for entry in alive:
-        stop(entry)
-        stopped.append(f"{entry.role} {entry.name} (pid {entry.pid})")
+    ordered = sorted(record.processes, key=lambda p: _STOP_RANK.get(p.role, 0))
+    for rank in sorted({_STOP_RANK.get(p.role, 0) for p in ordered}):
+        alive = [p for p in ordered if _STOP_RANK.get(p.role, 0) == rank and is_alive(p)]
+        # SIGTERM to all of a rank at once, then wait: seven agents stop in parallel, not in turn.
+        for entry in alive:
+            try:
+                os.kill(entry.pid, signal.SIGTERM)  # type: ignore[arg-type]
+            except ProcessLookupError:
+                pass
+        for entry in alive:
+            stop(entry)
+            stopped.append(f"{entry.role} {entry.name} (pid {entry.pid})")
     return stopped
 
 

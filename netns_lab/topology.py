@@ -18,7 +18,7 @@ from collections import Counter
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Iterator
+from typing import Annotated, Iterator, NamedTuple
 
 import yaml
 from pydantic import (
@@ -127,11 +127,36 @@ class ManagementSpec(_Model):
     subnet: IPvAnyNetwork = ipaddress.ip_network("10.0.0.0/24")
 
 
+class StoreKind(StrEnum):
+    """The controller's store: its embedded SQLite file, or PostgreSQL shared by replicas."""
+
+    sqlite = "sqlite"
+    postgresql = "postgresql"
+
+
 class ControllerSpec(_Model):
-    """Where the controller (the VMM server) runs: a host of the management cluster."""
+    """Where the controller (the VMM server) runs: a host of the management cluster.
+
+    ``replicas`` > 1 (``hnv-lab up --controllers N``) runs that many controller replicas
+    on one PostgreSQL database (``store: postgresql``): replica i listens on the
+    management cluster's hosts in turn, starting with ``host``, at ``port + i``, and
+    PostgreSQL listens on ``host``'s address at ``postgresql_port``.
+    """
 
     host: NodeName
     port: int = Field(default=8080, ge=1, le=65535)
+    replicas: int = Field(default=1, ge=1, le=9)
+    store: StoreKind = StoreKind.sqlite
+    postgresql_port: int = Field(default=5432, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _replicas_share_a_database(self) -> ControllerSpec:
+        if self.replicas > 1 and self.store is not StoreKind.postgresql:
+            raise ValueError(f"store: {self.replicas} replicas share one database: store must be "
+                             "postgresql, not sqlite (one controller per SQLite file)")
+        if self.port + self.replicas - 1 > 65535:
+            raise ValueError(f"port: replicas listen at port .. port+{self.replicas - 1}, past 65535")
+        return self
 
 
 class AgentSpec(_Model):
@@ -197,6 +222,13 @@ class Topology(_Model):
         taken = {self.agent.metrics_port: "agent.metrics_port"}
         if prometheus_on == self.controller.host:
             taken[self.controller.port] = "controller.port"
+        replica_ports = {replica.port: f"controller.port (replica {i + 1})"
+                         for i, replica in enumerate(self.controller_replicas)}
+        for port, what in [(self.agent.metrics_port, "agent.metrics_port"),
+                           *([(self.controller.postgresql_port, "controller.postgresql_port")]
+                             if self.controller.store is StoreKind.postgresql else [])]:
+            if port in replica_ports:
+                raise ValueError(f"controller.port: a replica's port {port} is already {what}")
         if self.prometheus.port in taken:
             raise ValueError(
                 f"prometheus.port: {self.prometheus.port} is already {taken[self.prometheus.port]} "
@@ -252,15 +284,67 @@ class Topology(_Model):
 
     @property
     def controller_url(self) -> str:
-        address = self.controller_address
-        if ":" in address:
-            address = f"[{address}]"
-        return f"https://{address}:{self.controller.port}"  # the certificate names this address
+        # The certificate names this address.
+        return f"https://{_url_host(self.controller_address)}:{self.controller.port}"
+
+    def with_controllers(self, replicas: int | None = None, store: str | None = None,
+                         source: str = "--controllers/--store") -> Topology:
+        """This topology with ``controller.replicas``/``controller.store`` overridden (the
+        command line's ``--controllers N --store postgresql``), validated again."""
+        controller = self.controller.model_dump()
+        if replicas is not None:
+            controller["replicas"] = replicas
+        if store is not None:
+            controller["store"] = store
+        try:
+            return Topology.model_validate({**self.model_dump(mode="json"), "controller": controller})
+        except ValidationError as exc:
+            raise TopologyError(source, describe_validation_error(exc)) from None
+
+    @property
+    def controller_replicas(self) -> tuple[ControllerReplica, ...]:
+        """Where each controller replica listens: the management cluster's hosts in turn,
+        starting with ``controller.host``, at ``controller.port + i`` (so that two
+        replicas sharing a host never share a port). One replica: the controller."""
+        first = self.host(self.controller.host)
+        if first is None:  # refused by validation; the property is also used while validating
+            return ()
+        cluster = self.cluster_of(first.name)
+        ordered = [first, *(h for h in cluster.hosts if h.name != first.name)]
+        return tuple(ControllerReplica(ordered[i % len(ordered)], self.controller.port + i)
+                     for i in range(self.controller.replicas))
+
+    @property
+    def controller_urls(self) -> tuple[str, ...]:
+        """Every replica's URL, the first being ``controller_url``."""
+        return tuple(replica.url for replica in self.controller_replicas)
+
+    @property
+    def postgresql_url(self) -> str:
+        """The lab's PostgreSQL database (``store: postgresql``), on the controller's host."""
+        return f"postgresql://postgres@{_url_host(self.controller_address)}:{self.controller.postgresql_port}/hnv"
 
     @property
     def namespaces(self) -> tuple[str, ...]:
         """Every namespace the lab builds itself (agents add the VMs' on top)."""
         return (self.switch.namespace, *(h.name for h in self.hosts))
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+class ControllerReplica(NamedTuple):
+    host: HostSpec
+    port: int
+
+    @property
+    def address(self) -> str:
+        return str(self.host.address)
+
+    @property
+    def url(self) -> str:
+        return f"https://{_url_host(self.address)}:{self.port}"
 
 
 class TopologyError(ValueError):

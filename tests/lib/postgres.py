@@ -14,7 +14,6 @@ Owns nothing but its directory and its postmaster.
 
 from __future__ import annotations
 
-import glob
 import os
 import pwd
 import shutil
@@ -23,16 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from netns_lab.postgresql import installed_bin_dir as bin_dir
 from tests.lib.controller import free_port
 
 RUN_AS = "nobody"
-
-
-def bin_dir() -> Path | None:
-    """The newest installed PostgreSQL's bin directory (Debian's layout), or None."""
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                   key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
-    return Path(found[-1]).parent if found else None
 
 
 def missing() -> str | None:
