@@ -58,7 +58,7 @@ from typing import Any, Protocol
 
 from agent.cli import EXIT_REFUSED
 from agent.events import KernelEventWatch
-from agent.intake import IntakeDecision, StateFileError, StateStore, Verdict, decide
+from agent.intake import IntakeDecision, StateFileError, StateStore, Verdict, decide, from_another_fabric
 from agent import sd_notify
 from agent.metrics import AgentMetrics, ObservabilityServer
 from agent.logfmt import quote as _q
@@ -502,6 +502,10 @@ class AgentDaemon:
         self._unsaved = None
         self._refusal = None
         previous = self.held.generation if self.held else None
+        if from_another_fabric(state.fabric, self.held):
+            assert self.held is not None
+            log.warning("event=fabric_changed generation=%d held_generation=%d fabric=%s held_fabric=%s",
+                        state.generation, self.held.generation, state.fabric, self.held.fabric)
         self.held = state
         self.metrics.set_lookup_records(state)
         log.info("event=state_accepted generation=%d previous=%s", state.generation, previous)

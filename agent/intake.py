@@ -8,6 +8,9 @@ This module owns two things:
   must be addressed to this host, and must not be older than what is held; the same
   generation with different content is refused, because generations only grow when the
   content changes and a controller that says otherwise is not to be trusted blindly.
+  Generations are compared only within one fabric: a document whose ``fabric`` id differs
+  from the held state's (a controller rebuilt or restored onto a new store) is taken
+  whatever its generation, once it validates.
 - the *last accepted state on disk*, written atomically (temporary file, fsync, rename,
   fsync of the directory) so that a crash at any instant leaves either the previous or
   the new document, never a torn one. A restart with the controller down reads it back.
@@ -53,26 +56,37 @@ class IntakeDecision:
         return "; ".join(self.problems)
 
 
-def _claimed_generation(document: Any) -> int | None:
-    """The generation a document claims, even if the rest of it is invalid."""
+def _claimed(document: Any) -> tuple[int | None, str | None]:
+    """The generation and fabric id a document claims, even if the rest of it is invalid."""
     if isinstance(document, (bytes, str)):
         try:
             document = json.loads(document)
         except ValueError:
-            return None
-    if isinstance(document, dict):
-        generation = document.get("generation")
-        if isinstance(generation, int) and not isinstance(generation, bool):
-            return generation
-    return None
+            return None, None
+    if not isinstance(document, dict):
+        return None, None
+    generation, fabric = document.get("generation"), document.get("fabric")
+    return (generation if isinstance(generation, int) and not isinstance(generation, bool) else None,
+            fabric if isinstance(fabric, str) else None)
+
+
+def from_another_fabric(fabric: str | None, held: HostState | None) -> bool:
+    """Does a document of ``fabric`` come from another fabric than the state held?
+
+    Generations count within one fabric (agent.state's docstring): a controller rebuilt
+    on a new store starts again at 1, and an agent comparing generations alone would
+    ignore it for ever. A state held without a fabric id (written before ids existed)
+    matches any."""
+    return held is not None and held.fabric is not None and fabric is not None and fabric != held.fabric
 
 
 def decide(document: Any, *, host: str, held: HostState | None) -> IntakeDecision:
     """Accept, refuse or ignore one document against the state held (pure)."""
-    claimed = _claimed_generation(document)
+    claimed, fabric = _claimed(document)
+    new_fabric = from_another_fabric(fabric, held)
     # A stale document is ignored before it is validated: an old generation is never
     # applied, whether or not it was valid, and refusing it would report a false error.
-    if held is not None and claimed is not None and claimed < held.generation:
+    if held is not None and not new_fabric and claimed is not None and claimed < held.generation:
         return IntakeDecision(Verdict.stale, claimed)
     if document is None or document == {} or document in (b"", ""):
         return IntakeDecision(Verdict.refused, claimed, problems=["state: the document is empty"])
@@ -86,17 +100,20 @@ def decide(document: Any, *, host: str, held: HostState | None) -> IntakeDecisio
             state.generation,
             problems=[f"host: the document is for host {state.host}, this agent is {host}"],
         )
-    if held is not None and state.generation == held.generation:
-        if state.content_digest() == held.content_digest():
+    if held is not None and not new_fabric and state.generation == held.generation:
+        if state.content_digest() != held.content_digest():
+            return IntakeDecision(
+                Verdict.refused,
+                state.generation,
+                problems=[
+                    f"generation: generation {state.generation} is already held with "
+                    "different content; a changed state needs a new generation"
+                ],
+            )
+        if state.fabric == held.fabric:
             return IntakeDecision(Verdict.unchanged, state.generation)
-        return IntakeDecision(
-            Verdict.refused,
-            state.generation,
-            problems=[
-                f"generation: generation {state.generation} is already held with "
-                "different content; a changed state needs a new generation"
-            ],
-        )
+        # The same state, now naming its fabric (held from before fabric ids): taken, so
+        # that the id is on disk from now on.
     return IntakeDecision(Verdict.accepted, state.generation, state=state)
 
 

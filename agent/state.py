@@ -16,6 +16,12 @@ anything is touched:
   silently);
 - a routing domain (VM network) is IPv4 or IPv6, never both.
 
+`fabric` names the fabric (the controller's store) a state comes from. Generations count
+within one fabric: an agent that holds generation 9 of one fabric and is offered
+generation 1 of another (a controller rebuilt or restored onto a new store) takes the new
+one instead of ignoring it as stale (agent.intake). It is not content: two states that
+differ only in `fabric` have the same `content_digest`.
+
 This module owns the models and their validation. It must not import pyroute2, touch
 the kernel, or know how objects are named in the kernel.
 """
@@ -117,6 +123,7 @@ VlanId = Annotated[int, AfterValidator(_check_vlan)]
 IfName = Annotated[str, AfterValidator(_check_ifname)]
 MacAddress = Annotated[str, BeforeValidator(normalize_mac)]
 Name = Annotated[str, Field(min_length=1, max_length=256)]
+FabricId = Annotated[str, Field(pattern=r"^[0-9A-Za-z-]{1,64}$")]
 
 NAME_MAX = 255  # bytes in one file name: a named network namespace is the file /run/netns/<name>
 
@@ -377,6 +384,7 @@ class HostState(_Model):
 
     host: Name
     generation: int = Field(ge=0)
+    fabric: FabricId | None = None  # the store it was compiled from; see the module docstring
     team: Team | None = None
     switch: Switch | None = None
     management: Management | None = None
@@ -517,8 +525,9 @@ class HostState(_Model):
     # --- helpers for both sides ---------------------------------------------------------
 
     def content_digest(self) -> str:
-        """A digest of everything but the generation: equal digests, equal desired state."""
-        body = self.model_dump(mode="json", exclude={"generation"})
+        """A digest of everything but the generation and the fabric id: equal digests,
+        equal desired state."""
+        body = self.model_dump(mode="json", exclude={"generation", "fabric"})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def routing_domain_of(self, vsid: int) -> RoutingDomain | None:

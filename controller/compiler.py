@@ -314,7 +314,7 @@ class Compiler:
         """(digest, JSON pieces) of a state this compiler made.
 
         The digest has the meaning of `HostState.content_digest()` (a hash of everything
-        but the generation: equal digests, equal desired state), computed over
+        but the generation and the fabric id: equal digests, equal desired state), computed over
         pydantic's compiled JSON. Each VM network's records are serialised once and the
         same bytes object is shared by every host of that network (records are most of
         a state's bytes), so a host costs its own head (ports, PAs, domains) plus
@@ -327,7 +327,7 @@ class Compiler:
         if cached is not None and _same_head(state, cached[1]):
             members = cached[2]
         if members is None:
-            members = state.model_dump_json(exclude={"generation", "records"}).encode()[1:-1]
+            members = state.model_dump_json(exclude={"fabric", "generation", "records"}).encode()[1:-1]
             if cached is not None and _same_head(state, cached[1]):
                 cached[2] = members
         fragments, fragment_digests = [], []
@@ -360,9 +360,14 @@ class Serialised:
         self.members = members  # the members but records, without the braces
         self.fragments = fragments
 
-    def pieces(self, generation: int | None) -> list[bytes]:
-        """The document (with the generation as its first member unless None) in pieces."""
-        opening = b"{" if generation is None else b'{"generation":%d,' % generation
+    def pieces(self, generation: int | None, fabric: str | None = None) -> list[bytes]:
+        """The document in pieces, opening with the fabric id and the generation unless None
+        (neither is part of the digest: both are stamped on at serving time)."""
+        opening = b"{"
+        if fabric is not None:
+            opening += b'"fabric":"%s",' % fabric.encode("ascii")
+        if generation is not None:
+            opening += b'"generation":%d,' % generation
         pieces = [opening + self.members + b',"records":[']
         for i, fragment in enumerate(self.fragments):
             pieces.append(b"," + fragment if i else fragment)

@@ -186,9 +186,10 @@ def store_arguments(topology: Topology) -> list[str]:
     return []
 
 
-def init_controller(topology: Topology, record: LabRecord) -> None:
+def init_controller(topology: Topology, record: LabRecord) -> bool:
     """``hnv-controller init``: the store, the admin and per-host tokens, the CA and the
-    server certificate for the controller's lab address.
+    server certificate for the controller's lab address. False when the state directory
+    already had them (nothing done), True when a new fabric was made.
 
     Called in this process (the command's own ``main``): under software emulation a
     Python start with its imports costs seconds. With ``store: postgresql`` the calling
@@ -196,7 +197,7 @@ def init_controller(topology: Topology, record: LabRecord) -> None:
     """
     state_dir = controller_dir(record)
     if admin_token_file(record).exists() and ca_file(record).exists():
-        return
+        return False
     state_dir.mkdir(parents=True, exist_ok=True)
     from controller import cli as controller_cli
 
@@ -215,6 +216,7 @@ def init_controller(topology: Topology, record: LabRecord) -> None:
         code = controller_cli.main(argv)
     if code != 0:
         raise LabError(f"hnv-controller {' '.join(argv)} exited {code}")
+    return True
 
 
 def _wait_for_tcp(netns: str, address: str, port: int, entry: ProcessEntry, timeout: float) -> None:
@@ -252,7 +254,11 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
             # An empty database: token files and certificates left in the state directory
             # by an earlier lab would name tokens it does not hold; init makes new ones.
             shutil.rmtree(controller_dir(record), ignore_errors=True)
-    init_controller(topology, record)
+    if init_controller(topology, record):
+        # A new fabric: what the agents held came from another one. They would take the
+        # new fabric's states anyway (its fabric id differs), but would first re-apply the
+        # old one at start-up.
+        shutil.rmtree(workdir / "agents", ignore_errors=True)
     running = {(p.role, p.name) for p in record.processes if is_alive(p)}
     preload_daemons()
 

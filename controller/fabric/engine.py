@@ -145,6 +145,8 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
         snapshot = store.load()
         # The last revision of the shared log this replica's fabric includes.
         self.revision = snapshot.revision
+        # Every state served carries it: agents compare generations only within one fabric.
+        self.fabric_id = snapshot.fabric_id
         self.inventory.load(snapshot)
         # Recompile every host; a generation moves only if the content differs from what
         # was last published (the controller's code may have changed across the restart).
@@ -510,9 +512,9 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
                 continue
             digest, body = compiler.serialise(state)
             generation = row.generation if row is not None else 0
-            state = state.model_copy(update={"generation": generation})
+            state = state.model_copy(update={"generation": generation, "fabric": self.fabric_id})
             entries[name] = HostEntry(generation, row.digest if row else digest, state,
-                                      tuple(body.pieces(generation)), time.monotonic())
+                                      tuple(body.pieces(generation, self.fabric_id)), time.monotonic())
         # Why this order: the new committed view and entries replace the old ones in two
         # assignments, then statuses, then the watchers are woken.
         gone = set(self.entries) - set(entries)
@@ -670,5 +672,6 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
         return bumped
 
     def _set_entry(self, name: str, state: HostState, generation: int, digest: str, body: Serialised) -> None:
-        state = state.model_copy(update={"generation": generation})
-        self.entries[name] = HostEntry(generation, digest, state, tuple(body.pieces(generation)), time.monotonic())
+        state = state.model_copy(update={"generation": generation, "fabric": self.fabric_id})
+        self.entries[name] = HostEntry(generation, digest, state, tuple(body.pieces(generation, self.fabric_id)),
+                                       time.monotonic())

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import re
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,7 +104,18 @@ def upgrade_statements(found: int, dialect: str) -> list[str]:
     `dialect` ('sqlite' or 'postgresql'), the version row last; run in one transaction."""
     statements = [statement for step in MIGRATIONS if step.version > found for statement in getattr(step, dialect)]
     return statements + [f"INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}') "
-                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value"]
+                         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                         # Once per database, never replaced (a data row, not schema: stores
+                         # made before it existed get theirs on their next start).
+                         f"INSERT INTO meta (key, value) VALUES ('fabric_id', '{uuid.uuid4().hex}') "
+                         "ON CONFLICT (key) DO NOTHING"]
+
+
+# The fabric's identity: made with the database, kept by `migrate-store`, stamped on
+# every host state (agent.state's `fabric`) so that agents compare generations only
+# within one fabric. A controller rebuilt on a new store starts again at generation 1.
+FABRIC_ID_QUERY = "SELECT value FROM meta WHERE key = 'fabric_id'"
+FABRIC_ID_UPDATE = "UPDATE meta SET value = {param} WHERE key = 'fabric_id'"
 
 
 def redacted(url: str) -> str:
@@ -230,6 +242,7 @@ class Snapshot:
     leases: list[tuple[str, str, str]]  # pool, address, doc
     hosts: dict[str, HostRow]
     revision: int = 0  # the last revision this snapshot includes (0: none, or not a shared store)
+    fabric_id: str | None = None  # meta.fabric_id (FABRIC_ID_QUERY)
 
 
 @dataclass(frozen=True)

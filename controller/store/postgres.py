@@ -53,6 +53,8 @@ from psycopg import errors as pg_errors
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from controller.store.common import (
+    FABRIC_ID_QUERY,
+    FABRIC_ID_UPDATE,
     REVISIONS_CHANNEL,
     SCHEMA_VERSION,
     ChangeSet,
@@ -129,7 +131,8 @@ class PostgresStore:
                     "SELECT host, generation, digest, applied_generation, status FROM hosts_sync ORDER BY host")
             }
             revision = db.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions").fetchone()[0]
-        return Snapshot(objects, allocations, leases, hosts, revision)
+            fabric_id = db.execute(FABRIC_ID_QUERY).fetchone()
+        return Snapshot(objects, allocations, leases, hosts, revision, fabric_id[0] if fabric_id else None)
 
     def write_session(self) -> _PgWriteSession:
         return _PgWriteSession(self)
@@ -241,6 +244,8 @@ class PostgresStore:
                                "VALUES (%s, %s, %s, %s, %s, %s, %s)", dump.tokens)
             cursor.execute("SELECT setval(pg_get_serial_sequence('tokens', 'id'), "
                            "GREATEST((SELECT MAX(id) FROM tokens), 1))")
+            if snapshot.fabric_id is not None:  # the same fabric, moved: agents keep counting
+                cursor.execute(FABRIC_ID_UPDATE.format(param="%s"), (snapshot.fabric_id,))
 
     def is_empty(self) -> bool:
         with self._connections["misc"].use() as db:

@@ -41,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from controller.store.common import (
+    FABRIC_ID_QUERY,
+    FABRIC_ID_UPDATE,
     HOST_KIND,
     SCHEMA_VERSION,
     ChangeSet,
@@ -148,7 +150,8 @@ class SqliteStore:
                     "SELECT host, generation, digest, applied_generation, status FROM hosts_sync ORDER BY rowid"
                 )
             }
-        return Snapshot(objects, allocations, leases, hosts)
+            fabric_id = self._db.execute(FABRIC_ID_QUERY).fetchone()
+        return Snapshot(objects, allocations, leases, hosts, fabric_id=fabric_id[0] if fabric_id else None)
 
     def write_session(self) -> _SqliteWriteSession:
         return _SqliteWriteSession(self)
@@ -277,6 +280,8 @@ class SqliteStore:
                            "VALUES (?, ?, ?, ?, ?)", [_host_values(row) for row in snapshot.hosts.values()])
             db.executemany("INSERT INTO tokens (rowid, hash, role, host, created, expires, revoked) "
                            "VALUES (?, ?, ?, ?, ?, ?, ?)", dump.tokens)
+            if snapshot.fabric_id is not None:  # the same fabric, moved: agents keep counting
+                db.execute(FABRIC_ID_UPDATE.format(param="?"), (snapshot.fabric_id,))
 
     def is_empty(self) -> bool:
         with self._lock:

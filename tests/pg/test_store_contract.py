@@ -197,3 +197,18 @@ def test_the_store_url_comes_from_the_environment_as_the_unit_gives_it(tmp_path)
                            "--store", f"sqlite:///{tmp_path / 'controller.db'}"],
                           cwd=CHECKOUT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "no database at sqlite:///" in done.stderr, done  # --store, not the env
+
+
+def test_a_store_keeps_its_fabric_id_and_another_store_has_its_own(store_url, tmp_path):
+    """The id every host state carries (agents compare generations within one fabric):
+    made with the database, the same after a reopen, different for another database."""
+    store = open_store(store_url)
+    first = store.load().fabric_id
+    store.close()
+    assert first is not None and len(first) == 32
+    store = open_store(store_url)
+    assert store.load().fabric_id == first
+    store.close()
+    other = open_store(f"sqlite:///{tmp_path / 'another.db'}")
+    assert other.load().fabric_id not in (None, first)
+    other.close()

@@ -53,3 +53,50 @@ def test_agent_follows_the_real_controller_and_drives_its_sync_view(live_control
         assert daemon.held.generation == host_view(ctl)["applied_generation"]
     finally:
         daemon.stop()
+
+
+def test_an_agent_takes_the_state_of_a_controller_rebuilt_on_a_new_store(live_controller, tmp_path, caplog):
+    """A controller rebuilt on an empty store starts again at generation 1. An agent that
+    holds a higher generation of the old fabric must take the new fabric's state (their
+    fabric ids differ), not ignore it as stale for ever."""
+    old = live_controller(hosts=VIRTUAL_HOSTS)
+    build_seed_fabric(old.admin)
+    add_tenants(old.admin)
+    for name in ("TenantVM05", "TenantVM06"):  # a few more generations on this host
+        post(old.admin, "vms", {"name": name, "vm_network": "Fabrikam2", "host": HOST})
+
+    def agent(ctl) -> AgentDaemon:
+        return AgentDaemon(DaemonConfig(
+            host=HOST, state_dir=tmp_path / "agent", controller_url=ctl.base_url, token=ctl.host_token(HOST),
+            metrics_address=None, resync_interval=0.2, heartbeat=0.5, reconnect_max_delay=0.5,
+            watch_kernel_events=False,
+        ), FakeReconciler())
+
+    daemon = agent(old)
+    daemon.start()
+    try:
+        wait_until(lambda: host_view(old)["sync"] == "InSync", what="in sync with the old controller")
+        held = daemon.held
+    finally:
+        daemon.stop()
+    assert held.fabric and held.generation > 1
+    assert {"TenantVM05", "TenantVM06"} <= {p.name for p in held.ports}
+
+    new = live_controller(hosts=VIRTUAL_HOSTS)
+    build_seed_fabric(new.admin)
+    add_tenants(new.admin)
+    offered = new.admin.get(f"/v1/hosts/{HOST}/state").json()
+    assert offered["generation"] < held.generation
+    assert offered["fabric"] != held.fabric
+
+    daemon = agent(new)  # the same state directory: it starts holding the old fabric's state
+    daemon.start()
+    try:
+        wait_until(lambda: host_view(new)["sync"] == "InSync", what="in sync with the rebuilt controller")
+        assert daemon.held.fabric == offered["fabric"]
+        assert daemon.held.generation == offered["generation"]
+        assert not {"TenantVM05", "TenantVM06"} & {p.name for p in daemon.held.ports}
+        assert daemon.reconciler.applied_generations[-1] == offered["generation"]
+    finally:
+        daemon.stop()
+    assert any("event=fabric_changed" in r.getMessage() for r in caplog.records)

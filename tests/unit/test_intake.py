@@ -108,3 +108,44 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert store.load(host="h1").generation == 3
     assert os.listdir(tmp_path) == ["state.json"]
+
+
+def in_fabric(document: dict, fabric: str | None) -> dict:
+    return {**document, "fabric": fabric}
+
+
+def held_in(fabric: str | None, generation: int = 5):
+    return parse_host_state(in_fabric(host_state("h1", generation), fabric))
+
+
+def test_an_older_generation_of_another_fabric_is_accepted():
+    """A controller rebuilt on a new store starts again at generation 1."""
+    decision = decide(in_fabric(host_state("h1", 1, ca="192.168.0.20"), "b" * 32), host="h1", held=held_in("a" * 32, 9))
+    assert decision.verdict is Verdict.accepted
+    assert (decision.state.generation, decision.state.fabric) == (1, "b" * 32)
+
+
+def test_an_older_generation_of_the_same_fabric_is_still_stale():
+    decision = decide(in_fabric(host_state("h1", 1), "a" * 32), host="h1", held=held_in("a" * 32, 9))
+    assert decision.verdict is Verdict.stale
+
+
+def test_the_same_generation_of_another_fabric_with_other_content_is_accepted():
+    decision = decide(in_fabric(host_state("h1", 5, ca="192.168.0.77"), "b" * 32), host="h1", held=held_in("a" * 32))
+    assert decision.verdict is Verdict.accepted
+
+
+def test_a_state_held_without_a_fabric_id_takes_one_from_the_same_state():
+    """Held from before fabric ids: the same generation and content, now naming its fabric,
+    is taken once (so the id is kept on disk), then it is unchanged."""
+    document = in_fabric(host_state("h1", 5), "a" * 32)
+    assert decide(document, host="h1", held=held_in(None)).verdict is Verdict.accepted
+    assert decide(document, host="h1", held=held_in("a" * 32)).verdict is Verdict.unchanged
+    # ... and older generations stay stale: a state without an id matches any fabric.
+    assert decide(in_fabric(host_state("h1", 4), "a" * 32), host="h1", held=held_in(None)).verdict is Verdict.stale
+
+
+def test_a_malformed_fabric_id_is_refused_naming_the_field():
+    decision = decide(in_fabric(host_state("h1", 6), "a b\x1b[2J"), host="h1", held=held_in("a" * 32))
+    assert decision.verdict is Verdict.refused
+    assert decision.problems[0].startswith("fabric: ")
