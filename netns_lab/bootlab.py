@@ -61,9 +61,11 @@ HOSTS = ("CON-HyperV1", "CON-HyperV6", "CON-HyperV7")
 GUEST_MEMORY = "640M"
 # The one place that says how the hosts reach the controller (the scheme the settings
 # block's CONTROLLER_URL uses): the lab and its tests read it from here.
-CONTROLLER_SCHEME = "http"
+CONTROLLER_SCHEME = "https"
 ADMIN_TOKEN = "/var/lib/openhnv/controller/admin.token"
 HOST_TOKEN_DIR = "/var/lib/openhnv/controller/hosts"
+CONTROLLER_CA = "/var/lib/openhnv/controller/tls/ca.crt"
+MEDIA_CA = "controller-ca.crt"  # where the guide has the operator put the CA on the media
 BOOT_TIMEOUT = float(os.environ.get("OPENHNV_BOOT_TIMEOUT", "900"))
 STEP_TIMEOUT = float(os.environ.get("OPENHNV_STEP_TIMEOUT", "900"))
 
@@ -286,7 +288,8 @@ class BootLab:
 
     def hnvctl(self, args: str, timeout: float = 300, check: bool = True) -> CommandResult:
         """hnvctl on the management node, as the operator runs it there."""
-        env = f"HNV_CONTROLLER={CONTROLLER_SCHEME}://{self.controller_address} HNV_TOKEN_FILE={ADMIN_TOKEN}"
+        env = (f"HNV_CONTROLLER={CONTROLLER_SCHEME}://{self.controller_address} HNV_TOKEN_FILE={ADMIN_TOKEN} "
+               f"HNV_CA_FILE={CONTROLLER_CA}")
         return self.controller.run(f"{env} /opt/openhnv/bin/hnvctl {args}", timeout, check)
 
     def build_media(self) -> None:
@@ -310,7 +313,13 @@ class BootLab:
         self.step(self.controller, MANAGEMENT_NODE).wait(STEP_TIMEOUT)
         self.timings["management node: init, controller unit, apply"] = time.monotonic() - t
         t = time.monotonic()
-        # The operator copies each host's token from the management node to the host.
+        # The operator copies the controller's CA certificate (public) onto the media and
+        # each host's token (secret: through the host's own share, never the media) to
+        # the host.
+        ca = self.controller.run(f"cat {CONTROLLER_CA}").output
+        if "BEGIN CERTIFICATE" not in ca:
+            raise BootLabError(f"{self.controller.name}: {CONTROLLER_CA} holds no certificate: {ca[:200]!r}")
+        (self.media / MEDIA_CA).write_text(ca)
         for agent in self.agents:
             token = self.controller.run(f"cat {HOST_TOKEN_DIR}/{agent.name}.token").output.strip()
             agent.put(f"{agent.name}.token", token + "\n")
