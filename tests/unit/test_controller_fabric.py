@@ -246,7 +246,8 @@ def test_cached_compilation_equals_compiling_from_scratch(tmp_path):
         scratch = Compiler(fabric.inventory)
         for name, entry in fabric.entries.items():
             fresh = scratch.compile(name)
-            assert entry.state.model_copy(update={"generation": 0}) == fresh, name
+            assert entry.state.model_copy(update={"generation": 0, "fabric": None}) == fresh, name
+            assert entry.state.fabric == fabric.fabric_id and entry.state.fabric is not None, name
             assert scratch.serialise(fresh)[0] == entry.digest, name
             assert parse_host_state(entry.state_json) == entry.state
 
