@@ -44,6 +44,7 @@ from controller.fabric import RETRY_AFTER_BUSY_S, Fabric, HostView, SyncView
 from controller.gate import RequestGate
 from controller.store import StoreBusy
 from controller.models import (
+    PATH_KEYED,
     STORED_OF,
     SPEC_OF,
     FabricError,
@@ -394,7 +395,7 @@ def _add_collection(app: FastAPI, fabric: Fabric, kind: Kind) -> None:
     stored_model = HostView if kind is Kind.host else STORED_OF[kind]
     collection = f"/v1/{kind.value}"
     # Scoped kinds have keys with '/' (Fabrikam2/Default), so their key is a path.
-    item = f"{collection}/{{key:path}}" if kind in (Kind.vm_subnet, Kind.ip_pool) else f"{collection}/{{key}}"
+    item = f"{collection}/{{key:path}}" if kind in PATH_KEYED else f"{collection}/{{key}}"
     label = kind.label
     tags = [kind.value]
 

@@ -10,6 +10,7 @@ port profile -> logical network definition -> logical network of the seed.
   logical network, on a tagged site (the PAs live on that VLAN).
 - A VLAN VM network needs a host reaching a site of its logical network that carries
   the VM subnet's subnet and VLAN.
+- A gateway host (role gateway) is never a candidate: it serves a gateway service.
 - Among candidates placement picks the host with the fewest VMs (tie: the name), as
   VMM's star rating would for identical hosts.
 
@@ -25,6 +26,7 @@ from controller.models import (
     ROOT_HOST_GROUP,
     Conflict,
     Host,
+    HostRole,
     Isolation,
     Kind,
     LogicalNetwork,
@@ -94,6 +96,8 @@ def site_for_vlan_subnet(inventory: Inventory, host: Host, subnet: VmSubnet, log
 
 def why_not(inventory: Inventory, host: Host, network: VmNetwork, subnet: VmSubnet) -> str | None:
     """None if the host can carry a VM of this VM subnet, else the reason it cannot."""
+    if host.role is HostRole.gateway:
+        return f"host {host.name} is a gateway host; placement never puts a VM there"
     switch = inventory.switches.get(host.name)
     if switch is None:
         return f"host {host.name} has no virtual switch"

@@ -1,6 +1,8 @@
 """PATCH: the fields a kind lets change, re-validated as a whole, and what must still
 hold afterwards (a host's NICs used by its switch, every VM still placed after a site or
-profile change, the management lease following the address, a VM's namespace).
+profile change, the management lease following the address, a VM's namespace, a host's
+role, a gateway service's hosts and active host, a gateway's connectivity: the last
+three are `controller.fabric.gateways`' rules).
 
 A `Fabric` mixin, like the other rules; never commits.
 """
@@ -13,6 +15,7 @@ from pydantic import ValidationError
 
 from agent.state import describe_validation_error
 from controller.fabric.common import ALL, Builders, _plain, _Scope
+from controller.fabric.gateways import gateway_service_changes
 from controller.inventory import Tx
 from controller.models import SPEC_OF, Conflict, Invalid, Kind, LeaseKind
 from controller.placement import why_not
@@ -27,6 +30,8 @@ class PatchRules(Builders):
         for name, value in changes.items():
             if name not in spec_model.model_fields:
                 raise Invalid(f"{kind.label} {key}: unknown field {name}", name, f"{kind.label}s have no field {name}")
+        if kind is Kind.gateway_service:
+            changes = gateway_service_changes(current, changes)
         spec_data = {name: getattr(current, name) for name in spec_model.model_fields}
         try:
             merged = spec_model.model_validate({**_plain(spec_data), **changes})
@@ -58,6 +63,12 @@ class PatchRules(Builders):
                 self._require(Kind.network_site, site, f"network_sites[{i}]", f"uplink port profile {key}")
         updated = current.model_copy(update={name: getattr(merged, name) for name in spec_model.patchable})
         updated = type(current).model_validate(updated.model_dump(exclude={"key"}))
+        if kind is Kind.host and updated.role is not current.role:
+            self._check_role_change(current, updated.role)
+        elif kind is Kind.gateway_service:
+            self._patch_gateway_service(tx, current, updated)
+        elif kind is Kind.gateway:
+            updated = self._patch_gateway(tx, current, updated)
         tx.put(kind, key, updated)
         switch = self.inventory.switches.get(key) if kind is Kind.host else None
         if switch is not None and updated.management_address != current.management_address:

@@ -49,7 +49,7 @@ from controller.hnvctl.commands import (
 )
 from controller.hnvctl.flags import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, UsageError, add_object_flags
 from controller.hnvctl.output import Output, error_line
-from controller.models import Kind
+from controller.models import Kind, LeaseKind
 
 DESCRIPTION = "hnvctl: the command line over the controller's REST API (what the VMM cmdlets are)."
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip_verbs.required = True
     ip_list = ip_verbs.add_parser("list", help="every lease and what holds it", parents=[common])
     ip_list.add_argument("--pool", help="pool key, e.g. Virtualization/Default")
-    ip_list.add_argument("--kind", choices=("CA", "PA", "Management"))
+    ip_list.add_argument("--kind", choices=[kind.value for kind in LeaseKind])
     ip_list.add_argument("--host")
     ip_list.add_argument("--vm-network")
     ip_list.set_defaults(run=cmd_ip_list)
