@@ -52,6 +52,7 @@ from agent.state import (
     PortKind,
     Protocol,
     TeamMode,
+    _refuse_twice,
     check_namespace_name,
 )
 
@@ -551,14 +552,6 @@ class Vm(VmSpec, _Stored):
 # --- the HNV gateway ----------------------------------------------------------------------
 
 
-def _unique(values: tuple, field: str, what: str) -> None:
-    seen = set()
-    for i, value in enumerate(values):
-        if value in seen:
-            raise ValueError(f"{field}[{i}]: {what} {value} is listed twice")
-        seen.add(value)
-
-
 class GatewayServiceSpec(_Spec):
     """The HNV gateway as VMM's network service (Add-SCNetworkService).
 
@@ -584,7 +577,7 @@ class GatewayServiceSpec(_Spec):
 
     @model_validator(mode="after")
     def _check(self) -> GatewayServiceSpec:
-        _unique(self.hosts, "hosts", "host")
+        _refuse_twice(((f"hosts[{i}]", host) for i, host in enumerate(self.hosts)), "host {value} is listed twice")
         if self.active is not None and self.active not in self.hosts:
             raise ValueError(f"active: {self.active} is not one of the service's hosts ({', '.join(self.hosts)})")
         return self

@@ -52,7 +52,7 @@ from controller.models import (
     LeaseKind,
     NetworkSite,
 )
-from controller.placement import sites_reached, transport_of
+from controller.placement import why_not_gateway_host
 
 
 class GatewayRules(Builders):
@@ -107,34 +107,23 @@ class GatewayRules(Builders):
                 raise Conflict(f"{what}: host {name} serves gateway service {other.name}", field,
                                f"host {name} serves gateway service {other.name}; a gateway host serves one "
                                "gateway service")
-            reason = self._why_not_gateway_host(host, back.name, site)
+            reason = why_not_gateway_host(self.inventory, host, back.name, site.name)
             if reason is not None:
                 raise Conflict(f"{what}: host {name} cannot serve it", field, reason)
 
-    def _why_not_gateway_host(self, host: Host, back_end: str, site: NetworkSite) -> str | None:
-        """None if the host can be a gateway host of this back-end and front-end site."""
-        switch = self.inventory.switches.get(host.name)
-        if switch is None:
-            return f"host {host.name} has no virtual switch"
-        transport = transport_of(self.inventory, host)
-        if transport is None or transport.logical_network.name != back_end:
-            carried = transport.logical_network.name if transport is not None else "no logical network"
-            return f"host {host.name} carries network virtualisation on {carried}, not the back-end {back_end}"
-        if transport.subnet_vlan.vlan == 0:
-            return f"the transport site {transport.site.name} of host {host.name} is untagged (VLAN 0)"
-        if site.name not in {s.name for s in sites_reached(self.inventory, host)}:
-            return (f"the logical switch {switch.logical_switch} of host {host.name} does not reach the front-end "
-                    f"network site {site.name}")
-        return None
-
     # --- gateways (Add-SCVMNetworkGateway) -------------------------------------------------
+
+    def _virtualised_network(self, name: str, what: str, why: str) -> Any:
+        """The VM network `name` (field vm_network), refused unless network-virtualised."""
+        network = self._require(Kind.vm_network, name, "vm_network", what)
+        if network.isolation is not Isolation.WindowsNetworkVirtualization:
+            raise Invalid(f"{what}: VM network {network.name} is not network-virtualised", "vm_network", why)
+        return network
 
     def _create_gateway(self, tx: Tx, spec) -> tuple[Any, _Scope]:
         what = f"gateway {spec.name}"
-        network = self._require(Kind.vm_network, spec.vm_network, "vm_network", what)
-        if network.isolation is not Isolation.WindowsNetworkVirtualization:
-            raise Invalid(f"{what}: VM network {network.name} is not network-virtualised", "vm_network",
-                          "a gateway serves network-virtualised VM networks (their traffic reaches it in NVGRE)")
+        network = self._virtualised_network(spec.vm_network, what, "a gateway serves network-virtualised VM "
+                                            "networks (their traffic reaches it in NVGRE)")
         service = self._require(Kind.gateway_service, spec.gateway_service, "gateway_service", what)
         if network.logical_network != service.back_end_logical_network:
             raise Invalid(f"{what}: VM network {network.name} is on logical network {network.logical_network}",
@@ -150,7 +139,7 @@ class GatewayRules(Builders):
         site, _pool, _vlan = self._front_end(service, f"{what}: gateway service {service.name}")
         for name in service.hosts:
             host = self.inventory.get(Kind.host, name)
-            reason = self._why_not_gateway_host(host, service.back_end_logical_network, site)
+            reason = why_not_gateway_host(self.inventory, host, service.back_end_logical_network, site.name)
             if reason is not None:
                 raise Conflict(f"{what}: host {name} of gateway service {service.name} cannot serve it",
                                "gateway_service", reason)
@@ -331,10 +320,8 @@ class GatewayRules(Builders):
 
     def _create_customer_route(self, tx: Tx, spec) -> tuple[Any, _Scope]:
         what = f"customer route {spec.vm_network}/{spec.name}"
-        network = self._require(Kind.vm_network, spec.vm_network, "vm_network", what)
-        if network.isolation is not Isolation.WindowsNetworkVirtualization:
-            raise Invalid(f"{what}: VM network {network.name} is not network-virtualised", "vm_network",
-                          "customer routes belong to a network-virtualised VM network's routing domain")
+        network = self._virtualised_network(spec.vm_network, what, "customer routes belong to a "
+                                            "network-virtualised VM network's routing domain")
         if spec.prefix.version != network.ca_family.version:
             raise Invalid(f"{what}: {spec.prefix} is not {network.ca_family.value}", "prefix",
                           f"VM network {network.name} has ca_family {network.ca_family.value}")

@@ -18,7 +18,7 @@ from controller.fabric.common import ALL, Builders, _plain, _Scope
 from controller.fabric.gateways import gateway_service_changes
 from controller.inventory import Tx
 from controller.models import SPEC_OF, Conflict, Invalid, Kind, LeaseKind
-from controller.placement import why_not
+from controller.placement import why_not, why_not_gateway_service
 
 
 class PatchRules(Builders):
@@ -81,7 +81,8 @@ class PatchRules(Builders):
         return updated, _Scope(networks=ALL)
 
     def _check_vms_still_placed(self, updated: Any, kind: Kind) -> None:
-        """After a site or profile change, every VM's host must still reach its VM network."""
+        """After a site or profile change, every VM's host must still reach its VM network,
+        and every gateway host its service's back-end and front-end."""
         previous = self.inventory.objects[kind][updated.key]
         self.inventory.objects[kind][updated.key] = updated
         try:
@@ -92,6 +93,11 @@ class PatchRules(Builders):
                 reason = why_not(self.inventory, host, network, subnet)
                 if reason is not None:
                     raise Conflict(f"{kind.label} {updated.key}: VM {vm.name} would lose VM network {network.name}",
+                                   None, reason)
+            for service in self.inventory.all(Kind.gateway_service):
+                reason = why_not_gateway_service(self.inventory, service)
+                if reason is not None:
+                    raise Conflict(f"{kind.label} {updated.key}: gateway service {service.name} would lose a host",
                                    None, reason)
         finally:
             self.inventory.objects[kind][updated.key] = previous

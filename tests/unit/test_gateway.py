@@ -323,3 +323,17 @@ def test_host_state_refuses_a_gateway_leg_that_does_not_fit_and_names_the_field(
             parse_host_state(bad)
         assert message in str(caught.value), (path, str(caught.value))
     assert ipaddress.ip_interface(leg["address"]).ip == ipaddress.ip_address("203.0.113.10")
+
+
+def test_what_a_gateway_service_stands_on_is_not_taken_from_under_it(fabric):
+    refused(fabric, lambda: fabric.delete(Kind.host, "GW2"), Conflict, "name", "gateway service Edge")
+    refused(fabric, lambda: fabric.delete_virtual_switch("GW1"), Conflict, "host",
+            "host GW1 serves gateway service Edge through it")
+    refused(fabric, lambda: fabric.set_virtual_switch("GW1", VirtualSwitchSpec(logical_switch="Virtualization")),
+            Conflict, "logical_switch", "does not reach the front-end network site External")
+    refused(fabric, lambda: fabric.patch(Kind.uplink_port_profile, "Gateway", {"network_sites": ["Virtualization"]}),
+            Conflict, None, "does not reach the front-end network site External")
+    refused(fabric, lambda: fabric.delete(Kind.ip_pool, "External/Default"), Conflict, "name", "gateway service Edge")
+    nat(fabric, "Red")
+    refused(fabric, lambda: fabric.delete(Kind.vm_network, "Red"), Conflict, "name", "gateway RedGW")
+    refused(fabric, lambda: fabric.delete(Kind.gateway_service, "Edge"), Conflict, "name", "gateway RedGW")
