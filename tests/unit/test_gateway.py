@@ -1,8 +1,8 @@
 """The HNV gateway's model, rules and compiled host states (controller side).
 
-A fabric of two compute hosts (A, B) and two gateway hosts (GW1 active, GW2 standby)
-of one gateway service whose front-end is 203.0.113.0/24 on VLAN 30, with a pool of
-only two external addresses; Red and Blue share 192.168.0.0/24. Checked as a user
+The unit tests' small fabric (compute hosts A, B; Red and Blue share 192.168.0.0/24)
+with two gateway hosts (GW1 active, GW2 standby) of one gateway service whose
+front-end is 203.0.113.0/24 on VLAN 30, with a pool of only two external addresses. Checked as a user
 would: what is refused (status class, field, reason) and that nothing changed; which
 host a VM lands on; what each host is given to realise (parsed with the agent's own
 validation).
@@ -23,7 +23,6 @@ from controller.models import (
     CustomerRouteSpec,
     GatewayServiceSpec,
     GatewaySpec,
-    HostGroupSpec,
     HostSpec,
     Invalid,
     IpPoolSpec,
@@ -39,39 +38,28 @@ from controller.models import (
     VmSpec,
     VmSubnetSpec,
 )
-from tests.unit.test_controller_fabric import snapshot
+from tests.unit.test_controller_fabric import populate_small_fabric, snapshot
 
 
 def gateway_fabric(tmp_path) -> Fabric:
-    fabric = Fabric.open(tmp_path, synchronous="OFF")
-    fabric.create(Kind.host_group, HostGroupSpec(name="Virtualization"))
-    fabric.create(Kind.logical_network, LogicalNetworkSpec(name="Virtualization", network_virtualization=True))
-    fabric.create(Kind.network_site, NetworkSiteSpec(
-        name="Virtualization", logical_network="Virtualization", host_groups=["Virtualization"],
-        subnet_vlans=[{"subnet": "10.80.2.0/24", "vlan": 802}]))
-    fabric.create(Kind.ip_pool, IpPoolSpec(name="Default", network_site="Virtualization",
-                                           range_start="10.80.2.20", range_end="10.80.2.99"))
+    """`small_fabric` (compute hosts A and B, Red and Blue) with more PAs, an External
+    network and two gateway hosts of gateway service Edge."""
+    fabric = populate_small_fabric(Fabric.open(tmp_path, synchronous="OFF"))
+    fabric.create(Kind.ip_pool, IpPoolSpec(name="More", network_site="Virtualization",
+                                           range_start="10.80.2.30", range_end="10.80.2.99"))
     fabric.create(Kind.logical_network, LogicalNetworkSpec(name="External"))
     fabric.create(Kind.network_site, NetworkSiteSpec(
         name="External", logical_network="External", host_groups=["Virtualization"],
         subnet_vlans=[{"subnet": "203.0.113.0/24", "vlan": 30}]))
+    # Only two external addresses.
     fabric.create(Kind.ip_pool, IpPoolSpec(name="Default", network_site="External", range_start="203.0.113.10",
                                            range_end="203.0.113.11", gateway="203.0.113.1"))
-    fabric.create(Kind.uplink_port_profile, UplinkPortProfileSpec(name="Virtualization",
-                                                                  network_sites=["Virtualization"]))
     fabric.create(Kind.uplink_port_profile, UplinkPortProfileSpec(name="Gateway",
                                                                   network_sites=["Virtualization", "External"]))
-    fabric.create(Kind.logical_switch, LogicalSwitchSpec(name="Virtualization",
-                                                         uplink_port_profiles=["Virtualization"]))
     fabric.create(Kind.logical_switch, LogicalSwitchSpec(name="Gateway", uplink_port_profiles=["Gateway"]))
-    for name, role, switch in (("A", "compute", "Virtualization"), ("B", "compute", "Virtualization"),
-                               ("GW1", "gateway", "Gateway"), ("GW2", "gateway", "Gateway")):
-        fabric.create(Kind.host, HostSpec(name=name, host_group="Virtualization", nics=["eth0"], role=role))
-        fabric.set_virtual_switch(name, VirtualSwitchSpec(logical_switch=switch))
-    for network in ("Red", "Blue"):
-        fabric.create(Kind.vm_network, VmNetworkSpec(name=network, logical_network="Virtualization"))
-        fabric.create(Kind.vm_subnet, VmSubnetSpec(vm_network=network, prefix="192.168.0.0/24"))
-        fabric.create(Kind.ip_pool, IpPoolSpec(name="Default", vm_network=network))
+    for name in ("GW1", "GW2"):
+        fabric.create(Kind.host, HostSpec(name=name, host_group="Virtualization", nics=["eth0"], role="gateway"))
+        fabric.set_virtual_switch(name, VirtualSwitchSpec(logical_switch="Gateway"))
     fabric.create(Kind.gateway_service, GatewayServiceSpec(
         name="Edge", front_end_logical_network="External", front_end_site="External", external_ip_pool="Default",
         back_end_logical_network="Virtualization", hosts=["GW1", "GW2"]))
@@ -337,3 +325,17 @@ def test_what_a_gateway_service_stands_on_is_not_taken_from_under_it(fabric):
     nat(fabric, "Red")
     refused(fabric, lambda: fabric.delete(Kind.vm_network, "Red"), Conflict, "name", "gateway RedGW")
     refused(fabric, lambda: fabric.delete(Kind.gateway_service, "Edge"), Conflict, "name", "gateway RedGW")
+
+
+def test_connectivity_changes_take_and_give_back_the_forwarding_address(fabric):
+    nat(fabric, "Red")
+    refused(fabric, lambda: fabric.patch(Kind.gateway, "RedGW", {"connectivity": "none"}), Conflict,
+            "connectivity", "NAT connection RedNAT still uses it; delete it first")
+    fabric.delete(Kind.nat_connection, "RedNAT")
+    fabric.patch(Kind.gateway, "RedGW", {"connectivity": "none"})
+    [red] = [rd for rd in state_of(fabric, "GW1").routing_domains if rd.name == "Red"]
+    assert red.routes == () and state_of(fabric, "GW1").gateway.legs == ()
+    forwarding = fabric.patch(Kind.gateway, "RedGW", {"connectivity": "forwarding"})
+    assert [lease.address for lease in fabric.leases(kind="Forwarding")] == [forwarding.forwarding_address]
+    assert fabric.patch(Kind.gateway, "RedGW", {"connectivity": "nat"}).forwarding_address is None
+    assert fabric.leases(kind="Forwarding") == []
