@@ -135,6 +135,13 @@ class _FabricCollector:
         yield pools
         yield GaugeMetricFamily("hnv_controller_vsids_in_use", "VSIDs allocated", value=numbers["vsids"])
         yield GaugeMetricFamily("hnv_controller_vms", "VMs in the fabric", value=numbers["vms"])
+        active = GaugeMetricFamily("hnv_controller_gateway_active",
+                                   "1 for the gateway service's active host, 0 for its standbys",
+                                   labels=["service", "host"])
+        for service, (hosts, active_host) in sorted(numbers["gateways"].items()):
+            for host in hosts:
+                active.add_metric([service, host], 1 if host == active_host else 0)
+        yield active
         yield GaugeMetricFamily(
             "hnv_controller_watchers", "Open watch streams", value=self.watchers.count()
         )

@@ -137,7 +137,7 @@ def test_api_refusals_name_the_field_and_the_reason(hnvctl, ctl, path, body, sta
     assert answer.json()["field"] == field and reason in answer.json()["reason"], answer.json()
 
 
-def test_api_patches_the_active_host_and_the_records_follow(hnvctl, ctl):
+def test_api_patches_the_active_host_and_the_records_and_metrics_follow(hnvctl, ctl):
     pas = {(lease["host"], lease["vm_network"]): lease["address"]
            for lease in ctl.admin.get("/v1/ip-addresses", params={"kind": "PA"}).json()}
     answer = ctl.admin.patch("/v1/gateway-services/Gateway", json={"active": "CON-GW2"})
@@ -145,6 +145,9 @@ def test_api_patches_the_active_host_and_the_records_follow(hnvctl, ctl):
     records = ctl.admin.get("/v1/hosts/CON-HyperV7/lookup-records").json()
     assert {r["pa"] for r in records if r["type"] == "GatewayWildcard"} == {
         pas[("CON-GW2", "Fabrikam2")], pas[("CON-GW2", "Fabrikam3")]}
+    metrics = ctl.admin.get("/metrics").text
+    assert 'hnv_controller_gateway_active{host="CON-GW2",service="Gateway"} 1.0' in metrics
+    assert 'hnv_controller_gateway_active{host="CON-GW1",service="Gateway"} 0.0' in metrics
     answer = ctl.admin.patch("/v1/gateway-services/Gateway", json={"active": "CON-HyperV6"})
     assert answer.status_code == 422 and answer.json()["field"] == "active"
     assert ctl.admin.patch("/v1/gateway-services/Gateway", json={"active": "CON-GW1"}).status_code == 200
