@@ -14,7 +14,14 @@ anything is touched:
 - interface names fit IFNAMSIZ (15 bytes);
 - a tenant MTU plus the encapsulation overhead fits the provider MTU (never fragment
   silently);
-- a routing domain (VM network) is IPv4 or IPv6, never both.
+- a routing domain (VM network) is IPv4 or IPv6, never both;
+- a customer route's next hop lies inside a subnet of its routing domain;
+- the HNV gateway (`gateway`, on gateway hosts only): each leg belongs to a routing
+  domain of the host, its back-end port lies in one of that domain's subnets, its
+  external address in the front-end subnet, on a VLAN that is neither the provider's
+  nor a VLAN network's; NAT rules only on nat legs, an (protocol, port) once per leg,
+  forwarded to a CA of the leg's routing domain; forwarded prefixes never overlap
+  between forwarding legs.
 
 `fabric` names the fabric (the controller's store) a state comes from. Generations count
 within one fabric: an agent that holds generation 9 of one fabric and is offered
@@ -180,6 +187,10 @@ class RecordType(StrEnum):
 
     Static = "Static"  # a VM: CA -> MAC on a PA
     Gateway = "Gateway"  # the VM subnet's gateway, answered by the local host
+    # The HNV gateway's back-end port (the customer routes' next hop) on the ACTIVE
+    # gateway host's PA: a CA -> MAC -> PA record like Static (Windows lists it with
+    # CustomerAddress 0.0.0.0 and routes to it; here the CA is the next hop itself).
+    GatewayWildcard = "GatewayWildcard"
     L2Only = "L2Only"  # MAC -> PA only: no CA is proxied for it
 
 
@@ -306,12 +317,22 @@ class VmSubnet(_Model):
         return self
 
 
+class CustomerRoute(_Model):
+    """New-NetVirtualizationCustomerRoute: a prefix routed, in the VRF, to a next hop
+    inside one of the routing domain's subnets (0.0.0.0/0 to the gateway's back-end
+    address when the VM network has a nat or forwarding gateway)."""
+
+    prefix: IPvAnyNetwork
+    next_hop: IPvAnyAddress
+
+
 class RoutingDomain(_Model):
     """A network-virtualised VM network: one routing domain (a VRF) of VM subnets."""
 
     id: int = Field(ge=1, le=65_535)
     name: Name
     subnets: tuple[VmSubnet, ...]
+    routes: tuple[CustomerRoute, ...] = ()
 
     @model_validator(mode="after")
     def _subnets_consistent(self) -> RoutingDomain:
@@ -330,6 +351,16 @@ class RoutingDomain(_Model):
                         f"subnets[{i}].prefix: {a.prefix} overlaps {b.prefix} "
                         f"in the same VM network {self.name}"
                     )
+        version = self.subnets[0].prefix.version
+        for i, route in enumerate(self.routes):
+            if route.prefix.version != version or route.next_hop.version != version:
+                raise ValueError(f"routes[{i}].prefix: route {route.prefix} via {route.next_hop} is not "
+                                 f"IPv{version} like VM network {self.name}")
+            if not any(route.next_hop in subnet.prefix for subnet in self.subnets):
+                raise ValueError(f"routes[{i}].next_hop: {route.next_hop} is outside every subnet of "
+                                 f"VM network {self.name}")
+        _refuse_twice(((f"routes[{i}].prefix", r.prefix) for i, r in enumerate(self.routes)),
+                      "prefix {value} is routed twice")
         return self
 
 
@@ -379,6 +410,82 @@ class LookupRecord(_Model):
     vm_name: str = ""
 
 
+# --- the HNV gateway (gateway hosts only) ----------------------------------------------
+
+
+class LegConnectivity(StrEnum):
+    nat = "nat"  # SNAT to the leg's address; DNAT for the NAT rules
+    forwarding = "forwarding"  # routed unchanged; the upstream routes `forwarded` to the leg's address
+
+
+class Protocol(StrEnum):
+    tcp = "tcp"
+    udp = "udp"
+
+
+class DnatRule(_Model):
+    """Add-SCNATRule: protocol and external port of the leg's address -> a CA and port."""
+
+    protocol: Protocol
+    external_port: int = Field(ge=1, le=65_535)
+    address: IPvAnyAddress  # a CA of the leg's routing domain
+    port: int = Field(ge=1, le=65_535)
+    name: str = ""  # the NAT rule's name, for logs
+
+
+class BackEndPort(_Model):
+    """The gateway's own port in a VM network: its CA (the customer routes' next hop)
+    and MAC, on the bridge of `vsid`."""
+
+    vsid: Vsid
+    address: IPvAnyInterface
+    mac: MacAddress
+
+
+class GatewayLeg(_Model):
+    """One VM network through this gateway host: its VRF's way out to the front-end.
+
+    `address` is the leg's address on the front-end subnet: for nat the external
+    (NAT) address every connection leaving the VRF is SNATed to; for forwarding the
+    next hop the upstream router's static routes for `forwarded` name. The VRF's default
+    route goes via the front-end's upstream gateway on this leg.
+    """
+
+    routing_domain: Name
+    connectivity: LegConnectivity
+    back_end: BackEndPort
+    address: IPvAnyInterface
+    dnat: tuple[DnatRule, ...] = ()
+    forwarded: tuple[IPvAnyNetwork, ...] = ()  # forwarding: the VM network's prefixes
+
+
+class FrontEnd(_Model):
+    """The gateway service's front-end connection: a VLAN on the trunk, its subnet and
+    the upstream router."""
+
+    logical_network: Name
+    vlan: VlanId
+    subnet: IPvAnyNetwork
+    gateway: IPvAnyAddress | None = None
+
+    @model_validator(mode="after")
+    def _gateway_in_subnet(self) -> FrontEnd:
+        if self.gateway is not None and self.gateway not in self.subnet:
+            raise ValueError(f"gateway: {self.gateway} is outside the front-end subnet {self.subnet}")
+        return self
+
+
+class GatewayRole(_Model):
+    """This host is a host of gateway service `service`: active (it holds the legs'
+    addresses and answers for the GatewayWildcard records) or standby (it builds the
+    same legs, addresses down, ready to take over)."""
+
+    service: Name
+    active: bool
+    front_end: FrontEnd
+    legs: tuple[GatewayLeg, ...] = ()
+
+
 class HostState(_Model):
     """Everything one host must hold, at one generation."""
 
@@ -392,6 +499,7 @@ class HostState(_Model):
     vlan_networks: tuple[VlanNetwork, ...] = ()
     routing_domains: tuple[RoutingDomain, ...] = ()
     ports: tuple[VmPort, ...] = ()
+    gateway: GatewayRole | None = None
     records: tuple[LookupRecord, ...] = ()
 
     @model_validator(mode="after")
@@ -402,6 +510,7 @@ class HostState(_Model):
         self._check_mtu()
         self._check_ports(subnets)
         self._check_records(subnets)
+        self._check_gateway(subnets)
         return self
 
     # The checks below raise ValueError("<field path>: <reason>") so that the refusal
@@ -521,6 +630,57 @@ class HostState(_Model):
             ),
             "(VSID, MAC) {value} has two lookup records",
         )
+
+    def _check_gateway(self, subnets: dict[int, tuple[RoutingDomain, VmSubnet]]) -> None:
+        role = self.gateway
+        if role is None:
+            return
+        if self.switch is None or self.provider is None:
+            raise ValueError("gateway: a gateway host needs a virtual switch and a provider network")
+        if role.front_end.vlan == self.provider.vlan:
+            raise ValueError(f"gateway.front_end.vlan: VLAN {role.front_end.vlan} is the provider network's VLAN")
+        if role.front_end.vlan in {net.vlan for net in self.vlan_networks}:
+            raise ValueError(f"gateway.front_end.vlan: VLAN {role.front_end.vlan} is a VLAN network's VLAN")
+        domains = {rd.name: rd for rd in self.routing_domains}
+        _refuse_twice(((f"gateway.legs[{i}].routing_domain", leg.routing_domain) for i, leg in enumerate(role.legs)),
+                      "routing domain {value} has two legs")
+        _refuse_twice(((f"gateway.legs[{i}].address", leg.address.ip) for i, leg in enumerate(role.legs)),
+                      "front-end address {value} is given to two legs")
+        forwarded: list[tuple[str, Any]] = []
+        for i, leg in enumerate(role.legs):
+            where = f"gateway.legs[{i}]"
+            domain = domains.get(leg.routing_domain)
+            if domain is None:
+                raise ValueError(f"{where}.routing_domain: {leg.routing_domain} is not a routing domain of this host")
+            owner = subnets.get(leg.back_end.vsid)
+            if owner is None or owner[0].name != domain.name:
+                raise ValueError(f"{where}.back_end.vsid: VSID {leg.back_end.vsid} is not a VM subnet of "
+                                 f"routing domain {domain.name}")
+            if leg.back_end.address.network != owner[1].prefix:
+                raise ValueError(f"{where}.back_end.address: {leg.back_end.address} is outside the prefix "
+                                 f"{owner[1].prefix} of VSID {leg.back_end.vsid}")
+            if leg.address.network != role.front_end.subnet:
+                raise ValueError(f"{where}.address: {leg.address} is outside the front-end subnet "
+                                 f"{role.front_end.subnet}")
+            if leg.dnat and leg.connectivity is not LegConnectivity.nat:
+                raise ValueError(f"{where}.dnat: only a nat leg forwards ports")
+            if leg.forwarded and leg.connectivity is not LegConnectivity.forwarding:
+                raise ValueError(f"{where}.forwarded: only a forwarding leg has prefixes routed to it")
+            _refuse_twice(((f"{where}.dnat[{j}].external_port", (r.protocol.value, r.external_port))
+                           for j, r in enumerate(leg.dnat)), "{value} is forwarded twice")
+            for j, rule in enumerate(leg.dnat):
+                if not any(rule.address in subnet.prefix for subnet in domain.subnets):
+                    raise ValueError(f"{where}.dnat[{j}].address: {rule.address} is outside routing domain "
+                                     f"{domain.name}")
+            for j, prefix in enumerate(leg.forwarded):
+                if not any(prefix.subnet_of(subnet.prefix) for subnet in domain.subnets
+                           if subnet.prefix.version == prefix.version):
+                    raise ValueError(f"{where}.forwarded[{j}]: {prefix} is not a prefix of routing domain "
+                                     f"{domain.name}")
+                for other_where, other in forwarded:
+                    if prefix.overlaps(other):
+                        raise ValueError(f"{where}.forwarded[{j}]: {prefix} overlaps {other} of {other_where}")
+                forwarded.append((where, prefix))
 
     # --- helpers for both sides ---------------------------------------------------------
 

@@ -44,6 +44,7 @@ from controller.fabric import RETRY_AFTER_BUSY_S, Fabric, HostView, SyncView
 from controller.gate import RequestGate
 from controller.store import StoreBusy
 from controller.models import (
+    PATH_KEYED,
     STORED_OF,
     SPEC_OF,
     FabricError,
@@ -134,6 +135,13 @@ class _FabricCollector:
         yield pools
         yield GaugeMetricFamily("hnv_controller_vsids_in_use", "VSIDs allocated", value=numbers["vsids"])
         yield GaugeMetricFamily("hnv_controller_vms", "VMs in the fabric", value=numbers["vms"])
+        active = GaugeMetricFamily("hnv_controller_gateway_active",
+                                   "1 for the gateway service's active host, 0 for its standbys",
+                                   labels=["service", "host"])
+        for service, (hosts, active_host) in sorted(numbers["gateways"].items()):
+            for host in hosts:
+                active.add_metric([service, host], 1 if host == active_host else 0)
+        yield active
         yield GaugeMetricFamily(
             "hnv_controller_watchers", "Open watch streams", value=self.watchers.count()
         )
@@ -394,7 +402,7 @@ def _add_collection(app: FastAPI, fabric: Fabric, kind: Kind) -> None:
     stored_model = HostView if kind is Kind.host else STORED_OF[kind]
     collection = f"/v1/{kind.value}"
     # Scoped kinds have keys with '/' (Fabrikam2/Default), so their key is a path.
-    item = f"{collection}/{{key:path}}" if kind in (Kind.vm_subnet, Kind.ip_pool) else f"{collection}/{{key}}"
+    item = f"{collection}/{{key:path}}" if kind in PATH_KEYED else f"{collection}/{{key}}"
     label = kind.label
     tags = [kind.value]
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from agent.state import HostState, LookupRecord
 from agent.text import describe_validation_error
 from agent.watch import controller_urls
-from controller.models import STORED_OF, Kind, Lease, VirtualSwitch, Vm
+from controller.models import PATH_KEYED, STORED_OF, Kind, Lease, VirtualSwitch, Vm
 
 DEFAULT_CONTROLLER = "https://127.0.0.1:8080"
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection to one controller (as the agent's watch)
@@ -102,8 +102,8 @@ def read_ca_file(ca_file: str | os.PathLike[str] | None = None, environ: dict[st
 
 
 def _item_path(kind: Kind, key: str) -> str:
-    # VM subnets and IP pools have path keys (Fabrikam2/Default): keep their slashes.
-    safe = "/" if kind in (Kind.vm_subnet, Kind.ip_pool) else ""
+    # VM subnets, IP pools and customer routes have path keys (Fabrikam2/Default): keep their slashes.
+    safe = "/" if kind in PATH_KEYED else ""
     return f"/v1/{kind.value}/{quote(key, safe=safe)}"
 
 

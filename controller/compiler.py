@@ -10,7 +10,15 @@ For a host with a virtual switch:
   all its VM subnets; vlan_networks: every VLAN VM network with a VM here;
 - ports: every VM on this host;
 - records: for each routing domain here, every VM of that VM network anywhere (Static:
-  CA, MAC, the PA of the VM's host) and one Gateway record per VM subnet.
+  CA, MAC, the PA of the VM's host) and one Gateway record per VM subnet; with an HNV
+  gateway, one GatewayWildcard record (the gateway's back-end CA and MAC on the ACTIVE
+  gateway host's PA);
+- routing domains carry their customer routes, plus 0.0.0.0/0 (::/0) to the gateway's
+  back-end CA when the VM network's gateway is nat or forwarding (a customer route of
+  the user's for that prefix wins);
+- gateway hosts (hosts of a gateway service) hold the routing domain of every VM
+  network their service serves (a PA each, no VM) and `gateway`: the front-end and one
+  leg per nat (with a NAT connection) or forwarding VM network (`_gateway_role`).
 
 Cost, which is what lets a migration cost O(hosts of one VM network), not O(fabric):
 - a VM network's records are built once, validated once per provider subnet and
@@ -37,7 +45,14 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from agent.state import (
+    BackEndPort,
+    CustomerRoute,
+    DnatRule,
+    FrontEnd,
+    GatewayLeg,
+    GatewayRole,
     HostState,
+    LegConnectivity,
     LookupRecord,
     Management,
     ProviderAddress,
@@ -50,8 +65,17 @@ from agent.state import (
     VmPort,
 )
 from agent.state import VmSubnet as StateSubnet
+from controller.gateways import (
+    customer_routes_of,
+    gateway_of_network,
+    gateways_of_service,
+    nat_connection_of,
+    nat_rules_of,
+    routes_out,
+    service_of_host,
+)
 from controller.inventory import Inventory
-from controller.models import Isolation, Kind, VmSubnet, first_host_address
+from controller.models import Connectivity, Isolation, Kind, VmSubnet, first_host_address
 from controller.placement import transport_of
 
 UNSPECIFIED_PA = {4: ipaddress.IPv4Address("0.0.0.0"), 6: ipaddress.IPv6Address("::")}
@@ -93,6 +117,9 @@ class Compiler:
         # reuses it, so a migration re-validates only the source and destination hosts'
         # heads and swaps the records everywhere else.
         self._heads: dict[str, list] = {}
+        # host -> its last GatewayRole: an equal one is replaced by it, so the head cache
+        # (which compares its inputs by identity) keeps a gateway host whose role did not change.
+        self._roles: dict[str, GatewayRole] = {}
 
     def _memoized(self, model: type, **fields: Any) -> Any:
         key = (model, *fields.values())
@@ -138,11 +165,23 @@ class Compiler:
                     StateSubnet(name=s.name, vsid=s.vsid, prefix=s.prefix, gateway=subnet_gateway(inv, s))
                     for s in sorted(subnets, key=lambda s: s.vsid)
                 ),
+                routes=self._customer_routes(network),
             )
             if previous is not None and previous == cached:
                 cached = previous
             self._domains[network_name] = cached
         return cached
+
+    def _customer_routes(self, network: Any) -> tuple[CustomerRoute, ...]:
+        """The VM network's customer routes, and its default route to its gateway."""
+        routes = [CustomerRoute(prefix=r.prefix, next_hop=r.next_hop)
+                  for r in customer_routes_of(self.inventory, network.name)]
+        gateway = gateway_of_network(self.inventory, network.name)
+        if routes_out(gateway):
+            default = ipaddress.ip_network("0.0.0.0/0" if network.ca_family.version == 4 else "::/0")
+            if all(route.prefix != default for route in routes):
+                routes.insert(0, CustomerRoute(prefix=default, next_hop=gateway.back_end_ca))
+        return tuple(routes)
 
     def records(self, network_name: str) -> tuple[LookupRecord, ...]:
         cached = self._records.get(network_name)
@@ -177,9 +216,78 @@ class Compiler:
                         vm_name="Gateway",
                     )
                 )
+            wildcard = self._gateway_wildcard(network_name, vsid_of)
+            if wildcard is not None:
+                records.append(wildcard)
             cached = tuple(records)
             self._records[network_name] = cached
         return cached
+
+    def _gateway_wildcard(self, network_name: str, vsid_of: dict[str, int]) -> LookupRecord | None:
+        """The GatewayWildcard record of a VM network with a gateway: its back-end CA and
+        MAC on the PA the ACTIVE gateway host holds for this VM network."""
+        inv = self.inventory
+        gateway = gateway_of_network(inv, network_name)
+        service = inv.get(Kind.gateway_service, gateway.gateway_service) if gateway is not None else None
+        pa = inv.pa_leases.get((service.active, network_name)) if service is not None else None
+        if pa is None:
+            return None
+        return LookupRecord(vsid=vsid_of[gateway.vm_subnet], ca=gateway.back_end_ca, mac=gateway.back_end_mac,
+                            pa=pa.address, type=RecordType.GatewayWildcard, vm_name=gateway.name)
+
+    def _gateway_role(self, host_name: str) -> GatewayRole | None:
+        """What a host of a gateway service holds: the front-end and one leg per VM
+        network that leaves through it (nat with a NAT connection, or forwarding)."""
+        inv = self.inventory
+        service = service_of_host(inv, host_name)
+        if service is None:
+            return None
+        site = inv.get(Kind.network_site, service.front_end_site)
+        pool = inv.get(Kind.ip_pool, service.pool_key)
+        vlan = next(pair.vlan for pair in site.subnet_vlans if pair.subnet == pool.subnet)
+        front_end = FrontEnd(logical_network=site.logical_network, vlan=vlan, subnet=pool.subnet,
+                             gateway=pool.gateway)
+        legs = []
+        for gateway in gateways_of_service(inv, service.name):
+            if gateway.connectivity is Connectivity.none:
+                continue
+            subnet = inv.get(Kind.vm_subnet, f"{gateway.vm_network}/{gateway.vm_subnet}")
+            back_end = BackEndPort(vsid=subnet.vsid, mac=gateway.back_end_mac,
+                                   address=ipaddress.ip_interface(f"{gateway.back_end_ca}/{subnet.prefix.prefixlen}"))
+            dnat: list[DnatRule] = []
+            forwarded: tuple = ()
+            if gateway.connectivity is Connectivity.nat:
+                connection = nat_connection_of(inv, gateway.name)
+                if connection is None:
+                    continue  # no external address yet: nothing leaves
+                address = connection.external_address
+                for rule in nat_rules_of(inv, connection.name):
+                    target = inv.get(Kind.vm, rule.vm).ca if rule.vm is not None else rule.ca
+                    dnat.append(DnatRule(protocol=rule.protocol, external_port=rule.external_port, address=target,
+                                         port=rule.internal_port, name=rule.name))
+            else:
+                address = gateway.forwarding_address
+                forwarded = tuple(inv.get(Kind.vm_subnet, key).prefix
+                                  for key in sorted(inv.subnets_by_network.get(gateway.vm_network, ())))
+            legs.append(GatewayLeg(
+                routing_domain=gateway.vm_network, connectivity=LegConnectivity(gateway.connectivity.value),
+                back_end=back_end, address=ipaddress.ip_interface(f"{address}/{pool.subnet.prefixlen}"),
+                dnat=tuple(dnat), forwarded=forwarded,
+            ))
+        role = GatewayRole(service=service.name, active=service.active == host_name, front_end=front_end,
+                           legs=tuple(legs))
+        previous = self._roles.get(host_name)
+        if previous is not None and previous == role:
+            return previous
+        self._roles[host_name] = role
+        return role
+
+    def served_networks(self, host_name: str) -> set[str]:
+        """The VM networks a gateway host serves (none for any other host)."""
+        service = service_of_host(self.inventory, host_name)
+        if service is None:
+            return set()
+        return {g.vm_network for g in gateways_of_service(self.inventory, service.name)}
 
     def _port(self, vm: Any, subnet: VmSubnet, isolation: Isolation) -> VmPort:
         virtualised = isolation is Isolation.WindowsNetworkVirtualization
@@ -215,7 +323,9 @@ class Compiler:
             items.append((vm, inv.get(Kind.vm_network, vm.vm_network),
                           inv.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")))
         nv_networks = sorted({network.name for _, network, _ in items
-                              if network.isolation is Isolation.WindowsNetworkVirtualization})
+                              if network.isolation is Isolation.WindowsNetworkVirtualization}
+                             | self.served_networks(host_name))
+        role = self._gateway_role(host_name)
         domains = tuple(self.routing_domain(name) for name in nv_networks)
         pa_leases = tuple(inv.pa_leases.get((host_name, name)) for name in nv_networks)
         transport = transport_of(inv, host)
@@ -223,12 +333,12 @@ class Compiler:
         if transport is not None:
             pools = tuple(inv.get(Kind.ip_pool, key) for key in inv.pools_by_owner.get(transport.site.name, ()))
         inputs = (host, switch, profile, transport and transport.site, transport and transport.logical_network,
-                  *pools, *(obj for item in items for obj in item), *domains, *pa_leases)
+                  *pools, *(obj for item in items for obj in item), *domains, *pa_leases, role)
         cached = self._heads.get(host_name)
         if cached is not None and len(cached[0]) == len(inputs) and all(a is b for a, b in zip(cached[0], inputs)):
             head = cached[1]
         else:
-            head = self._head(host_name, host, switch, profile, items, domains, pa_leases, transport, pools)
+            head = self._head(host_name, host, switch, profile, items, domains, pa_leases, transport, pools, role)
             self._heads[host_name] = [inputs, head, None]
         # The records of a VM network are the same tuple on every host of that network,
         # and every check agent.state makes on them (VSID, CA in prefix, PA in the
@@ -247,7 +357,8 @@ class Compiler:
             state = state.model_copy(update={"generation": generation})
         return state
 
-    def _head(self, host_name, host, switch, profile, items, domains, pa_leases, transport, pools) -> HostState:
+    def _head(self, host_name, host, switch, profile, items, domains, pa_leases, transport, pools,
+              role) -> HostState:
         """The host's validated state without records."""
         team = Team(members=switch.nics, mode=profile.team_mode, load_balancing=profile.load_balancing)
         management = None
@@ -289,6 +400,7 @@ class Compiler:
             vlan_networks=tuple(sorted(vlan_networks.values(), key=lambda n: n.vlan)),
             routing_domains=domains,
             ports=tuple(ports),
+            gateway=role,
         )
 
     def _validated_records(self, domain: RoutingDomain, provider: ProviderNetwork) -> tuple[LookupRecord, ...]:
@@ -389,4 +501,5 @@ def _same_head(state: HostState, head: HostState) -> bool:
         and state.vlan_networks is head.vlan_networks
         and state.routing_domains is head.routing_domains
         and state.ports is head.ports
+        and state.gateway is head.gateway
     )

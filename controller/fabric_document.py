@@ -3,7 +3,8 @@
 A fabric document is what `examples/seed-fabric.yaml` holds: top-level lists of host
 groups, clusters, logical networks (with their sites and the sites' IP pools), uplink
 port profiles, logical switches, VM networks (with their VM subnets and the subnets'
-IP pools), hosts (with their virtual switch) and VMs. Keys are the controller's fields
+IP pools), hosts (with their virtual switch) and VMs, and the HNV gateway: gateway
+services, gateways, NAT connections, NAT rules and customer routes. Keys are the controller's fields
 in camelCase, close to the cmdlet parameters of the seed walkthrough
 (`networkVirtualization` for -EnableNetworkVirtualization, `teamMode` for
 -LBFOTeamMode, `managementAdapter.vmNetwork` for -ManagementAdapterVMNetwork).
@@ -189,6 +190,26 @@ class VmDoc(_Document, models.VmSpec):
     pass
 
 
+class GatewayServiceDoc(_Document, models.GatewayServiceSpec):
+    pass
+
+
+class GatewayDoc(_Document, models.GatewaySpec):
+    pass
+
+
+class NatConnectionDoc(_Document, models.NatConnectionSpec):
+    pass
+
+
+class NatRuleDoc(_Document, models.NatRuleSpec):
+    pass
+
+
+class CustomerRouteDoc(_Document, models.CustomerRouteSpec):
+    pass
+
+
 DOCUMENT_MODEL: dict[Kind, type[_Document]] = {
     Kind.host_group: HostGroupDoc,
     Kind.cluster: ClusterDoc,
@@ -201,6 +222,11 @@ DOCUMENT_MODEL: dict[Kind, type[_Document]] = {
     Kind.vm_subnet: VmSubnetDoc,
     Kind.host: HostDoc,
     Kind.vm: VmDoc,
+    Kind.gateway_service: GatewayServiceDoc,
+    Kind.gateway: GatewayDoc,
+    Kind.nat_connection: NatConnectionDoc,
+    Kind.nat_rule: NatRuleDoc,
+    Kind.customer_route: CustomerRouteDoc,
 }
 
 # Creation order: every object after the objects it names; host groups are further
@@ -217,6 +243,11 @@ APPLY_ORDER: tuple[Kind, ...] = (
     Kind.ip_pool,
     Kind.host,
     Kind.vm,
+    Kind.gateway_service,
+    Kind.gateway,
+    Kind.nat_connection,
+    Kind.nat_rule,
+    Kind.customer_route,
 )
 
 
@@ -270,6 +301,11 @@ SECTIONS: dict[str, tuple[Kind, dict[str, Any]]] = {
     "vmNetworks": (Kind.vm_network, {"subnets": (Kind.vm_subnet, {"ipPools": (Kind.ip_pool, {})})}),
     "hosts": (Kind.host, {}),
     "vms": (Kind.vm, {}),
+    "gatewayServices": (Kind.gateway_service, {}),
+    "gateways": (Kind.gateway, {}),
+    "natConnections": (Kind.nat_connection, {}),
+    "natRules": (Kind.nat_rule, {}),
+    "customerRoutes": (Kind.customer_route, {}),
 }
 
 

@@ -3,7 +3,9 @@
 Every kind mirrors a VMM cmdlet of the seed walkthrough (New-SCVMHostGroup,
 New-SCLogicalNetwork, New-SCLogicalNetworkDefinition, New-SCStaticIPAddressPool,
 New-SCNativeUplinkPortProfile, New-SCLogicalSwitch, New-SCVirtualNetwork, New-SCVMNetwork,
-New-SCVMSubnet, New-SCVirtualMachine, Get-SCIPAddress). For each kind there is a *spec*
+New-SCVMSubnet, New-SCVirtualMachine, Get-SCIPAddress) and of the HNV gateway
+(Add-SCNetworkService for the gateway service, Add-SCVMNetworkGateway,
+Add-SCNATConnection, Add-SCNATRule, New-NetVirtualizationCustomerRoute). For each kind there is a *spec*
 (what a user sends on create; `extra="forbid"`, so a misspelt field is refused by name)
 and a stored model (the spec plus what the controller decided: uuid, VSID, MAC, CA...).
 
@@ -13,7 +15,8 @@ network (both Fabrikam2 and Fabrikam3 have a VM subnet "Default"), and an IP poo
 name is unique within its network site or VM subnet (three pools are called "Default").
 Their keys are therefore paths: ``Fabrikam2/Default`` for a VM subnet,
 ``Virtualization/Default`` for a site's pool, ``Fabrikam2/Default/Default`` for a VM
-subnet's pool. `key_of` computes every kind's key.
+subnet's pool; a customer route is scoped by its VM network too (``Fabrikam2/default``).
+`key_of` computes every kind's key; `PATH_KEYED` lists the kinds whose key is a path.
 
 This module owns the shapes and the checks that need no other object (a range inside
 its subnet, a family that matches, names and namespaces a terminal and `ip netns` take
@@ -47,7 +50,9 @@ from agent.state import (
     LoadBalancing,
     MacAddress,
     PortKind,
+    Protocol,
     TeamMode,
+    _refuse_twice,
     check_namespace_name,
 )
 
@@ -154,9 +159,26 @@ class UplinkMode(StrEnum):
 
 
 class LeaseKind(StrEnum):
-    CA = "CA"  # a VM's customer address, from its VM subnet's pool
+    CA = "CA"  # a VM's (or a gateway's back-end) customer address, from its VM subnet's pool
     PA = "PA"  # a host's provider address for one VM network, from the transport pool
     Management = "Management"  # a host's management address, when a pool covers it
+    NAT = "NAT"  # a VM network's external (NAT) address, from its gateway's front-end pool
+    Forwarding = "Forwarding"  # a forwarding VM network's address on the front-end, same pool
+
+
+class HostRole(StrEnum):
+    """What a host is for: VMs (compute) or the HNV gateway (never a VM placed there)."""
+
+    compute = "compute"
+    gateway = "gateway"
+
+
+class Connectivity(StrEnum):
+    """How a VM network's traffic leaves it through its gateway (Add-SCVMNetworkGateway)."""
+
+    none = "none"  # no way out: the VRF's default stays unreachable
+    nat = "nat"  # SNAT to one external address; NAT rules forward ports in (Add-SCNATConnection)
+    forwarding = "forwarding"  # routed, no NAT: the VM network's prefixes on the front-end network
 
 
 class Kind(StrEnum):
@@ -173,6 +195,11 @@ class Kind(StrEnum):
     vm_network = "vm-networks"
     vm_subnet = "vm-subnets"
     vm = "vms"
+    gateway_service = "gateway-services"
+    gateway = "gateways"
+    nat_connection = "nat-connections"
+    nat_rule = "nat-rules"
+    customer_route = "customer-routes"
 
     @property
     def label(self) -> str:
@@ -192,6 +219,11 @@ _LABELS = {
     Kind.vm_network: "VM network",
     Kind.vm_subnet: "VM subnet",
     Kind.vm: "VM",
+    Kind.gateway_service: "gateway service",
+    Kind.gateway: "gateway",
+    Kind.nat_connection: "NAT connection",
+    Kind.nat_rule: "NAT rule",
+    Kind.customer_route: "customer route",
 }
 
 
@@ -243,7 +275,7 @@ class Cluster(ClusterSpec, _Stored):
 class HostSpec(_Spec):
     kind: ClassVar[Kind] = Kind.host
     patchable: ClassVar[frozenset[str]] = frozenset(
-        {"description", "management_address", "management_gateway", "nics"}
+        {"description", "management_address", "management_gateway", "nics", "role"}
     )
     name: Name
     # Default: the cluster's host group if a cluster is given, else All Hosts.
@@ -252,6 +284,8 @@ class HostSpec(_Spec):
     management_address: IPvAnyInterface | None = None  # e.g. 10.0.0.16/24
     management_gateway: IPvAnyAddress | None = None
     nics: tuple[IfName, ...] = Field(min_length=1)
+    # gateway: a host of a gateway service; placement never puts a VM there.
+    role: HostRole = HostRole.compute
     description: Description = ""
 
     @model_validator(mode="after")
@@ -515,6 +549,140 @@ class Vm(VmSpec, _Stored):
     mac: MacAddress
 
 
+# --- the HNV gateway ----------------------------------------------------------------------
+
+
+class GatewayServiceSpec(_Spec):
+    """The HNV gateway as VMM's network service (Add-SCNetworkService).
+
+    Front-end connection: an external logical network (no network virtualisation), one
+    of its sites, and that site's static IP pool the external addresses come from.
+    Back-end connection: the network-virtualisation logical network whose VM networks it
+    serves. Its gateway hosts are ordered: the active one, then the standbys; `active`
+    is the host that holds the external addresses now (default the first). The
+    controller may change `active` (failover moves it to the next host that reports),
+    so it is a stored, patchable field and never inferred from the order alone.
+    """
+
+    kind: ClassVar[Kind] = Kind.gateway_service
+    patchable: ClassVar[frozenset[str]] = frozenset({"description", "hosts", "active"})
+    name: Name
+    front_end_logical_network: Name
+    front_end_site: Name
+    external_ip_pool: Name  # the pool's name within front_end_site
+    back_end_logical_network: Name
+    hosts: tuple[Name, ...] = Field(min_length=1)
+    active: Name | None = None
+    description: Description = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewayServiceSpec:
+        _refuse_twice(((f"hosts[{i}]", host) for i, host in enumerate(self.hosts)), "host {value} is listed twice")
+        if self.active is not None and self.active not in self.hosts:
+            raise ValueError(f"active: {self.active} is not one of the service's hosts ({', '.join(self.hosts)})")
+        return self
+
+    @property
+    def pool_key(self) -> str:
+        """The key of the front-end pool: ``External/Default``."""
+        return f"{self.front_end_site}/{self.external_ip_pool}"
+
+
+class GatewayService(GatewayServiceSpec, _Stored):
+    active: Name
+
+
+class GatewaySpec(_Spec):
+    """Add-SCVMNetworkGateway: a VM network connected to a gateway service's back-end.
+
+    The gateway takes a back-end CA (from the VM subnet's pool unless given) and a MAC
+    in the VM network: the next hop of the VM network's default customer route on
+    every host. `connectivity` says how traffic leaves: none, nat (with a NAT
+    connection) or forwarding (routed, no NAT; takes a forwarding address from the
+    service's front-end pool).
+    """
+
+    kind: ClassVar[Kind] = Kind.gateway
+    patchable: ClassVar[frozenset[str]] = frozenset({"description", "connectivity"})
+    name: Name
+    vm_network: Name
+    gateway_service: Name
+    connectivity: Connectivity = Connectivity.none
+    vm_subnet: Name | None = None  # where the back-end CA lives (default: the VM network's only VM subnet)
+    back_end_ca: IPvAnyAddress | None = None  # default: the VM subnet's pool's next free
+    description: Description = ""
+
+
+class Gateway(GatewaySpec, _Stored):
+    vm_subnet: Name
+    back_end_ca: IPvAnyAddress
+    back_end_mac: MacAddress
+    forwarding_address: IPvAnyAddress | None = None  # connectivity forwarding only
+
+
+class NatConnectionSpec(_Spec):
+    """Add-SCNATConnection -ExternalIPPool: the external address of a nat gateway."""
+
+    kind: ClassVar[Kind] = Kind.nat_connection
+    name: Name
+    gateway: Name
+    external_ip_pool: Name | None = None  # default: the service's; a pool of its front-end site
+    external_address: IPvAnyAddress | None = None  # default: the pool's next free address
+    description: Description = ""
+
+
+class NatConnection(NatConnectionSpec, _Stored):
+    external_ip_pool: Name
+    external_address: IPvAnyAddress
+    vm_network: Name
+
+
+class NatRuleSpec(_Spec):
+    """Add-SCNATRule: protocol and external port of a NAT connection -> a VM (or a CA) and port."""
+
+    kind: ClassVar[Kind] = Kind.nat_rule
+    name: Name
+    nat_connection: Name
+    protocol: Protocol = Protocol.tcp
+    external_port: int = Field(ge=1, le=65_535)
+    vm: Name | None = None  # follows the VM's CA
+    ca: IPvAnyAddress | None = None  # or a fixed customer address of the VM network
+    internal_port: int | None = Field(default=None, ge=1, le=65_535)  # default: the external port
+    description: Description = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> NatRuleSpec:
+        if (self.vm is None) == (self.ca is None):
+            raise ValueError("vm: a NAT rule forwards to exactly one of a VM (vm) or a customer address (ca)")
+        return self
+
+
+class NatRule(NatRuleSpec, _Stored):
+    internal_port: int = Field(ge=1, le=65_535)
+
+
+class CustomerRouteSpec(_Spec):
+    """New-NetVirtualizationCustomerRoute: a destination prefix of a VM network's routing
+    domain and its next hop, a customer address inside one of the VM network's subnets."""
+
+    kind: ClassVar[Kind] = Kind.customer_route
+    name: Name
+    vm_network: Name
+    prefix: IPvAnyNetwork
+    next_hop: IPvAnyAddress
+    description: Description = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> CustomerRouteSpec:
+        if self.prefix.version != self.next_hop.version:
+            raise ValueError(f"next_hop: {self.next_hop} is not of the family of the prefix {self.prefix}")
+        return self
+
+
+class CustomerRoute(CustomerRouteSpec, _Stored):
+    pass
+
+
 # --- leases ------------------------------------------------------------------------------
 
 
@@ -546,6 +714,11 @@ SPEC_OF: dict[Kind, type[_Spec]] = {
     Kind.vm_network: VmNetworkSpec,
     Kind.vm_subnet: VmSubnetSpec,
     Kind.vm: VmSpec,
+    Kind.gateway_service: GatewayServiceSpec,
+    Kind.gateway: GatewaySpec,
+    Kind.nat_connection: NatConnectionSpec,
+    Kind.nat_rule: NatRuleSpec,
+    Kind.customer_route: CustomerRouteSpec,
 }
 STORED_OF: dict[Kind, type[BaseModel]] = {
     Kind.host_group: HostGroup,
@@ -559,12 +732,20 @@ STORED_OF: dict[Kind, type[BaseModel]] = {
     Kind.vm_network: VmNetwork,
     Kind.vm_subnet: VmSubnet,
     Kind.vm: Vm,
+    Kind.gateway_service: GatewayService,
+    Kind.gateway: Gateway,
+    Kind.nat_connection: NatConnection,
+    Kind.nat_rule: NatRule,
+    Kind.customer_route: CustomerRoute,
 }
+# Kinds whose key is a path (their names are unique within a parent): the API serves
+# them under /v1/<kind>/{key:path}.
+PATH_KEYED = frozenset({Kind.vm_subnet, Kind.ip_pool, Kind.customer_route})
 
 
 def key_of(kind: Kind, obj: Any) -> str:
     """The object's identifier in its collection (its name, or a path for scoped kinds)."""
-    if kind is Kind.vm_subnet:
+    if kind in (Kind.vm_subnet, Kind.customer_route):
         return f"{obj.vm_network}/{obj.name}"
     if kind is Kind.ip_pool:
         if obj.network_site is not None:

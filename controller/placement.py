@@ -10,6 +10,9 @@ port profile -> logical network definition -> logical network of the seed.
   logical network, on a tagged site (the PAs live on that VLAN).
 - A VLAN VM network needs a host reaching a site of its logical network that carries
   the VM subnet's subnet and VLAN.
+- A gateway host (role gateway) is never a candidate: it serves a gateway service. It
+  can serve one when its transport is the service's back-end (tagged) and its switch
+  reaches the service's front-end site (`why_not_gateway_host`).
 - Among candidates placement picks the host with the fewest VMs (tie: the name), as
   VMM's star rating would for identical hosts.
 
@@ -19,12 +22,14 @@ Pure functions over `controller.inventory.Inventory`; nothing is written here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from controller.inventory import Inventory
 from controller.models import (
     ROOT_HOST_GROUP,
     Conflict,
     Host,
+    HostRole,
     Isolation,
     Kind,
     LogicalNetwork,
@@ -94,6 +99,8 @@ def site_for_vlan_subnet(inventory: Inventory, host: Host, subnet: VmSubnet, log
 
 def why_not(inventory: Inventory, host: Host, network: VmNetwork, subnet: VmSubnet) -> str | None:
     """None if the host can carry a VM of this VM subnet, else the reason it cannot."""
+    if host.role is HostRole.gateway:
+        return f"host {host.name} is a gateway host; placement never puts a VM there"
     switch = inventory.switches.get(host.name)
     if switch is None:
         return f"host {host.name} has no virtual switch"
@@ -125,6 +132,36 @@ def why_not(inventory: Inventory, host: Host, network: VmNetwork, subnet: VmSubn
             )
         return None
     return f"VM network {network.name} has no isolation; VMs join network-virtualised or VLAN VM networks"
+
+
+def why_not_gateway_host(inventory: Inventory, host: Host, back_end: str, front_end_site: str) -> str | None:
+    """None if the host can be a gateway host of this back-end logical network and
+    front-end site (its transport is the back-end, tagged; its switch reaches the site)."""
+    switch = inventory.switches.get(host.name)
+    if switch is None:
+        return f"host {host.name} has no virtual switch"
+    transport = transport_of(inventory, host)
+    if transport is None or transport.logical_network.name != back_end:
+        carried = transport.logical_network.name if transport is not None else "no logical network"
+        return f"host {host.name} carries network virtualisation on {carried}, not the back-end {back_end}"
+    if transport.subnet_vlan.vlan == 0:
+        return f"the transport site {transport.site.name} of host {host.name} is untagged (VLAN 0)"
+    if front_end_site not in {site.name for site in sites_reached(inventory, host)}:
+        return (f"the logical switch {switch.logical_switch} of host {host.name} does not reach the front-end "
+                f"network site {front_end_site}")
+    return None
+
+
+def why_not_gateway_service(inventory: Inventory, service: Any) -> str | None:
+    """None if every host of a gateway service can still serve it, else the first reason."""
+    for name in service.hosts:
+        host = inventory.get(Kind.host, name)
+        if host is None:
+            return f"host {name} of gateway service {service.name} does not exist"
+        reason = why_not_gateway_host(inventory, host, service.back_end_logical_network, service.front_end_site)
+        if reason is not None:
+            return f"gateway service {service.name}: {reason}"
+    return None
 
 
 def candidates(

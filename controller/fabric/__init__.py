@@ -6,9 +6,10 @@ compiled as one transaction, and the views of what hosts were given.
   state;
 - `views`: the sync/status view (`HostEntry`, `SyncView`, `HostView`) and agents'
   status reports;
-- `hosts`, `networks`, `tenants`, `patch`: the rules per domain (host groups, clusters,
-  hosts, virtual switches; logical networks, sites, pools, profiles, logical switches;
-  VM networks, VM subnets, VMs, CA/PA leases, migration; PATCH);
+- `hosts`, `networks`, `tenants`, `gateways`, `patch`: the rules per domain (host
+  groups, clusters, hosts, virtual switches; logical networks, sites, pools, profiles,
+  logical switches; VM networks, VM subnets, VMs, CA/PA leases, migration; the HNV
+  gateway: services, gateways, NAT connections and rules, customer routes; PATCH);
 - `common`: scopes, `Unavailable` and the builders' shared toolkit.
 
 Import from here: `from controller.fabric import Fabric, SyncView, HostView, Unavailable,

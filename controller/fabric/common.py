@@ -124,7 +124,7 @@ class Builders:
 
     def _lease_from(self, tx: Tx, pool: IpPool, kind: LeaseKind, holder_kind: str, holder: str,
                     host: str | None, vm_network: str | None, description: str, address=None,
-                    also_skip=()) -> Lease:
+                    also_skip=(), field: str = "ca") -> Lease:
         taken = TakenView(self.inventory.pool_taken[pool.key], tx.pending_addresses(pool.key))
         if address is None:
             address = allocate_address(pool.key, pool.range_start, pool.range_end, taken,
@@ -134,7 +134,7 @@ class Builders:
             holder_of = self.inventory.leases[pool.key].get(str(address))
             raise Conflict(
                 f"address {address} of IP pool {pool.key} is already leased",
-                "ca",
+                field,
                 f"held by {holder_of.holder if holder_of else 'another object'}",
             )
         lease = Lease(address=address, pool=pool.key, kind=kind, holder_kind=holder_kind, holder=holder,

@@ -31,13 +31,13 @@ new states to this replica's watchers with the generation and digest they commit
 and reads agents' statuses reported through other replicas. While the database is
 unreachable it retries each interval and the fabric keeps serving what was committed.
 
-Affected hosts are narrow for VM operations (the hosts of the VM network, before and
-after, plus source and destination) and all hosts for fabric-wide objects (switches,
+Affected hosts are narrow for VM operations (the hosts of the VM network and the
+gateway hosts serving it, before and after, plus source and destination) and all hosts for fabric-wide objects (switches,
 sites, profiles: rare and cheap). Generations only move when content changes, so a
 wide recompile bumps only hosts that really differ.
 
 This module owns the order of those steps; the rules are `controller.fabric.hosts`,
-`.networks`, `.tenants` and `.patch`, the host-facing reads `controller.fabric.views`;
+`.networks`, `.tenants`, `.gateways` and `.patch`, the host-facing reads `controller.fabric.views`;
 storage is `controller.store`, choices `controller.allocate`/`controller.placement`,
 host states `controller.compiler`.
 """
@@ -67,11 +67,13 @@ from controller.fabric.common import (
     _uuid_of,
     log,
 )
+from controller.fabric.gateways import GatewayRules
 from controller.fabric.hosts import HostRules
 from controller.fabric.networks import NetworkRules
 from controller.fabric.patch import PatchRules
 from controller.fabric.tenants import TenantRules
 from controller.fabric.views import HostEntry, SyncStatus
+from controller.gateways import gateway_hosts_of_network
 from controller.inventory import VIRTUAL_SWITCH, Inventory, Tx
 from controller.models import (
     ROOT_HOST_GROUP,
@@ -113,6 +115,11 @@ RULES: dict[Kind, KindRules] = {
     Kind.vm_network: KindRules(TenantRules._create_vm_network, TenantRules._delete_vm_network),
     Kind.vm_subnet: KindRules(TenantRules._create_vm_subnet, TenantRules._delete_vm_subnet),
     Kind.vm: KindRules(TenantRules._create_vm, TenantRules._delete_vm),
+    Kind.gateway_service: KindRules(GatewayRules._create_gateway_service, GatewayRules._delete_gateway_service),
+    Kind.gateway: KindRules(GatewayRules._create_gateway, GatewayRules._delete_gateway),
+    Kind.nat_connection: KindRules(GatewayRules._create_nat_connection, GatewayRules._delete_nat_connection),
+    Kind.nat_rule: KindRules(GatewayRules._create_nat_rule, GatewayRules._delete_nat_rule),
+    Kind.customer_route: KindRules(GatewayRules._create_customer_route, GatewayRules._delete_customer_route),
 }
 
 
@@ -123,7 +130,7 @@ class _DryRunDone(Exception):
     """Raised inside the engine after a dry run's trial compile, so the undo path runs."""
 
 
-class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Builders):
+class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, PatchRules, Builders):
     """The fabric: committed reads for anyone, serialised writes through the engine.
 
     The rule mixins hold the builders (`RULES` names them per kind); this class holds the
@@ -612,6 +619,8 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, PatchRules, Build
         hosts = set(scope.hosts)
         for network in scope.networks:
             hosts |= self.inventory.hosts_of_network(network)
+            # The gateway hosts serving it hold its routing domain and records too.
+            hosts |= gateway_hosts_of_network(self.inventory, network)
         return hosts
 
     def _undo_of(self, tx: Tx) -> Tx:

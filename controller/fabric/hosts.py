@@ -1,5 +1,7 @@
 """Rules for host groups, clusters, hosts and their virtual switches (with the
-management address lease that follows a host's management adapter).
+management address lease that follows a host's management adapter). A host serving a
+gateway service keeps it: it is not deleted, and its switch is neither removed nor
+changed to one that no longer reaches the service's back-end and front-end.
 
 A rule mixin of `Fabric` (see `controller.fabric.common.Builders`); never commits.
 """
@@ -20,7 +22,8 @@ from controller.models import (
     VirtualSwitch,
     VirtualSwitchSpec,
 )
-from controller.placement import why_not
+from controller.gateways import service_of_host
+from controller.placement import why_not, why_not_gateway_service
 
 
 class HostRules(Builders):
@@ -71,7 +74,9 @@ class HostRules(Builders):
 
     def _delete_host(self, tx: Tx, host) -> tuple[None, _Scope]:
         vms = sorted(self.inventory.vms_by_host.get(host.name, ()))
-        _refuse_in_use(Kind.host, host.name, [f"VM {name}" for name in vms])
+        service = service_of_host(self.inventory, host.name)
+        _refuse_in_use(Kind.host, host.name, [f"VM {name}" for name in vms]
+                       + ([f"gateway service {service.name}"] if service is not None else []))
         if host.name in self.inventory.switches:
             self._delete_virtual_switch(tx, host.name)
         tx.delete(Kind.host, host.name)
@@ -133,6 +138,12 @@ class HostRules(Builders):
                         "logical_switch",
                         reason,
                     )
+            # ... and a gateway host its gateway service's back-end and front-end.
+            service = service_of_host(self.inventory, host_name)
+            reason = why_not_gateway_service(self.inventory, service) if service is not None else None
+            if reason is not None:
+                raise Conflict(f"virtual switch of host {host_name}: the host would stop serving gateway service "
+                               f"{service.name}", "logical_switch", reason)
         finally:
             if old is None:
                 self.inventory.switches.pop(host_name, None)
@@ -175,6 +186,10 @@ class HostRules(Builders):
                 "host",
                 f"VMs {', '.join(vms[:5])} are connected to it",
             )
+        service = service_of_host(self.inventory, host_name)
+        if service is not None:
+            raise Conflict(f"the virtual switch of host {host_name} is in use", "host",
+                           f"host {host_name} serves gateway service {service.name} through it")
         self._release_held(tx, "host", host_name, LeaseKind.Management)
         tx.delete(VIRTUAL_SWITCH, host_name)
         return None, _Scope(hosts={host_name})

@@ -105,6 +105,9 @@ class NetworkRules(Builders):
         leases = sorted(self.inventory.leases.get(pool.key, {}).values(), key=lambda lease: int(lease.address))
         _refuse_in_use(Kind.ip_pool, pool.key, [f"{lease.address} ({lease.description or lease.holder})"
                                                 for lease in leases], noun="leases")
+        _refuse_in_use(Kind.ip_pool, pool.key, [f"gateway service {service.name}" for service
+                                                in self.inventory.all(Kind.gateway_service)
+                                                if service.pool_key == pool.key])
         tx.delete(Kind.ip_pool, pool.key)
         return None, _Scope(networks=ALL)
 

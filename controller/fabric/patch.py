@@ -1,6 +1,8 @@
 """PATCH: the fields a kind lets change, re-validated as a whole, and what must still
 hold afterwards (a host's NICs used by its switch, every VM still placed after a site or
-profile change, the management lease following the address, a VM's namespace).
+profile change, the management lease following the address, a VM's namespace, a host's
+role, a gateway service's hosts and active host, a gateway's connectivity: the last
+three are `controller.fabric.gateways`' rules).
 
 A `Fabric` mixin, like the other rules; never commits.
 """
@@ -13,9 +15,10 @@ from pydantic import ValidationError
 
 from agent.state import describe_validation_error
 from controller.fabric.common import ALL, Builders, _plain, _Scope
+from controller.fabric.gateways import gateway_service_changes
 from controller.inventory import Tx
 from controller.models import SPEC_OF, Conflict, Invalid, Kind, LeaseKind
-from controller.placement import why_not
+from controller.placement import why_not, why_not_gateway_service
 
 
 class PatchRules(Builders):
@@ -27,6 +30,8 @@ class PatchRules(Builders):
         for name, value in changes.items():
             if name not in spec_model.model_fields:
                 raise Invalid(f"{kind.label} {key}: unknown field {name}", name, f"{kind.label}s have no field {name}")
+        if kind is Kind.gateway_service:
+            changes = gateway_service_changes(current, changes)
         spec_data = {name: getattr(current, name) for name in spec_model.model_fields}
         try:
             merged = spec_model.model_validate({**_plain(spec_data), **changes})
@@ -58,6 +63,12 @@ class PatchRules(Builders):
                 self._require(Kind.network_site, site, f"network_sites[{i}]", f"uplink port profile {key}")
         updated = current.model_copy(update={name: getattr(merged, name) for name in spec_model.patchable})
         updated = type(current).model_validate(updated.model_dump(exclude={"key"}))
+        if kind is Kind.host and updated.role is not current.role:
+            self._check_role_change(current, updated.role)
+        elif kind is Kind.gateway_service:
+            self._patch_gateway_service(tx, current, updated)
+        elif kind is Kind.gateway:
+            updated = self._patch_gateway(tx, current, updated)
         tx.put(kind, key, updated)
         switch = self.inventory.switches.get(key) if kind is Kind.host else None
         if switch is not None and updated.management_address != current.management_address:
@@ -70,7 +81,8 @@ class PatchRules(Builders):
         return updated, _Scope(networks=ALL)
 
     def _check_vms_still_placed(self, updated: Any, kind: Kind) -> None:
-        """After a site or profile change, every VM's host must still reach its VM network."""
+        """After a site or profile change, every VM's host must still reach its VM network,
+        and every gateway host its service's back-end and front-end."""
         previous = self.inventory.objects[kind][updated.key]
         self.inventory.objects[kind][updated.key] = updated
         try:
@@ -81,6 +93,11 @@ class PatchRules(Builders):
                 reason = why_not(self.inventory, host, network, subnet)
                 if reason is not None:
                     raise Conflict(f"{kind.label} {updated.key}: VM {vm.name} would lose VM network {network.name}",
+                                   None, reason)
+            for service in self.inventory.all(Kind.gateway_service):
+                reason = why_not_gateway_service(self.inventory, service)
+                if reason is not None:
+                    raise Conflict(f"{kind.label} {updated.key}: gateway service {service.name} would lose a host",
                                    None, reason)
         finally:
             self.inventory.objects[kind][updated.key] = previous

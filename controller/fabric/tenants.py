@@ -6,7 +6,9 @@
   subnet's network, broadcast or gateway address, nor one a pool reserves) and, with
   the host's first VM of its VM network, a PA; its namespace is not a host's;
 - a migration moves the VM's leases to the destination and releases the source's PA
-  with its last VM there.
+  with its last VM there;
+- a VM a NAT rule forwards to is not deleted (the rule first); no VM takes its
+  gateway's back-end CA. `_lease_ca` and `_ensure_pa` serve the gateway rules too.
 
 A rule mixin of `Fabric` (see `controller.fabric.common.Builders`); never commits.
 """
@@ -18,6 +20,7 @@ from typing import Any
 from controller.allocate import allocate_routing_domain_id, allocate_vsid
 from controller.compiler import subnet_gateway
 from controller.fabric.common import Builders, _refuse_in_use, _Scope
+from controller.gateways import customer_routes_of, gateway_of_network, nat_rules_for_vm
 from controller.inventory import SPACE_MAC, SPACE_ROUTING_DOMAIN, SPACE_VSID, Tx
 from controller.models import (
     Conflict,
@@ -56,6 +59,9 @@ class TenantRules(Builders):
         users += [f"VM subnet {key}" for key in self.inventory.subnets_by_network.get(network.name, ())]
         users += [f"the management adapter of host {host}" for host, vs in sorted(self.inventory.switches.items())
                   if vs.management_adapter is not None and vs.management_adapter.vm_network == network.name]
+        gateway = gateway_of_network(self.inventory, network.name)
+        users += [f"gateway {gateway.name}"] if gateway is not None else []
+        users += [f"customer route {route.key}" for route in customer_routes_of(self.inventory, network.name)]
         _refuse_in_use(Kind.vm_network, network.name, users)
         tx.delete(Kind.vm_network, network.name)
         if network.routing_domain_id is not None:
@@ -115,6 +121,9 @@ class TenantRules(Builders):
         users = [f"VM {vm.name}" for vm in self.inventory.vms_of_network(subnet.vm_network)
                  if vm.vm_subnet == subnet.name]
         users += [f"IP pool {key}" for key in self.inventory.pools_by_owner.get(subnet.key, ())]
+        gateway = gateway_of_network(self.inventory, subnet.vm_network)
+        if gateway is not None and gateway.vm_subnet == subnet.name:
+            users.append(f"gateway {gateway.name}")
         _refuse_in_use(Kind.vm_subnet, subnet.key, users)
         tx.delete(Kind.vm_subnet, subnet.key)
         if subnet.vsid is not None:
@@ -164,6 +173,10 @@ class TenantRules(Builders):
                 forbidden[pool.gateway] = f"{pool.gateway} is the gateway of IP pool {pool.key}"
         gateway = subnet_gateway(self.inventory, subnet)
         forbidden[gateway] = f"{gateway} is the gateway of VM subnet {subnet.key} (its distributed router)"
+        hnv_gateway = gateway_of_network(self.inventory, subnet.vm_network)
+        if hnv_gateway is not None and hnv_gateway.vm_subnet == subnet.name:
+            forbidden[hnv_gateway.back_end_ca] = (f"{hnv_gateway.back_end_ca} is the back-end address of gateway "
+                                                  f"{hnv_gateway.name}")
         # IPv4 /31 and /32 (RFC 3021) and IPv6 /127 and /128 have no network or broadcast address.
         if prefix.num_addresses > 2:
             forbidden[prefix.network_address] = f"{prefix.network_address} is the network address of {prefix}"
@@ -179,45 +192,53 @@ class TenantRules(Builders):
             raise Invalid(f"{what}: namespace {namespace} is the name of host {namespace}", field,
                           f"host {namespace} is a namespace of that name in the lab; a VM may not join it")
 
-    def _lease_ca(self, tx: Tx, vm_name: str, wanted, network: VmNetwork, subnet: VmSubnet, host: str):
+    def _lease_ca(self, tx: Tx, holder: str, wanted, network: VmNetwork, subnet: VmSubnet, host: str | None,
+                  holder_kind: str = "vm", field: str = "ca"):
+        """A CA for a VM (or, holder_kind "gateway", a gateway's back-end address): the one
+        wanted, checked, or the next free of the VM subnet's pools; leased when a pool covers it."""
         pools = [self.inventory.get(Kind.ip_pool, key) for key in self.inventory.pools_by_owner.get(subnet.key, ())]
-        description = f"CA of {vm_name} in {network.name}"
+        what = f"VM {holder}" if holder_kind == "vm" else f"{holder_kind} {holder}"
+        description = (f"CA of {holder} in {network.name}" if holder_kind == "vm"
+                       else f"Back-end CA of {holder_kind} {holder} in {network.name}")
         forbidden = self._forbidden_cas(subnet, pools)
         if wanted is not None:
             if wanted not in subnet.prefix:
-                raise Invalid(f"VM {vm_name}: CA {wanted} is outside VM subnet {subnet.key} ({subnet.prefix})", "ca",
+                raise Invalid(f"{what}: CA {wanted} is outside VM subnet {subnet.key} ({subnet.prefix})", field,
                               f"{wanted} is not in {subnet.prefix}")
             if wanted in forbidden:
-                raise Invalid(f"VM {vm_name}: CA {wanted} cannot be a VM's address", "ca", forbidden[wanted])
+                raise Invalid(f"{what}: CA {wanted} cannot be a VM's address", field, forbidden[wanted])
             for other in self.inventory.vms_of_network(network.name):
                 if other.ca == wanted and other.vm_subnet == subnet.name:
-                    raise Conflict(f"VM {vm_name}: CA {wanted} is already used by VM {other.name}", "ca",
+                    raise Conflict(f"{what}: CA {wanted} is already used by VM {other.name}", field,
                                    f"CAs are unique within VM subnet {subnet.key}")
             for pool in pools:
                 if int(pool.range_start) <= int(wanted) <= int(pool.range_end):
-                    self._lease_from(tx, pool, LeaseKind.CA, "vm", vm_name, host, network.name, description,
-                                     address=wanted)
+                    self._lease_from(tx, pool, LeaseKind.CA, holder_kind, holder, host, network.name, description,
+                                     address=wanted, field=field)
                     break
             return wanted
         if not pools:
             if network.isolation is Isolation.VLAN:
                 return None
-            raise Conflict(f"VM {vm_name}: VM subnet {subnet.key} has no IP pool", "ca",
-                           "create an IP pool on the VM subnet or give the VM a CA")
+            raise Conflict(f"{what}: VM subnet {subnet.key} has no IP pool", field,
+                           f"create an IP pool on the VM subnet or give the {holder_kind} a CA")
         exhausted = []
         for pool in pools:
             try:
-                return self._lease_from(tx, pool, LeaseKind.CA, "vm", vm_name, host, network.name,
+                return self._lease_from(tx, pool, LeaseKind.CA, holder_kind, holder, host, network.name,
                                         description, also_skip=forbidden).address
             except Conflict as exc:
                 exhausted.append(f"{exc.error} ({exc.reason})")
-        raise Conflict(f"VM {vm_name}: no free CA in VM subnet {subnet.key}", "ca", "; ".join(exhausted))
+        raise Conflict(f"{what}: no free CA in VM subnet {subnet.key}", field, "; ".join(exhausted))
 
     def _ensure_pa(self, tx: Tx, host: Host, network: VmNetwork) -> None:
         """One PA per (host, VM network): taken with the host's first VM of that network."""
         if (host.name, network.name) in self.inventory.pa_leases:
             return
         transport = transport_of(self.inventory, host)
+        if transport is None:
+            raise Conflict(f"host {host.name} has no provider address for VM network {network.name}", "host",
+                           f"host {host.name} reaches no network-virtualisation logical network")
         pools = [self.inventory.get(Kind.ip_pool, key) for key in self.inventory.pools_by_owner.get(transport.site.name, ())]
         pools = [pool for pool in pools if pool.subnet == transport.subnet_vlan.subnet]
         if not pools:
@@ -244,6 +265,7 @@ class TenantRules(Builders):
                 tx.release(lease)
 
     def _delete_vm(self, tx: Tx, vm) -> tuple[None, _Scope]:
+        _refuse_in_use(Kind.vm, vm.name, [f"NAT rule {rule.name}" for rule in nat_rules_for_vm(self.inventory, vm.name)])
         tx.delete(Kind.vm, vm.name)
         tx.free(SPACE_MAC, vm.mac)
         self._release_held(tx, "vm", vm.name)

@@ -124,6 +124,8 @@ class SyncStatus:
                 "pools": pools,
                 "vsids": committed.allocation_counts.get(SPACE_VSID, 0),
                 "vms": len(committed.objects[Kind.vm]),
+                # gateway service -> (its hosts in order, the active one)
+                "gateways": {s.name: (s.hosts, s.active) for s in committed.all(Kind.gateway_service)},
             }
 
     def report_status(self, host: str, generation: int, errors: list[dict], agent: str) -> SyncView:

@@ -9,6 +9,10 @@
     hnvctl hosts [--wait S]                             hosts and their sync status
     hnvctl host state HOST                              the HostState compiled for HOST
     hnvctl apply -f fabric.yaml [--dry-run] [--prune]   the whole fabric, as one transaction
+    hnvctl gateway-service|gateway|nat-connection|nat-rule|customer-route create ...
+                                                        the HNV gateway (Add-SCVMNetworkGateway,
+                                                        Add-SCNATConnection, Add-SCNATRule,
+                                                        New-NetVirtualizationCustomerRoute)
 
 Output is a table (Format-Table style) or, with `-o json`, JSON for scripts; whatever
 the controller holds is printed escaped (no control character, escape sequence or

@@ -49,7 +49,7 @@ from controller.hnvctl.commands import (
 )
 from controller.hnvctl.flags import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNAVAILABLE, UsageError, add_object_flags
 from controller.hnvctl.output import Output, error_line
-from controller.models import Kind
+from controller.models import Kind, LeaseKind
 
 DESCRIPTION = "hnvctl: the command line over the controller's REST API (what the VMM cmdlets are)."
 
@@ -83,6 +83,14 @@ def plural(kind: Kind) -> str:
 
 
 KIND_COMMANDS = {kind.name.replace("_", "-"): kind for kind in Kind}
+# The cmdlet a verb group mirrors, where its name does not say it.
+CMDLETS = {
+    Kind.gateway_service: "Add-SCNetworkService",
+    Kind.gateway: "Add-SCVMNetworkGateway",
+    Kind.nat_connection: "Add-SCNATConnection",
+    Kind.nat_rule: "Add-SCNATRule",
+    Kind.customer_route: "New-NetVirtualizationCustomerRoute",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     groups.required = True
     for command, kind in KIND_COMMANDS.items():
-        group = groups.add_parser(command, help=f"{plural(kind)}: create, list, show, set, delete", parents=[common])
+        cmdlet = f" ({CMDLETS[kind]})" if kind in CMDLETS else ""
+        group = groups.add_parser(command, help=f"{plural(kind)}{cmdlet}: create, list, show, set, delete",
+                                  parents=[common])
         verbs = group.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
         verbs.required = True
         create = verbs.add_parser("create", help=f"create a {kind.label}", parents=[common])
@@ -136,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip_verbs.required = True
     ip_list = ip_verbs.add_parser("list", help="every lease and what holds it", parents=[common])
     ip_list.add_argument("--pool", help="pool key, e.g. Virtualization/Default")
-    ip_list.add_argument("--kind", choices=("CA", "PA", "Management"))
+    ip_list.add_argument("--kind", choices=[kind.value for kind in LeaseKind])
     ip_list.add_argument("--host")
     ip_list.add_argument("--vm-network")
     ip_list.set_defaults(run=cmd_ip_list)

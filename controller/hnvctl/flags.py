@@ -39,6 +39,7 @@ SINGULAR = {
     "uplink_port_profiles": "uplink-port-profile",
     "dns_servers": "dns-server",
     "reserved": "reserved",
+    "hosts": "host",
 }
 _NOT_FLAGS = {"name", "virtual_switch"}
 
@@ -72,6 +73,13 @@ VALUE_HINTS = {
     "mac": "e.g. 00:1d:d8:b7:1c:00; default: the next of the MAC pool",
     "ca": "default: the next free address of the VM subnet's pool",
     "parent": "default All Hosts",
+    "hosts": "a gateway host (role gateway); repeat, the active one first",
+    "active": "the gateway host holding the external addresses; default the first --host",
+    "external_ip_pool": "a pool name of the front-end site; on a NAT connection default the gateway service's",
+    "external_address": "default: the pool's next free address",
+    "back_end_ca": "default: the next free address of the VM subnet's pool",
+    "next_hop": "a customer address inside one of the VM network's subnets",
+    "internal_port": "default: the external port",
 }
 VM_HINTS = {
     "host": "default: placement picks a host that can carry the VM network",

@@ -119,6 +119,43 @@ COLUMNS: dict[Kind, list[tuple[str, str]]] = {
         ("ca", "IPv4Address"),
         ("mac", "MACAddress"),
     ],
+    Kind.gateway_service: [
+        ("name", "Name"),
+        ("front_end_site", "FrontEndSite"),
+        ("external_ip_pool", "ExternalIPPool"),
+        ("back_end_logical_network", "BackEndLogicalNetwork"),
+        ("hosts", "GatewayHosts"),
+        ("active", "Active"),
+    ],
+    Kind.gateway: [
+        ("name", "Name"),
+        ("vm_network", "VMNetwork"),
+        ("gateway_service", "NetworkService"),
+        ("connectivity", "Connectivity"),
+        ("back_end_ca", "BackEndAddress"),
+        ("forwarding_address", "ForwardingAddress"),
+    ],
+    Kind.nat_connection: [
+        ("name", "Name"),
+        ("gateway", "VMNetworkGateway"),
+        ("vm_network", "VMNetwork"),
+        ("external_ip_pool", "ExternalIPPool"),
+        ("external_address", "ExternalIPAddress"),
+    ],
+    Kind.nat_rule: [
+        ("name", "Name"),
+        ("nat_connection", "NATConnection"),
+        ("protocol", "Protocol"),
+        ("external_port", "ExternalPort"),
+        ("vm", "VM"),
+        ("ca", "InternalIPAddress"),
+        ("internal_port", "InternalPort"),
+    ],
+    Kind.customer_route: [
+        ("key", "CustomerRoute"),
+        ("prefix", "DestinationPrefix"),
+        ("next_hop", "NextHop"),
+    ],
 }
 IP_COLUMNS = [
     ("address", "Address"),
