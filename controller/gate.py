@@ -9,9 +9,7 @@ route that will serve it (the router's own `matches`), then, in this order:
    nothing needs the admin token (fail closed: a route added later is protected without
    anyone remembering to). 401 without a valid token, 403 with the wrong one, 503 with
    Retry-After when the token cannot be checked (a shared store unreachable, and the
-   token not among those this replica verified in the last minute). On a shared store
-   the check (a round trip to PostgreSQL) runs in a worker thread, so the event loop
-   and its watch streams never wait on the database.
+   token not among those this replica verified in the last minute).
 2. size: a declared Content-Length above the route's limit is answered 413 at once; a
    chunked body is read only up to the limit (413 as soon as it passes it), then handed
    to the app as it came. The limit is `max_body_bytes` (one object), or
@@ -31,7 +29,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.routing import APIRoute
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -81,14 +78,7 @@ class RequestGate:
         headers = _headers(scope)
         access = access_of(route)
         try:
-            check = (headers.get("authorization"), access, params.get("host"), f"{method} {path}")
-            if getattr(self.auth.store, "shared", False):
-                # A shared store checks the token with a round trip to PostgreSQL: made in a
-                # worker thread, the event loop serves other requests meanwhile, and checks
-                # arriving together share one query (controller.store.postgres).
-                await run_in_threadpool(self.auth.authorize, *check)
-            else:
-                self.auth.authorize(*check)
+            self.auth.authorize(headers.get("authorization"), access, params.get("host"), f"{method} {path}")
         except (Unauthorized, Forbidden) as exc:
             extra = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
             await JSONResponse(exc.body(), status_code=exc.status, headers=extra)(scope, receive, send)

@@ -49,8 +49,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -98,7 +97,6 @@ class PostgresStore:
         self._connections["status"] = _Connection(conninfo, "status", setup="SET synchronous_commit = off")
         self._token_cache: dict[str, tuple[str, str | None, float | None, float]] = {}
         self._token_retry_at = 0.0
-        self._token_lookups = _TokenLookups(self._read_tokens)
         self.schema_version = self._prepare_schema(migrate)
 
     def close(self) -> None:
@@ -182,15 +180,13 @@ class PostgresStore:
                 (token_hash, role, host, time.time(), expires)).fetchone()[0]
 
     def find_token(self, token_hash: str, now: float | None = None) -> tuple[str, str | None] | None:
-        """(role, host) of a token that is neither revoked nor expired, else None.
-
-        Checks made from several threads at once share one query (`_TokenLookups`); each
-        is answered by a query sent after it was asked, so a revocation committed before
-        a request arrived is always seen."""
+        """(role, host) of a token that is neither revoked nor expired, else None."""
         now = time.time() if now is None else now
         if time.monotonic() >= self._token_retry_at:
             try:
-                row = self._token_lookups.lookup(token_hash)
+                with self._connections["tokens"].use() as db:
+                    row = db.execute("SELECT role, host, expires FROM tokens WHERE hash = %s AND revoked IS NULL",
+                                     (token_hash,)).fetchone()
             except StoreUnavailable:
                 self._token_retry_at = time.monotonic() + RETRY_CONNECT_S
             else:
@@ -205,13 +201,6 @@ class PostgresStore:
                                    f"{TOKEN_GRACE_S:.0f} s")
         role, host, expires, _ = cached
         return (role, host) if expires is None or expires > now else None
-
-    def _read_tokens(self, hashes: list[str]) -> dict[str, tuple[str, str | None, float | None]]:
-        """hash -> (role, host, expires) of the live (unrevoked) tokens among `hashes`."""
-        with self._connections["tokens"].use() as db:
-            rows = db.execute("SELECT hash, role, host, expires FROM tokens WHERE hash = ANY(%s) AND revoked IS NULL",
-                              (hashes,)).fetchall()
-        return {row[0]: (row[1], row[2], row[3]) for row in rows}
 
     def list_tokens(self) -> list[TokenRow]:
         with self._connections["misc"].use() as db:
@@ -382,65 +371,6 @@ class _PgWriteSession:
                 self._use.__exit__(type(failure), failure, None)
             else:
                 self._use.__exit__(None, None, None)
-
-
-class _TokenLookups:
-    """Token checks asked from many threads at once, answered by one query per batch.
-
-    A controller checks the token of every request; when hundreds of agents re-attach
-    at once (a replica lost), one round trip per check would queue them behind each
-    other. Instead a thread that finds no query in flight takes every check waiting at
-    that moment and reads them all (`WHERE hash = ANY(...)`); checks asked meanwhile
-    wait for the next batch (never for the answer of a query sent before they were
-    asked, so a revocation committed before a request arrived is always seen).
-    Hand-written: a dozen lines on a Condition, where a library would bring a pool of
-    its own threads.
-    """
-
-    def __init__(self, read: Callable[[list[str]], dict[str, Any]]):
-        self._read = read
-        self._changed = threading.Condition()
-        self._waiting: list[_TokenCheck] = []
-        self._in_flight = False
-
-    def lookup(self, token_hash: str) -> Any:
-        check = _TokenCheck(token_hash)
-        with self._changed:
-            self._waiting.append(check)
-            while self._in_flight and not check.answered:
-                self._changed.wait()
-            if check.answered:
-                return check.answer()
-            batch, self._waiting, self._in_flight = self._waiting, [], True
-        found: dict[str, Any] = {}
-        failure: BaseException | None = None
-        try:
-            found = self._read(sorted({waiting.token_hash for waiting in batch}))
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            with self._changed:
-                for waiting in batch:
-                    waiting.row, waiting.failure, waiting.answered = found.get(waiting.token_hash), failure, True
-                self._in_flight = False
-                self._changed.notify_all()
-        return check.row
-
-
-@dataclass
-class _TokenCheck:
-    token_hash: str
-    row: Any = None
-    failure: BaseException | None = None
-    answered: bool = False
-
-    def answer(self) -> Any:
-        if isinstance(self.failure, StoreUnavailable):
-            raise StoreUnavailable(str(self.failure))
-        if self.failure is not None:
-            raise RuntimeError(f"the token lookup failed: {type(self.failure).__name__}: {self.failure}")
-        return self.row
 
 
 def _revisions_since(db: psycopg.Connection, revision: int) -> list[Revision]:
