@@ -147,14 +147,21 @@ class PostgresStore:
             return _revisions_since(db, revision)
 
     def wait_for_change(self, timeout: float) -> bool:
-        """Block until another replica's commit is notified (True) or `timeout` passes."""
+        """Block until another replica's commit is notified (True) or `timeout` passes.
+
+        This replica's own commits notify too (the NOTIFY is in every commit); they are
+        skipped by the sending backend's pid: this replica applied them as it made them,
+        and waking its follower for each (a catch-up query, a status read, the fabric's
+        lock) would cost every write of a single busy replica."""
         connection = self._connections["listen"]
+        own = self._connections["write"].backend_pid
         with connection.use() as db:
             if connection.listening is not db:
                 db.execute(f"LISTEN {REVISIONS_CHANNEL}")
                 connection.listening = db
-            for _ in db.notifies(timeout=timeout, stop_after=1):
-                return True
+            for notification in db.notifies(timeout=timeout):
+                if notification.pid != own:
+                    return True
         return False
 
     def save_status(self, host: str, applied_generation: int, status: dict[str, Any]) -> None:
@@ -400,6 +407,7 @@ class _Connection:
         self.lock = threading.Lock()
         self.db: psycopg.Connection | None = None
         self.listening: psycopg.Connection | None = None  # the connection that ran LISTEN
+        self.backend_pid = 0  # the server process of the current connection (0: none yet)
 
     @contextlib.contextmanager
     def use(self) -> Iterator[psycopg.Connection]:
@@ -411,6 +419,7 @@ class _Connection:
                                                   application_name=f"openhnv-controller ({self.role})")
                         if self.setup:
                             self.db.execute(self.setup)
+                        self.backend_pid = self.db.info.backend_pid
                     yield self.db
             except StoreUnavailable:
                 self._drop()

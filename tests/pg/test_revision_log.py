@@ -2,9 +2,12 @@
 this process): a follower applies what the other committed with the same generations
 and documents; one that finds the log pruned past its revision reloads the fabric and
 serves the same; a replica's write after others' catches up first (no value taken twice);
-a write costs two round trips and a refused one leaves no gap in the log."""
+a write costs two round trips and a refused one leaves no gap in the log; a replica's
+follower is woken by the others' commits, not by its own."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -107,3 +110,18 @@ def test_a_write_is_two_round_trips_and_a_refused_one_leaves_no_gap_in_the_log(p
         assert [row[1] for row in store.load().objects] == ["a", "b", "d"]
     finally:
         store.close()
+
+
+def test_a_replica_is_woken_by_other_replicas_commits_not_by_its_own(pg_url):
+    mine, other = open_store(pg_url), open_store(pg_url)
+    try:
+        assert mine.wait_for_change(0.1) is False  # listening from here on
+        mine.commit(ChangeSet(put_objects={("vms", "a"): ("u-a", "{}")}))
+        assert mine.wait_for_change(0.5) is False
+        other.commit(ChangeSet(put_objects={("vms", "b"): ("u-b", "{}")}))
+        started = time.monotonic()
+        assert mine.wait_for_change(5.0) is True
+        assert time.monotonic() - started < 1.0
+    finally:
+        mine.close()
+        other.close()
