@@ -10,7 +10,8 @@ CONCURRENCY clients at once (spread over the replicas where there are several).
 The target: PostgreSQL's sequential throughput at least half SQLite's.
 
 Failover: three replicas on PostgreSQL, AGENTS simulated agents (tests.lib.simulated_agents:
-a watch stream and status reports each, moving to the next URL with jittered backoff),
+a watch stream and status reports each, over an HTTP client of its own as a real agent's,
+moving to the next URL with jittered backoff),
 a third watching each replica; `kill -9` of one replica; for each agent that watched it,
 the time until another replica answered its status report. Target: p99 < 5 s.
 
