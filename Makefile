@@ -27,14 +27,15 @@ unexport PYTHONDONTWRITEBYTECODE
 # mmdebstrap builds the system tier's host image (netns_lab.hostimage) from Debian's
 # packages; e2fsprogs makes it a disk.
 # postgresql is the shared store of controller replicas (the pg tier starts throw-away
-# clusters with its initdb/pg_ctl); libpq5 is the client library psycopg loads.
+# clusters with its initdb/pg_ctl); libpq5 is the client library psycopg loads, and
+# libpq-dev, gcc and python3-dev build psycopg's C implementation against it.
 # Append here; keep one list.
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev \
 	iproute2 iputils-ping tcpdump procps util-linux \
 	systemd vagrant vagrant-libvirt graphviz iperf3 \
 	prometheus mmdebstrap e2fsprogs \
-	postgresql libpq5
+	postgresql libpq5 libpq-dev gcc python3-dev
 
 .PHONY: help setup debs venv test unit netns pg kernel multikernel system demo bench features clean
 

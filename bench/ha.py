@@ -10,7 +10,8 @@ CONCURRENCY clients at once (spread over the replicas where there are several).
 The target: PostgreSQL's sequential throughput at least half SQLite's.
 
 Failover: three replicas on PostgreSQL, AGENTS simulated agents (tests.lib.simulated_agents:
-a watch stream and status reports each, moving to the next URL with jittered backoff),
+a watch stream and status reports each, over an HTTP client of its own as a real agent's,
+moving to the next URL with jittered backoff),
 a third watching each replica; `kill -9` of one replica; for each agent that watched it,
 the time until another replica answered its status report. Target: p99 < 5 s.
 
@@ -104,7 +105,7 @@ def _case(store_of, replicas: int, count: int, log) -> tuple[float, float]:
 def _failover(store: str, agents_count: int, log) -> tuple[list[float], float]:
     """(per-agent recovery seconds of the killed replica's agents, seconds until all)."""
     from tests.lib.controller import start_replicas
-    from tests.lib.simulated_agents import SimulatedAgent, client_for, until
+    from tests.lib.simulated_agents import SimulatedAgent, until
 
     hosts = [f"sim{i:04d}" for i in range(agents_count)]
     with tempfile.TemporaryDirectory(prefix="openhnv-bench-ha-") as tmp:
@@ -122,26 +123,25 @@ def _failover(store: str, agents_count: int, log) -> tuple[list[float], float]:
 
             async def scenario() -> tuple[list[float], float]:
                 stop = asyncio.Event()
-                async with client_for(agents_count) as client:
-                    tasks = [asyncio.create_task(agent.run(client, stop)) for agent in agents]
-                    try:
-                        await until(lambda: all(a.reported_to for a in agents), 300, "every agent reported")
-                        victims = [a for a in agents if a.reported_to == urls[0]]
-                        group[0].process.kill()
-                        killed = time.monotonic()
-                        await until(lambda: all(a.reported_to != urls[0] and a.reported_at > killed
-                                                for a in victims), 120, "every moved agent reported")
-                        attached = sorted(a.attached_at - killed for a in victims)
-                        lost = sorted(a.lost_at - killed for a in victims)
-                        log(f"bench: ha: streams lost min {lost[0]:.2f} s, max {lost[-1]:.2f} s")
-                        log(f"bench: ha: re-attached min {attached[0]:.2f} s, p50 {attached[len(attached) // 2]:.2f} s, "
-                            f"p99 {attached[int(0.99 * (len(attached) - 1))]:.2f} s")
-                        return [a.reported_at - killed for a in victims], time.monotonic() - killed
-                    finally:
-                        stop.set()
-                        for task in tasks:
-                            task.cancel()
-                        await asyncio.gather(*tasks, return_exceptions=True)
+                tasks = [asyncio.create_task(agent.run(stop)) for agent in agents]
+                try:
+                    await until(lambda: all(a.reported_to for a in agents), 300, "every agent reported")
+                    victims = [a for a in agents if a.reported_to == urls[0]]
+                    group[0].process.kill()
+                    killed = time.monotonic()
+                    await until(lambda: all(a.reported_to != urls[0] and a.reported_at > killed
+                                            for a in victims), 120, "every moved agent reported")
+                    attached = sorted(a.attached_at - killed for a in victims)
+                    lost = sorted(a.lost_at - killed for a in victims)
+                    log(f"bench: ha: streams lost min {lost[0]:.2f} s, max {lost[-1]:.2f} s")
+                    log(f"bench: ha: re-attached min {attached[0]:.2f} s, p50 {attached[len(attached) // 2]:.2f} s, "
+                        f"p99 {attached[int(0.99 * (len(attached) - 1))]:.2f} s")
+                    return [a.reported_at - killed for a in victims], time.monotonic() - killed
+                finally:
+                    stop.set()
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
 
             recoveries, total = asyncio.run(scenario())
         finally:

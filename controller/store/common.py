@@ -10,8 +10,9 @@ A backend (`controller.store.sqlite`, `controller.store.postgres`) offers:
   a transaction-scoped advisory lock shared by every replica); `revisions_since(n)`
   returns what other replicas committed after revision n (to catch up before building
   on the fabric); `commit(changes)` writes a `ChangeSet` and, on a shared store, appends
-  it to the revision log in the same transaction and returns its revision number.
-  Leaving the block commits; an exception rolls everything back;
+  it to the revision log in the same transaction and returns its revision number. It
+  commits, so it is the session's last step; an exception before or in it rolls
+  everything back, and leaving the block without it writes nothing;
 - `revisions_since(n)` outside a session and `wait_for_change(timeout)`: what a
   replica's follower reads (shared stores only);
 - `save_status(host, applied_generation, status)` and `host_statuses()`: agents' reports;

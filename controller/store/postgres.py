@@ -15,6 +15,9 @@ the meeting point:
   finds a gap reloads the whole fabric instead); `pg_notify` on
   `REVISIONS_CHANNEL` wakes the other replicas' followers when it commits. A follower
   also polls the log, so a lost notification costs one poll interval, never a change;
+- a write costs two round trips (`_PgWriteSession`: the lock and the log's head; then
+  the changes, the log entry, NOTIFY and COMMIT as one pipeline), and one more only
+  when another replica committed since this one's last revision;
 - tokens, revocations and agents' statuses are rows every replica reads.
 
 Connections: one per role (writes, token checks, LISTEN, the follower's reads, agents'
@@ -147,14 +150,21 @@ class PostgresStore:
             return _revisions_since(db, revision)
 
     def wait_for_change(self, timeout: float) -> bool:
-        """Block until another replica's commit is notified (True) or `timeout` passes."""
+        """Block until another replica's commit is notified (True) or `timeout` passes.
+
+        This replica's own commits notify too (the NOTIFY is in every commit); they are
+        skipped by the sending backend's pid: this replica applied them as it made them,
+        and waking its follower for each (a catch-up query, a status read, the fabric's
+        lock) would cost every write of a single busy replica."""
         connection = self._connections["listen"]
+        own = self._connections["write"].backend_pid
         with connection.use() as db:
             if connection.listening is not db:
                 db.execute(f"LISTEN {REVISIONS_CHANNEL}")
                 connection.listening = db
-            for _ in db.notifies(timeout=timeout, stop_after=1):
-                return True
+            for notification in db.notifies(timeout=timeout):
+                if notification.pid != own:
+                    return True
         return False
 
     def save_status(self, host: str, applied_generation: int, status: dict[str, Any]) -> None:
@@ -259,37 +269,62 @@ class PostgresStore:
 
 
 class _PgWriteSession:
-    """One fabric write: BEGIN, the fabric's advisory lock, catch-up reads, the commit."""
+    """One fabric write in two round trips: BEGIN, the fabric's advisory lock and the log's
+    head on entering; the change set, its revision log entry, NOTIFY and COMMIT in `commit`.
+
+    Why two: every round trip of a transaction that holds the fabric's lock is time every
+    replica's writers wait, and under CPU load each one costs a wake-up of the database
+    backend and of this thread. So each step sends its statements as one pipeline (psycopg
+    3's pipeline mode: one network exchange, the server running them in order, the first
+    error skipping the rest). The log's head (MAX(revision), read under the lock) tells
+    `revisions_since` whether another replica committed since this one's revision: most
+    writes find it did not and read nothing more; one that finds it did reads the new
+    revisions (one more round trip). With the head known, `commit` numbers its revision
+    itself (head + 1: no gaps, commit order, as the lock holder is the only writer).
+    """
 
     def __init__(self, store: PostgresStore):
         self.store = store
         self._use = store._connections["write"].use()
         self.db: psycopg.Connection | None = None
+        self.head = 0  # the log's last revision when the lock was granted
+        self.ended = False  # COMMIT sent with the change set (see `commit`)
 
     def __enter__(self) -> _PgWriteSession:
         self.db = self._use.__enter__()
         try:
-            with _mapped("the fabric's write lock"):
-                # One round trip (no parameters: the simple protocol takes several statements).
-                self.db.execute(f"BEGIN; SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}; "
-                                f"SELECT pg_advisory_xact_lock({FABRIC_LOCK})")
+            with _mapped("the fabric's write lock"), self.db.cursor() as head:
+                with self.db.pipeline():
+                    head.execute("BEGIN")
+                    head.execute(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}")
+                    head.execute("SELECT pg_advisory_xact_lock(%s)", (FABRIC_LOCK,))
+                    # Read after the lock is granted (read committed: a snapshot per
+                    # statement), so it sees every revision the lock's previous holders committed.
+                    head.execute("SELECT COALESCE(MAX(revision), 0) FROM revisions")
+                self.head = head.fetchone()[0]
         except BaseException as exc:
             self._end(type(exc), exc)
             raise
         return self
 
     def revisions_since(self, revision: int) -> list[Revision]:
+        if revision >= self.head:
+            return []  # nobody committed since: no round trip
         with _mapped("catching up"):
             return _revisions_since(self.db, revision)
 
     def commit(self, changes: ChangeSet) -> int | None:
-        """Write the change set and append it to the revision log (committed on exit)."""
+        """Write the change set, append it to the revision log and COMMIT, in one round
+        trip; the revision it got. Call it last in the session (as the SQLite session's
+        commit, it commits: nothing after it in the block can undo it). On any error
+        nothing is committed and leaving the block rolls back."""
         if changes.empty():
             return None
         db = self.db
-        with _mapped("commit"), db.cursor() as cursor:
+        revision = self.head + 1
+        with _mapped("commit"), db.pipeline(), db.cursor() as cursor:
             def many(statement: str, rows: list) -> None:
-                if rows:  # an empty list is no round trip
+                if rows:  # an empty list sends nothing; inside a pipeline, executemany rides it
                     cursor.executemany(statement, rows)
 
             # Deletes first: a change that frees and retakes one key must not trip on it.
@@ -311,15 +346,18 @@ class _PgWriteSession:
             many("INSERT INTO hosts_sync (host, generation, digest) VALUES (%s, %s, %s) "
                  "ON CONFLICT (host) DO UPDATE SET generation = excluded.generation, digest = excluded.digest",
                  [(row.host, row.generation, row.digest) for row in changes.put_hosts])
-            # Max + 1 under the fabric's lock: no gaps, numbered in commit order.
-            revision = cursor.execute(
-                "INSERT INTO revisions (revision, replica, created, changes) "
-                "SELECT COALESCE(MAX(revision), 0) + 1, %s, %s, %s FROM revisions RETURNING revision",
-                (self.store.replica, time.time(), changes.to_json())).fetchone()[0]
+            # Head + 1 under the fabric's lock: no gaps, numbered in commit order (the
+            # primary key refuses a number taken twice, should anything write outside it).
+            cursor.execute("INSERT INTO revisions (revision, replica, created, changes) VALUES (%s, %s, %s, %s)",
+                           (revision, self.store.replica, time.time(), changes.to_json()))
             cursor.execute("SELECT pg_notify(%s, %s)", (REVISIONS_CHANNEL, str(revision)))
             if revision % PRUNE_EVERY == 0:
                 # The log's head is all a follower needs; one further behind reloads.
                 cursor.execute("DELETE FROM revisions WHERE revision <= %s", (revision - self.store.keep_revisions,))
+            # In the same pipeline: after any error above the server skips this COMMIT,
+            # and the failed transaction is rolled back when the session ends.
+            cursor.execute("COMMIT")
+        self.ended = True
         return revision
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -328,10 +366,10 @@ class _PgWriteSession:
     def _end(self, exc_type, exc) -> None:
         failure = exc
         try:
-            if exc_type is None:
+            if exc_type is None and not self.ended:
                 with _mapped("commit"):
-                    self.db.execute("COMMIT")
-            else:
+                    self.db.execute("COMMIT")  # nothing written: ends the transaction, frees the lock
+            elif exc_type is not None:
                 with contextlib.suppress(psycopg.Error, StoreBusy):
                     with _mapped("rollback"):
                         self.db.execute("ROLLBACK")
@@ -374,6 +412,7 @@ class _Connection:
         self.lock = threading.Lock()
         self.db: psycopg.Connection | None = None
         self.listening: psycopg.Connection | None = None  # the connection that ran LISTEN
+        self.backend_pid = 0  # the server process of the current connection (0: none yet)
 
     @contextlib.contextmanager
     def use(self) -> Iterator[psycopg.Connection]:
@@ -385,6 +424,7 @@ class _Connection:
                                                   application_name=f"openhnv-controller ({self.role})")
                         if self.setup:
                             self.db.execute(self.setup)
+                        self.backend_pid = self.db.info.backend_pid
                     yield self.db
             except StoreUnavailable:
                 self._drop()

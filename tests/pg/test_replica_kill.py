@@ -13,7 +13,7 @@ import asyncio
 import time
 
 from tests.lib.controller import start_replicas
-from tests.lib.simulated_agents import SimulatedAgent, client_for, until
+from tests.lib.simulated_agents import SimulatedAgent, until
 
 AGENTS = 300
 
@@ -42,26 +42,25 @@ def _in_sync(controller) -> bool:
 async def _scenario(group, agents: list[SimulatedAgent]) -> float:
     first, second, third = group
     stop = asyncio.Event()
-    async with client_for(AGENTS) as client:
-        tasks = [asyncio.create_task(agent.run(client, stop)) for agent in agents]
-        try:
-            await until(lambda: all(a.reported_to == first.base_url for a in agents), 120,
-                         "every agent watching replica 1 and reported")
-            await until(lambda: _in_sync(third), 30, "replica 3 reads every host InSync", blocking=True)
-            before = {agent.host: agent.generation for agent in agents}
+    tasks = [asyncio.create_task(agent.run(stop)) for agent in agents]
+    try:
+        await until(lambda: all(a.reported_to == first.base_url for a in agents), 120,
+                     "every agent watching replica 1 and reported")
+        await until(lambda: _in_sync(third), 30, "replica 3 reads every host InSync", blocking=True)
+        before = {agent.host: agent.generation for agent in agents}
 
-            first.process.kill()  # kill -9: no goodbye on any stream
-            killed = time.monotonic()
-            await until(lambda: all(a.replica not in (None, first.base_url) and a.reported_to != first.base_url
-                                     for a in agents), 60, "every agent re-attached to another replica")
-            await until(lambda: _in_sync(second) and _in_sync(third), 30,
-                         "replicas 2 and 3 read every host InSync", blocking=True)
-            seconds = time.monotonic() - killed
-            # The other replicas served the same generation the killed one had.
-            assert {agent.host: agent.generation for agent in agents} == before
-            return seconds
-        finally:
-            stop.set()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        first.process.kill()  # kill -9: no goodbye on any stream
+        killed = time.monotonic()
+        await until(lambda: all(a.replica not in (None, first.base_url) and a.reported_to != first.base_url
+                                 for a in agents), 60, "every agent re-attached to another replica")
+        await until(lambda: _in_sync(second) and _in_sync(third), 30,
+                     "replicas 2 and 3 read every host InSync", blocking=True)
+        seconds = time.monotonic() - killed
+        # The other replicas served the same generation the killed one had.
+        assert {agent.host: agent.generation for agent in agents} == before
+        return seconds
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
