@@ -13,7 +13,10 @@ tokens=$src/.vagrant/openhnv/tokens
 
 hosts=()
 for entry in ${table//,/ }; do hosts+=(--host "${entry%%=*}"); done
-install -d -o openhnv -g openhnv -m 0700 /var/lib/openhnv "$state"
+# The parent stays root's and 0755: the agent (root, but without CAP_DAC_OVERRIDE) has
+# its own state directory beside the controller's on a host that runs both.
+install -d -m 0755 /var/lib/openhnv
+install -d -o openhnv -g openhnv -m 0700 "$state"
 # init keeps an existing admin token and mints the missing host tokens: safe to re-run.
 # It also creates the CA and the server certificate once (an existing one is kept).
 runuser -u openhnv -- /opt/openhnv/bin/hnv-controller init --state-dir "$state" "${hosts[@]}" \

@@ -30,19 +30,32 @@ hostnamectl set-hostname "$name"
 
 # --- packages and openhnv ----------------------------------------------------------------
 export DEBIAN_FRONTEND=noninteractive
-if ! dpkg-query -W -f='${Status}' python3-venv 2>/dev/null | grep -q 'ok installed'; then
+# Every package the provisioning scripts use, installed only when one is missing (a box
+# may have some and not others).
+missing=$(for package in python3-venv python3-pip iproute2 iputils-ping tcpdump curl; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || echo "$package"
+done)
+if [ -n "$missing" ]; then
     apt-get update -q
-    apt-get install -y -q --no-install-recommends python3-venv python3-pip iproute2 iputils-ping tcpdump curl
+    # shellcheck disable=SC2086 # one word per package
+    apt-get install -y -q --no-install-recommends $missing
 fi
 [ -x $venv/bin/python ] || python3 -m venv $venv
 # A copy, not an editable install: the daemons must not depend on the synced folder.
-$venv/bin/pip install -q --upgrade "$src"
+# Hosts without internet access: a wheelhouse in the project directory (made on the
+# Vagrant host as docs/operating.md's build-machine step does:
+# `python3 -m pip wheel --wheel-dir wheelhouse .`) is used instead of PyPI.
+if [ -d "$src/wheelhouse" ]; then
+    $venv/bin/pip install -q --upgrade --no-index --find-links "$src/wheelhouse" openhnv
+else
+    $venv/bin/pip install -q --upgrade "$src"
+fi
 for cmd in hnv-agent hnv-controller hnvctl; do ln -sf $venv/bin/$cmd /usr/local/bin/$cmd; done
 
 # --- systemd units, modules, users ----------------------------------------------------------
 install -m 0644 $src/systemd/hnv-agent.service $src/systemd/hnv-controller.service /etc/systemd/system/
-install -m 0644 $src/systemd/modules-load.d/openhnv.conf /etc/modules-load.d/openhnv.conf
-install -m 0644 $src/systemd/sysusers.d/openhnv.conf /etc/sysusers.d/openhnv.conf
+install -D -m 0644 $src/systemd/modules-load.d/openhnv.conf /etc/modules-load.d/openhnv.conf
+install -D -m 0644 $src/systemd/sysusers.d/openhnv.conf /etc/sysusers.d/openhnv.conf
 systemd-sysusers
 systemctl restart systemd-modules-load.service
 systemctl daemon-reload
