@@ -54,6 +54,10 @@ for cmd in hnv-agent hnv-controller hnvctl; do ln -sf $venv/bin/$cmd /usr/local/
 
 # --- systemd units, modules, users ----------------------------------------------------------
 install -m 0644 $src/systemd/hnv-agent.service $src/systemd/hnv-controller.service /etc/systemd/system/
+# The lab's tenant VMs are network namespaces the agent makes: the drop-in lets the
+# unit mount them (docs/operating.md, "Installing on a host").
+install -D -m 0644 $src/systemd/hnv-agent.service.d/lab-namespaces.conf \
+    /etc/systemd/system/hnv-agent.service.d/lab-namespaces.conf
 install -D -m 0644 $src/systemd/modules-load.d/openhnv.conf /etc/modules-load.d/openhnv.conf
 install -D -m 0644 $src/systemd/sysusers.d/openhnv.conf /etc/sysusers.d/openhnv.conf
 systemd-sysusers
