@@ -235,11 +235,11 @@ class Compiler:
         return LookupRecord(vsid=vsid_of[gateway.vm_subnet], ca=gateway.back_end_ca, mac=gateway.back_end_mac,
                             pa=pa.address, type=RecordType.GatewayWildcard, vm_name=gateway.name)
 
-    def _gateway_role(self, host_name: str) -> GatewayRole | None:
+    def _gateway_role(self, host_name: str, service: Any, gateways: list) -> GatewayRole | None:
         """What a host of a gateway service holds: the front-end and one leg per VM
-        network that leaves through it (nat with a NAT connection, or forwarding)."""
+        network that leaves through it (nat with a NAT connection, or forwarding).
+        `service` is the host's (None: not a gateway host), `gateways` the service's."""
         inv = self.inventory
-        service = service_of_host(inv, host_name)
         if service is None:
             return None
         site = inv.get(Kind.network_site, service.front_end_site)
@@ -248,7 +248,7 @@ class Compiler:
         front_end = FrontEnd(logical_network=site.logical_network, vlan=vlan, subnet=pool.subnet,
                              gateway=pool.gateway)
         legs = []
-        for gateway in gateways_of_service(inv, service.name):
+        for gateway in gateways:
             if gateway.connectivity is Connectivity.none:
                 continue
             subnet = inv.get(Kind.vm_subnet, f"{gateway.vm_network}/{gateway.vm_subnet}")
@@ -281,13 +281,6 @@ class Compiler:
             return previous
         self._roles[host_name] = role
         return role
-
-    def served_networks(self, host_name: str) -> set[str]:
-        """The VM networks a gateway host serves (none for any other host)."""
-        service = service_of_host(self.inventory, host_name)
-        if service is None:
-            return set()
-        return {g.vm_network for g in gateways_of_service(self.inventory, service.name)}
 
     def _port(self, vm: Any, subnet: VmSubnet, isolation: Isolation) -> VmPort:
         virtualised = isolation is Isolation.WindowsNetworkVirtualization
@@ -322,10 +315,13 @@ class Compiler:
             vm = vm_objects[name]
             items.append((vm, inv.get(Kind.vm_network, vm.vm_network),
                           inv.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")))
+        # A gateway host also holds the routing domain of every VM network its service serves.
+        service = service_of_host(inv, host_name)
+        gateways = gateways_of_service(inv, service.name) if service is not None else []
         nv_networks = sorted({network.name for _, network, _ in items
                               if network.isolation is Isolation.WindowsNetworkVirtualization}
-                             | self.served_networks(host_name))
-        role = self._gateway_role(host_name)
+                             | {gateway.vm_network for gateway in gateways})
+        role = self._gateway_role(host_name, service, gateways)
         domains = tuple(self.routing_domain(name) for name in nv_networks)
         pa_leases = tuple(inv.pa_leases.get((host_name, name)) for name in nv_networks)
         transport = transport_of(inv, host)
