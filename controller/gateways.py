@@ -34,11 +34,15 @@ def service_of(inventory: Any, gateway: Gateway) -> GatewayService | None:
     return inventory.get(Kind.gateway_service, gateway.gateway_service)
 
 
-def gateway_hosts_of_network(inventory: Any, vm_network: str) -> set[str]:
-    """Every host of the gateway service that serves this VM network (active and standby)."""
-    gateway = gateway_of_network(inventory, vm_network)
+def service_hosts(inventory: Any, gateway: Gateway | None) -> set[str]:
+    """Every host (active and standby) of the gateway service a gateway belongs to."""
     service = service_of(inventory, gateway) if gateway is not None else None
     return set(service.hosts) if service is not None else set()
+
+
+def gateway_hosts_of_network(inventory: Any, vm_network: str) -> set[str]:
+    """Every host of the gateway service that serves this VM network (active and standby)."""
+    return service_hosts(inventory, gateway_of_network(inventory, vm_network))
 
 
 def service_of_host(inventory: Any, host: str) -> GatewayService | None:

@@ -35,6 +35,7 @@ from controller.gateways import (
     gateways_of_service,
     nat_connection_of,
     nat_rules_of,
+    service_hosts,
     service_of_host,
 )
 from controller.inventory import SPACE_MAC, Tx
@@ -278,9 +279,7 @@ class GatewayRules(Builders):
         return None, _Scope(networks={connection.vm_network}, hosts=self._service_hosts_of(connection.gateway))
 
     def _service_hosts_of(self, gateway_name: str) -> set[str]:
-        gateway = self.inventory.get(Kind.gateway, gateway_name)
-        service = self.inventory.get(Kind.gateway_service, gateway.gateway_service) if gateway else None
-        return set(service.hosts) if service is not None else set()
+        return service_hosts(self.inventory, self.inventory.get(Kind.gateway, gateway_name))
 
     def _create_nat_rule(self, tx: Tx, spec) -> tuple[Any, _Scope]:
         what = f"NAT rule {spec.name}"
