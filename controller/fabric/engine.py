@@ -519,9 +519,7 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, Pat
                 continue
             digest, body = compiler.serialise(state)
             generation = row.generation if row is not None else 0
-            state = state.model_copy(update={"generation": generation, "fabric": self.fabric_id})
-            entries[name] = HostEntry(generation, row.digest if row else digest, state,
-                                      tuple(body.pieces(generation, self.fabric_id)), time.monotonic())
+            entries[name] = self._entry(state, generation, row.digest if row else digest, body)
         # Why this order: the new committed view and entries replace the old ones in two
         # assignments, then statuses, then the watchers are woken.
         gone = set(self.entries) - set(entries)
@@ -681,6 +679,10 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, Pat
         return bumped
 
     def _set_entry(self, name: str, state: HostState, generation: int, digest: str, body: Serialised) -> None:
+        self.entries[name] = self._entry(state, generation, digest, body)
+
+    def _entry(self, state: HostState, generation: int, digest: str, body: Serialised) -> HostEntry:
+        """What watchers are served: the compiled state stamped with its generation and
+        this fabric's id (neither is part of the digest)."""
         state = state.model_copy(update={"generation": generation, "fabric": self.fabric_id})
-        self.entries[name] = HostEntry(generation, digest, state, tuple(body.pieces(generation, self.fabric_id)),
-                                       time.monotonic())
+        return HostEntry(generation, digest, state, tuple(body.pieces(generation, self.fabric_id)), time.monotonic())
