@@ -275,17 +275,21 @@ def reconciles(agent: Agent) -> list[tuple[float, float, str, int]]:
 
 
 def repair_after(agent: Agent, since: float) -> tuple[float, float, float]:
-    """For the first reconcile with work to do that started after ``since``: its start and
-    end after ``since``, and its start after the agent was free to begin it (the end of a
-    reconcile already running at ``since``, or ``since``). Waits for its log line, which
-    is written when the reconcile ends, a little after the repaired object is back."""
+    """For the first reconcile with work to do that ended after ``since``: its start and
+    end after ``since``, and its start after the agent was free to begin it (the end of
+    another reconcile already running at ``since``, or ``since``; 0 when the repairing
+    one was itself already running and read the kernel after the deletion: under
+    emulation its observe takes long enough for that, as CI once saw). Waits for its log
+    line, which is written when the reconcile ends, a little after the repaired object
+    is back."""
 
     def find() -> tuple[float, float, float] | None:
         runs = reconciles(agent)
-        free = max([since] + [end for start, end, _, _ in runs if start < since < end])
-        for start, end, _, planned in runs:
-            if start >= since and planned > 0:
-                return start - since, end - since, start - free
+        for index, (start, end, _, planned) in enumerate(runs):
+            if end > since and planned > 0:
+                free = max([since] + [e for i, (s, e, _, _) in enumerate(runs)
+                                      if i != index and s < since < e])
+                return start - since, end - since, max(0.0, start - free)
         return None
 
     return wait_until(find, timeout=60, what=f"the repairing reconcile in the log of {agent.host}")

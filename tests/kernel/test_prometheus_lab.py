@@ -84,8 +84,11 @@ def test_prometheus_scrapes_every_target_and_fires_agent_down(clean_lab):
             wait_for(f"{metric} series for every host", every_host, timeout=60)
         except AssertionError:
             raise AssertionError(f"{metric}: series for {sorted(seen[0])}, expected {sorted(HOSTS)}") from None
-    database = prometheus.query(TOPOLOGY, "hnv_controller_database_up")
-    assert [r["value"][1] for r in database] == ["1"]
+    # The controller's own series, waited for the same way (CI once queried it between
+    # the controller's `up` and its first samples).
+    wait_for("hnv_controller_database_up == 1",
+             lambda: [r["value"][1] for r in prometheus.query(TOPOLOGY, "hnv_controller_database_up")] == ["1"],
+             timeout=60)
     assert not [a for a in prometheus.firing_alerts(TOPOLOGY) if a["labels"]["alertname"] == "HnvAgentDown"]
 
     # One agent stops: its alert fires, for it alone.
