@@ -37,13 +37,17 @@ DEB_PACKAGES := python3 python3-venv python3-pip \
 	prometheus mmdebstrap e2fsprogs \
 	postgresql libpq5 libpq-dev gcc python3-dev
 
-.PHONY: help setup debs venv test unit netns pg kernel multikernel system demo bench features clean
+# The vagrant tier only (`make vagrant`, not part of `make test`): libvirt's daemon for
+# vagrant-libvirt, and qemu-img for the box made from the host image.
+VAGRANT_DEB_PACKAGES := libvirt-daemon-system libvirt-clients qemu-utils dnsmasq-base
+
+.PHONY: help setup debs venv test unit netns pg kernel multikernel system vagrant vagrant-debs demo bench features clean
 
 help:
 	@echo "make demo     set up, then run the lab walkthrough"
 	@echo "make test     set up, then run the unit, netns, pg, kernel and multikernel tiers"
 	@echo "make bench    set up, then run the benchmarks"
-	@echo "make unit | netns | pg | kernel | multikernel | system   one tier only (after set-up)"
+	@echo "make unit | netns | pg | kernel | multikernel | system | vagrant   one tier only (after set-up)"
 	@echo "make features show which kernel features the running kernel has"
 
 setup: debs venv
@@ -51,7 +55,7 @@ setup: debs venv
 # One dpkg-query for all packages (a few ms); apt-get runs only when something is missing.
 # dpkg-query prints a line per known package ("name install ok installed"); unknown ones
 # only on stderr, so they end up in the missing list too.
-debs:
+debs vagrant-debs:
 	@if ! command -v dpkg-query >/dev/null 2>&1; then \
 		echo "setup: not a Debian system; install by hand: $(DEB_PACKAGES)"; exit 0; \
 	fi; \
@@ -81,6 +85,10 @@ test: setup
 	$(PY) -m tests.run_tiers unit netns pg kernel multikernel
 
 unit netns pg kernel multikernel system: setup
+	$(PY) -m tests.run_tiers $@
+
+vagrant: setup
+	@$(MAKE) --no-print-directory vagrant-debs DEB_PACKAGES="$(VAGRANT_DEB_PACKAGES)"
 	$(PY) -m tests.run_tiers $@
 
 features: venv

@@ -30,10 +30,10 @@ from pathlib import Path
 from netns_lab import features, vm
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-# multikernel and system boot their own VMs (one kernel per host: netns_lab.multivm, and
-# netns_lab.bootlab's hosts booted with systemd) from this machine: they run here, never
-# inside the kernel tier's VM.
-TIERS = ("unit", "netns", "pg", "kernel", "multikernel", "system")
+# multikernel, system and vagrant boot their own VMs (one kernel per host: netns_lab.multivm,
+# netns_lab.bootlab's hosts booted with systemd, and the Vagrantfile's machines under
+# libvirt) from this machine: they run here, never inside the kernel tier's VM.
+TIERS = ("unit", "netns", "pg", "kernel", "multikernel", "system", "vagrant")
 
 
 @dataclass
