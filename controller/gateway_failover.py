@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from controller.fabric import Fabric
-from controller.models import GatewayService, Kind
+from controller.models import FabricError, GatewayService, Kind
 from controller.store import StoreBusy
 
 log = logging.getLogger("openhnv.controller.gateway_failover")
@@ -102,6 +102,7 @@ class GatewayFailover:
         self.clock = clock
         self.failovers: dict[str, int] = {}  # service -> moves this replica made
         self._blocked: set[str] = set()  # services whose active host is silent with no host to move to
+        self._refused: dict[str, str] = {}  # service -> why its last move was refused (logged once)
         self._quiet_until = clock() + grace
         self._store_failing = False
         self._stop = threading.Event()
@@ -167,7 +168,17 @@ class GatewayFailover:
                             service.active, silent)
             return
         self._blocked.discard(service.name)
-        moved = self.fabric.move_gateway_role(service.name, self._decide_again)
+        try:
+            moved = self.fabric.move_gateway_role(service.name, self._decide_again)
+        except FabricError as exc:
+            # Refused (the service no longer validates) or the store busy: logged once
+            # per reason, tried again next round.
+            if self._refused.get(service.name) != exc.reason:
+                self._refused[service.name] = exc.reason
+                log.warning("event=gateway_failover_refused service=%s active=%s status=%d reason=%r", service.name,
+                            service.active, exc.status, exc.reason)
+            return
+        self._refused.pop(service.name, None)
         if moved is None:
             return  # another replica moved it first, or the host came back meanwhile
         self.failovers[service.name] = self.failovers.get(service.name, 0) + 1
