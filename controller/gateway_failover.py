@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+from agent.logfmt import quote
 from controller.fabric import Fabric
 from controller.models import FabricError, GatewayService, Kind
 from controller.store import StoreBusy
@@ -122,7 +123,7 @@ class GatewayFailover:
             try:
                 self.tick()
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any one failure
-                log.exception("event=gateway_failover_error reason=%r", f"{type(exc).__name__}: {exc}")
+                log.exception("event=gateway_failover_error reason=%s", quote(f"{type(exc).__name__}: {exc}"))
 
     def last_heard(self) -> dict[str, float]:
         """Host -> when any replica last heard from its agent (seen or status)."""
@@ -143,7 +144,7 @@ class GatewayFailover:
             heard = self.last_heard()
         except StoreBusy as exc:
             if not self._store_failing:
-                log.warning("event=gateway_failover_paused reason=%r", f"the store did not answer: {exc}")
+                log.warning("event=gateway_failover_paused reason=%s", quote(f"the store did not answer: {exc}"))
             self._store_failing = True
             self._quiet_until = now + self.grace
             return
@@ -163,9 +164,8 @@ class GatewayFailover:
         if failover_decision(service, heard, now, self.after) is None:
             if service.name not in self._blocked:
                 self._blocked.add(service.name)
-                log.warning("event=gateway_failover_blocked service=%s active=%s silent_s=%.1f "
-                            "reason=\"no other host of the service is reporting\"", service.name,
-                            service.active, silent)
+                log.warning("event=gateway_failover_blocked service=%s active=%s silent_s=%.1f reason=%s",
+                            service.name, service.active, silent, quote("no other host of the service is reporting"))
             return
         self._blocked.discard(service.name)
         try:
@@ -175,15 +175,15 @@ class GatewayFailover:
             # per reason, tried again next round.
             if self._refused.get(service.name) != exc.reason:
                 self._refused[service.name] = exc.reason
-                log.warning("event=gateway_failover_refused service=%s active=%s status=%d reason=%r", service.name,
-                            service.active, exc.status, exc.reason)
+                log.warning("event=gateway_failover_refused service=%s active=%s status=%d reason=%s", service.name,
+                            service.active, exc.status, quote(exc.reason))
             return
         self._refused.pop(service.name, None)
         if moved is None:
             return  # another replica moved it first, or the host came back meanwhile
         self.failovers[service.name] = self.failovers.get(service.name, 0) + 1
-        log.warning("event=gateway_failover service=%s from=%s to=%s silent_s=%.1f after_s=%g reason=%r",
-                    service.name, service.active, moved.active, silent, self.after, moved.active_reason)
+        log.warning("event=gateway_failover service=%s from=%s to=%s silent_s=%.1f after_s=%g reason=%s",
+                    service.name, service.active, moved.active, silent, self.after, quote(moved.active_reason))
 
     def _decide_again(self, service: GatewayService) -> tuple[str, str] | None:
         """The decision, inside the write serialisation: the service as committed by

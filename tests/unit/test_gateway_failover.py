@@ -143,6 +143,7 @@ def test_the_role_moves_to_the_reporting_standby_when_the_active_agent_stops(ctl
 def test_no_move_when_no_other_host_reports(ctl, agents, caplog):
     caplog.set_level(logging.INFO, logger="openhnv.controller.gateway_failover")
     agents.start("CON-GW1")
+    hold(2 * AFTER)  # the controller hears CON-GW1 for a few rounds
     generation = ctl.admin.get("/v1/hosts/CON-HyperV6").json()["desired_generation"]
     agents.stop("CON-GW1")  # CON-GW2's agent never reported
     wait_until(lambda: any("event=gateway_failover_blocked" in r.getMessage() for r in caplog.records),
