@@ -126,9 +126,10 @@ def test_the_role_moves_to_the_reporting_standby_when_the_active_agent_stops(ctl
     gateways = hnvctl.ok("gateway", "list").splitlines()
     assert gateways[0].split()[-1] == "ActiveHost"
     assert all(line.split()[-1] == "CON-GW2" for line in gateways[2:]), gateways
-    shown = dict(line.split(" : ", 1) for line in hnvctl.ok("gateway", "show", "Fabrikam2_Gateway").splitlines())
-    assert shown["ActiveHost        "] == "CON-GW2"
-    assert shown["ActiveReason      "].startswith("failover: CON-GW1's agent silent for ")
+    shown = {name.strip(): value for name, value in
+             (line.split(" : ", 1) for line in hnvctl.ok("gateway", "show", "Fabrikam2_Gateway").splitlines())}
+    assert shown["ActiveHost"] == "CON-GW2"
+    assert shown["ActiveReason"].startswith("failover: CON-GW1's agent silent for ")
 
     # CON-GW1 comes back: it does not take the role back by itself.
     agents.start("CON-GW1")
