@@ -410,10 +410,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.gateway_failover_after:
         # A watch stream to a host that vanished (power cut: no FIN, no RST) would look
         # open for the kernel's ~15 minutes of retransmissions, and its host would never
-        # look silent. Heartbeats are data: unacknowledged for this long, the connection
-        # is dropped, so a lost gateway host is failed over within about 1.5 x the
-        # failover time plus one heartbeat. Accepted connections inherit it (Linux).
-        user_timeout_ms = int(max(1.0, args.gateway_failover_after / 2) * 1000)
+        # look silent. Heartbeats are data: unacknowledged for the failover time, the
+        # connection is dropped, so a lost gateway host is failed over within about twice
+        # the failover time plus one heartbeat. Not shorter: an agent that is alive but
+        # slow to read gets as long as failover itself tolerates. Accepted connections
+        # inherit it (Linux).
+        user_timeout_ms = int(max(1.0, args.gateway_failover_after) * 1000)
         listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
     server.run(sockets=[listening])
     return 0 if server.started else 3  # uvicorn's own code for a server that never started
