@@ -25,13 +25,16 @@ the protocol; this module manages it like a kernel object:
 dnsmasq binds to the bridge alone (``interface`` + ``bind-interfaces``, so several
 instances share port 67 and each is bound to its device, which works inside a VRF: the
 socket is bound to the VRF's port, the bridge, which owns the gateway address the
-replies come from). It leaves no lease file (``leasefile-ro``) and is authoritative, so
+replies come from). Replies to a client with no address yet are always broadcast (``dhcp-broadcast``): a
+unicast reply would have dnsmasq write the VM's ARP entry itself, over the agent's
+permanent neighbour for that CA. It leaves no lease file (``leasefile-ro``) and is
+authoritative, so
 a VM that renews or rebinds at a host whose server never saw it (after a migration, or
 after a restart) is answered from the static entry and keeps its address.
 
 Nothing DHCP enters a tunnel: a VM's broadcast never reaches a tunnel port (bcast_flood
 off, see agent.kernel_model), but a bridge floods a broadcast it sends itself (a reply to
-a client that set the broadcast flag) to every port whatever the flood flags say. So,
+any client: see above) to every port whatever the flood flags say. So,
 while any server runs, the nftables table ``bridge openhnv_dhcp`` drops DHCP and DHCPv6
 (UDP 67, 68, 546, 547) leaving through a tunnel port (``hnvt*``, ``hnvx*``), both what
 the host sends and what it forwards. It is checked and repaired like the servers.
@@ -164,6 +167,11 @@ def desired_servers(state: HostState, run_dir: Path) -> dict[str, DhcpServer]:
             "leasefile-ro",
             "dhcp-authoritative",
             "no-ping",
+            # Replies to a client without an address are broadcast: a unicast one would
+            # make dnsmasq write the VM's ARP entry itself (SIOCSARP), turning the agent's
+            # permanent neighbour for that CA stale: drift, repaired on every exchange.
+            # The guard keeps these broadcasts out of the tunnels.
+            "dhcp-broadcast",
             f"dhcp-range={subnet.prefix.network_address},static,{subnet.prefix.netmask},{lease}",
             "dhcp-ignore=tag:!known",
             *options,

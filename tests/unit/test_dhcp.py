@@ -53,6 +53,7 @@ def test_a_bridge_with_a_vm_gets_a_static_only_server_with_gateway_dns_mtu_and_l
     assert "dhcp-option=option:router,192.168.0.1" in lines
     assert "dhcp-option=option:dns-server,10.0.0.53,10.0.0.54" in lines
     assert "dhcp-option=option:mtu,1458" in lines  # provider 1500 - 42 of NVGRE over IPv4
+    assert "dhcp-broadcast" in lines  # never SIOCSARP over the agent's permanent neighbour
     assert "port=0" in lines  # DHCP only, no DNS service on the tenant's bridge
     assert f"dhcp-hostsfile={ServerFiles(tmp_path, BRIDGE).hosts}" in lines
     assert found[BRIDGE].hosts == f"{MAC},192.168.0.10\n"
