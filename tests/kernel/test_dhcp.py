@@ -2,9 +2,10 @@
 
 The agent lab of tests/kernel/agentlab.py (two hosts, a trunked switch, tenant VMs in
 namespaces), both hosts reconciled with a Reconciler; Fabrikam2's first subnet carries
-DNS servers and a lease time. The VMs run busybox udhcpc (-B: the broadcast flag, the
-case where a bridge would flood its own reply into the tunnels) with a script that
-configures eth0 as a real client does and logs what it was given. The tests run in file
+DNS servers and a lease time. The VMs run busybox udhcpc (-B: the broadcast flag, as
+Windows sets it; the servers broadcast their replies anyway, which a bridge would flood
+into the tunnels without the guard) with a script that configures eth0 as a real client
+does and logs what it was given. The tests run in file
 order and share the lab.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from agent.reconcile import Reconciler
 from agent.state import parse_host_state
 from tests.kernel.agentlab import F2_VSID, F3_VSID, AgentLab
 from tests.kernel.test_agent_e2e import capture_trunks, read_all
+from tests.kernel.test_prometheus_lab import wait_for
 from tests.lib.netns import NamespaceFactory
 from tests.lib.nvgre import IPPROTO_GRE, decode_nvgre
 
@@ -35,16 +36,6 @@ DHCP_PORTS = {67, 68}
 UNKNOWN_MAC = "00:15:5d:99:99:99"
 NEW_VM = ("vmA2new", "00:15:5d:00:02:2a", "192.168.0.20")
 WAIT_S = 60  # for a condition under TCG emulation on a loaded machine
-
-
-def wait_for(condition, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def state_a(lab: AgentLab, generation: int, extra_ports: tuple[dict, ...] = (), without: tuple[str, ...] = ()):
@@ -205,18 +196,19 @@ def test_a_killed_server_is_restarted_and_a_running_client_renews_its_address(la
     client = vm.popen("busybox", "udhcpc", "-i", "eth0", "-f", "-B", "-O", "mtu", "-T", "2",
                       "-s", str(script))
     try:
-        wait_for(lambda: any(line.startswith("bound ip=192.168.0.10 ") for line in events(log)), "the first lease")
+        wait_for("the first lease", lambda: any(line.startswith("bound ip=192.168.0.10 ") for line in events(log)),
+                 WAIT_S)
         old = server_pid(lab, F2_VSID)
         os.kill(old, signal.SIGKILL)
-        wait_for(lambda: not alive(old), "dnsmasq to die")
+        wait_for("dnsmasq to die", lambda: not alive(old), WAIT_S)
         result = lab.reconcilers["a"].reconcile(state_a(lab, lab.generation))  # the periodic drift repair
         assert result.errors == [], result.errors
         assert f"start dhcp {naming.vsid_bridge(F2_VSID)} not running" in result.plan.describe()
         new = server_pid(lab, F2_VSID)
         assert new != old and alive(new)
         client.send_signal(signal.SIGUSR1)  # renew now
-        wait_for(lambda: any(line.startswith("renew ip=192.168.0.10 ") for line in events(log)),
-                 "the renewal at the restarted server")
+        wait_for("the renewal at the restarted server",
+                 lambda: any(line.startswith("renew ip=192.168.0.10 ") for line in events(log)), WAIT_S)
         assert vm.ping("192.168.0.11", count=2), "the renewed VM lost its network"
     finally:
         client.terminate()
@@ -227,7 +219,7 @@ def test_a_bridge_without_vm_loses_its_server(lab):
     pid = server_pid(lab, F3_VSID)
     result = reconcile_a(lab, without=("vmA3",))
     assert f"stop dhcp {naming.vsid_bridge(F3_VSID)}" in result.plan.describe(), result.plan.describe()
-    wait_for(lambda: not alive(pid), "Fabrikam3's dnsmasq to exit")
+    wait_for("Fabrikam3's dnsmasq to exit", lambda: not alive(pid), WAIT_S)
     assert not server_files(lab, F3_VSID).config.exists()
     assert alive(server_pid(lab, F2_VSID)), "Fabrikam2's server must keep running"
     # Still in sync: nothing more to do.
