@@ -306,6 +306,8 @@ class DhcpManager:
             return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=START_TIMEOUT_S)
         except OSError as exc:  # nft (or ip) not installed: a failed command, reported by apply
             return subprocess.CompletedProcess(argv, 127, "", f"{argv[0]}: {exc.strerror}")
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(argv, 124, "", f"{NFT}: no answer within {START_TIMEOUT_S:g} s")
 
     def _guard_op(self, wanted: bool) -> Op | None:
         if not wanted and not self.run_dir.is_dir():

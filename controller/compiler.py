@@ -7,7 +7,8 @@ For a host with a virtual switch:
 - provider: the transport site (VLAN, subnet), its pool's gateway, the logical
   network's MTU and encapsulation, and this host's PAs (one per routing domain here);
 - routing_domains: every network-virtualised VM network with a VM on this host, with
-  all its VM subnets (each with its pool's gateway and DNS servers, for DHCP); vlan_networks: every VLAN VM network with a VM here;
+  all its VM subnets (each with its pool's gateway and DNS servers, for DHCP);
+  vlan_networks: every VLAN VM network with a VM here;
 - ports: every VM on this host;
 - records: for each routing domain here, every VM of that VM network anywhere (Static:
   CA, MAC, the PA of the VM's host) and one Gateway record per VM subnet; with an HNV
