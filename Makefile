@@ -35,7 +35,8 @@ DEB_PACKAGES := python3 python3-venv python3-pip \
 	iproute2 iputils-ping tcpdump procps util-linux \
 	systemd vagrant vagrant-libvirt graphviz iperf3 \
 	prometheus mmdebstrap e2fsprogs \
-	postgresql libpq5 libpq-dev gcc python3-dev
+	postgresql libpq5 libpq-dev gcc python3-dev \
+	dnsmasq-base nftables
 
 # The vagrant tier only (`make vagrant`, not part of `make test`): libvirt's daemon for
 # vagrant-libvirt, and qemu-img for the box made from the host image.

@@ -19,6 +19,10 @@ applying becomes an ``ObjectError`` of kind ``host`` in the result; the sockets 
 closed, so the next reconcile starts on fresh ones. An interrupted read is first taken
 again, up to ``DUMP_ATTEMPTS`` times, as ``ip`` does.
 
+After the kernel, it reconciles the host's DHCP servers (agent.dhcp: one dnsmasq per
+VSID bridge with local VMs, files under ``run_dir``); their operations join the plan as
+kind ``dhcp`` and their failures the errors as kind ``dhcp``.
+
 It may not talk netlink itself (agent.observe reads, agent.apply writes) nor decide
 what the kernel should hold (agent.plan).
 """
@@ -28,12 +32,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyroute2.config
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
 from agent.apply import Applier, ObjectError
+from agent.dhcp import DhcpManager, run_dir_for
 from agent.kernel_model import KernelState
 from agent.netlink_batch import NeighbourSocket
 from agent.observe import observe, read_tunnel_stats
@@ -68,8 +74,10 @@ class ReconcileResult:
 class Reconciler:
     """Observe + plan + apply for one network namespace (None: the agent's own)."""
 
-    def __init__(self, netns: str | None = None):
+    def __init__(self, netns: str | None = None, run_dir: Path | None = None):
         self.netns = netns
+        # The DHCP servers (agent.dhcp) keep their files here; one directory per namespace.
+        self.dhcp = DhcpManager(netns, run_dir or run_dir_for(netns))
         self._ipr: IPRoute | None = None
         self._records: NeighbourSocket | None = None
 
@@ -100,7 +108,8 @@ class Reconciler:
 
     def plan(self, desired: HostState) -> Plan:
         """What reconcile would do now: observe and diff, no writes."""
-        return diff(desired_kernel_state(desired), self.observe())
+        plan = diff(desired_kernel_state(desired), self.observe())
+        return Plan(ops=plan.ops + tuple(self.dhcp.plan(desired)), desired=plan.desired)
 
     def reconcile(self, desired: HostState) -> ReconcileResult:
         started = time.monotonic()
@@ -118,6 +127,13 @@ class Reconciler:
             # Per-object refusals are ObjectErrors inside apply; this is the socket or the
             # namespace itself (its first dump of links, a batch send that broke off).
             return self._failed(desired, want, started, "applying the plan", exc, plan)
+        # Why after the kernel: a DHCP server binds to its bridge, which must exist, be up
+        # and hold the gateway address first.
+        dhcp_ops = self.dhcp.plan(desired)
+        dhcp_applied, dhcp_errors = self.dhcp.apply(dhcp_ops)
+        applied += dhcp_applied
+        errors = [*errors, *dhcp_errors]
+        plan = Plan(ops=plan.ops + tuple(dhcp_ops), desired=plan.desired)
         result = ReconcileResult(
             generation=desired.generation, planned=len(plan), applied=applied, errors=errors,
             duration_s=time.monotonic() - started, objects_by_kind=want.counts(), plan=plan,

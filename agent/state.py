@@ -15,6 +15,8 @@ anything is touched:
 - a tenant MTU plus the encapsulation overhead fits the provider MTU (never fragment
   silently);
 - a routing domain (VM network) is IPv4 or IPv6, never both;
+- a VM subnet's DNS servers (for DHCP) are unicast, of its family, each once; its DHCP
+  lease time lies in 120 s..1 year;
 - a customer route's next hop lies inside a subnet of its routing domain;
 - the HNV gateway (`gateway`, on gateway hosts only): each leg belongs to a routing
   domain of the host, its back-end port lies in one of that domain's subnets, its
@@ -63,6 +65,9 @@ VSID_MAX = 16_777_214
 VLAN_MIN = 1
 VLAN_MAX = 4094
 IFNAMSIZ = 15  # usable bytes of a Linux interface name (IFNAMSIZ 16 minus the NUL)
+MAX_DNS_SERVERS = 8  # per VM subnet: what DHCP option 6 carries to a VM
+LEASE_TIME_MIN = 120  # seconds; dnsmasq's own floor
+LEASE_TIME_MAX = 365 * 24 * 3600
 
 # Bytes an encapsulated tenant frame adds to the provider packet. The inner Ethernet
 # header (14) travels inside the tunnel, so it counts against the provider MTU too.
@@ -309,11 +314,23 @@ class VmSubnet(_Model):
     prefix: IPvAnyNetwork
     gateway: IPvAnyAddress | None = None
     mtu: int | None = Field(default=None, ge=576, le=9216)
+    # DHCP (agent.dhcp): the DNS servers of the subnet's IP pool, and the lease time
+    # (None: DEFAULT_LEASE_TIME). dnsmasq refuses leases under two minutes.
+    dns_servers: tuple[IPvAnyAddress, ...] = Field(default=(), max_length=MAX_DNS_SERVERS)
+    lease_time: int | None = Field(default=None, ge=LEASE_TIME_MIN, le=LEASE_TIME_MAX)
 
     @model_validator(mode="after")
     def _gateway_in_prefix(self) -> VmSubnet:
         if self.gateway is not None and self.gateway not in self.prefix:
             raise ValueError(f"gateway: {self.gateway} is outside the VM subnet {self.prefix}")
+        for i, server in enumerate(self.dns_servers):
+            if server.version != self.prefix.version:
+                raise ValueError(f"dns_servers[{i}]: {server} is not IPv{self.prefix.version} "
+                                 f"like the VM subnet {self.prefix}")
+            if server.is_unspecified or server.is_multicast or server.is_loopback:
+                raise ValueError(f"dns_servers[{i}]: {server} is not a unicast address a VM can reach")
+        _refuse_twice(((f"dns_servers[{i}]", s) for i, s in enumerate(self.dns_servers)),
+                      "DNS server {value} is given twice")
         return self
 
 

@@ -58,9 +58,10 @@ SUITE = "bookworm"
 # python3-venv and python3-pip for the install, kmod for the data plane's modules) and what an
 # operator checks with (tcpdump, ping, ps); Debian's kernel, whose modules must be in the
 # image. dbus: systemctl and journalctl work without it, hostnamectl and friends do not.
+# dnsmasq-base and nftables: the agent's DHCP servers and their guard (agent.dhcp).
 PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "kmod",
-    "iproute2", "iputils-ping", "tcpdump", "procps",
+    "iproute2", "iputils-ping", "tcpdump", "procps", "dnsmasq-base", "nftables",
     "python3", "python3-venv", "python3-pip",
     "linux-image-amd64", "initramfs-tools", "zstd",
 )
