@@ -52,7 +52,9 @@ from agent.netns import netns_exec_argv
 FAMILY = "inet"
 TABLE = "openhnv"
 COMMENT_PREFIX = "openhnv:"
-NFT_TIMEOUT_S = 60  # one process; a TCG-emulated CPU is slow to start it
+# One process, normally milliseconds; the first one on a host loads nf_tables, conntrack
+# and NAT modules, which takes minutes on an emulated CPU under load.
+NFT_TIMEOUT_S = 300
 ZONE_PRIORITY = -300  # raw: before conntrack (-200) looks the packet up
 DNAT_PRIORITY = -100  # dstnat
 SNAT_PRIORITY = 100  # srcnat
