@@ -4,6 +4,8 @@ Owns carrying out a `Plan` (agent.plan) on one namespace's sockets: a pyroute2 I
 for links, VLANs, addresses and routes, and a netlink_batch NeighbourSocket for FDB and
 neighbour entries (batched: 10,000 lookup records in one round of sends). Both are
 opened once per namespace by the caller and reused.
+A gateway host's nftables table is written through agent.nat (nft's JSON API, one
+transaction), the one write that is not netlink.
 
 Rules:
 - idempotent verbs: ``replace`` for routes, FDB and neighbours; EEXIST on an add means
@@ -39,7 +41,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent import naming
+from agent import naming, nat
 from agent.kernel_model import Address, BridgeVlan, Fdb, Link, Neighbour, Route
 from agent.netlink_batch import EntryError, FdbEntry, NeighbourSocket, NeighEntry
 from agent.netns import ensure_vm_netns, in_netns, netns_name_of_nsid, remove_netns, vm_netns_marker_of
@@ -52,7 +54,10 @@ BRIDGE_FLAGS_SELF = 2
 BRIDGE_VLAN_INFO_PVID = 0x2
 BRIDGE_VLAN_INFO_UNTAGGED = 0x4
 LINK_ROLES = {naming.TEAM, "member", naming.SWITCH, naming.PROVIDER, naming.VRF,
-              naming.BRIDGE, naming.TUNNEL, naming.VXLAN, naming.PORT, "external"}
+              naming.BRIDGE, naming.TUNNEL, naming.VXLAN, naming.PORT, "external",
+              naming.FRONTEND, naming.LEG, naming.BACKEND}
+# Per-device IPv4 settings written through /proc/sys/net/ipv4/conf/<device>/<name>.
+IPV4_CONF_SETTINGS = ("forwarding", "rp_filter", "arp_notify")
 
 
 # --- typed errors ----------------------------------------------------------------------
@@ -191,6 +196,12 @@ class Applier:
             self._apply_address(op)
         elif op.kind == "route":
             self._apply_route(op)
+        elif op.kind == "nat":
+            # nftables, not netlink: the whole table in one nft transaction (agent.nat).
+            if op.action == "delete":
+                nat.delete_table(self.netns)
+            else:
+                nat.replace_table(self.netns, op.desired)
         else:
             raise InvalidArgument(f"{op.describe()}: unknown object kind {op.kind}")
 
@@ -242,6 +253,8 @@ class Applier:
             spec.update(vlan_id=opt["vlan_id"], link=self.index(opt["link"]))
         elif link.kind == "vrf":
             spec.update(vrf_table=opt["table"])
+        elif link.kind == "macvlan":
+            spec.update(link=self.index(opt["link"]), macvlan_mode=opt["mode"])
         elif link.kind in ("gretap", "ip6gretap"):
             spec.update(gre_local=opt["local"], gre_remote=opt["remote"],
                         gre_ikey=opt["ikey"], gre_okey=opt["okey"],
@@ -284,12 +297,13 @@ class Applier:
 
     def _converge_settings(self, link: Link, old: Link | None, index: int) -> None:
         wanted = {k: v for k, v in link.settings if old is None or old.setting(k) != v}
-        forwarding = wanted.pop("forwarding", None)
-        if forwarding is not None:
-            # Per-device IPv4 forwarding on a VSID bridge: routing between the VM
-            # subnets of one VRF needs it on the ingress device only, and leaves the
-            # host's global ip_forward (and every other device) alone.
-            write_sysctl(self.netns, f"/proc/sys/net/ipv4/conf/{link.name}/forwarding", forwarding)
+        for name in IPV4_CONF_SETTINGS:
+            value = wanted.pop(name, None)
+            if value is not None:
+                # Per-device IPv4 forwarding on a VSID bridge (or a gateway leg): routing
+                # between the VM subnets of one VRF needs it on the ingress device only,
+                # and leaves the host's global ip_forward (and every other device) alone.
+                write_sysctl(self.netns, f"/proc/sys/net/ipv4/conf/{link.name}/{name}", value)
         disable_ipv6 = wanted.pop("disable_ipv6", None)
         if disable_ipv6 is not None:
             write_sysctl(self.netns, f"/proc/sys/net/ipv6/conf/{link.name}/disable_ipv6", disable_ipv6)
@@ -448,8 +462,9 @@ class Applier:
 
     def _apply_route(self, op: Op) -> None:
         route: Route = op.desired or op.observed
+        default = "0.0.0.0/0" if route.family == 4 else "::/0"
         spec: dict[str, Any] = {
-            "dst": "0.0.0.0/0" if route.family == 4 else "::/0",
+            "dst": default if route.dst == "default" else route.dst,
             "table": route.table, "family": 2 if route.family == 4 else 10,
         }
         if route.type == "unreachable":

@@ -2,8 +2,9 @@
 
 Owns plain frozen records of the kernel objects the agent manages, keyed the way the
 kernel keys them: links by name, bridge VLANs by (device, vid), addresses by (device,
-address/prefix), routes by (table, destination), FDB entries by (bridge or VXLAN device,
-MAC) and neighbours by (device, IP). `KernelState` holds one set of them; the desired
+address/prefix), routes by (table, family, destination, metric), FDB entries by (bridge or VXLAN device,
+MAC), neighbours by (device, IP), and the one nftables table of a gateway host
+(`NatTable`, by digest). `KernelState` holds one set of them; the desired
 state (compiled from a HostState by ``agent.plan``) and the observed state (read back by
 ``agent.observe``) are both a `KernelState`, so the diff compares like with like.
 
@@ -108,7 +109,9 @@ class Address:
 @dataclass(frozen=True)
 class Route:
     """A route the agent manages: a VRF's unreachable default (so nothing leaks into the
-    main table) or the management default route."""
+    main table), a VRF's customer route (a prefix via a next hop on a VSID bridge), a
+    gateway leg's default route, or the management default route. Keyed with its metric:
+    a VRF's customer default route and its unreachable default live side by side."""
 
     table: int
     dst: str  # "default" or a prefix
@@ -119,8 +122,8 @@ class Route:
     metric: int = 0
 
     @property
-    def key(self) -> tuple[int, int, str]:
-        return (self.table, self.family, self.dst)
+    def key(self) -> tuple[int, int, str, int]:
+        return (self.table, self.family, self.dst, self.metric)
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,18 @@ class Neighbour:
         return (self.device, self.ip)
 
 
+@dataclass(frozen=True)
+class NatTable:
+    """The agent's nftables table (agent.nat): compared by the digest of its document
+    and its number of rules; `commands` (nft JSON, one string per command) and `summary`
+    are carried by the desired table only, to build it."""
+
+    digest: str
+    rules: int
+    commands: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    summary: str = field(default="", compare=False)
+
+
 @dataclass
 class KernelState:
     """One complete set of managed kernel objects, desired or observed."""
@@ -160,9 +175,10 @@ class KernelState:
     links: dict[str, Link] = field(default_factory=dict)
     vlans: dict[tuple[str, int], BridgeVlan] = field(default_factory=dict)
     addresses: dict[tuple[str, str], Address] = field(default_factory=dict)
-    routes: dict[tuple[int, int, str], Route] = field(default_factory=dict)
+    routes: dict[tuple[int, int, str, int], Route] = field(default_factory=dict)
     fdb: dict[tuple[str, str], Fdb] = field(default_factory=dict)
     neighbours: dict[tuple[str, str], Neighbour] = field(default_factory=dict)
+    nat: NatTable | None = None
 
     def add(self, obj: Link | BridgeVlan | Address | Route | Fdb | Neighbour) -> None:
         if isinstance(obj, Link):
@@ -183,4 +199,6 @@ class KernelState:
             vlan=len(self.vlans), address=len(self.addresses), route=len(self.routes),
             fdb=len(self.fdb), neighbour=len(self.neighbours),
         )
+        if self.nat is not None:
+            counts["nat_rule"] = self.nat.rules
         return counts

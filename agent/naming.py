@@ -12,6 +12,9 @@ never from a counter, so an agent restarted with no memory finds its own objects
     VXLAN device     hnvx<vsid>
     VM port          hnvp<10 hex of sha1(VM name)>   host end of the veth / record of a tap
     provider VLAN    <switch>.<vlan>             hnv-sw.802  (hash form when too long)
+    front-end VLAN   <switch>.<vlan>             hnv-sw.30   (a gateway host's external network)
+    gateway leg      hnvl<routing domain id>     hnvl2       macvlan on the front-end VLAN, in the VRF
+    back-end port    hnvg<routing domain id>     hnvg2       macvlan on the leg's VSID bridge, in the VRF
 
 Pure: no kernel access, no pyroute2.
 """
@@ -31,6 +34,8 @@ DEFAULT_TTL = 64
 TEAM, SWITCH, PROVIDER, VRF, BRIDGE, TUNNEL, VXLAN, PORT = (
     "team", "switch", "provider", "vrf", "bridge", "tunnel", "vxlan", "port",
 )
+# A gateway host's: the front-end VLAN, and per leg its front-end and back-end devices.
+FRONTEND, LEG, BACKEND = "frontend", "leg", "backend"
 
 
 def _short_hash(*parts: object, size: int = 10) -> str:
@@ -88,6 +93,14 @@ def provider_vlan(switch: str, vlan: int) -> str:
     if len(name.encode()) <= IFNAMSIZ:
         return name
     return f"{PREFIX}v{_short_hash(switch, vlan, size=6)}.{vlan}"
+
+
+def gateway_leg(routing_domain_id: int) -> str:
+    return f"{PREFIX}l{routing_domain_id}"
+
+
+def gateway_back_end(routing_domain_id: int) -> str:
+    return f"{PREFIX}g{routing_domain_id}"
 
 
 def gateway_mac(vsid: int) -> str:

@@ -23,8 +23,8 @@ After the kernel, it reconciles the host's DHCP servers (agent.dhcp: one dnsmasq
 VSID bridge with local VMs, files under ``run_dir``); their operations join the plan as
 kind ``dhcp`` and their failures the errors as kind ``dhcp``.
 
-It may not talk netlink itself (agent.observe reads, agent.apply writes) nor decide
-what the kernel should hold (agent.plan).
+It may not talk netlink itself (agent.observe reads, agent.apply writes), nor nft
+(agent.nat), nor decide what the kernel should hold (agent.plan).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import pyroute2.config
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
+from agent import naming, nat
 from agent.apply import Applier, ObjectError
 from agent.dhcp import DhcpManager, run_dir_for
 from agent.kernel_model import KernelState
@@ -54,6 +55,7 @@ NETNS_HELPER_TIMEOUT_S = 30
 DUMP_ATTEMPTS = 3  # reads of the kernel before an ever-changing table is a reconcile error
 # What a failing namespace or socket raises; pyroute2's NetlinkError is not an OSError.
 NETLINK_FAILURES = (OSError, NetlinkError)
+GATEWAY_ROLES = (naming.FRONTEND, naming.LEG, naming.BACKEND)
 
 
 @dataclass
@@ -98,12 +100,19 @@ class Reconciler:
         for attempt in range(1, DUMP_ATTEMPTS + 1):
             ipr, records = self._sockets()
             try:
-                return observe(ipr, records)
+                have = observe(ipr, records)
             except NetlinkDumpInterrupted:
                 if attempt == DUMP_ATTEMPTS:
                     raise
                 log.info("reading the kernel back: a dump was interrupted (attempt %d of %d)",
                          attempt, DUMP_ATTEMPTS)
+                continue
+            # The nftables table is read (one nft process) only where it can be: on a
+            # host holding gateway devices. It is replaced before and deleted with them
+            # in one plan (agent.plan), so a host without them holds no table of ours.
+            if any(l.owned and l.role in GATEWAY_ROLES for l in have.links.values()):
+                have.nat = nat.observe_table(self.netns)
+            return have
         raise AssertionError("unreachable")
 
     def plan(self, desired: HostState) -> Plan:
