@@ -34,6 +34,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
 from agent.apply import Applier, ObjectError
+from agent.flowmode import FlowDatapath
 from agent.kernel_model import KernelState
 from agent.netlink_batch import NeighbourSocket
 from agent.observe import observe, read_tunnel_stats
@@ -72,6 +73,7 @@ class Reconciler:
         self.netns = netns
         self._ipr: IPRoute | None = None
         self._records: NeighbourSocket | None = None
+        self.flow = FlowDatapath(netns)
 
     def _sockets(self) -> tuple[IPRoute, NeighbourSocket]:
         if self._ipr is None:
@@ -90,7 +92,7 @@ class Reconciler:
         for attempt in range(1, DUMP_ATTEMPTS + 1):
             ipr, records = self._sockets()
             try:
-                return observe(ipr, records)
+                return observe(ipr, records, self.flow)
             except NetlinkDumpInterrupted:
                 if attempt == DUMP_ATTEMPTS:
                     raise
