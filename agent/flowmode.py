@@ -224,9 +224,14 @@ class FlowDatapath:
 
     # -- tc attachments ---------------------------------------------------------------
 
-    def attached(self, device: str, direction: str) -> TcProgram | None:
-        """Our program on `device` at `direction`: its name when it is the pinned one,
-        "<name> id <n>" when another (a stale load), None when no filter of ours."""
+    def program_ids(self) -> dict[str, int | None]:
+        """The id of each pinned program (None: not pinned), read once per observe."""
+        return {name: self.program_id(name) for name in PROGRAMS}
+
+    def attached(self, device: str, direction: str, pinned: dict[str, int | None]) -> TcProgram | None:
+        """Our program on `device` at `direction`: its name when it is the pinned one
+        (`pinned`: program_ids()), "<name> id <n>" when another (a stale load), None when
+        no filter of ours."""
         try:
             out = self._tc("-j", "filter", "show", "dev", device, direction, "pref", str(FILTER_PREF),
                            what=f"reading filters of {device}")
@@ -237,7 +242,7 @@ class FlowDatapath:
             if "id" not in prog:
                 continue
             name = prog.get("name", "?")
-            if prog["id"] == self.program_id(name):
+            if prog["id"] == pinned.get(name):
                 return TcProgram(device, direction, name)
             return TcProgram(device, direction, f"{name} id {prog['id']}")
         return None

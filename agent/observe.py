@@ -193,10 +193,11 @@ def observe(ipr: Any, records: NeighbourSocket, flow: FlowDatapath | None = None
         remotes, ports = flow.observe(names)
         for obj in [*remotes, *ports]:
             have.add(obj)
+        pinned = flow.program_ids()
         for link in have.links.values():
             if link.owned and link.role in (naming.FLOW_TUNNEL, naming.FLOW_PORT):
                 direction = "ingress" if link.role == naming.FLOW_TUNNEL else "egress"
-                attached = flow.attached(link.name, direction)
+                attached = flow.attached(link.name, direction, pinned)
                 if attached is not None:
                     have.add(attached)
     return have
