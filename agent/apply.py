@@ -160,22 +160,17 @@ class Applier:
         i = 0
         while i < len(ops):
             op = ops[i]
+            batch = None
             if op.kind in ("fdb", "neighbour"):
                 # Consecutive FDB/neighbour ops of one action go to the kernel as a batch.
-                j = i
-                while j < len(ops) and ops[j].kind == op.kind and _is_delete(ops[j]) == _is_delete(op):
-                    j += 1
-                done, failed = self._apply_records(ops[i:j])
-                applied += done
-                errors.extend(failed)
-                i = j
-                continue
-            if op.kind in FLOW_MAP_KINDS:
+                j = _run_end(ops, i, lambda o: o.kind == op.kind and _is_delete(o) == _is_delete(op))
+                batch = self._apply_records
+            elif op.kind in FLOW_MAP_KINDS:
                 # Consecutive flow-mode map writes go to bpftool as one batch.
-                j = i
-                while j < len(ops) and ops[j].kind in FLOW_MAP_KINDS:
-                    j += 1
-                done, failed = self._apply_flow_maps(ops[i:j])
+                j = _run_end(ops, i, lambda o: o.kind in FLOW_MAP_KINDS)
+                batch = self._apply_flow_maps
+            if batch is not None:
+                done, failed = batch(ops[i:j])
                 applied += done
                 errors.extend(failed)
                 i = j
@@ -567,6 +562,14 @@ class Applier:
         if obj.port is not None:
             return FdbEntry(self.index(obj.port), obj.mac, master=True)
         return FdbEntry(self.index(obj.device), obj.mac, master=False, dst=obj.dst)
+
+
+def _run_end(ops: list[Op], start: int, same) -> int:
+    """The end of the run of ops from `start` on for which `same(op)` holds."""
+    end = start
+    while end < len(ops) and same(ops[end]):
+        end += 1
+    return end
 
 
 def _is_delete(op: Op) -> bool:

@@ -20,16 +20,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ipaddress
-import json
 import os
 import secrets
 import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+from bench.invm import figures_from_vm, write_figures
 from bench.table import Row
 
 SECTION = "tunnels"
@@ -137,19 +136,9 @@ def run(quick: bool = False, log=print) -> list[Row]:
         figures = measure(peers, VSIDS, log)
         return _rows(figures, f"kernel {figures['kernel']}")
     log("tunnels: this kernel lacks " + ", ".join(features.missing()) + "; booting the lab VM")
-    result = vm.run_in_vm([sys.executable, "-m", "bench.tunnels", "--in-vm", "--peers", str(peers)],
-                          capture=True, timeout=3600)
-    result_file = result.rwdir / RESULT_FILE
-    if not result.completed or result.returncode != 0 or not result_file.exists():
-        tail = (result.output or "")[-1500:]
-        shutil.rmtree(result.rwdir, ignore_errors=True)
-        raise RuntimeError(f"tunnels VM run failed (exit {result.returncode}): {tail}")
-    figures = json.loads(result_file.read_text())
-    for line in (result.output or "").splitlines():
-        if line.startswith("tunnels:"):
-            log(line)
-    shutil.rmtree(result.rwdir, ignore_errors=True)
-    how = "KVM" if result.kvm else "TCG: compare the modes, not the absolute times"
+    figures, kvm = figures_from_vm("bench.tunnels", ["--peers", str(peers)], RESULT_FILE, SECTION, log,
+                                   timeout=3600)
+    how = "KVM" if kvm else "TCG: compare the modes, not the absolute times"
     return _rows(figures, f"VM, kernel {figures['kernel']}, {how}")
 
 
@@ -161,10 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if args.in_vm:
-        from netns_lab.vm import RWDIR_ENV
-
         figures = measure(args.peers, VSIDS, lambda line: print(line, flush=True))
-        Path(os.environ[RWDIR_ENV], RESULT_FILE).write_text(json.dumps(figures))
+        write_figures(RESULT_FILE, figures)
         return 0
     from bench.table import render
 
