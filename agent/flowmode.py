@@ -251,8 +251,8 @@ class FlowDatapath:
         self._tc("qdisc", "replace", "dev", program.device, "clsact",
                  what=f"clsact on {program.device}")
         self._tc("filter", "replace", "dev", program.device, program.direction,
-                 "pref", str(FILTER_PREF), "handle", "1", "bpf", "direct-action",
-                 "object-pinned", str(self._program(program.program)),
+                 "pref", str(FILTER_PREF), "handle", "1", "bpf",
+                 "object-pinned", str(self._program(program.program)), "direct-action",
                  what=f"attaching {program.program} to {program.device} {program.direction}")
 
     def detach(self, program: TcProgram) -> None:
