@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.kernel_model import FlowPort, FlowRemote, TcProgram
+from agent.netns import netns_path
 from agent.tunnels import DECAP_PROGRAM, ENCAP_PROGRAM
 
 BPFFS = Path("/sys/fs/bpf")
@@ -123,8 +124,10 @@ class FlowDatapath:
         return proc.stdout
 
     def _tc(self, *args: str, what: str) -> str:
-        netns = ["-n", self.netns] if self.netns else []
-        return self._run(["tc", *netns, *args], what)
+        # nsenter, not `tc -n` (or `ip netns exec`): those also remount /sys for the
+        # namespace, which hides bpffs at /sys/fs/bpf and with it the pinned programs.
+        netns = ["nsenter", f"--net={netns_path(self.netns)}"] if self.netns else []
+        return self._run([*netns, "tc", *args], what)
 
     def _map(self, name: str) -> Path:
         return self.pins / "maps" / name
