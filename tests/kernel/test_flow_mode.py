@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import subprocess
 import time
 from collections import defaultdict
 
@@ -162,7 +163,10 @@ def test_drift_deleted_filter_and_map_entry_are_repaired(lab):
     host.run("tc", "filter", "del", "dev", port, "egress")
     key = " ".join(f"{b:02x}" for b in remote_key(F2_VSID, VM_B2_MAC))
     pinned = FlowDatapath(host.name).pins / "maps" / REMOTES
-    host.run("bpftool", "map", "delete", "pinned", str(pinned), "key", "hex", *key.split())
+    # Not in the host's namespace: `ip netns exec` remounts /sys, hiding bpffs; maps are
+    # not per namespace anyway.
+    subprocess.run(["bpftool", "map", "delete", "pinned", str(pinned), "key", "hex", *key.split()],
+                   check=True, capture_output=True, timeout=120)
     assert not lab.vms["vmA3"].ping("192.168.0.11", wait=0.5)
     assert not lab.vms["vmA2"].ping("192.168.0.11", wait=0.5)
     result = rec.reconcile(state)
