@@ -10,6 +10,8 @@ never from a counter, so an agent restarted with no memory finds its own objects
     VRF              hnvr<routing domain id>     hnvr1       (table VRF_TABLE_BASE + id)
     NVGRE tunnel     hnvt<10 hex of sha1(vsid, local PA, remote PA)>
     VXLAN device     hnvx<vsid>
+    flow tunnel      hnvf<4|6>                   one collect-metadata gretap per PA family
+    flow port        hnvq<vsid>                  the VSID bridge's port into the flow tunnel
     VM port          hnvp<10 hex of sha1(VM name)>   host end of the veth / record of a tap
     provider VLAN    <switch>.<vlan>             hnv-sw.802  (hash form when too long)
     front-end VLAN   <switch>.<vlan>             hnv-sw.30   (a gateway host's external network)
@@ -36,6 +38,7 @@ TEAM, SWITCH, PROVIDER, VRF, BRIDGE, TUNNEL, VXLAN, PORT = (
 )
 # A gateway host's: the front-end VLAN, and per leg its front-end and back-end devices.
 FRONTEND, LEG, BACKEND = "frontend", "leg", "backend"
+FLOW_TUNNEL, FLOW_PORT = "flowtunnel", "flowport"  # tunnel_mode flow (agent.flowmode)
 
 
 def _short_hash(*parts: object, size: int = 10) -> str:
@@ -81,6 +84,14 @@ def tunnel_key(vsid: int, local: object, remote: object) -> str:
 
 def vxlan_device(vsid: int) -> str:
     return f"{PREFIX}x{vsid}"
+
+
+def flow_tunnel(family: int) -> str:
+    return f"{PREFIX}f{family}"
+
+
+def flow_port(vsid: int) -> str:
+    return f"{PREFIX}q{vsid}"
 
 
 def vm_port(vm_name: str) -> str:

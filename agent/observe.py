@@ -38,6 +38,7 @@ from agent.kernel_model import (
     Neighbour,
     Route,
 )
+from agent.flowmode import FlowDatapath
 from agent.netlink_batch import NeighbourSocket
 from agent.tunnels import GRE_KEY_FLAG, TunnelStats, tunnel_identity
 
@@ -59,7 +60,8 @@ _OPTIONS = {
     "vrf": {"IFLA_VRF_TABLE": "table"},
     "macvlan": {"IFLA_MACVLAN_MODE": "mode"},
     "gretap": {"IFLA_GRE_LOCAL": "local", "IFLA_GRE_REMOTE": "remote",
-               "IFLA_GRE_TTL": "ttl", "IFLA_GRE_PMTUDISC": "pmtudisc"},
+               "IFLA_GRE_TTL": "ttl", "IFLA_GRE_PMTUDISC": "pmtudisc",
+               "IFLA_GRE_COLLECT_METADATA": "external"},
     "vxlan": {"IFLA_VXLAN_ID": "vni", "IFLA_VXLAN_LOCAL": "local", "IFLA_VXLAN_PORT": "port",
               "IFLA_VXLAN_LEARNING": "learning", "IFLA_VXLAN_TTL": "ttl"},
 }
@@ -143,9 +145,10 @@ def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
     )
 
 
-def observe(ipr: Any, records: NeighbourSocket) -> KernelState:
+def observe(ipr: Any, records: NeighbourSocket, flow: FlowDatapath | None = None) -> KernelState:
     """One read of everything the agent manages in the namespace of `ipr` (a pyroute2
-    IPRoute) and `records` (the same namespace's netlink_batch socket)."""
+    IPRoute) and `records` (the same namespace's netlink_batch socket); with `flow`, the
+    flow-mode maps and tc programs of that namespace too (nothing when never loaded)."""
     have = KernelState()
     messages = list(ipr.get_links())
     names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in messages}
@@ -202,6 +205,17 @@ def observe(ipr: Any, records: NeighbourSocket) -> KernelState:
                 have.add(Fdb(bridge, entry.mac, port=port))
     for entry in records.dump_neigh(owned):
         have.add(Neighbour(names[entry.ifindex], entry.ip, entry.mac))
+    if flow is not None and flow.present():
+        remotes, ports = flow.observe(names)
+        for obj in [*remotes, *ports]:
+            have.add(obj)
+        pinned = flow.program_ids()
+        for link in have.links.values():
+            if link.owned and link.role in (naming.FLOW_TUNNEL, naming.FLOW_PORT):
+                direction = "ingress" if link.role == naming.FLOW_TUNNEL else "egress"
+                attached = flow.attached(link.name, direction, pinned)
+                if attached is not None:
+                    have.add(attached)
     return have
 
 

@@ -18,6 +18,10 @@ FDB and neighbour entries only on owned devices and only the static/permanent ki
 agent writes. An empty HostState is a real answer ("hold nothing") but a failed fetch is
 never turned into one; that is the daemon's job.
 
+Flow mode (tunnel_mode flow, agent.tunnels and agent.flowmode) adds eBPF map entries
+and tc programs: made after the links (entries hold their ifindexes), map entries before
+the programs that read them, deleted in the reverse order before the links.
+
 Ordering ("why this order"): links first, in dependency order (the switch, then the
 team that becomes its trunk port, then the NICs that join the team; the switch before
 the provider VLAN and VM ports, the VRF before its VSID
@@ -46,11 +50,14 @@ from agent.kernel_model import (
     Address,
     BridgeVlan,
     Fdb,
+    FlowPort,
+    FlowRemote,
     KernelState,
     QUIET,
     Link,
     Neighbour,
     Route,
+    TcProgram,
     VmEnd,
 )
 from agent.state import (
@@ -60,9 +67,10 @@ from agent.state import (
     PortKind,
     RecordType,
     TeamMode,
+    TunnelMode,
     encapsulation_overhead,
 )
-from agent.tunnels import RemoteEndpoint, tunnel_objects
+from agent.tunnels import RemoteEndpoint, flow_tunnel, flow_tunnel_objects, tunnel_objects
 
 # Team -> bond. Kernel bond mode numbers: 1 active-backup, 2 balance-xor, 4 802.3ad.
 BOND_MODE = {TeamMode.SwitchIndependent: 1, TeamMode.Static: 2, TeamMode.LACP: 4}
@@ -87,7 +95,8 @@ VRF_UNREACHABLE_METRIC = 4278198272
 # Link creation order; deletes run in reverse.
 ROLE_ORDER = {
     naming.SWITCH: 0, naming.TEAM: 1, "member": 2, naming.PROVIDER: 3, naming.VRF: 4,
-    naming.BRIDGE: 5, naming.TUNNEL: 6, naming.VXLAN: 6, naming.PORT: 7, "external": 7,
+    naming.BRIDGE: 5, naming.TUNNEL: 6, naming.VXLAN: 6, naming.FLOW_TUNNEL: 6,
+    naming.FLOW_PORT: 7, naming.PORT: 7, "external": 7,
     naming.FRONTEND: 3, naming.LEG: 6, naming.BACKEND: 6,
 }
 # A gateway leg: kernel settings of its two macvlans. arp_notify: the kernel sends a
@@ -325,9 +334,18 @@ def _add_records(state: HostState, want: KernelState, local_pas: set[str],
             want.add(Neighbour(bridge, str(record.ca), record.mac))
     if provider is None:
         return
+    flow = provider.tunnel_mode is TunnelMode.flow
     for rd in state.routing_domains:
         local = provider.address_for(rd.name)
         if local is None:
+            continue
+        if flow:
+            for obj in flow_tunnel(local.version):
+                want.add(obj)
+            for subnet in rd.subnets:
+                for obj in flow_tunnel_objects(subnet.vsid, str(local), naming.vsid_bridge(subnet.vsid),
+                                               tenant_mtu(state, subnet.vsid), remotes.get(subnet.vsid, [])):
+                    want.add(obj)
             continue
         # The peers of a VM network: every remote PA behind any of its subnets.
         vsids = [subnet.vsid for subnet in rd.subnets]
@@ -559,6 +577,18 @@ def _describe_neighbour(n: Neighbour) -> str:
     return f"{n.ip} on {n.device} -> {n.mac}"
 
 
+def _describe_flow_remote(r: FlowRemote) -> str:
+    return f"vsid {r.vsid} {r.mac} -> {r.remote} from {r.local}"
+
+
+def _describe_flow_port(p: FlowPort) -> str:
+    return f"vsid {p.vsid} port {p.port} tunnel {p.tunnel}"
+
+
+def _describe_tc_program(t: TcProgram) -> str:
+    return f"{t.program} on {t.device} {t.direction}"
+
+
 def _with_default_pvid(want: KernelState, have: KernelState, link_make: list[Op]) -> dict:
     """Observed VLANs plus the ones the kernel will add by itself: a port that joins a
     VLAN-filtering bridge gets the bridge's default PVID (VLAN 1, untagged). A VLAN
@@ -610,9 +640,20 @@ def diff(want: KernelState, have: KernelState) -> Plan:
     neigh_make, neigh_destroy = _table_ops(
         "neighbour", want.neighbours, have.neighbours, None, _describe_neighbour)
     nat_make, nat_destroy = _nat_ops(want, have)
+    # Flow mode: map entries before the programs that read them (a program attached to
+    # empty maps drops), all after the devices whose ifindexes the entries hold.
+    port_make, port_destroy = _table_ops(
+        "flowvsid", want.flow_ports, have.flow_ports, None, _describe_flow_port)
+    remote_make, remote_destroy = _table_ops(
+        "flowremote", want.flow_remotes, have.flow_remotes, None, _describe_flow_remote)
+    prog_make, prog_destroy = _table_ops(
+        "tcprogram", want.tc_programs, have.tc_programs, None, _describe_tc_program)
+    flow_make = port_make + remote_make + prog_make
+    flow_destroy = prog_destroy + remote_destroy + port_destroy
 
-    ops = (link_make + vlan_make + addr_make + route_make + fdb_make + neigh_make + nat_make
-           + nat_destroy + neigh_destroy + fdb_destroy + route_destroy + addr_destroy
+    ops = (link_make + vlan_make + addr_make + route_make + flow_make + fdb_make + neigh_make
+           + nat_make + nat_destroy + neigh_destroy + fdb_destroy + flow_destroy + route_destroy
+           + addr_destroy
            + vlan_destroy + link_destroy)
     return Plan(tuple(ops), want)
 

@@ -41,6 +41,7 @@ from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from agent import naming, nat
 from agent.apply import Applier, ObjectError
 from agent.dhcp import DhcpManager, run_dir_for
+from agent.flowmode import FlowDatapath
 from agent.kernel_model import KernelState
 from agent.netlink_batch import NeighbourSocket
 from agent.observe import observe, read_tunnel_stats
@@ -82,6 +83,7 @@ class Reconciler:
         self.dhcp = DhcpManager(netns, run_dir or run_dir_for(netns))
         self._ipr: IPRoute | None = None
         self._records: NeighbourSocket | None = None
+        self.flow = FlowDatapath(netns)
 
     def _sockets(self) -> tuple[IPRoute, NeighbourSocket]:
         if self._ipr is None:
@@ -100,7 +102,7 @@ class Reconciler:
         for attempt in range(1, DUMP_ATTEMPTS + 1):
             ipr, records = self._sockets()
             try:
-                have = observe(ipr, records)
+                have = observe(ipr, records, self.flow)
             except NetlinkDumpInterrupted:
                 if attempt == DUMP_ATTEMPTS:
                     raise

@@ -187,6 +187,13 @@ class Encapsulation(StrEnum):
     vxlan = "vxlan"
 
 
+class TunnelMode(StrEnum):
+    """How NVGRE tunnels are built (docs/architecture.md, "Tunnel modes")."""
+
+    device = "device"  # one gretap per (VSID, remote PA), FlowID 0
+    flow = "flow"  # one collect-metadata gretap per host, eBPF at tc, per-flow FlowID
+
+
 class RecordType(StrEnum):
     """Lookup record types, as Get-NetVirtualizationLookupRecord shows them."""
 
@@ -267,6 +274,7 @@ class ProviderNetwork(_Model):
     gateway: IPvAnyAddress | None = None
     mtu: int = Field(default=1500, ge=1280, le=9216)
     encapsulation: Encapsulation = Encapsulation.nvgre
+    tunnel_mode: TunnelMode = TunnelMode.device
     addresses: tuple[ProviderAddress, ...] = ()
 
     @model_validator(mode="after")
@@ -288,6 +296,11 @@ class ProviderNetwork(_Model):
             ),
             "routing domain {value} has two provider addresses on this host",
         )
+        if self.tunnel_mode is TunnelMode.flow and self.encapsulation is not Encapsulation.nvgre:
+            raise ValueError(
+                f"tunnel_mode: flow mode is for NVGRE; {self.encapsulation} already uses "
+                "one device per VSID"
+            )
         if self.gateway is not None and self.gateway not in self.subnet:
             raise ValueError(f"gateway: {self.gateway} is outside the provider subnet {self.subnet}")
         return self
