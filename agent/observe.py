@@ -116,9 +116,9 @@ def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
     settings = {opt: _value(data[attr]) for attr, opt in _SETTINGS.get(kind, {}).items() if attr in data}
     af_spec = _attrs(msg.get_attr("IFLA_AF_SPEC"))
     inet = af_spec.get("AF_INET")
-    for name in _INET_SETTINGS.get(kind, ()):
-        if inet is not None and name in inet:
-            settings[name] = inet[name]
+    for setting in _INET_SETTINGS.get(kind, ()):
+        if inet is not None and setting in inet:
+            settings[setting] = inet[setting]
     inet6 = _attrs(af_spec.get("AF_INET6")).get("IFLA_INET6_CONF")
     if inet6 is not None and "disable_ipv6" in inet6:
         settings["disable_ipv6"] = inet6["disable_ipv6"]
