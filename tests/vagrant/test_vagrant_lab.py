@@ -14,12 +14,9 @@ import subprocess
 import time
 
 import pytest
-from scapy.layers.l2 import GRE, Dot1Q
-from scapy.utils import rdpcap
-
-from agent.nvgre import decapsulate
 from netns_lab.multivm import ping_summary
 from netns_lab.tcpdump import tcpdump_argv
+from tests.lib.nvgre import tenant_flows_on_trunk
 from tests.vagrant.conftest import LIBVIRT_URI, VagrantLab
 
 CONTROLLER = "CON-HyperV1"
@@ -103,15 +100,7 @@ def test_tenant_pings_cross_the_hosts_inside_nvgre(vagrant_lab, tenants, tmp_pat
     finally:
         capture.terminate()
         capture.wait(30)
-    seen: dict[int, set[tuple[str, str]]] = {}
-    for frame in rdpcap(str(pcap)):
-        nvgre = decapsulate(frame)
-        if nvgre is None or Dot1Q not in frame:
-            continue
-        assert frame[Dot1Q].vlan == TRANSPORT_VLAN, frame.summary()
-        assert frame[GRE].key == nvgre.vsid << 8 | nvgre.flow_id, frame.summary()
-        if nvgre.inner.haslayer("IP"):
-            seen.setdefault(nvgre.vsid, set()).add((nvgre.inner["IP"].src, nvgre.inner["IP"].dst))
+    seen = tenant_flows_on_trunk([pcap], TRANSPORT_VLAN)
     # Both tenants' pings inside GRE, each in its own VSID (same CAs, different keys).
     for network, pair in results.items():
         assert any(pair in flows for flows in seen.values()), (network, pair, seen)
