@@ -127,6 +127,15 @@ class AgentLab:
     switch: Namespace = field(init=False)
     hosts: dict[str, Namespace] = field(default_factory=dict)
     vms: dict[str, Namespace] = field(default_factory=dict)
+    # A test module's Reconciler per host (agent.reconcile), closed with the lab.
+    reconcilers: dict[str, Any] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Close the hosts' reconcilers, then delete every namespace the lab made (and kill
+        what runs in them: dnsmasq, services). Safe after a build that failed half way."""
+        for reconciler in self.reconcilers.values():
+            reconciler.close()
+        self.factory.close()
 
     def build(self) -> AgentLab:
         self.switch = self.factory.create("sw")

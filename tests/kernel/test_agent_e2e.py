@@ -48,9 +48,9 @@ def hnv_agent(*args: str) -> CliResult:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    factory = NamespaceFactory(prefix="ag")
+    lab = AgentLab(NamespaceFactory(prefix="ag"))
     try:
-        lab = AgentLab(factory).build()
+        lab.build()
         lab.reconcilers = {h: Reconciler(netns=lab.hosts[h].name) for h in lab.hosts}
         state_a = tmp_path_factory.mktemp("agent") / "host-a.json"
         state_a.write_text(json.dumps(lab.state("a")))
@@ -62,9 +62,7 @@ def lab(tmp_path_factory):
         assert result.errors == [], result.errors
         yield lab
     finally:
-        for rec in getattr(lab, "reconcilers", {}).values():
-            rec.close()
-        factory.close()
+        lab.close()
 
 
 def tunnel_name(host: str, vsid: int, network: str) -> str:

@@ -47,9 +47,9 @@ def state_a(lab: AgentLab, generation: int, extra_ports: tuple[dict, ...] = (), 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    factory = NamespaceFactory(prefix="dh")
+    lab = AgentLab(NamespaceFactory(prefix="dh"))
     try:
-        lab = AgentLab(factory).build()
+        lab.build()
         run_dir = tmp_path_factory.mktemp("dhcp-run")
         lab.reconcilers = {h: Reconciler(netns=lab.hosts[h].name, run_dir=run_dir / h) for h in lab.hosts}
         lab.generation = 1
@@ -59,9 +59,7 @@ def lab(tmp_path_factory):
         assert result.errors == [], result.errors
         yield lab
     finally:
-        for rec in getattr(lab, "reconcilers", {}).values():
-            rec.close()
-        factory.close()  # kills every process left in the lab's namespaces, dnsmasq too
+        lab.close()  # kills every process left in the lab's namespaces, dnsmasq too
 
 
 def reconcile_a(lab, **kwargs):

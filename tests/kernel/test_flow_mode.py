@@ -14,7 +14,6 @@ import contextlib
 import json
 import socket
 import subprocess
-import time
 from collections import defaultdict
 
 import pytest
@@ -30,6 +29,7 @@ from tests.kernel.agentlab import F2_VSID, F3_VSID, PA, PROVIDER_VLAN, AgentLab
 from tests.kernel.test_agent_e2e import capture_trunks, icmp_in_echos, read_all
 from tests.lib.netns import NamespaceFactory
 from tests.lib.nvgre import IPPROTO_GRE, decode_nvgre, encode_nvgre
+from tests.lib.wait import wait_until
 
 VM_A2_MAC, VM_B2_MAC = "00:15:5d:00:02:0a", "00:15:5d:00:02:0b"
 
@@ -42,25 +42,16 @@ def flow_state(lab, host: str, generation: int = 1):
 
 @pytest.fixture(scope="module")
 def lab():
-    factory = NamespaceFactory(prefix="fl")
+    lab = AgentLab(NamespaceFactory(prefix="fl"))
     try:
-        lab = AgentLab(factory).build()
+        lab.build()
         lab.reconcilers = {h: Reconciler(netns=lab.hosts[h].name) for h in lab.hosts}
         for host in lab.hosts:
             result = lab.reconcilers[host].reconcile(flow_state(lab, host))
             assert result.errors == [], result.errors
         yield lab
     finally:
-        for rec in getattr(lab, "reconcilers", {}).values():
-            rec.close()
-        factory.close()
-
-
-def wait_for(condition, timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+        lab.close()
 
 
 def test_one_flow_tunnel_per_host_and_ping_carries_vsid_key(lab, tmp_path):
@@ -126,7 +117,7 @@ def test_frames_with_any_flow_id_are_delivered(lab):
     for flow_id in (1, 127, 255):
         before = icmp_in_echos(b2)
         send_echo_as_nvgre_peer(lab, flow_id)
-        wait_for(lambda: icmp_in_echos(b2) > before, what=f"vmB2 to receive the echo with FlowID {flow_id}")
+        wait_until(lambda: icmp_in_echos(b2) > before, 60, f"vmB2 to receive the echo with FlowID {flow_id}")
 
 
 def test_parallel_tcp_flows_spread_over_flow_ids(lab, tmp_path):
@@ -202,5 +193,5 @@ def test_device_mode_receives_flow_id_0_only(lab):
     before = icmp_in_echos(b2)
     send_echo_as_nvgre_peer(lab, 1)
     send_echo_as_nvgre_peer(lab, 0)
-    wait_for(lambda: icmp_in_echos(b2) > before, what="vmB2 to receive the echo with FlowID 0")
+    wait_until(lambda: icmp_in_echos(b2) > before, 60, "vmB2 to receive the echo with FlowID 0")
     assert icmp_in_echos(b2) == before + 1, "device mode delivered a frame with FlowID 1"

@@ -43,10 +43,10 @@ NFT_TIMEOUT = 300  # the first nft loads nf_tables: minutes on an emulated, load
 
 @pytest.fixture(scope="module")
 def lab():
-    factory = NamespaceFactory(prefix="gw")
+    lab = AgentLab(NamespaceFactory(prefix="gw"))
     services: list[TcpService] = []
     try:
-        lab = build_gateway_lab(AgentLab(factory).build())
+        build_gateway_lab(lab.build())
         lab.reconcilers = {h: Reconciler(netns=lab.hosts[h].name) for h in lab.hosts}
         # Someone else's table on the gateway host: the agent must never touch it.
         lab.hosts["g"].run("nft", "add table inet someone_else; add chain inet someone_else keep",
@@ -65,9 +65,7 @@ def lab():
     finally:
         for service in services:
             service.close()
-        for rec in getattr(lab, "reconcilers", {}).values():
-            rec.close()
-        factory.close()
+        lab.close()
 
 
 def apply(lab, host: str, document: dict) -> None:
