@@ -31,8 +31,12 @@ new states to this replica's watchers with the generation and digest they commit
 and reads agents' statuses reported through other replicas. While the database is
 unreachable it retries each interval and the fabric keeps serving what was committed.
 
-Affected hosts are narrow for VM operations (the hosts of the VM network and the
-gateway hosts serving it, before and after, plus source and destination) and all hosts for fabric-wide objects (switches,
+A migration's later stages are writes like any other, made by the stepper thread of
+`controller.fabric.migrations` (started last in `__init__`, stopped by `close`).
+
+Affected hosts are narrow for VM operations (the hosts of the VM network, including the
+sources of its migrations in progress, and the gateway hosts serving it, before and
+after, plus source and destination) and all hosts for fabric-wide objects (switches,
 sites, profiles: rare and cheap). Generations only move when content changes, so a
 wide recompile bumps only hosts that really differ.
 
@@ -69,6 +73,7 @@ from controller.fabric.common import (
 )
 from controller.fabric.gateways import GatewayRules
 from controller.fabric.hosts import HostRules
+from controller.fabric.migrations import MIGRATION_BOUND_S, STEP_INTERVAL_S, MigrationStages
 from controller.fabric.networks import NetworkRules
 from controller.fabric.patch import PatchRules
 from controller.fabric.tenants import TenantRules
@@ -130,14 +135,17 @@ class _DryRunDone(Exception):
     """Raised inside the engine after a dry run's trial compile, so the undo path runs."""
 
 
-class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, PatchRules, Builders):
+class Fabric(MigrationStages, SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, PatchRules, Builders):
     """The fabric: committed reads for anyone, serialised writes through the engine.
 
     The rule mixins hold the builders (`RULES` names them per kind); this class holds the
     state (inventory, compiler, published entries) and the order of a write's steps.
+    `MigrationStages` comes first: its `report_status` wakes the migration stepper after
+    `SyncStatus`'s.
     """
 
-    def __init__(self, store: Store, follow_interval: float = FOLLOW_INTERVAL_S):
+    def __init__(self, store: Store, follow_interval: float = FOLLOW_INTERVAL_S,
+                 migration_bound: float = MIGRATION_BOUND_S, migration_step_interval: float = STEP_INTERVAL_S):
         self.store = store
         self.inventory = Inventory()
         self.compiler = Compiler(self.inventory)
@@ -187,6 +195,8 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, Pat
             self._follower = threading.Thread(target=self._follow, args=(follow_interval,),
                                               name="revision-follower", daemon=True)
             self._follower.start()
+        # Last: the stepper writes through the engine, which needs everything above.
+        self._start_migration_stepper(migration_bound, migration_step_interval)
 
     def _commit_at_start(self, rows: list[HostRow]) -> None:
         """The root host group of a new fabric, and the generations a new code version
@@ -210,14 +220,20 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, Pat
             self.revision = revision
 
     def close(self) -> None:
-        """Stop following the shared revision log (the store is the caller's to close)."""
+        """Stop following the shared revision log and stepping migrations (the store is the
+        caller's to close)."""
         self._stop.set()
+        self._migration_wake.set()
         if self._follower is not None:
             self._follower.join(timeout=10)
+        self._stepper.join(timeout=10)
 
     @classmethod
-    def open(cls, state_dir: str | Path, synchronous: str = "FULL", busy_timeout: float = 5.0) -> Fabric:
-        return cls(Store(Path(state_dir) / "controller.db", synchronous=synchronous, busy_timeout=busy_timeout))
+    def open(cls, state_dir: str | Path, synchronous: str = "FULL", busy_timeout: float = 5.0,
+             **options: Any) -> Fabric:
+        """The fabric of a state directory's SQLite store; `options` go to `Fabric`."""
+        return cls(Store(Path(state_dir) / "controller.db", synchronous=synchronous, busy_timeout=busy_timeout),
+                   **options)
 
     def add_listener(self, listener: Callable[[list[str]], None]) -> None:
         """`listener(hosts)` is called (from a worker thread) after their generations moved."""
