@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from controller.fabric import Fabric
 from controller.models import Kind
 from controller.store import open_store
-from tests.lib.migration_fabric import populate
+from tests.lib.nv_fabric import populate
 
 HOSTS = ("A", "B", "C")
 NEVER = 3600.0  # only InSync reports move the stages

@@ -11,7 +11,7 @@ from typing import Any
 from agent.state import parse_host_state
 from controller.fabric import Fabric
 from controller.models import Kind, VmSpec
-from tests.lib.migration_fabric import populate as populate_fabric
+from tests.lib.nv_fabric import populate as populate_fabric
 
 HOSTS = ("A", "B", "C")
 NEVER = 3600.0  # a bound no test waits for: only InSync reports move the stages
