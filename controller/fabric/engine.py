@@ -223,7 +223,7 @@ class Fabric(MigrationStages, SyncStatus, HostRules, NetworkRules, TenantRules, 
         """Stop following the shared revision log and stepping migrations (the store is the
         caller's to close)."""
         self._stop.set()
-        self._migration_wake.set()
+        self.wake_migration_stepper()
         if self._follower is not None:
             self._follower.join(timeout=10)
         self._stepper.join(timeout=10)
@@ -324,7 +324,9 @@ class Fabric(MigrationStages, SyncStatus, HostRules, NetworkRules, TenantRules, 
                               f"create {kind.value} batch of {len(specs)}")
 
     def migrate(self, vm_name: str, destination: str) -> Vm:
-        return self._run(lambda tx: self._migrate(tx, vm_name, destination), f"migrate vms {vm_name} to {destination}")
+        moved = self._run(lambda tx: self._migrate(tx, vm_name, destination), f"migrate vms {vm_name} to {destination}")
+        self.wake_migration_stepper()
+        return moved
 
     def transact(self, operations: list[Operation], dry_run: bool = False) -> list[Any]:
         """Run mixed operations as ONE transaction: all or nothing, one result each.
@@ -343,8 +345,10 @@ class Fabric(MigrationStages, SyncStatus, HostRules, NetworkRules, TenantRules, 
                 raise type(exc)(f"operations[{index}] ({describe_operation(operation)}): {exc.error}", field,
                                 exc.reason) from None
 
-        return self._run_many([lambda tx, i=i, op=op: build(tx, i, op) for i, op in enumerate(operations)],
-                              f"transaction of {len(operations)}", dry_run=dry_run)
+        results = self._run_many([lambda tx, i=i, op=op: build(tx, i, op) for i, op in enumerate(operations)],
+                                 f"transaction of {len(operations)}", dry_run=dry_run)
+        self.wake_migration_stepper()  # it may have migrated VMs
+        return results
 
     def _builder_of(self, operation: Operation) -> Callable[[Tx], tuple[Any, _Scope]]:
         match operation:

@@ -27,8 +27,9 @@ stage was committed with, so every replica agrees when it passes, and a controll
 restarts mid-migration carries on from the stored stage.
 
 Each controller runs a stepper thread (`_step_migrations`): it looks every
-`STEP_INTERVAL_S` seconds, and at once when an agent reports a status here; with no
-migration in progress a look costs a dictionary check under the write lock.
+`STEP_INTERVAL_S` seconds, at once when an agent reports a status here or a migration is
+committed here, and again right after a stage it advanced; with no migration in progress
+a look costs a dictionary check under the write lock.
 
 A rule mixin of `Fabric`; its writes go through the engine (`_run`), never the store.
 """
@@ -72,7 +73,7 @@ class MigrationStages(Builders):
         """An agent's status (`SyncStatus.report_status`), then a wake-up for the stepper:
         the destination reporting InSync is what stage 2 waits for."""
         view = super().report_status(host, generation, errors, agent)  # type: ignore[misc]
-        self._migration_wake.set()
+        self.wake_migration_stepper()
         return view
 
     def advance_migrations(self, now: float | None = None) -> list[str]:
@@ -128,12 +129,19 @@ class MigrationStages(Builders):
         tx.put(Kind.vm, name, advanced)
         return advanced, _Scope(networks={vm.vm_network}, hosts={vm.host, source})
 
+    def wake_migration_stepper(self) -> None:
+        """Look for due stages now (a status arrived, a migration was committed)."""
+        self._migration_wake.set()
+
     def _step_migrations(self, interval: float) -> None:
-        """The stepper: advance what is due, wait for a status or `interval`; never dies."""
+        """The stepper: advance what is due, wait for a status or `interval`; never dies.
+        A stage advanced may make the next one due at once (a bound of 0): look again."""
         failing = False
         while not self._stop.is_set():
             try:
-                self.advance_migrations()
+                if self.advance_migrations():
+                    failing = False
+                    continue
                 failing = False
             except Exception as exc:  # noqa: BLE001 - the stepper must outlive any one failure
                 if not failing:
