@@ -213,10 +213,14 @@ class Inventory:
     def migration_sources(self, network: str) -> set[str]:
         return {vm.migration.source for vm in self.migrations_of_network(network)}
 
+    def migrations_from(self, host: str) -> list[Any]:
+        """The VMs whose migration in progress left `host` (few: a scan of those in progress)."""
+        return [vm for network in sorted(self.migrating) for vm in self.migrations_of_network(network)
+                if vm.migration.source == host]
+
     def networks_migrating_from(self, host: str) -> set[str]:
-        """VM networks a migration in progress left `host` in (few: a scan of those in progress)."""
-        return {network for network in self.migrating
-                if any(vm.migration.source == host for vm in self.migrations_of_network(network))}
+        """VM networks a migration in progress left `host` in."""
+        return {vm.vm_network for vm in self.migrations_from(host)}
 
     def holds_network(self, host: str, network: str, leaving_vms: int = 0, leaving_migrations: int = 0) -> bool:
         """Does the host hold the VM network (a VM of it there, or a migration from there),

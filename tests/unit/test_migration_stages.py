@@ -8,9 +8,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
+
 from agent.state import parse_host_state
 from controller.fabric import Fabric
-from controller.models import Kind, VmSpec
+from controller.models import Conflict, Kind, VmSpec
 from tests.lib.nv_fabric import populate as populate_fabric
 
 HOSTS = ("A", "B", "C")
@@ -163,4 +165,15 @@ def test_a_peer_vm_deleted_on_the_source_does_not_take_the_forwarding_pa(tmp_pat
     fabric.migrate("m", "B")
     fabric.delete(Kind.vm, "q")  # A's last VM of Red goes, but A still forwards for m
     assert pa_of(fabric, "A") is not None and record_pa(fabric, "A") == pa_of(fabric, "B")
+    fabric.close()
+
+
+def test_a_host_forwarding_for_a_migration_is_not_deleted_until_it_ends(tmp_path):
+    fabric = populate(Fabric.open(tmp_path, synchronous="NORMAL", migration_bound=NEVER))
+    fabric.migrate("m", "B")
+    for attempt in (lambda: fabric.delete(Kind.host, "A"), lambda: fabric.delete_virtual_switch("A")):
+        with pytest.raises(Conflict) as refused:
+            attempt()
+        assert refused.value.field in ("name", "host") and "the migration of VM m to B" in refused.value.reason
+    assert pa_of(fabric, "A") is not None
     fabric.close()
