@@ -29,29 +29,45 @@ unexport PYTHONDONTWRITEBYTECODE
 # postgresql is the shared store of controller replicas (the pg tier starts throw-away
 # clusters with its initdb/pg_ctl); libpq5 is the client library psycopg loads, and
 # libpq-dev, gcc and python3-dev build psycopg's C implementation against it.
+# clang/llvm compile flow mode's eBPF program (agent/bpf) against libbpf-dev's headers;
+# the agent loads it and writes its maps with bpftool.
 # Append here; keep one list.
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev \
-	iproute2 iputils-ping tcpdump procps util-linux \
+	iproute2 iputils-ping tcpdump procps util-linux nftables \
 	systemd vagrant vagrant-libvirt graphviz iperf3 \
 	prometheus mmdebstrap e2fsprogs \
-	postgresql libpq5 libpq-dev gcc python3-dev
+	postgresql libpq5 libpq-dev gcc python3-dev \
+	dnsmasq-base \
+	clang llvm libbpf-dev bpftool
 
-.PHONY: help setup debs venv test unit netns pg kernel multikernel system demo bench features clean
+# The vagrant tier only (`make vagrant`, not part of `make test`): libvirt's daemon for
+# vagrant-libvirt, and qemu-img for the box made from the host image.
+VAGRANT_DEB_PACKAGES := libvirt-daemon-system libvirt-clients qemu-utils dnsmasq-base
+
+.PHONY: help setup debs venv bpf test unit netns pg kernel multikernel system vagrant vagrant-debs demo bench features clean
 
 help:
 	@echo "make demo     set up, then run the lab walkthrough"
 	@echo "make test     set up, then run the unit, netns, pg, kernel and multikernel tiers"
 	@echo "make bench    set up, then run the benchmarks"
-	@echo "make unit | netns | pg | kernel | multikernel | system   one tier only (after set-up)"
+	@echo "make unit | netns | pg | kernel | multikernel | system | vagrant   one tier only (after set-up)"
 	@echo "make features show which kernel features the running kernel has"
+	@echo "make bpf      compile flow mode's eBPF programs (part of setup)"
 
-setup: debs venv
+setup: debs venv bpf
+
+# Flow mode's tc programs (agent/flowmode.py loads the object). -g: libbpf needs the BTF
+# of the .maps section.
+BPF_OBJECTS := agent/bpf/hnv_flow.o
+bpf: $(BPF_OBJECTS)
+agent/bpf/%.o: agent/bpf/%.c | debs
+	clang -O2 -g -target bpf -I/usr/include/$$(uname -m)-linux-gnu -Wall -c $< -o $@
 
 # One dpkg-query for all packages (a few ms); apt-get runs only when something is missing.
 # dpkg-query prints a line per known package ("name install ok installed"); unknown ones
 # only on stderr, so they end up in the missing list too.
-debs:
+debs vagrant-debs:
 	@if ! command -v dpkg-query >/dev/null 2>&1; then \
 		echo "setup: not a Debian system; install by hand: $(DEB_PACKAGES)"; exit 0; \
 	fi; \
@@ -81,6 +97,10 @@ test: setup
 	$(PY) -m tests.run_tiers unit netns pg kernel multikernel
 
 unit netns pg kernel multikernel system: setup
+	$(PY) -m tests.run_tiers $@
+
+vagrant: setup
+	@$(MAKE) --no-print-directory vagrant-debs DEB_PACKAGES="$(VAGRANT_DEB_PACKAGES)"
 	$(PY) -m tests.run_tiers $@
 
 features: venv

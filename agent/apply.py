@@ -4,6 +4,8 @@ Owns carrying out a `Plan` (agent.plan) on one namespace's sockets: a pyroute2 I
 for links, VLANs, addresses and routes, and a netlink_batch NeighbourSocket for FDB and
 neighbour entries (batched: 10,000 lookup records in one round of sends). Both are
 opened once per namespace by the caller and reused.
+A gateway host's nftables table is written through agent.nat (nft's JSON API, one
+transaction), the one write that is not netlink.
 
 Rules:
 - idempotent verbs: ``replace`` for routes, FDB and neighbours; EEXIST on an add means
@@ -39,7 +41,8 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from agent import naming
+from agent import naming, nat
+from agent.flowmode import PORTS, REMOTES, VSIDS, FlowDatapath, FlowModeError, MapWrite, port_value, remote_key, remote_value, u32
 from agent.kernel_model import Address, BridgeVlan, Fdb, Link, Neighbour, Route
 from agent.netlink_batch import EntryError, FdbEntry, NeighbourSocket, NeighEntry
 from agent.netns import ensure_vm_netns, in_netns, netns_name_of_nsid, remove_netns, vm_netns_marker_of
@@ -52,7 +55,11 @@ BRIDGE_FLAGS_SELF = 2
 BRIDGE_VLAN_INFO_PVID = 0x2
 BRIDGE_VLAN_INFO_UNTAGGED = 0x4
 LINK_ROLES = {naming.TEAM, "member", naming.SWITCH, naming.PROVIDER, naming.VRF,
-              naming.BRIDGE, naming.TUNNEL, naming.VXLAN, naming.PORT, "external"}
+              naming.BRIDGE, naming.TUNNEL, naming.VXLAN, naming.FLOW_TUNNEL, naming.FLOW_PORT,
+              naming.PORT, "external", naming.FRONTEND, naming.LEG, naming.BACKEND}
+# Per-device IPv4 settings written through /proc/sys/net/ipv4/conf/<device>/<name>.
+IPV4_CONF_SETTINGS = ("forwarding", "rp_filter", "arp_notify")
+FLOW_MAP_KINDS = ("flowvsid", "flowremote")  # map ops; "flowport" is the link role
 
 
 # --- typed errors ----------------------------------------------------------------------
@@ -143,6 +150,7 @@ class Applier:
         self.netns = netns
         self.host = host  # the HostState's host: part of the mark on a VM namespace made here
         self._index: dict[str, int] = {}
+        self.flow = FlowDatapath(netns)
 
     # -- the loop --------------------------------------------------------------------
 
@@ -156,12 +164,17 @@ class Applier:
         i = 0
         while i < len(ops):
             op = ops[i]
+            batch = None
             if op.kind in ("fdb", "neighbour"):
                 # Consecutive FDB/neighbour ops of one action go to the kernel as a batch.
-                j = i
-                while j < len(ops) and ops[j].kind == op.kind and _is_delete(ops[j]) == _is_delete(op):
-                    j += 1
-                done, failed = self._apply_records(ops[i:j])
+                j = _run_end(ops, i, lambda o: o.kind == op.kind and _is_delete(o) == _is_delete(op))
+                batch = self._apply_records
+            elif op.kind in FLOW_MAP_KINDS:
+                # Consecutive flow-mode map writes go to bpftool as one batch.
+                j = _run_end(ops, i, lambda o: o.kind in FLOW_MAP_KINDS)
+                batch = self._apply_flow_maps
+            if batch is not None:
+                done, failed = batch(ops[i:j])
                 applied += done
                 errors.extend(failed)
                 i = j
@@ -191,6 +204,14 @@ class Applier:
             self._apply_address(op)
         elif op.kind == "route":
             self._apply_route(op)
+        elif op.kind == "nat":
+            # nftables, not netlink: the whole table in one nft transaction (agent.nat).
+            if op.action == "delete":
+                nat.delete_table(self.netns)
+            else:
+                nat.replace_table(self.netns, op.desired)
+        elif op.kind == "tcprogram":
+            self._apply_tc_program(op)
         else:
             raise InvalidArgument(f"{op.describe()}: unknown object kind {op.kind}")
 
@@ -242,6 +263,10 @@ class Applier:
             spec.update(vlan_id=opt["vlan_id"], link=self.index(opt["link"]))
         elif link.kind == "vrf":
             spec.update(vrf_table=opt["table"])
+        elif link.kind == "macvlan":
+            spec.update(link=self.index(opt["link"]), macvlan_mode=opt["mode"])
+        elif link.kind in ("gretap", "ip6gretap") and opt.get("external"):
+            spec.update(gre_collect_metadata=True)
         elif link.kind in ("gretap", "ip6gretap"):
             spec.update(gre_local=opt["local"], gre_remote=opt["remote"],
                         gre_ikey=opt["ikey"], gre_okey=opt["okey"],
@@ -284,12 +309,13 @@ class Applier:
 
     def _converge_settings(self, link: Link, old: Link | None, index: int) -> None:
         wanted = {k: v for k, v in link.settings if old is None or old.setting(k) != v}
-        forwarding = wanted.pop("forwarding", None)
-        if forwarding is not None:
-            # Per-device IPv4 forwarding on a VSID bridge: routing between the VM
-            # subnets of one VRF needs it on the ingress device only, and leaves the
-            # host's global ip_forward (and every other device) alone.
-            write_sysctl(self.netns, f"/proc/sys/net/ipv4/conf/{link.name}/forwarding", forwarding)
+        for name in IPV4_CONF_SETTINGS:
+            value = wanted.pop(name, None)
+            if value is not None:
+                # Per-device IPv4 forwarding on a VSID bridge (or a gateway leg): routing
+                # between the VM subnets of one VRF needs it on the ingress device only,
+                # and leaves the host's global ip_forward (and every other device) alone.
+                write_sysctl(self.netns, f"/proc/sys/net/ipv4/conf/{link.name}/{name}", value)
         disable_ipv6 = wanted.pop("disable_ipv6", None)
         if disable_ipv6 is not None:
             write_sysctl(self.netns, f"/proc/sys/net/ipv6/conf/{link.name}/disable_ipv6", disable_ipv6)
@@ -448,8 +474,9 @@ class Applier:
 
     def _apply_route(self, op: Op) -> None:
         route: Route = op.desired or op.observed
+        default = "0.0.0.0/0" if route.family == 4 else "::/0"
         spec: dict[str, Any] = {
-            "dst": "0.0.0.0/0" if route.family == 4 else "::/0",
+            "dst": default if route.dst == "default" else route.dst,
             "table": route.table, "family": 2 if route.family == 4 else 10,
         }
         if route.type == "unreachable":
@@ -492,12 +519,71 @@ class Applier:
             errors.append(_record_error(op, failure))
         return len(entries) - len(refused), errors
 
+    # -- flow mode (agent.flowmode) ---------------------------------------------------
+
+    def _apply_tc_program(self, op: Op) -> None:
+        try:
+            if _is_delete(op):
+                self.flow.detach(op.observed)
+            else:
+                self.flow.attach(op.desired)
+        except FlowModeError as exc:
+            raise KernelError(f"{op.describe()}: {exc}") from exc
+
+    def _flow_writes(self, op: Op) -> list[MapWrite]:
+        if op.kind == "flowremote":
+            obj = op.observed if _is_delete(op) else op.desired
+            key = remote_key(obj.vsid, obj.mac)
+            if _is_delete(op):
+                return [MapWrite(REMOTES, key)]
+            return [MapWrite(REMOTES, key, remote_value(obj.remote, obj.local))]
+        if _is_delete(op):
+            writes = [MapWrite(VSIDS, u32(op.observed.vsid))]
+            if op.observed.port in self._index:
+                writes.append(MapWrite(PORTS, u32(self._index[op.observed.port])))
+            return writes
+        port = op.desired
+        index = self.index(port.port)
+        return [MapWrite(PORTS, u32(index), port_value(port.vsid, self.index(port.tunnel))),
+                MapWrite(VSIDS, u32(port.vsid), u32(index))]
+
+    def _apply_flow_maps(self, ops: list[Op]) -> tuple[int, list[ObjectError]]:
+        errors: list[ObjectError] = []
+        writes: list[MapWrite] = []
+        owner: dict[int, Op] = {}
+        for op in ops:
+            try:
+                for w in self._flow_writes(op):
+                    owner[id(w)] = op
+                    writes.append(w)
+            except KernelError as exc:
+                errors.append(ObjectError(op.kind, op.name, exc.errno, f"{op.describe()}: {exc}"))
+        try:
+            if writes:
+                self.flow.ensure_loaded()
+            refused = self.flow.write(writes)
+        except FlowModeError as exc:
+            errors.extend(ObjectError(op.kind, op.name, None, str(exc)) for op in ops)
+            return 0, errors
+        failed_ops = {id(owner[id(w)]): (owner[id(w)], reason) for w, reason in refused}
+        errors.extend(ObjectError(op.kind, op.name, None, f"{op.describe()}: {reason}")
+                      for op, reason in failed_ops.values())
+        return len(ops) - len(errors), errors
+
     def _entry(self, obj: Fdb | Neighbour) -> FdbEntry | NeighEntry:
         if isinstance(obj, Neighbour):
             return NeighEntry(self.index(obj.device), obj.ip, obj.mac)
         if obj.port is not None:
             return FdbEntry(self.index(obj.port), obj.mac, master=True)
         return FdbEntry(self.index(obj.device), obj.mac, master=False, dst=obj.dst)
+
+
+def _run_end(ops: list[Op], start: int, same) -> int:
+    """The end of the run of ops from `start` on for which `same(op)` holds."""
+    end = start
+    while end < len(ops) and same(ops[end]):
+        end += 1
+    return end
 
 
 def _is_delete(op: Op) -> bool:

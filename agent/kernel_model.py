@@ -2,8 +2,10 @@
 
 Owns plain frozen records of the kernel objects the agent manages, keyed the way the
 kernel keys them: links by name, bridge VLANs by (device, vid), addresses by (device,
-address/prefix), routes by (table, destination), FDB entries by (bridge or VXLAN device,
-MAC) and neighbours by (device, IP). `KernelState` holds one set of them; the desired
+address/prefix), routes by (table, family, destination, metric), FDB entries by (bridge or VXLAN device,
+MAC), neighbours by (device, IP), the one nftables table of a gateway host
+(`NatTable`, by digest), and in flow mode the eBPF map entries and the tc programs of
+agent.flowmode. `KernelState` holds one set of them; the desired
 state (compiled from a HostState by ``agent.plan``) and the observed state (read back by
 ``agent.observe``) are both a `KernelState`, so the diff compares like with like.
 
@@ -108,7 +110,9 @@ class Address:
 @dataclass(frozen=True)
 class Route:
     """A route the agent manages: a VRF's unreachable default (so nothing leaks into the
-    main table) or the management default route."""
+    main table), a VRF's customer route (a prefix via a next hop on a VSID bridge), a
+    gateway leg's default route, or the management default route. Keyed with its metric:
+    a VRF's customer default route and its unreachable default live side by side."""
 
     table: int
     dst: str  # "default" or a prefix
@@ -119,8 +123,8 @@ class Route:
     metric: int = 0
 
     @property
-    def key(self) -> tuple[int, int, str]:
-        return (self.table, self.family, self.dst)
+    def key(self) -> tuple[int, int, str, int]:
+        return (self.table, self.family, self.dst, self.metric)
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,60 @@ class Neighbour:
         return (self.device, self.ip)
 
 
+@dataclass(frozen=True)
+class NatTable:
+    """The agent's nftables table (agent.nat): compared by the digest of its document
+    and its number of rules; `commands` (nft JSON, one string per command) and `summary`
+    are carried by the desired table only, to build it."""
+
+    digest: str
+    rules: int
+    commands: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    summary: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class FlowRemote:
+    """Flow mode (agent.flowmode): a remote MAC of a VSID and the PAs to encapsulate
+    with (an entry of the eBPF map hnv_remotes)."""
+
+    vsid: int
+    mac: str
+    remote: str
+    local: str
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.vsid, self.mac)
+
+
+@dataclass(frozen=True)
+class FlowPort:
+    """Flow mode: a VSID's tunnel port and the flow tunnel it encapsulates into (entries
+    of hnv_vsids, VSID -> port, and hnv_ports, port -> VSID and tunnel)."""
+
+    vsid: int
+    port: str
+    tunnel: str
+
+    @property
+    def key(self) -> int:
+        return self.vsid
+
+
+@dataclass(frozen=True)
+class TcProgram:
+    """Flow mode: an eBPF program attached at tc (clsact) on a device, one direction."""
+
+    device: str
+    direction: str  # ingress | egress
+    program: str  # hnv_encap | hnv_decap; observed: "<name> id <n>" when not the pinned one
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.device, self.direction)
+
+
 @dataclass
 class KernelState:
     """One complete set of managed kernel objects, desired or observed."""
@@ -160,17 +218,23 @@ class KernelState:
     links: dict[str, Link] = field(default_factory=dict)
     vlans: dict[tuple[str, int], BridgeVlan] = field(default_factory=dict)
     addresses: dict[tuple[str, str], Address] = field(default_factory=dict)
-    routes: dict[tuple[int, int, str], Route] = field(default_factory=dict)
+    routes: dict[tuple[int, int, str, int], Route] = field(default_factory=dict)
     fdb: dict[tuple[str, str], Fdb] = field(default_factory=dict)
     neighbours: dict[tuple[str, str], Neighbour] = field(default_factory=dict)
+    nat: NatTable | None = None
+    flow_remotes: dict[tuple[int, str], FlowRemote] = field(default_factory=dict)
+    flow_ports: dict[int, FlowPort] = field(default_factory=dict)
+    tc_programs: dict[tuple[str, str], TcProgram] = field(default_factory=dict)
 
-    def add(self, obj: Link | BridgeVlan | Address | Route | Fdb | Neighbour) -> None:
+    def add(self, obj: Link | BridgeVlan | Address | Route | Fdb | Neighbour
+            | FlowRemote | FlowPort | TcProgram) -> None:
         if isinstance(obj, Link):
             self.links[obj.name] = obj
         else:
             table = {
                 BridgeVlan: self.vlans, Address: self.addresses, Route: self.routes,
-                Fdb: self.fdb, Neighbour: self.neighbours,
+                Fdb: self.fdb, Neighbour: self.neighbours, FlowRemote: self.flow_remotes,
+                FlowPort: self.flow_ports, TcProgram: self.tc_programs,
             }[type(obj)]
             table[obj.key] = obj  # type: ignore[index]
 
@@ -183,4 +247,9 @@ class KernelState:
             vlan=len(self.vlans), address=len(self.addresses), route=len(self.routes),
             fdb=len(self.fdb), neighbour=len(self.neighbours),
         )
+        if self.nat is not None:
+            counts["nat_rule"] = self.nat.rules
+        if self.flow_remotes or self.flow_ports or self.tc_programs:
+            counts.update(flowremote=len(self.flow_remotes), flowvsid=len(self.flow_ports),
+                          tcprogram=len(self.tc_programs))
         return counts

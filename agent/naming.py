@@ -10,8 +10,13 @@ never from a counter, so an agent restarted with no memory finds its own objects
     VRF              hnvr<routing domain id>     hnvr1       (table VRF_TABLE_BASE + id)
     NVGRE tunnel     hnvt<10 hex of sha1(vsid, local PA, remote PA)>
     VXLAN device     hnvx<vsid>
+    flow tunnel      hnvf<4|6>                   one collect-metadata gretap per PA family
+    flow port        hnvq<vsid>                  the VSID bridge's port into the flow tunnel
     VM port          hnvp<10 hex of sha1(VM name)>   host end of the veth / record of a tap
     provider VLAN    <switch>.<vlan>             hnv-sw.802  (hash form when too long)
+    front-end VLAN   <switch>.<vlan>             hnv-sw.30   (a gateway host's external network)
+    gateway leg      hnvl<routing domain id>     hnvl2       macvlan on the front-end VLAN, in the VRF
+    back-end port    hnvg<routing domain id>     hnvg2       macvlan on the leg's VSID bridge, in the VRF
 
 Pure: no kernel access, no pyroute2.
 """
@@ -31,6 +36,9 @@ DEFAULT_TTL = 64
 TEAM, SWITCH, PROVIDER, VRF, BRIDGE, TUNNEL, VXLAN, PORT = (
     "team", "switch", "provider", "vrf", "bridge", "tunnel", "vxlan", "port",
 )
+# A gateway host's: the front-end VLAN, and per leg its front-end and back-end devices.
+FRONTEND, LEG, BACKEND = "frontend", "leg", "backend"
+FLOW_TUNNEL, FLOW_PORT = "flowtunnel", "flowport"  # tunnel_mode flow (agent.flowmode)
 
 
 def _short_hash(*parts: object, size: int = 10) -> str:
@@ -78,6 +86,14 @@ def vxlan_device(vsid: int) -> str:
     return f"{PREFIX}x{vsid}"
 
 
+def flow_tunnel(family: int) -> str:
+    return f"{PREFIX}f{family}"
+
+
+def flow_port(vsid: int) -> str:
+    return f"{PREFIX}q{vsid}"
+
+
 def vm_port(vm_name: str) -> str:
     """Host end of a VM's port. Hashed: VM names are free text of up to 256 characters."""
     return f"{PREFIX}p{_short_hash(vm_name)}"
@@ -88,6 +104,14 @@ def provider_vlan(switch: str, vlan: int) -> str:
     if len(name.encode()) <= IFNAMSIZ:
         return name
     return f"{PREFIX}v{_short_hash(switch, vlan, size=6)}.{vlan}"
+
+
+def gateway_leg(routing_domain_id: int) -> str:
+    return f"{PREFIX}l{routing_domain_id}"
+
+
+def gateway_back_end(routing_domain_id: int) -> str:
+    return f"{PREFIX}g{routing_domain_id}"
 
 
 def gateway_mac(vsid: int) -> str:

@@ -11,7 +11,8 @@ carries):
 C (checksum) = 0, K (key present) = 1, S (sequence) = 0, version 0, protocol
 Transparent Ethernet Bridging; the 32-bit GRE key is ``VSID << 8 | FlowID``. Linux's
 gretap with ``key VSID<<8`` sends exactly this (FlowID 0), which is how the agent's
-tunnels (agent.tunnels) speak NVGRE.
+device-mode tunnels (agent.tunnels) speak NVGRE; flow mode's tc program sets the key per
+packet with a per-flow FlowID (agent/bpf/hnv_flow.c).
 
 Pure functions; scapy only for whole packets. No kernel access.
 """

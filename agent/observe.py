@@ -12,7 +12,13 @@ reused). It reports what it finds, filtered to what the agent may manage:
   entries in state NOARP without PERMANENT (a port's own MAC is a PERMANENT "local"
   entry of the bridge itself: never ours) and VXLAN entries with a remote PA;
 - neighbours only PERMANENT ones on owned devices;
-- routes only default routes (a VRF's catch-all, the management default route).
+- routes: default routes of the main table (the management default route) and, in an
+  owned VRF's table, the unicast and unreachable routes someone added (a catch-all, a
+  customer route, a gateway leg's default), never the kernel's own (proto kernel:
+  connected and local routes).
+
+The gateway host's nftables table is read by agent.nat (`observe_table`), which
+agent.reconcile calls when the kernel holds gateway devices.
 
 Writes nothing. `read_tunnel_stats` reads the per-tunnel counters.
 """
@@ -32,6 +38,7 @@ from agent.kernel_model import (
     Neighbour,
     Route,
 )
+from agent.flowmode import FlowDatapath
 from agent.netlink_batch import NeighbourSocket
 from agent.tunnels import GRE_KEY_FLAG, TunnelStats, tunnel_identity
 
@@ -40,15 +47,21 @@ IFF_UP = 0x1
 BRIDGE_VLAN_INFO_PVID = 0x2
 BRIDGE_VLAN_INFO_UNTAGGED = 0x4
 RTN_UNREACHABLE = 7
-
+RTN_UNICAST = 1
+RTPROT_KERNEL = 2
+MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
+# Per-device IPv4 settings the agent manages, by link kind (agent.apply writes them).
+_INET_SETTINGS = {"bridge": ("forwarding",), "macvlan": ("forwarding", "rp_filter", "arp_notify")}
 # Kernel attribute -> option/setting name, per link kind.
 _OPTIONS = {
     "bond": {"IFLA_BOND_MODE": "mode"},
     "bridge": {"IFLA_BR_VLAN_DEFAULT_PVID": "vlan_default_pvid"},
     "vlan": {"IFLA_VLAN_ID": "vlan_id"},
     "vrf": {"IFLA_VRF_TABLE": "table"},
+    "macvlan": {"IFLA_MACVLAN_MODE": "mode"},
     "gretap": {"IFLA_GRE_LOCAL": "local", "IFLA_GRE_REMOTE": "remote",
-               "IFLA_GRE_TTL": "ttl", "IFLA_GRE_PMTUDISC": "pmtudisc"},
+               "IFLA_GRE_TTL": "ttl", "IFLA_GRE_PMTUDISC": "pmtudisc",
+               "IFLA_GRE_COLLECT_METADATA": "external"},
     "vxlan": {"IFLA_VXLAN_ID": "vni", "IFLA_VXLAN_LOCAL": "local", "IFLA_VXLAN_PORT": "port",
               "IFLA_VXLAN_LEARNING": "learning", "IFLA_VXLAN_TTL": "ttl"},
 }
@@ -90,8 +103,10 @@ def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
     kind = info.get("IFLA_INFO_KIND") or "nic"
     data = _attrs(info.get("IFLA_INFO_DATA"))
     options = {opt: _value(data[attr]) for attr, opt in _OPTIONS.get(kind, {}).items() if attr in data}
-    if kind == "vlan":
+    if kind in ("vlan", "macvlan"):
         options["link"] = names.get(msg.get_attr("IFLA_LINK") or 0)
+    if kind == "macvlan" and isinstance(options.get("mode"), int):
+        options["mode"] = MACVLAN_MODES.get(options["mode"], options["mode"])
     if kind in ("gretap", "ip6gretap"):
         # The key only counts when the KEY flag is set; otherwise the kernel sends no key.
         for direction in ("i", "o"):
@@ -101,8 +116,9 @@ def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
     settings = {opt: _value(data[attr]) for attr, opt in _SETTINGS.get(kind, {}).items() if attr in data}
     af_spec = _attrs(msg.get_attr("IFLA_AF_SPEC"))
     inet = af_spec.get("AF_INET")
-    if kind == "bridge" and inet is not None and "forwarding" in inet:
-        settings["forwarding"] = inet["forwarding"]
+    for setting in _INET_SETTINGS.get(kind, ()):
+        if inet is not None and setting in inet:
+            settings[setting] = inet[setting]
     inet6 = _attrs(af_spec.get("AF_INET6")).get("IFLA_INET6_CONF")
     if inet6 is not None and "disable_ipv6" in inet6:
         settings["disable_ipv6"] = inet6["disable_ipv6"]
@@ -129,9 +145,10 @@ def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
     )
 
 
-def observe(ipr: Any, records: NeighbourSocket) -> KernelState:
+def observe(ipr: Any, records: NeighbourSocket, flow: FlowDatapath | None = None) -> KernelState:
     """One read of everything the agent manages in the namespace of `ipr` (a pyroute2
-    IPRoute) and `records` (the same namespace's netlink_batch socket)."""
+    IPRoute) and `records` (the same namespace's netlink_batch socket); with `flow`, the
+    flow-mode maps and tc programs of that namespace too (nothing when never loaded)."""
     have = KernelState()
     messages = list(ipr.get_links())
     names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in messages}
@@ -161,18 +178,20 @@ def observe(ipr: Any, records: NeighbourSocket) -> KernelState:
 
     vrf_tables = {l.option("table") for l in have.links.values() if l.owned and l.kind == "vrf"}
     for msg in ipr.get_routes():
-        if msg["dst_len"] != 0:
-            continue
         table = msg.get_attr("RTA_TABLE") or msg["table"]
-        if table not in vrf_tables and table != 254:
+        if table in vrf_tables:
+            if msg["proto"] == RTPROT_KERNEL:
+                continue  # connected and local routes: the kernel's, from the addresses
+        elif table != 254 or msg["dst_len"] != 0:
             continue
         family = 4 if msg["family"] == socket.AF_INET else 6
+        dst = "default" if msg["dst_len"] == 0 else f"{msg.get_attr('RTA_DST')}/{msg['dst_len']}"
+        metric = msg.get_attr("RTA_PRIORITY") or 0
         if msg["type"] == RTN_UNREACHABLE:
-            have.add(Route(table, "default", family, type="unreachable",
-                           metric=msg.get_attr("RTA_PRIORITY") or 0))
-        elif msg["type"] == 1:
-            have.add(Route(table, "default", family, gateway=msg.get_attr("RTA_GATEWAY"),
-                           device=names.get(msg.get_attr("RTA_OIF") or 0)))
+            have.add(Route(table, dst, family, type="unreachable", metric=metric))
+        elif msg["type"] == RTN_UNICAST:
+            have.add(Route(table, dst, family, gateway=msg.get_attr("RTA_GATEWAY"),
+                           device=names.get(msg.get_attr("RTA_OIF") or 0), metric=metric))
 
     # FDB and neighbours can number tens of thousands: dumped through netlink_batch's
     # lean parser rather than pyroute2's generic one.
@@ -186,6 +205,17 @@ def observe(ipr: Any, records: NeighbourSocket) -> KernelState:
                 have.add(Fdb(bridge, entry.mac, port=port))
     for entry in records.dump_neigh(owned):
         have.add(Neighbour(names[entry.ifindex], entry.ip, entry.mac))
+    if flow is not None and flow.present():
+        remotes, ports = flow.observe(names)
+        for obj in [*remotes, *ports]:
+            have.add(obj)
+        pinned = flow.program_ids()
+        for link in have.links.values():
+            if link.owned and link.role in (naming.FLOW_TUNNEL, naming.FLOW_PORT):
+                direction = "ingress" if link.role == naming.FLOW_TUNNEL else "egress"
+                attached = flow.attached(link.name, direction, pinned)
+                if attached is not None:
+                    have.add(attached)
     return have
 
 

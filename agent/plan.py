@@ -7,10 +7,20 @@ Owns two pure functions and the `Plan` they produce:
 - `diff(desired, observed)` compares two `KernelState`s and returns the ordered
   operations that turn the observed kernel into the desired one.
 
+A gateway host (HostState.gateway) also gets its front-end VLAN, per leg a macvlan on it
+in the leg's VRF (its address; up, with the VRF's default route via the upstream, only
+while the role is active) and a macvlan back-end port on the leg's VSID bridge (the
+back-end CA as /32 and MAC: the customer routes' next hop), and one nftables table
+(agent.nat: conntrack zone per VRF, SNAT, DNAT) built from the same state.
+
 Never flush: only objects the agent owns (ifalias marker, see agent.naming) are deleted,
 FDB and neighbour entries only on owned devices and only the static/permanent kind the
 agent writes. An empty HostState is a real answer ("hold nothing") but a failed fetch is
 never turned into one; that is the daemon's job.
+
+Flow mode (tunnel_mode flow, agent.tunnels and agent.flowmode) adds eBPF map entries
+and tc programs: made after the links (entries hold their ifindexes), map entries before
+the programs that read them, deleted in the reverse order before the links.
 
 Ordering ("why this order"): links first, in dependency order (the switch, then the
 team that becomes its trunk port, then the NICs that join the team; the switch before
@@ -19,7 +29,8 @@ bridges, bridges before tunnels and ports); then bridge VLANs, addresses and rou
 which need the links; then FDB before neighbours, so that by the time a neighbour entry
 makes the VRF or neigh_suppress use a MAC, the bridge already knows which port the MAC is
 behind (otherwise the first frames flood, and flooding is off on tunnel ports: they are
-lost). Every add and replace comes before any delete (make-before-break): a moved VM gets
+lost). The nftables table is replaced after the links its rules name exist, and deleted
+before them. Every add and replace comes before any delete (make-before-break): a moved VM gets
 its new tunnel and its FDB entry moved (an atomic replace) before the old tunnel goes.
 Deletes run in the reverse order: neighbours, FDB, routes, addresses, VLANs, then links
 from the leaves (ports, tunnels) to the trunk (team).
@@ -34,26 +45,32 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent import naming
+from agent.nat import nat_table
 from agent.kernel_model import (
     Address,
     BridgeVlan,
     Fdb,
+    FlowPort,
+    FlowRemote,
     KernelState,
     QUIET,
     Link,
     Neighbour,
     Route,
+    TcProgram,
     VmEnd,
 )
 from agent.state import (
     HostState,
+    LegConnectivity,
     LoadBalancing,
     PortKind,
     RecordType,
     TeamMode,
+    TunnelMode,
     encapsulation_overhead,
 )
-from agent.tunnels import RemoteEndpoint, tunnel_objects
+from agent.tunnels import RemoteEndpoint, flow_tunnel, flow_tunnel_objects, tunnel_objects
 
 # Team -> bond. Kernel bond mode numbers: 1 active-backup, 2 balance-xor, 4 802.3ad.
 BOND_MODE = {TeamMode.SwitchIndependent: 1, TeamMode.Static: 2, TeamMode.LACP: 4}
@@ -78,8 +95,20 @@ VRF_UNREACHABLE_METRIC = 4278198272
 # Link creation order; deletes run in reverse.
 ROLE_ORDER = {
     naming.SWITCH: 0, naming.TEAM: 1, "member": 2, naming.PROVIDER: 3, naming.VRF: 4,
-    naming.BRIDGE: 5, naming.TUNNEL: 6, naming.VXLAN: 6, naming.PORT: 7, "external": 7,
+    naming.BRIDGE: 5, naming.TUNNEL: 6, naming.VXLAN: 6, naming.FLOW_TUNNEL: 6,
+    naming.FLOW_PORT: 7, naming.PORT: 7, "external": 7,
+    naming.FRONTEND: 3, naming.LEG: 6, naming.BACKEND: 6,
 }
+# A gateway leg: kernel settings of its two macvlans. arp_notify: the kernel sends a
+# gratuitous ARP for the leg's address when the leg comes up, which is what a standby
+# becoming active does (its address is already there, down). forwarding: both are
+# ingress devices of routed traffic. rp_filter loose on the back-end port: its address is
+# a /32, the VM network's subnet route is the bridge's, so strict mode would drop every
+# packet from a VM arriving on it.
+LEG_SETTINGS = (("arp_notify", 1), ("forwarding", 1))
+BACK_END_SETTINGS = (("forwarding", 1), ("rp_filter", 2))
+LEG_MACVLAN_MODE = "private"  # legs of two VM networks never talk to each other directly
+BACK_END_MACVLAN_MODE = "bridge"
 
 
 # --- desired state ---------------------------------------------------------------------
@@ -131,6 +160,9 @@ def desired_kernel_state(state: HostState) -> KernelState:
         # The switch itself (its management address) sits untagged on the native VLAN.
         want.add(BridgeVlan(switch, MANAGEMENT_VLAN, pvid=True, untagged=True))
         trunk_vlans = [net.vlan for net in state.vlan_networks]
+        if state.gateway is not None:
+            trunk_vlans.append(state.gateway.front_end.vlan)
+            want.add(BridgeVlan(switch, state.gateway.front_end.vlan))  # the front-end VLAN device
         if provider is not None:
             trunk_vlans.append(provider.vlan)
             want.add(BridgeVlan(switch, provider.vlan))  # tagged on the bridge: the VLAN device
@@ -157,6 +189,10 @@ def desired_kernel_state(state: HostState) -> KernelState:
             want.add(Address(vlan_dev, f"{pa.address}/{provider.subnet.prefixlen}"))
 
     gateway_macs = {r.vsid: r.mac for r in state.records if r.type is RecordType.Gateway}
+    # The next hops this gateway host is itself (its legs' back-end CAs): a customer
+    # route to one of them is replaced here by the leg's own default route.
+    own_next_hops = {(leg.routing_domain, leg.back_end.address.ip)
+                     for leg in (state.gateway.legs if state.gateway else ())}
     for rd in state.routing_domains:
         vrf = naming.vrf(rd.id)
         table = naming.vrf_table(rd.id)
@@ -178,6 +214,17 @@ def desired_kernel_state(state: HostState) -> KernelState:
             ))
             if subnet.gateway is not None:
                 want.add(Address(bridge, f"{subnet.gateway}/{subnet.prefix.prefixlen}"))
+        for route in rd.routes:
+            if (rd.name, route.next_hop) in own_next_hops:
+                continue
+            on = next(s for s in rd.subnets if route.next_hop in s.prefix)  # validated
+            # Via the next hop on its subnet's bridge: the packet leaves through the
+            # distributed router, encapsulated to the next hop's record like any CA.
+            want.add(Route(table, _route_dst(route.prefix), route.prefix.version,
+                           gateway=str(route.next_hop), device=naming.vsid_bridge(on.vsid)))
+
+    if state.gateway is not None and switch is not None:
+        _add_gateway(state, want, switch)
 
     port_devices: dict[str, str] = {}  # VM MAC -> host-side device of its port
     for port in state.ports:
@@ -209,6 +256,63 @@ def desired_kernel_state(state: HostState) -> KernelState:
     return want
 
 
+def _route_dst(prefix: Any) -> str:
+    """A route's destination as observe reads it back: "default" for /0."""
+    return "default" if prefix.prefixlen == 0 else str(prefix)
+
+
+def _add_gateway(state: HostState, want: KernelState, switch: str) -> None:
+    """A gateway host's front-end VLAN, its legs (front-end and back-end macvlans in each
+    leg's VRF), the legs' default routes and the nftables table."""
+    role = state.gateway
+    assert role is not None
+    front = role.front_end
+    quiet = QUIET if front.subnet.version == 4 else ()
+    front_dev = naming.provider_vlan(switch, front.vlan)
+    want.add(Link(name=front_dev, kind="vlan", role=naming.FRONTEND, key=str(front.vlan),
+                  options=(("link", switch), ("vlan_id", front.vlan)), settings=quiet))
+    domains = {rd.name: rd for rd in state.routing_domains}
+    zones: dict[str, int] = {}
+    snat: list[tuple[str, str]] = []
+    dnat: list[tuple[str, str, str, int, str, int]] = []
+    for leg in role.legs:
+        rd = domains[leg.routing_domain]  # validated: a leg's routing domain is the host's
+        vrf = naming.vrf(rd.id)
+        leg_dev = naming.gateway_leg(rd.id)
+        want.add(Link(
+            name=leg_dev, kind="macvlan", role=naming.LEG, key=str(rd.id),
+            options=(("link", front_dev), ("mode", LEG_MACVLAN_MODE)),
+            settings=LEG_SETTINGS + quiet, master=vrf, up=role.active,
+        ))
+        # The address stays on a standby's leg, which is down: taking over is bringing
+        # the leg up (and its gratuitous ARP, see LEG_SETTINGS).
+        want.add(Address(leg_dev, str(leg.address)))
+        if role.active and front.gateway is not None:
+            want.add(Route(naming.vrf_table(rd.id), "default", front.gateway.version,
+                           gateway=str(front.gateway), device=leg_dev))
+        back = leg.back_end
+        bridge = naming.vsid_bridge(back.vsid)
+        back_dev = naming.gateway_back_end(rd.id)
+        want.add(Link(
+            name=back_dev, kind="macvlan", role=naming.BACKEND, key=str(rd.id),
+            options=(("link", bridge), ("mode", BACK_END_MACVLAN_MODE)),
+            settings=BACK_END_SETTINGS + (QUIET if back.address.version == 4 else ()),
+            master=vrf, mtu=tenant_mtu(state, back.vsid) if state.provider else None,
+            mac=back.mac, up=role.active,
+        ))
+        # A host route: the subnet's route stays the bridge's (the distributed router).
+        want.add(Address(back_dev, f"{back.address.ip}/{back.address.max_prefixlen}"))
+        for device in (vrf, leg_dev, back_dev, *(naming.vsid_bridge(s.vsid) for s in rd.subnets)):
+            zones[device] = rd.id
+        if leg.connectivity is LegConnectivity.nat:
+            external = str(leg.address.ip)
+            snat.append((leg_dev, external))
+            dnat.extend((leg_dev, external, rule.protocol.value, rule.external_port,
+                         str(rule.address), rule.port) for rule in leg.dnat)
+    if role.legs:
+        want.nat = nat_table(zones, snat, dnat)
+
+
 def _add_records(state: HostState, want: KernelState, local_pas: set[str],
                  port_devices: dict[str, str]) -> None:
     provider = state.provider
@@ -224,15 +328,24 @@ def _add_records(state: HostState, want: KernelState, local_pas: set[str],
                 want.add(Fdb(bridge, record.mac, port=device))
         else:
             remotes.setdefault(record.vsid, []).append(RemoteEndpoint(record.mac, pa))
-        if record.type is RecordType.Static:
+        if record.type in (RecordType.Static, RecordType.GatewayWildcard):
             # Permanent: answered by neigh_suppress for ARP from local VMs, and what the
             # VRF routes with for traffic from other subnets.
             want.add(Neighbour(bridge, str(record.ca), record.mac))
     if provider is None:
         return
+    flow = provider.tunnel_mode is TunnelMode.flow
     for rd in state.routing_domains:
         local = provider.address_for(rd.name)
         if local is None:
+            continue
+        if flow:
+            for obj in flow_tunnel(local.version):
+                want.add(obj)
+            for subnet in rd.subnets:
+                for obj in flow_tunnel_objects(subnet.vsid, str(local), naming.vsid_bridge(subnet.vsid),
+                                               tenant_mtu(state, subnet.vsid), remotes.get(subnet.vsid, [])):
+                    want.add(obj)
             continue
         # The peers of a VM network: every remote PA behind any of its subnets.
         vsids = [subnet.vsid for subnet in rd.subnets]
@@ -253,7 +366,7 @@ class Op:
 
     action: str
     kind: str  # team, member, switch, provider, vrf, bridge, tunnel, vxlan, port, external,
-    #            vlan, address, route, fdb, neighbour
+    #            frontend, leg, backend, vlan, address, route, fdb, neighbour, nat
     name: str
     desired: Any = None
     observed: Any = None
@@ -295,6 +408,8 @@ def _link_detail(link: Link) -> str:
                 f"{link.option('remote')}")
     if link.role == naming.VXLAN:
         return f"vni {link.option('vni')} local {link.option('local')} port {link.option('port')}"
+    if link.kind == "macvlan":
+        return f"on {link.option('link')} mode {link.option('mode')} master {link.master}"
     if link.role == naming.PORT and link.vm is not None:
         vm = link.key.rpartition(":")[0]
         return f"vm {vm} netns {link.vm.namespace} mac {link.vm.mac} ca {link.vm.ca}"
@@ -342,7 +457,7 @@ def option_changes(want: Link, have: Link) -> list[str]:
 def _without_recreated(want: KernelState, have: KernelState) -> KernelState:
     """`have` as it will be once the links that must be recreated are deleted: whatever
     lives on them (FDB, neighbours, addresses, VLANs) is gone with them, their ports lose
-    their master, and a VLAN device dies with its lower device. Planning against this
+    their master, and a VLAN or macvlan device dies with its lower device. Planning against this
     view puts those objects back in the same plan instead of the next one."""
     direct = {name for name, link in want.links.items()
               if name in have.links and link.owned and have.links[name].owned
@@ -354,7 +469,8 @@ def _without_recreated(want: KernelState, have: KernelState) -> KernelState:
     while grew:
         grew = False
         for old in have.links.values():
-            if old.kind == "vlan" and old.option("link") in direct | dependents and old.name not in direct | dependents:
+            if old.kind in ("vlan", "macvlan") and old.option("link") in direct | dependents \
+                    and old.name not in direct | dependents:
                 dependents.add(old.name)
                 grew = True
     gone = direct | dependents
@@ -461,6 +577,18 @@ def _describe_neighbour(n: Neighbour) -> str:
     return f"{n.ip} on {n.device} -> {n.mac}"
 
 
+def _describe_flow_remote(r: FlowRemote) -> str:
+    return f"vsid {r.vsid} {r.mac} -> {r.remote} from {r.local}"
+
+
+def _describe_flow_port(p: FlowPort) -> str:
+    return f"vsid {p.vsid} port {p.port} tunnel {p.tunnel}"
+
+
+def _describe_tc_program(t: TcProgram) -> str:
+    return f"{t.program} on {t.device} {t.direction}"
+
+
 def _with_default_pvid(want: KernelState, have: KernelState, link_make: list[Op]) -> dict:
     """Observed VLANs plus the ones the kernel will add by itself: a port that joins a
     VLAN-filtering bridge gets the bridge's default PVID (VLAN 1, untagged). A VLAN
@@ -477,6 +605,17 @@ def _with_default_pvid(want: KernelState, have: KernelState, link_make: list[Op]
             vlans.setdefault((link.name, MANAGEMENT_VLAN),
                              BridgeVlan(link.name, MANAGEMENT_VLAN, pvid=True, untagged=True))
     return vlans
+
+
+def _nat_ops(want: KernelState, have: KernelState) -> tuple[list[Op], list[Op]]:
+    """The nftables table: replaced whole when its digest or rule count differs."""
+    name = "inet openhnv"
+    if want.nat is not None and want.nat != have.nat:
+        action = "add" if have.nat is None else "replace"
+        return [Op(action, "nat", name, want.nat, have.nat, want.nat.summary)], []
+    if want.nat is None and have.nat is not None:
+        return [], [Op("delete", "nat", name, None, have.nat)]
+    return [], []
 
 
 def diff(want: KernelState, have: KernelState) -> Plan:
@@ -500,10 +639,22 @@ def diff(want: KernelState, have: KernelState) -> Plan:
     fdb_make, fdb_destroy = _table_ops("fdb", want.fdb, have.fdb, None, _describe_fdb)
     neigh_make, neigh_destroy = _table_ops(
         "neighbour", want.neighbours, have.neighbours, None, _describe_neighbour)
+    nat_make, nat_destroy = _nat_ops(want, have)
+    # Flow mode: map entries before the programs that read them (a program attached to
+    # empty maps drops), all after the devices whose ifindexes the entries hold.
+    port_make, port_destroy = _table_ops(
+        "flowvsid", want.flow_ports, have.flow_ports, None, _describe_flow_port)
+    remote_make, remote_destroy = _table_ops(
+        "flowremote", want.flow_remotes, have.flow_remotes, None, _describe_flow_remote)
+    prog_make, prog_destroy = _table_ops(
+        "tcprogram", want.tc_programs, have.tc_programs, None, _describe_tc_program)
+    flow_make = port_make + remote_make + prog_make
+    flow_destroy = prog_destroy + remote_destroy + port_destroy
 
-    ops = (link_make + vlan_make + addr_make + route_make + fdb_make + neigh_make
-           + neigh_destroy + fdb_destroy + route_destroy + addr_destroy + vlan_destroy
-           + link_destroy)
+    ops = (link_make + vlan_make + addr_make + route_make + flow_make + fdb_make + neigh_make
+           + nat_make + nat_destroy + neigh_destroy + fdb_destroy + flow_destroy + route_destroy
+           + addr_destroy
+           + vlan_destroy + link_destroy)
     return Plan(tuple(ops), want)
 
 

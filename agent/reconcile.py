@@ -19,8 +19,12 @@ applying becomes an ``ObjectError`` of kind ``host`` in the result; the sockets 
 closed, so the next reconcile starts on fresh ones. An interrupted read is first taken
 again, up to ``DUMP_ATTEMPTS`` times, as ``ip`` does.
 
-It may not talk netlink itself (agent.observe reads, agent.apply writes) nor decide
-what the kernel should hold (agent.plan).
+After the kernel, it reconciles the host's DHCP servers (agent.dhcp: one dnsmasq per
+VSID bridge with local VMs, files under ``run_dir``); their operations join the plan as
+kind ``dhcp`` and their failures the errors as kind ``dhcp``.
+
+It may not talk netlink itself (agent.observe reads, agent.apply writes), nor nft
+(agent.nat), nor decide what the kernel should hold (agent.plan).
 """
 
 from __future__ import annotations
@@ -28,12 +32,16 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pyroute2.config
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 
+from agent import naming, nat
 from agent.apply import Applier, ObjectError
+from agent.dhcp import DhcpManager, run_dir_for
+from agent.flowmode import FlowDatapath
 from agent.kernel_model import KernelState
 from agent.netlink_batch import NeighbourSocket
 from agent.observe import observe, read_tunnel_stats
@@ -48,6 +56,7 @@ NETNS_HELPER_TIMEOUT_S = 30
 DUMP_ATTEMPTS = 3  # reads of the kernel before an ever-changing table is a reconcile error
 # What a failing namespace or socket raises; pyroute2's NetlinkError is not an OSError.
 NETLINK_FAILURES = (OSError, NetlinkError)
+GATEWAY_ROLES = (naming.FRONTEND, naming.LEG, naming.BACKEND)
 
 
 @dataclass
@@ -68,10 +77,13 @@ class ReconcileResult:
 class Reconciler:
     """Observe + plan + apply for one network namespace (None: the agent's own)."""
 
-    def __init__(self, netns: str | None = None):
+    def __init__(self, netns: str | None = None, run_dir: Path | None = None):
         self.netns = netns
+        # The DHCP servers (agent.dhcp) keep their files here; one directory per namespace.
+        self.dhcp = DhcpManager(netns, run_dir or run_dir_for(netns))
         self._ipr: IPRoute | None = None
         self._records: NeighbourSocket | None = None
+        self.flow = FlowDatapath(netns)
 
     def _sockets(self) -> tuple[IPRoute, NeighbourSocket]:
         if self._ipr is None:
@@ -90,17 +102,25 @@ class Reconciler:
         for attempt in range(1, DUMP_ATTEMPTS + 1):
             ipr, records = self._sockets()
             try:
-                return observe(ipr, records)
+                have = observe(ipr, records, self.flow)
             except NetlinkDumpInterrupted:
                 if attempt == DUMP_ATTEMPTS:
                     raise
                 log.info("reading the kernel back: a dump was interrupted (attempt %d of %d)",
                          attempt, DUMP_ATTEMPTS)
+                continue
+            # The nftables table is read (one nft process) only where it can be: on a
+            # host holding gateway devices. It is replaced before and deleted with them
+            # in one plan (agent.plan), so a host without them holds no table of ours.
+            if any(l.owned and l.role in GATEWAY_ROLES for l in have.links.values()):
+                have.nat = nat.observe_table(self.netns)
+            return have
         raise AssertionError("unreachable")
 
     def plan(self, desired: HostState) -> Plan:
         """What reconcile would do now: observe and diff, no writes."""
-        return diff(desired_kernel_state(desired), self.observe())
+        plan = diff(desired_kernel_state(desired), self.observe())
+        return Plan(ops=plan.ops + tuple(self.dhcp.plan(desired)), desired=plan.desired)
 
     def reconcile(self, desired: HostState) -> ReconcileResult:
         started = time.monotonic()
@@ -118,6 +138,13 @@ class Reconciler:
             # Per-object refusals are ObjectErrors inside apply; this is the socket or the
             # namespace itself (its first dump of links, a batch send that broke off).
             return self._failed(desired, want, started, "applying the plan", exc, plan)
+        # Why after the kernel: a DHCP server binds to its bridge, which must exist, be up
+        # and hold the gateway address first.
+        dhcp_ops = self.dhcp.plan(desired)
+        dhcp_applied, dhcp_errors = self.dhcp.apply(dhcp_ops)
+        applied += dhcp_applied
+        errors = [*errors, *dhcp_errors]
+        plan = Plan(ops=plan.ops + tuple(dhcp_ops), desired=plan.desired)
         result = ReconcileResult(
             generation=desired.generation, planned=len(plan), applied=applied, errors=errors,
             duration_s=time.monotonic() - started, objects_by_kind=want.counts(), plan=plan,

@@ -15,6 +15,8 @@ anything is touched:
 - a tenant MTU plus the encapsulation overhead fits the provider MTU (never fragment
   silently);
 - a routing domain (VM network) is IPv4 or IPv6, never both;
+- a VM subnet's DNS servers (for DHCP) are unicast, of its family, each once; its DHCP
+  lease time lies in 120 s..1 year;
 - a customer route's next hop lies inside a subnet of its routing domain;
 - the HNV gateway (`gateway`, on gateway hosts only): each leg belongs to a routing
   domain of the host, its back-end port lies in one of that domain's subnets, its
@@ -63,6 +65,9 @@ VSID_MAX = 16_777_214
 VLAN_MIN = 1
 VLAN_MAX = 4094
 IFNAMSIZ = 15  # usable bytes of a Linux interface name (IFNAMSIZ 16 minus the NUL)
+MAX_DNS_SERVERS = 8  # per VM subnet: what DHCP option 6 carries to a VM
+LEASE_TIME_MIN = 120  # seconds; dnsmasq's own floor
+LEASE_TIME_MAX = 365 * 24 * 3600
 
 # Bytes an encapsulated tenant frame adds to the provider packet. The inner Ethernet
 # header (14) travels inside the tunnel, so it counts against the provider MTU too.
@@ -182,6 +187,13 @@ class Encapsulation(StrEnum):
     vxlan = "vxlan"
 
 
+class TunnelMode(StrEnum):
+    """How NVGRE tunnels are built (docs/architecture.md, "Tunnel modes")."""
+
+    device = "device"  # one gretap per (VSID, remote PA), FlowID 0
+    flow = "flow"  # one collect-metadata gretap per host, eBPF at tc, per-flow FlowID
+
+
 class RecordType(StrEnum):
     """Lookup record types, as Get-NetVirtualizationLookupRecord shows them."""
 
@@ -262,6 +274,7 @@ class ProviderNetwork(_Model):
     gateway: IPvAnyAddress | None = None
     mtu: int = Field(default=1500, ge=1280, le=9216)
     encapsulation: Encapsulation = Encapsulation.nvgre
+    tunnel_mode: TunnelMode = TunnelMode.device
     addresses: tuple[ProviderAddress, ...] = ()
 
     @model_validator(mode="after")
@@ -283,6 +296,11 @@ class ProviderNetwork(_Model):
             ),
             "routing domain {value} has two provider addresses on this host",
         )
+        if self.tunnel_mode is TunnelMode.flow and self.encapsulation is not Encapsulation.nvgre:
+            raise ValueError(
+                f"tunnel_mode: flow mode is for NVGRE; {self.encapsulation} already uses "
+                "one device per VSID"
+            )
         if self.gateway is not None and self.gateway not in self.subnet:
             raise ValueError(f"gateway: {self.gateway} is outside the provider subnet {self.subnet}")
         return self
@@ -309,11 +327,23 @@ class VmSubnet(_Model):
     prefix: IPvAnyNetwork
     gateway: IPvAnyAddress | None = None
     mtu: int | None = Field(default=None, ge=576, le=9216)
+    # DHCP (agent.dhcp): the DNS servers of the subnet's IP pool, and the lease time
+    # (None: DEFAULT_LEASE_TIME). dnsmasq refuses leases under two minutes.
+    dns_servers: tuple[IPvAnyAddress, ...] = Field(default=(), max_length=MAX_DNS_SERVERS)
+    lease_time: int | None = Field(default=None, ge=LEASE_TIME_MIN, le=LEASE_TIME_MAX)
 
     @model_validator(mode="after")
     def _gateway_in_prefix(self) -> VmSubnet:
         if self.gateway is not None and self.gateway not in self.prefix:
             raise ValueError(f"gateway: {self.gateway} is outside the VM subnet {self.prefix}")
+        for i, server in enumerate(self.dns_servers):
+            if server.version != self.prefix.version:
+                raise ValueError(f"dns_servers[{i}]: {server} is not IPv{self.prefix.version} "
+                                 f"like the VM subnet {self.prefix}")
+            if server.is_unspecified or server.is_multicast or server.is_loopback:
+                raise ValueError(f"dns_servers[{i}]: {server} is not a unicast address a VM can reach")
+        _refuse_twice(((f"dns_servers[{i}]", s) for i, s in enumerate(self.dns_servers)),
+                      "DNS server {value} is given twice")
         return self
 
 

@@ -8,6 +8,13 @@ per-destination keys) can replace it later without touching the rest of the plan
   of the VM network, key = VSID << 8 (FlowID 0) in both directions, a port of the VSID
   bridge. A remote MAC is a bridge FDB entry MAC -> that gretap. Devices grow as
   VSIDs x peers; fine for hundreds, the flow-based variant is the answer beyond.
+- NVGRE, tunnel_mode flow (agent.flowmode runs it): one collect-metadata (``external``)
+  gretap per PA family and host, and per VSID one tunnel port (a dummy device, a port of
+  the VSID bridge). A remote MAC is a bridge FDB entry MAC -> the tunnel port plus an
+  eBPF map entry (VSID, MAC) -> (remote PA, local PA); the tunnel port's tc egress
+  program sets the key VSID << 8 | FlowID and redirects to the gretap, whose tc ingress
+  program hands each received frame to the tunnel port of key >> 8, any FlowID.
+  Devices grow as VSIDs + 1.
 - VXLAN: one VXLAN device per VSID (VNI = VSID, UDP 4789, local = PA, no learning), a
   port of the VSID bridge. A remote MAC is a bridge FDB entry MAC -> the VXLAN device
   plus a VXLAN FDB entry MAC -> remote PA on the device itself.
@@ -30,7 +37,7 @@ from ipaddress import ip_address
 from typing import Any
 
 from agent import naming
-from agent.kernel_model import QUIET, TUNNEL_PORT_FLAGS, Fdb, Link
+from agent.kernel_model import QUIET, TUNNEL_PORT_FLAGS, Fdb, FlowPort, FlowRemote, Link, TcProgram
 
 VXLAN_PORT = 4789
 GRE_KEY_FLAG = 0x2000  # GRE_KEY in the GRE header flags (host order; the kernel wants it big-endian)
@@ -126,6 +133,37 @@ def tunnel_objects(
         objects.append(tunnels[pa])
     for remote in remotes:
         objects.append(Fdb(device=bridge, mac=remote.mac, port=tunnels[remote.pa].name))
+    return objects
+
+
+ENCAP_PROGRAM, DECAP_PROGRAM = "hnv_encap", "hnv_decap"  # in agent/bpf/hnv_flow.c
+
+
+def flow_tunnel(family: int) -> list[Link | TcProgram]:
+    """The host's collect-metadata gretap for PAs of `family` and its receive program."""
+    name = naming.flow_tunnel(family)
+    return [
+        Link(name=name, kind="gretap" if family == 4 else "ip6gretap", role=naming.FLOW_TUNNEL,
+             key=str(family), options=(("external", 1),), settings=QUIET),
+        TcProgram(name, "ingress", DECAP_PROGRAM),
+    ]
+
+
+def flow_tunnel_objects(vsid: int, local_pa: str, bridge: str, mtu: int,
+                        remotes: list[RemoteEndpoint]) -> list[Link | Fdb | FlowPort | FlowRemote | TcProgram]:
+    """Tunnel port, FDB and map entries carrying `remotes` of one VSID in flow mode. The
+    port exists even with no remote (it is also how frames of the VSID are received)."""
+    port = naming.flow_port(vsid)
+    tunnel = naming.flow_tunnel(ip_address(local_pa).version)
+    objects: list[Link | Fdb | FlowPort | FlowRemote | TcProgram] = [
+        Link(name=port, kind="dummy", role=naming.FLOW_PORT, key=str(vsid), settings=QUIET,
+             master=bridge, mtu=mtu, port_flags=TUNNEL_PORT_FLAGS),
+        FlowPort(vsid, port, tunnel),
+        TcProgram(port, "egress", ENCAP_PROGRAM),
+    ]
+    for remote in remotes:
+        objects.append(Fdb(device=bridge, mac=remote.mac, port=port))
+        objects.append(FlowRemote(vsid, remote.mac, remote.pa, local_pa))
     return objects
 
 

@@ -1,4 +1,4 @@
-"""``python -m bench [records] [convergence] [datapath] [ha]``: run the benchmarks, print one table.
+"""``python -m bench [records] [convergence] [datapath] [tunnels] [ha]``: run the benchmarks, print one table.
 
 Owns the order of the sections and the machine line printed above the table (cores, CPU
 model, kernel, date), which docs/benchmarks.md copies. Each section
@@ -17,7 +17,7 @@ import traceback
 
 from bench.table import Row, render
 
-SECTIONS = ("records", "convergence", "datapath", "ha")
+SECTIONS = ("records", "convergence", "datapath", "tunnels", "ha")
 
 
 def machine() -> str:
@@ -46,6 +46,10 @@ def _run_section(name: str, quick: bool) -> list[Row]:
         from bench import convergence
 
         return convergence.run(quick=quick, log=log)
+    if name == "tunnels":
+        from bench import tunnels
+
+        return tunnels.run(quick=quick, log=log)
     if name == "ha":
         from bench import ha
 

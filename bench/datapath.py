@@ -33,9 +33,9 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from agent.netns import netns_exec_argv
+from bench.invm import figures_from_vm, write_figures
 from bench.table import Row
 
 SECTION = "datapath"
@@ -260,19 +260,9 @@ def run(quick: bool = False, log=print) -> list[Row]:
     if shutil.which("iperf3") is None:
         raise RuntimeError("iperf3 is not installed (make setup installs it)")
     log("datapath: this kernel lacks " + ", ".join(features.missing()) + "; booting the lab VM")
-    result = vm.run_in_vm([sys.executable, "-m", "bench.datapath", "--in-vm", "--seconds", str(seconds),
-                           "--pings", str(pings)], capture=True, timeout=1200)
-    result_file = result.rwdir / RESULT_FILE
-    if not result.completed or result.returncode != 0 or not result_file.exists():
-        tail = (result.output or "")[-1500:]
-        shutil.rmtree(result.rwdir, ignore_errors=True)
-        raise RuntimeError(f"datapath VM run failed (exit {result.returncode}): {tail}")
-    figures = json.loads(result_file.read_text())
-    for line in (result.output or "").splitlines():
-        if line.startswith("datapath:"):
-            log(line)
-    shutil.rmtree(result.rwdir, ignore_errors=True)
-    how = "KVM" if result.kvm else "TCG: absolute numbers are meaningless, the ratio is the figure"
+    figures, kvm = figures_from_vm("bench.datapath", ["--seconds", str(seconds), "--pings", str(pings)],
+                                   RESULT_FILE, SECTION, log, timeout=1200)
+    how = "KVM" if kvm else "TCG: absolute numbers are meaningless, the ratio is the figure"
     return _rows(figures, f"VM, kernel {figures['kernel']}, {how}")
 
 
@@ -285,11 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     if args.in_vm:
-        from netns_lab.vm import RWDIR_ENV
-        import os
-
         figures = measure(args.seconds, args.pings, lambda line: print(line, flush=True))
-        Path(os.environ[RWDIR_ENV], RESULT_FILE).write_text(json.dumps(figures))
+        write_figures(RESULT_FILE, figures)
         return 0
     from bench.table import render
 

@@ -9,6 +9,10 @@ allocation and compilation.
 Fabric calls are synchronous (SQLite, CPU); FastAPI runs plain `def` handlers in its
 thread pool, so the event loop stays free for the watch streams.
 
+Gateway failover (`controller.gateway_failover`) runs beside the server when asked
+(`gateway_failover_after`): it reads which hosts hold a watch stream here, and its moves
+are counted in hnv_controller_gateway_failovers_total.
+
 The watch stream: each watcher holds an asyncio.Event registered under its host. When
 the fabric bumps a host's generation (in a worker thread) it calls `_wake`, which sets
 exactly that host's events through `loop.call_soon_threadsafe`; the watcher wakes, reads
@@ -20,10 +24,12 @@ it must not touch the store or compute fabric rules itself.
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import Body, FastAPI, Query, Request
@@ -31,7 +37,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +48,7 @@ from controller.api_apply import add_fabric_routes
 from controller.auth import OWN_HOST, PUBLIC, Authenticator
 from controller.fabric import RETRY_AFTER_BUSY_S, Fabric, HostView, SyncView
 from controller.gate import RequestGate
+from controller.gateway_failover import RECONNECT_GRACE_S, GatewayFailover
 from controller.store import StoreBusy
 from controller.models import (
     PATH_KEYED,
@@ -116,9 +123,10 @@ HEARTBEAT_MIN_SECONDS = 0.5
 class _FabricCollector:
     """Gauges computed at scrape time from the fabric (no bookkeeping on every write)."""
 
-    def __init__(self, fabric: Fabric, watchers: "_Watchers"):
+    def __init__(self, fabric: Fabric, watchers: "_Watchers", failover: GatewayFailover | None = None):
         self.fabric = fabric
         self.watchers = watchers
+        self.failover = failover
 
     def collect(self):
         numbers = self.fabric.metrics_snapshot()
@@ -142,6 +150,15 @@ class _FabricCollector:
             for host in hosts:
                 active.add_metric([service, host], 1 if host == active_host else 0)
         yield active
+        # Moves this replica made (each replica counts its own: sum them over replicas);
+        # every service is listed from 0 so that increase() sees the first move.
+        failovers = CounterMetricFamily("hnv_controller_gateway_failovers",
+                                        "Automatic moves of a gateway service's active host made by this controller",
+                                        labels=["service"])
+        made = self.failover.failovers if self.failover is not None else {}
+        for service in sorted(numbers["gateways"]):
+            failovers.add_metric([service], made.get(service, 0))
+        yield failovers
         yield GaugeMetricFamily(
             "hnv_controller_watchers", "Open watch streams", value=self.watchers.count()
         )
@@ -186,7 +203,11 @@ class _Watchers:
 # --- the app --------------------------------------------------------------------------------
 
 
-def create_app(fabric: Fabric, max_body_bytes: int = 64 * 1024, max_batch_bytes: int = 16 * 1024 * 1024) -> FastAPI:
+def create_app(fabric: Fabric, max_body_bytes: int = 64 * 1024, max_batch_bytes: int = 16 * 1024 * 1024,
+               gateway_failover_after: float | None = None,
+               gateway_failover_grace: float = RECONNECT_GRACE_S) -> FastAPI:
+    """The app; with `gateway_failover_after` (seconds) it runs `GatewayFailover` while it
+    serves (started and stopped by its lifespan)."""
     app = FastAPI(
         title="openhnv controller",
         version="0.1.0",
@@ -198,8 +219,14 @@ def create_app(fabric: Fabric, max_body_bytes: int = 64 * 1024, max_batch_bytes:
     )
     auth = Authenticator(fabric.store)
     watchers = _Watchers()
+    failover = None
+    if gateway_failover_after:
+        # The hosts watching this replica: list() of the keys, read from the failover
+        # thread while the event loop adds and removes watchers.
+        failover = GatewayFailover(fabric, gateway_failover_after, lambda: list(watchers.by_host),
+                                   grace=gateway_failover_grace)
     registry = CollectorRegistry()
-    registry.register(_FabricCollector(fabric, watchers))
+    registry.register(_FabricCollector(fabric, watchers, failover))
     pushed = Counter(
         "hnv_controller_generations_pushed", "Host states written to watch streams", registry=registry
     )
@@ -212,6 +239,20 @@ def create_app(fabric: Fabric, max_body_bytes: int = 64 * 1024, max_batch_bytes:
     fabric.add_listener(watchers.wake_threadsafe)
     app.state.fabric = fabric
     app.state.watchers = watchers
+    app.state.gateway_failover = failover
+    if failover is not None:
+        served = app.router.lifespan_context
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app_: FastAPI) -> AsyncIterator[Any]:
+            failover.start()
+            try:
+                async with served(app_) as state:
+                    yield state
+            finally:
+                await asyncio.to_thread(failover.stop)
+
+        app.router.lifespan_context = lifespan
 
     @app.exception_handler(FabricError)
     async def _fabric_error(request: Request, exc: FabricError) -> JSONResponse:

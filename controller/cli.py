@@ -32,7 +32,9 @@ read. `run` takes an exclusive lock on DIR/controller.lock: the controller keeps
 memory and is the only writer of its database, so a second controller on the same
 directory is refused rather than allowed to hand out the same addresses. Under systemd
 (Type=notify) it sends READY=1 once the store is loaded and feeds the watchdog from the
-server's event loop while the database answers.
+server's event loop while the database answers. `run --gateway-failover-after SECONDS`
+(default 10, 0 for off) moves a gateway service's active role when its host's agent stops
+reporting (`controller.gateway_failover`).
 
 This module owns the command line and the process; the work is in `controller.fabric`.
 """
@@ -46,6 +48,7 @@ import datetime
 import fcntl
 import logging
 import os
+import socket
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -74,6 +77,8 @@ from controller.store import (
 
 DEFAULT_STATE_DIR = "/var/lib/openhnv-controller"
 DB_NAME = "controller.db"
+DEFAULT_GATEWAY_FAILOVER_AFTER_S = 10.0  # run --gateway-failover-after (controller.gateway_failover)
+FAILOVER_ENV = "HNV_GATEWAY_FAILOVER_AFTER"  # ... its default from the unit's environment file
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024
 
@@ -281,6 +286,17 @@ def _seconds_bound(text: str) -> float:
     return value
 
 
+def _failover_seconds(text: str) -> float:
+    """--gateway-failover-after: seconds, 0 for off (hence not the agent's positive-only parser)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < 86400:
+        raise argparse.ArgumentTypeError(f"{text}: expected 0 (off) or a number of seconds below 86400")
+    return value
+
+
 def _parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit():
@@ -389,16 +405,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         ssl_options = {"ssl_certfile": str(tls.server_cert), "ssl_keyfile": str(tls.server_key)}
         log.info("event=tls listen=%s:%d certificate=%s names=%s ca=%s", address, port, tls.server_cert,
                  ",".join(server_names(tls)), tls.ca_cert)
-    app = create_app(fabric, max_body_bytes=args.max_body_bytes, max_batch_bytes=args.max_batch_bytes)
+    app = create_app(fabric, max_body_bytes=args.max_body_bytes, max_batch_bytes=args.max_batch_bytes,
+                     gateway_failover_after=args.gateway_failover_after)
+    log.info("event=gateway_failover_configured after_s=%g", args.gateway_failover_after)
     # systemd supervision (agent.sd_notify; no-ops outside systemd): the store is loaded.
     sd_notify.notify("READY=1", "STATUS=store loaded, serving")
     supervise_from_event_loop(app, fabric.store)
     # uvicorn's access log prints the request line only (never headers), so tokens stay out.
     # Watch streams never end by themselves: give open connections a short grace on
     # SIGTERM, then close them (agents reconnect to the next controller process).
-    uvicorn.run(app, host=address, port=port, log_level=args.log_level,
-                access_log=args.access_log, timeout_graceful_shutdown=2, **ssl_options)
-    return 0
+    config = uvicorn.Config(app, host=address, port=port, log_level=args.log_level,
+                            access_log=args.access_log, timeout_graceful_shutdown=2, **ssl_options)
+    server = uvicorn.Server(config)
+    listening = config.bind_socket()
+    if args.gateway_failover_after:
+        # A watch stream to a host that vanished (power cut: no FIN, no RST) would look
+        # open for the kernel's ~15 minutes of retransmissions, and its host would never
+        # look silent. Heartbeats are data: unacknowledged for the failover time, the
+        # connection is dropped, so a lost gateway host is failed over within about twice
+        # the failover time plus one heartbeat. Not shorter: an agent that is alive but
+        # slow to read gets as long as failover itself tolerates. Accepted connections
+        # inherit it (Linux).
+        user_timeout_ms = int(max(1.0, args.gateway_failover_after) * 1000)
+        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, user_timeout_ms)
+    server.run(sockets=[listening])
+    return 0 if server.started else 3  # uvicorn's own code for a server that never started
 
 
 def supervise_from_event_loop(app: Any, store: Any) -> None:
@@ -486,6 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-batch-bytes", type=_byte_count, default=DEFAULT_MAX_BATCH_BYTES, metavar="N",
                      help="largest body of /batch and /v1/fabric/apply, else 413 "
                           f"(default {DEFAULT_MAX_BATCH_BYTES})")
+    # argparse applies `type` to a string default: a bad environment value is refused too.
+    run.add_argument("--gateway-failover-after", type=_failover_seconds, metavar="SECONDS",
+                     default=os.environ.get(FAILOVER_ENV) or str(DEFAULT_GATEWAY_FAILOVER_AFTER_S),
+                     help="move a gateway service's active role to the next host whose agent reports when the "
+                          "active host's agent has not reported for this long; 0 turns failover off "
+                          f"(default: ${FAILOVER_ENV} when set, else {DEFAULT_GATEWAY_FAILOVER_AFTER_S:g})")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--no-access-log", dest="access_log", action="store_false")
     run.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"],

@@ -7,7 +7,8 @@ For a host with a virtual switch:
 - provider: the transport site (VLAN, subnet), its pool's gateway, the logical
   network's MTU and encapsulation, and this host's PAs (one per routing domain here);
 - routing_domains: every network-virtualised VM network with a VM on this host, with
-  all its VM subnets; vlan_networks: every VLAN VM network with a VM here;
+  all its VM subnets (each with its pool's gateway and DNS servers, for DHCP);
+  vlan_networks: every VLAN VM network with a VM here;
 - ports: every VM on this host;
 - records: for each routing domain here, every VM of that VM network anywhere (Static:
   CA, MAC, the PA of the VM's host) and one Gateway record per VM subnet; with an HNV
@@ -102,6 +103,15 @@ def subnet_gateway(inventory: Inventory, subnet: VmSubnet):
     return first_host_address(subnet.prefix)
 
 
+def subnet_dns_servers(inventory: Inventory, subnet: VmSubnet) -> tuple:
+    """The DNS servers of the VM subnet's first pool that names any (what DHCP hands its VMs)."""
+    for pool_key in inventory.pools_by_owner.get(subnet.key, ()):
+        pool = inventory.get(Kind.ip_pool, pool_key)
+        if pool is not None and pool.dns_servers:
+            return tuple(pool.dns_servers)
+    return ()
+
+
 class Compiler:
     def __init__(self, inventory: Inventory):
         self.inventory = inventory
@@ -177,7 +187,8 @@ class Compiler:
                 id=network.routing_domain_id,
                 name=network.name,
                 subnets=tuple(
-                    StateSubnet(name=s.name, vsid=s.vsid, prefix=s.prefix, gateway=subnet_gateway(inv, s))
+                    StateSubnet(name=s.name, vsid=s.vsid, prefix=s.prefix, gateway=subnet_gateway(inv, s),
+                                dns_servers=subnet_dns_servers(inv, s))
                     for s in sorted(subnets, key=lambda s: s.vsid)
                 ),
                 routes=self._customer_routes(network),

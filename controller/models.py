@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import unicodedata
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
@@ -616,6 +617,10 @@ class GatewayServiceSpec(_Spec):
 
 class GatewayService(GatewayServiceSpec, _Stored):
     active: Name
+    # When `active` last changed and why ("created", "set by hand", "failover: ..."): what
+    # `hnvctl gateway-service list` shows; stamped by the fabric, never given by a client.
+    active_since: datetime | None = None
+    active_reason: str = ""
 
 
 class GatewaySpec(_Spec):

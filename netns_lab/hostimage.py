@@ -58,9 +58,10 @@ SUITE = "bookworm"
 # python3-venv and python3-pip for the install, kmod for the data plane's modules) and what an
 # operator checks with (tcpdump, ping, ps); Debian's kernel, whose modules must be in the
 # image. dbus: systemctl and journalctl work without it, hostnamectl and friends do not.
+# dnsmasq-base and nftables: the agent's DHCP servers and their guard (agent.dhcp).
 PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "kmod",
-    "iproute2", "iputils-ping", "tcpdump", "procps",
+    "iproute2", "iputils-ping", "tcpdump", "procps", "dnsmasq-base", "nftables",
     "python3", "python3-venv", "python3-pip",
     "linux-image-amd64", "initramfs-tools", "zstd",
 )
@@ -169,6 +170,54 @@ MASK = ("apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstr
         "systemd-binfmt.service", "proc-sys-fs-binfmt_misc.automount")
 
 
+# The Vagrant box's flavour (netns_lab.vagrantbox): the same base, plus what `vagrant up`
+# needs of a box and a lab host does not (a lab host is driven through the 9p runner,
+# a Vagrant machine through SSH): sshd, sudo, the `vagrant` user with Vagrant's public
+# insecure key (Vagrant swaps it for a machine's own key at first boot), and DHCP on
+# eth0, the management network the provider attaches first. The lab's runner is not
+# enabled: there is no 9p share to run from.
+FLAVOURS = ("lab", "vagrant")
+VAGRANT_PACKAGES = ("openssh-server", "sudo")
+VAGRANT_FILES: dict[str, tuple[int, str]] = {
+    "/etc/systemd/network/20-openhnv-vagrant-eth0.network": (0o644, """\
+# The provider's management network (first NIC): its DHCP server gives the address
+# Vagrant reaches the machine's sshd on. The trunk NICs are the agent's.
+[Match]
+Name=eth0
+
+[Network]
+DHCP=ipv4
+"""),
+    "/etc/sudoers.d/vagrant": (0o440, "vagrant ALL=(ALL) NOPASSWD: ALL\nDefaults:vagrant !requiretty\n"),
+    # No reverse lookup of the host's address: the box has no resolver worth waiting for.
+    "/etc/ssh/sshd_config.d/10-openhnv-vagrant.conf": (0o644, "UseDNS no\n"),
+}
+VAGRANT_ENABLE = ("hnv-lab-network.service", "systemd-networkd.service", "ssh.service")
+VAGRANT_USER = "vagrant"
+
+
+def vagrant_public_key() -> str:
+    """Vagrant's public insecure key, from the Debian package (what `vagrant up` logs in
+    with the first time, before it installs a key of the machine's own)."""
+    keys = sorted(Path("/usr/share/rubygems-integration/all/gems").glob("vagrant-*/keys/vagrant.pub"))
+    if not keys:
+        raise ImageUnavailable("no Vagrant public key (Debian package vagrant: "
+                               "/usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub)")
+    return keys[-1].read_text()
+
+
+def flavour_parts(flavour: str) -> tuple[tuple[str, ...], dict[str, tuple[int, str]], tuple[str, ...]]:
+    """(packages, files, units to enable) of a flavour. Read at call time, so a recipe
+    always reflects the module's lists as they are."""
+    if flavour == "lab":
+        return PACKAGES, FILES, ENABLE
+    if flavour == "vagrant":
+        files = {**FILES, **VAGRANT_FILES,
+                 f"/home/{VAGRANT_USER}/.ssh/authorized_keys": (0o600, vagrant_public_key())}
+        return (*PACKAGES, *VAGRANT_PACKAGES), files, VAGRANT_ENABLE
+    raise ValueError(f"flavour: {flavour!r} is not one of {', '.join(FLAVOURS)}")
+
+
 class ImageUnavailable(RuntimeError):
     """The image cannot be built here; the message says what is missing."""
 
@@ -208,12 +257,16 @@ def mirror_sources() -> Path:
                            "or /etc/apt/sources.list) to build the host image from")
 
 
-def recipe(sources: Path | None = None) -> dict:
+def recipe(sources: Path | None = None, flavour: str = "lab") -> dict:
     sources = sources or mirror_sources()
-    return {"suite": SUITE, "packages": sorted(PACKAGES), "size": IMAGE_SIZE,
-            "files": {p: [oct(m), c] for p, (m, c) in sorted(FILES.items())},
-            "enable": sorted(ENABLE), "mask": sorted(MASK),
+    packages, files, enable = flavour_parts(flavour)
+    data = {"suite": SUITE, "packages": sorted(packages), "size": IMAGE_SIZE,
+            "files": {p: [oct(m), c] for p, (m, c) in sorted(files.items())},
+            "enable": sorted(enable), "mask": sorted(MASK),
             "sources": sources.read_text()}
+    if flavour != "lab":  # the lab's digest stays what it was: its cached image is kept
+        data["flavour"] = flavour
+    return data
 
 
 def recipe_digest(recipe_data: dict) -> str:
@@ -232,10 +285,10 @@ def missing_tools() -> list[str]:
     return lacking
 
 
-def cached_image(cache_root: Path = CACHE_ROOT) -> HostImage:
+def cached_image(cache_root: Path = CACHE_ROOT, flavour: str = "lab") -> HostImage:
     """The image for today's recipe, built first if the cache has none."""
     lacking = missing_tools()
-    data = recipe()
+    data = recipe(flavour=flavour)
     image = HostImage(cache_root / recipe_digest(data))
     if image.complete():
         return image
@@ -246,11 +299,11 @@ def cached_image(cache_root: Path = CACHE_ROOT) -> HostImage:
     with open(cache_root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not image.complete():
-            _build(image.directory, data)
+            _build(image.directory, data, flavour)
     return image
 
 
-def _build(target: Path, data: dict) -> None:
+def _build(target: Path, data: dict, flavour: str = "lab") -> None:
     work = target.with_name(target.name + ".building")
     shutil.rmtree(work, ignore_errors=True)
     tree = work / "tree"
@@ -258,11 +311,11 @@ def _build(target: Path, data: dict) -> None:
     started = time.monotonic()
     try:
         argv = ["mmdebstrap", "--mode=root", "--variant=apt", "--format=directory",
-                "--include=" + ",".join(PACKAGES),
+                "--include=" + ",".join(data["packages"]),
                 # Why hooks, in this order: the files go in after every package (they
                 # replace conffiles such as /etc/initramfs-tools/modules), then the initrd
                 # is made again from them, inside the chroot mmdebstrap has set up.
-                f"--customize-hook={shlex.join([sys.executable, '-m', 'netns_lab.hostimage', 'customise'])} \"$1\"",
+                f"--customize-hook={shlex.join([sys.executable, '-m', 'netns_lab.hostimage', 'customise', '--flavour', flavour])} \"$1\"",
                 '--customize-hook=chroot "$1" update-initramfs -u -k all',
                 SUITE, str(tree), str(mirror_sources())]
         _run(argv, work / "mmdebstrap.log", timeout=3600, cwd=CHECKOUT)
@@ -295,19 +348,29 @@ def _run(argv: list[str], log: Path, timeout: float, cwd: Path | None = None) ->
         raise ImageUnavailable(f"{argv[0]} exited {proc.returncode} (log {log}):\n{tail}")
 
 
-def _customise(tree: Path) -> None:
-    for path, (mode, content) in FILES.items():
+def _customise(tree: Path, flavour: str = "lab") -> None:
+    _, files, enable = flavour_parts(flavour)
+    if flavour == "vagrant":
+        # The user first (its home is where its key goes); chroot: useradd writes the
+        # tree's passwd, shadow and group the way it does on a host.
+        subprocess.run(["chroot", str(tree), "useradd", "--create-home", "--user-group",
+                        "--shell", "/bin/bash", VAGRANT_USER], check=True, capture_output=True, timeout=120)
+    for path, (mode, content) in files.items():
         target = tree / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content)
         target.chmod(mode)
+    if flavour == "vagrant":
+        (tree / f"home/{VAGRANT_USER}/.ssh").chmod(0o700)
+        subprocess.run(["chroot", str(tree), "chown", "-R", f"{VAGRANT_USER}:{VAGRANT_USER}",
+                        f"/home/{VAGRANT_USER}/.ssh"], check=True, capture_output=True, timeout=120)
     for mount in (LAB_MOUNT, MEDIA_MOUNT):
         (tree / mount.lstrip("/")).mkdir(parents=True, exist_ok=True)
     # Empty: systemd takes the machine-id from the command line (or makes one) at boot.
     (tree / "etc/machine-id").write_text("")
     # Why chroot systemctl: enabling and masking are symlinks that systemctl knows how to
     # place (--root works on a tree without a running systemd).
-    subprocess.run(["systemctl", f"--root={tree}", "enable", *ENABLE], check=True,
+    subprocess.run(["systemctl", f"--root={tree}", "enable", *enable], check=True,
                    capture_output=True, timeout=120)
     subprocess.run(["systemctl", f"--root={tree}", "mask", *MASK], check=True,
                    capture_output=True, timeout=120)
@@ -317,15 +380,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m netns_lab.hostimage", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["build", "digest", "customise"])
     parser.add_argument("tree", nargs="?", type=Path, help="customise: the tree mmdebstrap made")
-    args = parser.parse_args(argv)
+    parser.add_argument("--flavour", choices=FLAVOURS, default="lab",
+                        help="lab: the booted-host lab's hosts; vagrant: the Vagrant box's (sshd, a vagrant user)")
+    args = parser.parse_intermixed_args(argv)  # the hook puts the tree after --flavour
     if args.command == "customise":  # mmdebstrap's customize hook
-        _customise(args.tree)
+        _customise(args.tree, args.flavour)
         return 0
     if args.command == "digest":
-        print(recipe_digest(recipe()))
+        print(recipe_digest(recipe(flavour=args.flavour)))
         return 0
     try:
-        image = cached_image()
+        image = cached_image(flavour=args.flavour)
     except ImageUnavailable as exc:
         print(f"hostimage: {exc}", file=sys.stderr)
         return 2

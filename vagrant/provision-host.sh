@@ -32,7 +32,8 @@ hostnamectl set-hostname "$name"
 export DEBIAN_FRONTEND=noninteractive
 # Every package the provisioning scripts use, installed only when one is missing (a box
 # may have some and not others).
-missing=$(for package in python3-venv python3-pip iproute2 iputils-ping tcpdump curl; do
+# dnsmasq-base and nftables: the agent's DHCP servers for its VMs and their guard.
+missing=$(for package in python3-venv python3-pip iproute2 iputils-ping tcpdump curl dnsmasq-base nftables; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'ok installed' || echo "$package"
 done)
 if [ -n "$missing" ]; then

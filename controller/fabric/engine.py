@@ -85,6 +85,7 @@ from controller.models import (
     STORED_OF,
     Conflict,
     FabricError,
+    GatewayService,
     HostGroup,
     Invalid,
     Kind,
@@ -133,6 +134,11 @@ FOLLOW_INTERVAL_S = 1.0  # a replica polls the revision log at least this often 
 
 class _DryRunDone(Exception):
     """Raised inside the engine after a dry run's trial compile, so the undo path runs."""
+
+
+class _NotDue(Exception):
+    """Raised inside `move_gateway_role`'s build when the move is no longer due: nothing
+    is committed."""
 
 
 class Fabric(MigrationStages, SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, PatchRules, Builders):
@@ -327,6 +333,31 @@ class Fabric(MigrationStages, SyncStatus, HostRules, NetworkRules, TenantRules, 
         moved = self._run(lambda tx: self._migrate(tx, vm_name, destination), f"migrate vms {vm_name} to {destination}")
         self.wake_migration_stepper()
         return moved
+
+    def move_gateway_role(self, service: str,
+                          decide: Callable[[GatewayService], tuple[str, str] | None]) -> GatewayService | None:
+        """Move a gateway service's `active` host where `decide(service)` says, with the
+        reason it gives, as the same transaction as a PATCH of `active` (records and
+        `gateway.active` flip together, every replica publishes the same generations).
+
+        `decide` is asked inside the write session, after this replica caught up with
+        the others: on a shared store, under the lock every replica takes. So when two
+        replicas decide at once, the second sees the first's move and `decide` answers
+        None: the role moves exactly once. None also when nothing is due any more.
+        """
+
+        def build(tx: Tx) -> tuple[Any, _Scope]:
+            current = self.inventory.get(Kind.gateway_service, service)
+            decision = decide(current) if current is not None else None
+            if decision is None:
+                raise _NotDue
+            host, why = decision
+            return self._patch(tx, Kind.gateway_service, service, {"active": host}, why=why)
+
+        try:
+            return self._run(build, f"move gateway-service {service} active")
+        except _NotDue:
+            return None
 
     def transact(self, operations: list[Operation], dry_run: bool = False) -> list[Any]:
         """Run mixed operations as ONE transaction: all or nothing, one result each.

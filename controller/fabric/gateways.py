@@ -5,7 +5,8 @@ customer routes, and a host's role.
   network virtualisation on its back-end logical network (tagged) and reach its
   front-end site; the front-end is an external (not network-virtualised) logical
   network, its pool's subnet on a tagged VLAN; `active` is one of its hosts (default
-  the first);
+  the first), stamped with when and why it last changed (`active_since`,
+  `active_reason`: created, set by hand, a host that left, or a failover);
 - a gateway connects one network-virtualised VM network of the back-end logical
   network; it takes a back-end CA in a VM subnet, a MAC, a PA on every host of its
   service and, for forwarding, a forwarding address from the front-end pool (its
@@ -25,6 +26,7 @@ A rule mixin of `Fabric` (see `controller.fabric.common.Builders`); never commit
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from controller.compiler import subnet_gateway
@@ -61,7 +63,8 @@ class GatewayRules(Builders):
 
     def _create_gateway_service(self, tx: Tx, spec) -> tuple[Any, _Scope]:
         self._check_gateway_service(spec, f"gateway service {spec.name}")
-        service = self._new(Kind.gateway_service, tx, spec, active=spec.active or spec.hosts[0])
+        service = self._new(Kind.gateway_service, tx, spec, active=spec.active or spec.hosts[0],
+                            active_since=datetime.now(timezone.utc), active_reason="created")
         return service, _Scope(hosts=set(service.hosts))
 
     def _delete_gateway_service(self, tx: Tx, service) -> tuple[None, _Scope]:
@@ -367,10 +370,16 @@ class GatewayRules(Builders):
             raise Conflict(f"host {host.name} cannot leave the gateway role", "role",
                            f"it is a host of gateway service {service.name}; remove it from the service's hosts first")
 
-    def _patch_gateway_service(self, tx: Tx, current: GatewayService, updated: GatewayService) -> None:
+    def _patch_gateway_service(self, tx: Tx, current: GatewayService, updated: GatewayService,
+                               why: str | None = None) -> GatewayService:
         """New hosts are checked and take a PA for each served VM network; hosts that
-        leave give theirs back."""
+        leave give theirs back. A move of `active` is stamped with its time and `why`
+        (a failover says what it saw; a PATCH is "set by hand")."""
         self._check_gateway_service(updated, f"gateway service {current.name}")
+        if updated.active != current.active:
+            if why is None:
+                why = "set by hand" if current.active in updated.hosts else f"{current.active} left the service's hosts"
+            updated = updated.model_copy(update={"active_since": datetime.now(timezone.utc), "active_reason": why})
         added = [name for name in updated.hosts if name not in current.hosts]
         removed = [name for name in current.hosts if name not in updated.hosts]
         for gateway in gateways_of_service(self.inventory, current.name):
@@ -379,6 +388,7 @@ class GatewayRules(Builders):
                 self._ensure_pa(tx, self.inventory.get(Kind.host, name), network)
             for name in removed:
                 self._release_gateway_pa(tx, name, gateway.vm_network)
+        return updated
 
 
 def gateway_service_changes(current: GatewayService, changes: dict[str, Any]) -> dict[str, Any]:

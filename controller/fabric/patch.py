@@ -22,7 +22,10 @@ from controller.placement import why_not, why_not_gateway_service
 
 
 class PatchRules(Builders):
-    def _patch(self, tx: Tx, kind: Kind, key: str, changes: dict[str, Any]) -> tuple[Any, _Scope]:
+    def _patch(self, tx: Tx, kind: Kind, key: str, changes: dict[str, Any],
+               why: str | None = None) -> tuple[Any, _Scope]:
+        """`why`: the reason recorded with a gateway service's move of `active` (a
+        failover's; None for a client's PATCH)."""
         current = self._existing(kind, key)
         spec_model = SPEC_OF[kind]
         if not isinstance(changes, dict):
@@ -66,7 +69,7 @@ class PatchRules(Builders):
         if kind is Kind.host and updated.role is not current.role:
             self._check_role_change(current, updated.role)
         elif kind is Kind.gateway_service:
-            self._patch_gateway_service(tx, current, updated)
+            updated = self._patch_gateway_service(tx, current, updated, why)
         elif kind is Kind.gateway:
             updated = self._patch_gateway(tx, current, updated)
         tx.put(kind, key, updated)

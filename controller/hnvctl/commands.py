@@ -77,16 +77,31 @@ def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def with_active_host(ctx: Context, kind: Kind, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A gateway's rows with where its traffic goes now: its service's active host, and
+    when and why that last moved (a failover or an operator), as the service records it."""
+    if kind is not Kind.gateway or not rows:
+        return rows
+    services = {service["name"]: service for service in ctx.client.list_json(Kind.gateway_service)}
+    for row in rows:
+        service = services.get(row.get("gateway_service"), {})
+        row["active_host"] = service.get("active")
+        row["active_since"] = service.get("active_since")
+        row["active_reason"] = service.get("active_reason")
+    return rows
+
+
 def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
     kind: Kind = args.kind
     filters = dict(args.filter or [])
-    ctx.out.emit(_with_keys(kind, ctx.client.list_json(kind, **filters)), COLUMNS[kind])
+    rows = with_active_host(ctx, kind, _with_keys(kind, ctx.client.list_json(kind, **filters)))
+    ctx.out.emit(rows, COLUMNS[kind])
     return EXIT_OK
 
 
 def cmd_show(ctx: Context, args: argparse.Namespace) -> int:
     kind: Kind = args.kind
-    ctx.out.emit(ctx.client.get_json(kind, args.name))
+    ctx.out.emit(with_active_host(ctx, kind, [ctx.client.get_json(kind, args.name)])[0])
     return EXIT_OK
 
 

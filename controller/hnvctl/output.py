@@ -126,6 +126,8 @@ COLUMNS: dict[Kind, list[tuple[str, str]]] = {
         ("back_end_logical_network", "BackEndLogicalNetwork"),
         ("hosts", "GatewayHosts"),
         ("active", "Active"),
+        ("active_since", "ActiveSince"),
+        ("active_reason", "LastMove"),
     ],
     Kind.gateway: [
         ("name", "Name"),
@@ -134,6 +136,7 @@ COLUMNS: dict[Kind, list[tuple[str, str]]] = {
         ("connectivity", "Connectivity"),
         ("back_end_ca", "BackEndAddress"),
         ("forwarding_address", "ForwardingAddress"),
+        ("active_host", "ActiveHost"),  # the service's (commands.with_active_host)
     ],
     Kind.nat_connection: [
         ("name", "Name"),

@@ -16,6 +16,9 @@ A backend (`controller.store.sqlite`, `controller.store.postgres`) offers:
 - `revisions_since(n)` outside a session and `wait_for_change(timeout)`: what a
   replica's follower reads (shared stores only);
 - `save_status(host, applied_generation, status)` and `host_statuses()`: agents' reports;
+- `save_seen(hosts, when)` and `seen_times()`: when an agent was last heard from (its
+  watch stream open on a controller); in memory on SQLite (one process), rows every
+  replica reads on PostgreSQL;
 - tokens (`add_token`, `find_token`, `list_tokens`, `revoke_tokens`), `check()`,
   `close()`, and `dump()`/`restore()` for `hnv-controller migrate-store`.
 
@@ -38,6 +41,7 @@ from typing import Any
 
 HOST_KIND = "hosts"  # the objects table's kind of a host (controller.models.Kind.host)
 REVISIONS_CHANNEL = "hnv_revisions"  # the NOTIFY channel a shared store wakes followers on
+SEEN_PREFIX = "seen:"  # meta keys of a shared store's last-heard-from times (`save_seen`)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ the meeting point:
 - a write costs two round trips (`_PgWriteSession`: the lock and the log's head; then
   the changes, the log entry, NOTIFY and COMMIT as one pipeline), and one more only
   when another replica committed since this one's last revision;
-- tokens, revocations and agents' statuses are rows every replica reads.
+- tokens, revocations and agents' statuses are rows every replica reads, and so are
+  the times a replica last heard from a host's agent (`save_seen`: `seen:<host>` rows of
+  `meta`, no schema change; what gateway failover asks of every replica).
 
 Connections: one per role (writes, token checks, LISTEN, the follower's reads, agents'
 statuses, the rest), each used
@@ -49,7 +51,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -60,6 +62,7 @@ from controller.store.common import (
     FABRIC_ID_UPDATE,
     REVISIONS_CHANNEL,
     SCHEMA_VERSION,
+    SEEN_PREFIX,
     ChangeSet,
     Dump,
     HostRow,
@@ -176,6 +179,25 @@ class PostgresStore:
         with self._connections["follow"].use() as db:
             return {row[0]: (row[1], row[2]) for row in
                     db.execute("SELECT host, applied_generation, status FROM hosts_sync")}
+
+    def save_seen(self, hosts: Iterable[str], when: float) -> None:
+        """Hosts whose agent this replica heard from at `when` (its watch stream open
+        here): one row each in `meta` (`seen:<host>`), so every replica reads when any
+        replica last heard from a host. On the statuses' connection (no wait for the
+        WAL flush: a crash loses a mark the next interval writes again)."""
+        rows = [(SEEN_PREFIX + host, repr(when)) for host in hosts]
+        if not rows:
+            return
+        with self._connections["status"].use() as db:
+            db.cursor().executemany(
+                "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = "
+                "excluded.value", rows)
+
+    def seen_times(self) -> dict[str, float]:
+        """Host -> the latest `save_seen` time any replica wrote for it."""
+        with self._connections["status"].use() as db:
+            rows = db.execute("SELECT key, value FROM meta WHERE starts_with(key, %s)", (SEEN_PREFIX,)).fetchall()
+        return {key.removeprefix(SEEN_PREFIX): float(value) for key, value in rows}
 
     def check(self) -> None:
         with self._connections["misc"].use() as db:

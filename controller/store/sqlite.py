@@ -38,7 +38,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from controller.store.common import (
     FABRIC_ID_QUERY,
@@ -85,6 +85,7 @@ class SqliteStore:
         self.path = Path(path)
         self.url = f"sqlite:///{self.path}"
         self._lock = threading.Lock()
+        self._seen: dict[str, float] = {}  # host -> when its agent was last heard from (save_seen)
         _create_owner_only(self.path)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
                                    timeout=busy_timeout)
@@ -208,6 +209,19 @@ class SqliteStore:
         with self._lock:
             return {row[0]: (row[1], row[2]) for row in
                     self._db.execute("SELECT host, applied_generation, status FROM hosts_sync")}
+
+    def save_seen(self, hosts: Iterable[str], when: float) -> None:
+        """Hosts whose agent this controller heard from at `when`. Kept in memory: one
+        process serves a SQLite file, so there is nobody to share it with, and a restart
+        forgetting it costs nothing (gateway failover waits out agents' reconnects after
+        a start anyway); it saves a disk write every second."""
+        with self._lock:
+            for host in hosts:
+                self._seen[host] = max(when, self._seen.get(host, when))
+
+    def seen_times(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._seen)
 
     def check(self) -> None:
         """Read one row from the database file; raises (sqlite3.Error) when it cannot.

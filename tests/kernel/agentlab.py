@@ -135,20 +135,27 @@ class AgentLab:
         sw.ip("addr", "add", "10.0.0.1/24", "dev", "sw")
         sw.ip("link", "set", "sw", "up")
         for host in HOSTS:
-            ns = self.hosts[host] = self.factory.create(f"h{host}")
-            for nic in (0, 1):
-                port = f"{host}{nic}"
-                sw.ip("link", "add", port, "type", "veth", "peer", "name", f"eth{nic}", "netns", ns.name)
-                sw.ip("link", "set", port, "master", "sw")
-                for vid in (PROVIDER_VLAN, 100, 101):
-                    sw.run("bridge", "vlan", "add", "dev", port, "vid", str(vid))
-                sw.ip("link", "set", port, "up")
-                ns.ip("link", "set", f"eth{nic}", "up")
-            # A freshly racked host: its management address on its first NIC.
-            ns.ip("addr", "add", f"{MANAGEMENT[host]}/24", "dev", "eth0")
+            self.add_host(host, MANAGEMENT[host], (PROVIDER_VLAN, 100, 101))
         for vm in VMS:
             self.vms[vm.name] = self.factory.create(vm.name.lower())
         return self
+
+    def add_host(self, host: str, management: str, vlans: tuple[int, ...]) -> Namespace:
+        """A host namespace with two NICs on trunk ports of the switch carrying `vlans`
+        tagged (and the management VLAN 1 native)."""
+        sw = self.switch
+        ns = self.hosts[host] = self.factory.create(f"h{host}")
+        for nic in (0, 1):
+            port = f"{host}{nic}"
+            sw.ip("link", "add", port, "type", "veth", "peer", "name", f"eth{nic}", "netns", ns.name)
+            sw.ip("link", "set", port, "master", "sw")
+            for vid in vlans:
+                sw.run("bridge", "vlan", "add", "dev", port, "vid", str(vid))
+            sw.ip("link", "set", port, "up")
+            ns.ip("link", "set", f"eth{nic}", "up")
+        # A freshly racked host: its management address on its first NIC.
+        ns.ip("addr", "add", f"{management}/24", "dev", "eth0")
+        return ns
 
     @property
     def vm_netns(self) -> dict[str, str]:

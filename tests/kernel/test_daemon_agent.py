@@ -39,6 +39,7 @@ from agent import cli as agent_cli
 from tests.lib.fake_controller import FakeController, free_port
 from tests.lib.netns import Namespace, NamespaceFactory, veth_pair
 from tests.lib.sample_states import host_state, with_bad_record_ca
+from tests.lib.wait import wait_until
 
 HOSTS = {
     "CON-HyperV6": dict(pa="10.80.2.20", vm="TenantVM01", ca="192.168.0.10", mac="00:15:5d:00:00:01"),
@@ -147,16 +148,6 @@ def run_agent_process(argv: list[str], log_path: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(agent_cli.main(argv))
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def links(ns: Namespace) -> dict[str, dict]:

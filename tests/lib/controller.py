@@ -69,8 +69,10 @@ class LiveController:
         tls: bool = False,
         run_args: tuple[str, ...] = (),
         store: str | None = None,
+        app_options: dict | None = None,
     ):
         self.process_mode = process
+        self.app_options = dict(app_options or {})  # create_app's keywords (thread mode)
         self.tls = tls
         self.store = store  # a store URL (`--store`); None: the state directory's SQLite file
         self.run_args = tuple(run_args) + (("--store", store) if store else ())
@@ -150,7 +152,7 @@ class LiveController:
             self.fabric = Fabric.open(self.state_dir, synchronous="NORMAL")
         tls = {"ssl_certfile": str(self.state_dir / "tls" / "server.crt"),
                "ssl_keyfile": str(self.state_dir / "tls" / "server.key")} if self.tls else {}
-        config = uvicorn.Config(create_app(self.fabric), host="127.0.0.1", port=self.port,
+        config = uvicorn.Config(create_app(self.fabric, **self.app_options), host="127.0.0.1", port=self.port,
                                 log_level=self.log_level, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=2, **tls)
         self.server = uvicorn.Server(config)

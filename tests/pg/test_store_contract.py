@@ -66,6 +66,16 @@ def test_load_keeps_insertion_order_and_upserts_in_place(store):
     assert objects[0][3] == '{"n":"zeta2"}'
 
 
+def test_seen_times_keep_the_latest_mark_of_each_host_and_touch_nothing_else(store):
+    assert store.seen_times() == {}
+    store.save_seen(["CON-GW1", "CON-GW2"], 100.5)
+    store.save_seen(["CON-GW1"], 101.25)
+    store.save_seen([], 102.0)
+    assert store.seen_times() == {"CON-GW1": 101.25, "CON-GW2": 100.5}
+    snapshot = store.load()  # the marks are no fabric object, host row or schema change
+    assert snapshot.hosts == {} and store.schema_version == SCHEMA_VERSION
+
+
 def test_host_rows_and_status_are_separate_writes(store):
     store.commit(ChangeSet(put_hosts=[HostRow("h1", 1, "d1")]))
     store.save_status("h1", 1, {"errors": []})

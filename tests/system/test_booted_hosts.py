@@ -16,13 +16,11 @@ import re
 import time
 
 import pytest
-from scapy.layers.l2 import GRE, Dot1Q
-from scapy.utils import rdpcap
 
-from agent.nvgre import decapsulate
 from agent.state import parse_host_state
 from netns_lab.bootlab import BootedHost, BootLab, Command
 from netns_lab.multivm import ping_summary
+from tests.lib.nvgre import tenant_flows_on_trunk
 from tests.system.conftest import record
 
 TRANSPORT_VLAN = 802  # the seed's HNV provider VLAN
@@ -164,17 +162,7 @@ def test_tenant_pings_cross_hosts_inside_nvgre_on_vlan_802(lab, tenants):
     vsids = {domain.name: domain.subnets[0].vsid for domain in state.routing_domains}
     assert set(vsids) == {"Fabrikam2", "Fabrikam3"}, vsids
     cas = {name: _ca(vm) for name, vm in tenants.items()}
-    seen: dict[int, set[tuple[str, str]]] = {}
-    for pcap in lab.captures.values():
-        for frame in rdpcap(str(pcap)):
-            nvgre = decapsulate(frame)
-            if nvgre is None or Dot1Q not in frame:
-                continue
-            assert frame[Dot1Q].vlan == TRANSPORT_VLAN, frame.summary()
-            assert frame[GRE].key == nvgre.vsid << 8 | nvgre.flow_id, frame.summary()
-            inner = nvgre.inner
-            if inner.haslayer("IP"):
-                seen.setdefault(nvgre.vsid, set()).add((inner["IP"].src, inner["IP"].dst))
+    seen = tenant_flows_on_trunk(list(lab.captures.values()), TRANSPORT_VLAN)
     for local, peer, network in pairs:
         assert (cas[local], cas[peer]) in seen.get(vsids[network], set()), (network, vsids, seen)
     record("NVGRE on the switch (VLAN 802)", ", ".join(

@@ -61,3 +61,23 @@ def test_the_image_cache_key_follows_the_recipe(tmp_path, monkeypatch):
     monkeypatch.setattr(hostimage, "PACKAGES", (*hostimage.PACKAGES, "less"))
     sources.write_text(sources.read_text() + "Components: main\n")
     assert len({before, hostimage.recipe_digest(hostimage.recipe(sources))}) == 2
+
+
+def test_the_vagrant_flavour_is_the_lab_image_plus_what_vagrant_logs_in_with(tmp_path, monkeypatch):
+    sources = tmp_path / "debian.sources"
+    sources.write_text("Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm\n")
+    key = tmp_path / "vagrant.pub"
+    key.write_text("ssh-ed25519 AAAA vagrant insecure public key\n")
+    monkeypatch.setattr(hostimage, "vagrant_public_key", key.read_text)
+    lab, box = hostimage.recipe(sources), hostimage.recipe(sources, flavour="vagrant")
+    assert hostimage.recipe_digest(lab) != hostimage.recipe_digest(box)
+    assert set(box["packages"]) - set(lab["packages"]) == {"openssh-server", "sudo"}
+    assert box["files"]["/home/vagrant/.ssh/authorized_keys"] == [oct(0o600), key.read_text()]
+    assert box["files"]["/etc/sudoers.d/vagrant"][0] == oct(0o440)
+    assert "ssh.service" in box["enable"] and "hnv-lab-runner.service" not in box["enable"]
+    # The box's own parts never change the lab image's cache key.
+    monkeypatch.setitem(hostimage.VAGRANT_FILES, "/etc/ssh/sshd_config.d/10-openhnv-vagrant.conf", (0o644, "x\n"))
+    assert hostimage.recipe_digest(hostimage.recipe(sources)) == hostimage.recipe_digest(lab)
+    assert hostimage.recipe_digest(hostimage.recipe(sources, flavour="vagrant")) != hostimage.recipe_digest(box)
+    with pytest.raises(ValueError, match="flavour: 'vmware'"):
+        hostimage.recipe(sources, flavour="vmware")

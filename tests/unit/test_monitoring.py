@@ -54,7 +54,7 @@ def _promtool(*args: str, cwd: Path = MONITORING) -> subprocess.CompletedProcess
 def test_promtool_checks_the_rules():
     result = _promtool("check", "rules", RULES.name)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def test_promtool_rule_unit_tests_pass():
@@ -81,7 +81,8 @@ def test_rule_unit_tests_fail_when_an_alert_would_not_fire_in_time(tmp_path):
 def test_alert_set_covers_what_operators_are_paged_for():
     names = {rule["alert"] for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]}
     assert {"HnvHostOutOfSync", "HnvAgentDown", "HnvReconcileErrors", "HnvDriftRepairsRising",
-            "HnvPoolNearExhaustion", "HnvWatchStreamLost", "HnvControllerWithoutDatabase"} <= names
+            "HnvPoolNearExhaustion", "HnvWatchStreamLost", "HnvControllerWithoutDatabase",
+            "HnvGatewayFailedOver"} <= names
 
 
 def test_promtool_checks_the_scrape_configuration():

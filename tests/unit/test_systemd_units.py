@@ -106,7 +106,8 @@ def test_exposure_stays_low(tmp_path, unit, threshold):
 
 def test_agent_holds_only_cap_net_admin_and_cannot_clean_up_on_stop():
     agent = _unit_settings(SYSTEMD / "hnv-agent.service")
-    assert agent["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
+    # CAP_NET_BIND_SERVICE: the DHCP servers it starts bind port 67.
+    assert agent["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_BIND_SERVICE"]
     assert agent["NoNewPrivileges"] == ["yes"]
     assert agent["RestrictAddressFamilies"] == ["AF_NETLINK AF_INET AF_INET6 AF_UNIX"]
     assert agent["Restart"] == ["on-failure"]

@@ -1,0 +1,119 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * openhnv flow-based NVGRE (tunnel_mode: flow): two tc programs sharing three maps.
+ *
+ * hnv_encap (tc egress of each VSID's tunnel port, a dummy device on the VSID bridge):
+ *   the bridge sends a frame for a remote MAC to the tunnel port; the program finds the
+ *   port's VSID (hnv_ports), the remote and local PA of the destination MAC
+ *   (hnv_remotes), sets the tunnel key VSID<<8 | FlowID, FlowID = the low 8 bits of the
+ *   inner flow hash (one value per flow, spread across flows: RFC 7637 entropy), and
+ *   redirects the frame to the host's collect-metadata gretap. No entry: dropped.
+ * hnv_decap (tc ingress of the collect-metadata gretap): VSID = key >> 8 whatever the
+ *   FlowID; the VSID's tunnel port (hnv_vsids) receives the frame as if it had arrived
+ *   on it, so the VSID bridge forwards it. A VSID this host does not serve: dropped.
+ *
+ * The agent (agent/flowmode.py) loads this object with bpftool, pins programs and maps
+ * under /sys/fs/bpf/openhnv/<host>/ and writes the maps; the map layouts below are
+ * mirrored there (struct formats) and must change together.
+ */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+
+#define NVGRE_TTL 64
+
+struct remote_key {
+	__u32 vsid;
+	__u8 mac[6];
+	__u16 pad;
+};
+
+struct remote_value {
+	__u32 family; /* 4 or 6 */
+	__u32 remote[4]; /* network order; IPv4 in remote[0] */
+	__u32 local[4];
+};
+
+struct port_value {
+	__u32 vsid;
+	__u32 tunnel_ifindex; /* the collect-metadata gretap of the PA family */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 20);
+	__type(key, struct remote_key);
+	__type(value, struct remote_value);
+} hnv_remotes SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, __u32); /* ifindex of a tunnel port */
+	__type(value, struct port_value);
+} hnv_ports SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 16);
+	__type(key, __u32); /* VSID */
+	__type(value, __u32); /* ifindex of its tunnel port */
+} hnv_vsids SEC(".maps");
+
+SEC("tc")
+int hnv_encap(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct port_value *port = bpf_map_lookup_elem(&hnv_ports, &ifindex);
+	if (!port)
+		return TC_ACT_SHOT;
+
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	if (data + 6 > data_end)
+		return TC_ACT_SHOT;
+
+	struct remote_key key = { .vsid = port->vsid };
+	__builtin_memcpy(key.mac, data, 6);
+	struct remote_value *remote = bpf_map_lookup_elem(&hnv_remotes, &key);
+	if (!remote)
+		return TC_ACT_SHOT;
+
+	struct bpf_tunnel_key tunnel = {};
+	/* The flow dissector's hash of the inner headers, not a socket's random txhash
+	 * (which a local sender may carry and TCP changes after a timeout): the same
+	 * 5-tuple always gets the same FlowID. */
+	bpf_set_hash_invalid(skb);
+	__u32 flow_id = bpf_get_hash_recalc(skb) & 0xff;
+	tunnel.tunnel_id = (port->vsid << 8) | flow_id;
+	tunnel.tunnel_ttl = NVGRE_TTL;
+	/* NVGRE: no GRE checksum (RFC 7637 forbids C), outer DF as in device mode. */
+	__u64 flags = BPF_F_ZERO_CSUM_TX | BPF_F_DONT_FRAGMENT;
+	if (remote->family == 6) {
+		flags |= BPF_F_TUNINFO_IPV6;
+		__builtin_memcpy(tunnel.remote_ipv6, remote->remote, 16);
+		__builtin_memcpy(tunnel.local_ipv6, remote->local, 16);
+	} else {
+		tunnel.remote_ipv4 = __builtin_bswap32(remote->remote[0]);
+		tunnel.local_ipv4 = __builtin_bswap32(remote->local[0]);
+	}
+	if (bpf_skb_set_tunnel_key(skb, &tunnel, sizeof(tunnel), flags) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect(port->tunnel_ifindex, 0);
+}
+
+SEC("tc")
+int hnv_decap(struct __sk_buff *skb)
+{
+	struct bpf_tunnel_key tunnel = {};
+	if (bpf_skb_get_tunnel_key(skb, &tunnel, sizeof(tunnel), 0) < 0 &&
+	    bpf_skb_get_tunnel_key(skb, &tunnel, sizeof(tunnel), BPF_F_TUNINFO_IPV6) < 0)
+		return TC_ACT_SHOT;
+	__u32 vsid = tunnel.tunnel_id >> 8;
+	__u32 *port = bpf_map_lookup_elem(&hnv_vsids, &vsid);
+	if (!port)
+		return TC_ACT_SHOT;
+	return bpf_redirect(*port, BPF_F_INGRESS);
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,222 @@
+"""Automatic gateway failover over the real API (a controller on loopback, failover after
+1 s, no start-up grace).
+
+The gateway hosts' "agents" are real watch streams opened with each host's token (what
+an agent holds open all the time); an agent stops reporting when its stream closes.
+Checked as an administrator would: the service's active host and why it moved (API and
+hnvctl), the GatewayWildcard records every host is given, /metrics, the log line; that
+a host coming back does not take the role back; that with no other host reporting the
+role stays put; and the flag's refusals.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from controller.cli import main as controller_main
+from controller.gateway_failover import failover_decision
+from controller.models import GatewayService
+from tests.lib.controller import LiveController
+from tests.unit.test_controller_api import Watcher
+from tests.unit.test_daemon import wait_until
+from tests.unit.test_gateway_api import DOCUMENTS
+from tests.unit.test_hnvctl import Hnvctl
+
+AFTER = 1.0  # --gateway-failover-after of the controller under test
+GATEWAY_HOSTS = ("CON-GW1", "CON-GW2")
+WAIT = 30.0  # generous: CI machines are slow
+
+
+@pytest.fixture
+def ctl(tmp_path):
+    options = {"gateway_failover_after": AFTER, "gateway_failover_grace": 0}
+    with LiveController(tmp_path / "state", hosts=GATEWAY_HOSTS, app_options=options) as live:
+        Hnvctl(live).ok("apply", *DOCUMENTS)
+        yield live
+
+
+class Agents:
+    """One watch stream per gateway host, opened and closed as an agent would."""
+
+    def __init__(self, ctl: LiveController):
+        self.ctl = ctl
+        self.streams: dict[str, Watcher] = {}
+
+    def start(self, host: str) -> None:
+        watcher = Watcher(self.ctl, host, heartbeat=0.5)
+        watcher.wait_for(lambda line: line["type"] == "state", timeout=WAIT)
+        self.streams[host] = watcher
+
+    def stop(self, host: str) -> None:
+        self.streams.pop(host).close()
+
+    def close(self) -> None:
+        for watcher in self.streams.values():
+            watcher.close()
+
+
+@pytest.fixture
+def agents(ctl):
+    running = Agents(ctl)
+    yield running
+    running.close()
+
+
+def service(ctl) -> dict:
+    return ctl.admin.get("/v1/gateway-services/Gateway").json()
+
+
+def wildcard_pas(ctl, host: str = "CON-HyperV6") -> set[str]:
+    records = ctl.admin.get(f"/v1/hosts/{host}/lookup-records").json()
+    return {record["pa"] for record in records if record["type"] == "GatewayWildcard"}
+
+
+def pa_of(ctl, host: str) -> set[str]:
+    leases = ctl.admin.get("/v1/ip-addresses", params={"kind": "PA", "host": host}).json()
+    return {lease["address"] for lease in leases}
+
+
+def metric(ctl, name: str, **labels: str) -> float | None:
+    wanted = name + "{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+    for line in ctl.client().get("/metrics").text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def hold(seconds: float) -> None:
+    """Let the controller run several failover rounds (for what must NOT happen)."""
+    time.sleep(seconds)
+
+
+def test_the_role_moves_to_the_reporting_standby_when_the_active_agent_stops(ctl, agents, caplog):
+    caplog.set_level(logging.INFO, logger="openhnv.controller.gateway_failover")
+    for host in GATEWAY_HOSTS:
+        agents.start(host)
+    assert service(ctl)["active"] == "CON-GW1"
+    assert wildcard_pas(ctl) <= pa_of(ctl, "CON-GW1")
+    assert metric(ctl, "hnv_controller_gateway_failovers_total", service="Gateway") == 0
+    hold(3 * AFTER)  # both report: nothing moves
+    assert service(ctl)["active"] == "CON-GW1"
+
+    agents.stop("CON-GW1")
+    stopped = time.monotonic()
+    wait_until(lambda: service(ctl)["active"] == "CON-GW2", timeout=WAIT, what="the role to move to CON-GW2")
+    # Not before the failover time: the last round that heard CON-GW1 was at most one
+    # interval (after / 4) before its stream closed.
+    assert time.monotonic() - stopped >= AFTER * 3 / 4
+    moved = service(ctl)
+    assert moved["active_reason"].startswith("failover: CON-GW1's agent silent for "), moved
+    # The records every host is given point at the new active host's PAs.
+    assert wildcard_pas(ctl) and wildcard_pas(ctl) <= pa_of(ctl, "CON-GW2")
+    assert metric(ctl, "hnv_controller_gateway_failovers_total", service="Gateway") == 1
+    assert metric(ctl, "hnv_controller_gateway_active", service="Gateway", host="CON-GW2") == 1
+    assert metric(ctl, "hnv_controller_gateway_active", service="Gateway", host="CON-GW1") == 0
+    events = [r.getMessage() for r in caplog.records if "event=gateway_failover " in r.getMessage()]
+    assert len(events) == 1 and "service=Gateway from=CON-GW1 to=CON-GW2" in events[0], events
+
+    # hnvctl shows where the gateway's traffic goes now and why.
+    hnvctl = Hnvctl(ctl)
+    rows = hnvctl.ok("gateway-service", "list").splitlines()
+    assert rows[0].split()[-3:] == ["Active", "ActiveSince", "LastMove"]
+    assert "CON-GW2" in rows[2] and "failover: CON-GW1's agent silent for" in rows[2], rows
+    gateways = hnvctl.ok("gateway", "list").splitlines()
+    assert gateways[0].split()[-1] == "ActiveHost"
+    assert all(line.split()[-1] == "CON-GW2" for line in gateways[2:]), gateways
+    shown = {name.strip(): value for name, value in
+             (line.split(" : ", 1) for line in hnvctl.ok("gateway", "show", "Fabrikam2_Gateway").splitlines())}
+    assert shown["ActiveHost"] == "CON-GW2"
+    assert shown["ActiveReason"].startswith("failover: CON-GW1's agent silent for ")
+
+    # CON-GW1 comes back: it does not take the role back by itself.
+    agents.start("CON-GW1")
+    hold(3 * AFTER)
+    assert service(ctl)["active"] == "CON-GW2"
+    assert metric(ctl, "hnv_controller_gateway_failovers_total", service="Gateway") == 1
+
+    # ... but it is the standby the next failover goes to (the order wraps round).
+    agents.stop("CON-GW2")
+    wait_until(lambda: service(ctl)["active"] == "CON-GW1", timeout=WAIT, what="the role to move back to CON-GW1")
+    assert metric(ctl, "hnv_controller_gateway_failovers_total", service="Gateway") == 2
+
+
+def test_no_move_when_no_other_host_reports(ctl, agents, caplog):
+    caplog.set_level(logging.INFO, logger="openhnv.controller.gateway_failover")
+    agents.start("CON-GW1")
+    hold(2 * AFTER)  # the controller hears CON-GW1 for a few rounds
+    generation = ctl.admin.get("/v1/hosts/CON-HyperV6").json()["desired_generation"]
+    agents.stop("CON-GW1")  # CON-GW2's agent never reported
+    wait_until(lambda: any("event=gateway_failover_blocked" in r.getMessage() for r in caplog.records),
+               timeout=WAIT, what="the blocked failover to be logged")
+    assert service(ctl)["active"] == "CON-GW1"
+    assert ctl.admin.get("/v1/hosts/CON-HyperV6").json()["desired_generation"] == generation
+    blocked = [r.getMessage() for r in caplog.records if "event=gateway_failover_blocked" in r.getMessage()]
+    assert len(blocked) == 1 and "no other host of the service is reporting" in blocked[0]
+    # The standby's agent starts: now the role can go there.
+    agents.start("CON-GW2")
+    wait_until(lambda: service(ctl)["active"] == "CON-GW2", timeout=WAIT, what="the role to move to CON-GW2")
+
+
+def test_a_status_report_counts_as_reporting(ctl, agents):
+    """An agent heard through its status PUT (its watch stream on no controller) is alive."""
+    gw1 = ctl.client_for("CON-GW1")
+    generation = ctl.admin.get("/v1/hosts/CON-GW1").json()["desired_generation"]
+
+    def report() -> None:
+        assert gw1.put("/v1/hosts/CON-GW1/status", json={"generation": generation}).status_code == 200
+
+    report()
+    agents.start("CON-GW2")
+    deadline = time.monotonic() + 4 * AFTER
+    while time.monotonic() < deadline:  # CON-GW1 reports its status every half interval
+        report()
+        hold(AFTER / 2)
+    assert service(ctl)["active"] == "CON-GW1"
+    wait_until(lambda: service(ctl)["active"] == "CON-GW2", timeout=WAIT, what="the role to move once it is silent")
+
+
+def test_an_operator_move_is_recorded_as_set_by_hand(ctl):
+    created = service(ctl)
+    assert created["active_reason"] == "created" and created["active_since"]
+    moved = ctl.admin.patch("/v1/gateway-services/Gateway", json={"active": "CON-GW2"})
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["active_reason"] == "set by hand"
+    assert moved.json()["active_since"] > created["active_since"]
+
+
+def _service(active: str, hosts=("A", "B", "C")) -> GatewayService:
+    return GatewayService(name="S", front_end_logical_network="F", front_end_site="F", external_ip_pool="P",
+                          back_end_logical_network="B", hosts=hosts, active=active, uuid="u")
+
+
+def test_the_next_host_is_the_first_reporting_one_after_the_active_wrapping_round():
+    now, after = 100.0, 10.0
+    heard = {"A": 50.0, "B": 50.0, "C": 95.0}
+    assert failover_decision(_service("A"), heard, now, after)[0] == "C"  # B is silent too
+    assert failover_decision(_service("B"), {**heard, "A": 99.0}, now, after)[0] == "C"
+    assert failover_decision(_service("C"), {"A": 99.0, "B": 99.0, "C": 50.0}, now, after)[0] == "A"
+    assert failover_decision(_service("A"), {"A": 91.0, "B": 99.0}, now, after) is None  # A still reports
+    assert failover_decision(_service("A"), {"B": 50.0}, now, after) is None  # nobody to move to
+    target, why = failover_decision(_service("A"), {"B": 99.0}, now, after)
+    assert (target, why) == ("B", "failover: A's agent never reported to this controller (limit 10 s)")
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan", "1e9"])
+def test_run_refuses_a_bad_failover_time_in_one_line(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exit_info:
+        controller_main(["run", "--state-dir", str(tmp_path), "--gateway-failover-after", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--gateway-failover-after" in err[-1] and value in err[-1]
+
+
+def test_the_environment_gives_the_default(monkeypatch):
+    from controller.cli import build_parser
+
+    monkeypatch.setenv("HNV_GATEWAY_FAILOVER_AFTER", "25")
+    assert build_parser().parse_args(["run"]).gateway_failover_after == 25.0
+    monkeypatch.delenv("HNV_GATEWAY_FAILOVER_AFTER")
+    assert build_parser().parse_args(["run"]).gateway_failover_after == 10.0
