@@ -15,12 +15,15 @@ For a host with a virtual switch:
   gateway, one GatewayWildcard record (the gateway's back-end CA and MAC on the ACTIVE
   gateway host's PA);
 - a staged migration (`Vm.migration`, advanced by `controller.fabric.migrations`): the
-  source keeps the VM network's routing domain and PA, without the port, and its record
-  for the VM names the destination's PA (it forwards what peers still send it); while
-  the stage is `destination`, every other host of the network (peers, gateway hosts)
-  gets the *previous* view of the records, the VM still on the source's PA. So a VM
-  network has at most two records fragments: the current one and, during that stage,
-  the previous one;
+  source keeps the VM network's routing domain and PA until the migration ends; while
+  the stage is `destination` it also keeps the VM's port, and every host of the network
+  but the destination (the source, peers, gateway hosts) gets the *previous* view of the
+  records, the VM still on the source's PA; from the `peers` stage on, the source has no
+  port and its record for the VM names the destination's PA (it forwards what peers
+  still send it). So a VM network has at most two records fragments: the current one
+  and, during that stage, the previous one. While a migration is in progress, the
+  routing domain's `transit` names the PAs of its source and destination: every host
+  of the network receives from both, whichever NIC the VM sends by;
 - routing domains carry their customer routes, plus 0.0.0.0/0 (::/0) to the gateway's
   back-end CA when the VM network's gateway is nat or forwarding (a customer route of
   the user's for that prefix wins);
@@ -192,6 +195,7 @@ class Compiler:
                     for s in sorted(subnets, key=lambda s: s.vsid)
                 ),
                 routes=self._customer_routes(network),
+                transit=self._transit(network_name),
             )
             if previous is not None and previous == cached:
                 cached = previous
@@ -209,13 +213,22 @@ class Compiler:
                 routes.insert(0, CustomerRoute(prefix=default, next_hop=gateway.back_end_ca))
         return tuple(routes)
 
+    def _transit(self, network_name: str) -> tuple:
+        """The PAs of both ends of every migration in progress in the VM network, sorted."""
+        leases = self.inventory.pa_leases
+        found = {lease.address for vm in self.inventory.migrations_of_network(network_name)
+                 for host in (vm.migration.source, vm.host)
+                 if (lease := leases.get((host, network_name))) is not None}
+        return tuple(sorted(found, key=lambda address: (address.version, int(address))))
+
     def records_key(self, network_name: str, host_name: str) -> str:
         """Which records of the VM network a host gets: the previous view while a migration
-        of it is in its `destination` stage and the host is neither that VM's source nor
-        its destination; the current records otherwise (and always when none is staged)."""
+        of it is in its `destination` stage and the host is not that VM's destination (the
+        source still delivers to the VM's NIC there); the current records otherwise (and
+        always when none is staged)."""
         staged = [vm for vm in self.inventory.migrations_of_network(network_name)
                   if vm.migration.stage is MigrationStage.destination]
-        if not staged or any(host_name in (vm.host, vm.migration.source) for vm in staged):
+        if not staged or any(host_name == vm.host for vm in staged):
             return network_name
         return network_name + PREVIOUS_VIEW
 
@@ -353,7 +366,10 @@ class Compiler:
         profile = inv.get(Kind.uplink_port_profile, switch.uplink_port_profile)
         vm_objects = inv.objects[Kind.vm]
         items = []
-        for name in sorted(inv.vms_by_host.get(host_name, ())):
+        # The source of a migration in its `destination` stage keeps the VM's port: the
+        # VM has a NIC there until the peers send to the destination.
+        staying = [vm.name for vm in inv.migrations_from(host_name) if vm.migration.stage is MigrationStage.destination]
+        for name in sorted({*inv.vms_by_host.get(host_name, ()), *staying}):
             vm = vm_objects[name]
             items.append((vm, inv.get(Kind.vm_network, vm.vm_network),
                           inv.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")))

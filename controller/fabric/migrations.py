@@ -4,17 +4,29 @@ A migration of a VM on a network-virtualised VM network is published in three st
 each one committed fabric transaction:
 
 1. `destination` (the migrate request itself, `controller.fabric.tenants`): the VM's new
-   host gets its port and the current records; the source loses the port but keeps the
-   VM network (PA, VRF, bridges, tunnels), its record for the VM naming the
-   destination's PA, so it forwards to the new location whatever peers still send it.
-   Every other host of the VM network and the gateway hosts serving it keep the previous
-   view of the records (the VM on the source's PA): their generations do not move.
-2. `peers`: once the destination reports InSync (it applied its desired generation,
-   without errors), or `migration_bound` seconds after stage 1 was committed: every
-   peer and gateway host gets the current records (the VM on the destination's PA).
-3. done (`Vm.migration` cleared): once every other host of the VM network reports
-   InSync, or the bound passes again: the source lets the VM network go unless it holds
-   it for another VM (or another migration).
+   host gets its port and the current records; the source keeps its port (the VM has a
+   NIC on both hosts now: a real hypervisor's VM resumes on the destination while the
+   source still holds its switch port) and, like every other host of the VM network and
+   the gateway hosts serving it, the previous view of the records (the VM on the
+   source's PA), so peers still reach the VM through the source. Every host of the VM
+   network gets the PAs of both ends as `transit` (agent.state.RoutingDomain): it
+   receives from both, so the VM may answer by either NIC.
+2. `peers`: once every host of the VM network and every gateway host serving it reports
+   InSync (each applied its desired generation, without errors; the destination built
+   the port, every peer receives from the destination), or `migration_bound` seconds
+   after stage 1 was committed: every peer and gateway host gets the current records
+   (the VM on the destination's PA); the source loses the port (the VM's NIC there goes)
+   and its record for the VM names the destination's PA, so it forwards to the new
+   location whatever peers still send it.
+3. done (`Vm.migration` cleared): once every host of the VM network (the source too:
+   its NIC of the VM is gone) reports InSync, or the bound passes again: `transit` goes
+   and the source lets the VM network go unless it holds it for another VM (or another
+   migration).
+
+Why this order: a step may only depend on what a previous stage made and every host
+reported applied. The destination's NIC exists before anyone sends to it; every host
+receives from the destination before the VM can send by it; the source forwards from
+the moment its NIC goes; nobody stops receiving from the source before its NIC is gone.
 
 Why committed stages rather than holding states back in memory: with replicas on one
 PostgreSQL, a host's generation and document must be the same whichever replica serves
@@ -101,10 +113,10 @@ class MigrationStages(Builders):
         migration = vm.migration
         if now - migration.since >= self.migration_bound:
             return True
-        if migration.stage is MigrationStage.destination:
-            return self._in_sync(vm.host)
+        # Every host of the VM network (the source and the destination among them) and
+        # every gateway host serving it: each stage changes what they all receive from.
         waiting = (self.inventory.hosts_of_network(vm.vm_network)
-                   | gateway_hosts_of_network(self.inventory, vm.vm_network)) - {migration.source}
+                   | gateway_hosts_of_network(self.inventory, vm.vm_network))
         return all(self._in_sync(host) for host in waiting)
 
     def _in_sync(self, host: str) -> bool:

@@ -1,7 +1,8 @@
 """Make-before-break migration as the controller stages it (controller.fabric.migrations):
-the destination and the forwarding source first, the peers once the destination reports
-InSync (or the bound passes), the source's removal last; every stage visible in the
-generations and documents served. A second move and a delete during a migration."""
+the destination first (the source keeps the VM's port, every host receives from both
+ends), the peers and the forwarding source once every host reports InSync (or the bound
+passes), the source's removal last; every stage visible in the generations and documents
+served. A second move and a delete during a migration."""
 
 from __future__ import annotations
 
@@ -54,48 +55,68 @@ def wait_for(predicate, what: str, timeout: float = 30.0) -> Any:
     return value
 
 
+def transit(fabric: Fabric, host: str) -> list[str]:
+    """The PAs the host's routing domain Red names as a migration's ends."""
+    return [str(pa) for rd in served(fabric, host).routing_domains if rd.name == "Red" for pa in rd.transit]
+
+
+def report_all_in_sync(fabric: Fabric) -> None:
+    for host in HOSTS:
+        report_in_sync(fabric, host)
+
+
 def test_each_stage_is_visible_in_the_generations_of_destination_peer_and_source(tmp_path):
     fabric = populate(Fabric.open(tmp_path, synchronous="NORMAL", migration_bound=NEVER))
     before = generations(fabric)
     pa_a = pa_of(fabric, "A")
-    assert record_pa(fabric, "C") == pa_a
+    assert record_pa(fabric, "C") == pa_a and transit(fabric, "C") == []
 
     moved = fabric.migrate("m", "B")
     assert moved.host == "B" and moved.migration.source == "A" and moved.migration.stage == "destination"
     pa_b = pa_of(fabric, "B")
-    # Stage 1: the destination gets the port and the records; the source forwards to it;
-    # the peer's generation does not move: it still sends to the source.
+    ends = sorted([pa_a, pa_b])
+    # Stage 1: the destination gets the port and the records; the source keeps its port
+    # and the VM on its own PA; the peer still sends to the source; every host receives
+    # from both ends (transit), so every generation moves.
     stage1 = generations(fabric)
-    assert stage1 == {"A": before["A"] + 1, "B": before["B"] + 1, "C": before["C"]}
+    assert stage1 == {host: before[host] + 1 for host in HOSTS}
     assert [port.name for port in served(fabric, "B").ports] == ["m"]
     assert record_pa(fabric, "B") == pa_b
     source = served(fabric, "A")
-    assert source.ports == () and [rd.name for rd in source.routing_domains] == ["Red"]
+    assert [port.name for port in source.ports] == ["m"] and record_pa(fabric, "A") == pa_a
     assert [str(pa.address) for pa in source.provider.addresses] == [pa_a]
-    assert record_pa(fabric, "A") == pa_b
     assert record_pa(fabric, "C") == pa_a
-    # Nothing moves while the destination has not applied its generation.
+    assert transit(fabric, "A") == transit(fabric, "B") == transit(fabric, "C") == ends
+    # Nothing moves while one host (here the destination) has not applied its generation.
+    report_in_sync(fabric, "A")
     report_in_sync(fabric, "C")
     fabric.report_status("B", stage1["B"] - 1, [], "test")
     time.sleep(0.5)  # a negative check: the stepper looks every 0.25 s
     assert generations(fabric) == stage1
 
-    # Stage 2: the destination reports InSync; the peer (only) follows.
+    # Stage 2: the destination reports InSync too; the peer switches to it, the source
+    # lets the VM's port go and forwards to the destination.
     report_in_sync(fabric, "B")
     wait_for(lambda: generations(fabric)["C"] != stage1["C"], "the peer's generation to move")
     stage2 = generations(fabric)
-    assert stage2 == {**stage1, "C": stage1["C"] + 1}
-    assert record_pa(fabric, "C") == pa_b
+    assert stage2 == {**stage1, "A": stage1["A"] + 1, "C": stage1["C"] + 1}
+    assert record_pa(fabric, "C") == record_pa(fabric, "A") == pa_b
+    assert served(fabric, "A").ports == ()
     assert fabric.get(Kind.vm, "m").migration.stage == "peers"
-    assert pa_of(fabric, "A") == pa_a  # the source still holds the VM network
+    assert pa_of(fabric, "A") == pa_a and transit(fabric, "C") == ends  # the source still holds Red
 
-    # Stage 3: every other host of Red reports InSync; the source lets Red go.
+    # Stage 3: the peer reports InSync, but the source has not: nothing moves yet.
     report_in_sync(fabric, "C")
+    time.sleep(0.5)
+    assert generations(fabric) == stage2
+    # Every host of Red reports InSync: the source lets Red go, transit goes everywhere.
+    report_in_sync(fabric, "A")
     wait_for(lambda: generations(fabric)["A"] != stage2["A"], "the source's generation to move")
-    assert generations(fabric) == {**stage2, "A": stage2["A"] + 1}
+    assert generations(fabric) == {host: stage2[host] + 1 for host in HOSTS}
     assert fabric.get(Kind.vm, "m").migration is None
     assert served(fabric, "A").routing_domains == () and pa_of(fabric, "A") is None
     assert record_pa(fabric, "B") == record_pa(fabric, "C") == pa_b
+    assert transit(fabric, "B") == transit(fabric, "C") == []
     fabric.close()
 
     # A restart serves the same generations: the stages were committed.
@@ -111,14 +132,14 @@ def test_the_bound_moves_the_stages_when_no_host_reports(tmp_path):
     before = generations(fabric)
     started = time.monotonic()
     fabric.migrate("m", "B")
-    assert generations(fabric) == {"A": before["A"] + 1, "B": before["B"] + 1, "C": before["C"]}
-    wait_for(lambda: generations(fabric)["C"] != before["C"], "the peer's generation to move")
+    assert generations(fabric) == {host: before[host] + 1 for host in HOSTS}
+    wait_for(lambda: generations(fabric)["C"] != before["C"] + 1, "the peer's generation to move")
     peers_at = time.monotonic()
-    assert generations(fabric)["A"] == before["A"] + 1  # the source's removal comes after
+    assert generations(fabric)["B"] == before["B"] + 1  # transit's removal comes after
     wait_for(lambda: fabric.get(Kind.vm, "m").migration is None, "the migration to end")
     done_at = time.monotonic()
     assert peers_at - started >= bound and done_at - started >= 2 * bound
-    assert generations(fabric) == {"A": before["A"] + 2, "B": before["B"] + 1, "C": before["C"] + 1}
+    assert generations(fabric) == {"A": before["A"] + 3, "B": before["B"] + 2, "C": before["C"] + 3}
     assert pa_of(fabric, "A") is None and record_pa(fabric, "C") == pa_of(fabric, "B")
     fabric.close()
 
@@ -130,11 +151,13 @@ def test_a_second_move_during_a_migration_starts_from_where_the_vm_is(tmp_path):
     # The new migration leaves B; A's hold ends with it (A has no other VM of Red).
     assert moved.migration.source == "B" and moved.migration.stage == "destination"
     assert pa_of(fabric, "A") is None and served(fabric, "A").routing_domains == ()
-    assert served(fabric, "B").ports == () and record_pa(fabric, "B") == pa_of(fabric, "C")
+    assert [port.name for port in served(fabric, "B").ports] == ["m"]
+    assert record_pa(fabric, "B") == pa_of(fabric, "B")
     assert sorted(port.name for port in served(fabric, "C").ports) == ["m", "p"]
-    # C, the destination, is the only other host of Red: its InSync ends both stages.
-    report_in_sync(fabric, "C")
-    wait_for(lambda: fabric.get(Kind.vm, "m").migration is None, "the migration to end")
+    # B and C, the source and the destination, are Red's only hosts: their InSync
+    # reports move both stages.
+    wait_for(lambda: report_all_in_sync(fabric) or fabric.get(Kind.vm, "m").migration is None,
+             "the migration to end")
     assert pa_of(fabric, "B") is None and served(fabric, "B").routing_domains == ()
     assert record_pa(fabric, "C") == pa_of(fabric, "C")
 
@@ -143,7 +166,7 @@ def test_a_second_move_during_a_migration_starts_from_where_the_vm_is(tmp_path):
     fabric.migrate("m", "A")
     back = fabric.migrate("m", "C")
     assert back.migration.source == "A" and pa_of(fabric, "C") == pa_c
-    assert record_pa(fabric, "C") == pa_c and record_pa(fabric, "A") == pa_c
+    assert record_pa(fabric, "C") == pa_c and record_pa(fabric, "A") == pa_of(fabric, "A")
     fabric.close()
 
 
@@ -163,8 +186,9 @@ def test_a_peer_vm_deleted_on_the_source_does_not_take_the_forwarding_pa(tmp_pat
     fabric = populate(Fabric.open(tmp_path, synchronous="NORMAL", migration_bound=NEVER))
     fabric.create(Kind.vm, VmSpec(name="q", vm_network="Red", host="A"))
     fabric.migrate("m", "B")
-    fabric.delete(Kind.vm, "q")  # A's last VM of Red goes, but A still forwards for m
-    assert pa_of(fabric, "A") is not None and record_pa(fabric, "A") == pa_of(fabric, "B")
+    fabric.delete(Kind.vm, "q")  # A's last VM of Red goes, but A still holds m's port and Red
+    assert pa_of(fabric, "A") is not None and [port.name for port in served(fabric, "A").ports] == ["m"]
+    assert record_pa(fabric, "A") == pa_of(fabric, "A")
     fabric.close()
 
 
