@@ -52,25 +52,32 @@ def test_every_stage_is_served_alike_by_both_replicas_and_advanced_once(pg_url):
         first.migrate("m", "B")
         stage1 = wait_for(lambda: same_everywhere(replicas) if stage_of(second) == "destination" else None,
                           "the second replica to serve stage 1")
-        assert {h for h in HOSTS if stage1[h] != before[h]} == {"A", "B"}
+        # Every host of Red changes: the destination's port, and both ends as transit.
+        assert {h for h in HOSTS if stage1[h] != before[h]} == {"A", "B", "C"}
         revision = first.catch_up()
 
-        # B reports InSync through the first replica; both replicas try to advance at once.
-        first.report_status("B", stage1["B"][0], [], "test")
-        second.refresh_statuses()
+        # Every host reports InSync, A and C through the first replica and B, last, through
+        # the second; both replicas try to advance at once.
+        first.report_status("A", stage1["A"][0], [], "test")
+        first.report_status("C", stage1["C"][0], [], "test")
+        second.report_status("B", stage1["B"][0], [], "test")
+        for replica in replicas:
+            replica.refresh_statuses()
         with ThreadPoolExecutor(max_workers=2) as pool:
             list(pool.map(lambda replica: replica.advance_migrations(), replicas))
         stage2 = wait_for(lambda: same_everywhere(replicas) if stage_of(second) == "peers" else None,
                           "both replicas to serve stage 2")
-        assert {h for h in HOSTS if stage2[h] != stage1[h]} == {"C"}
+        # The peer switches to B, the source lets the VM's port go and forwards.
+        assert {h for h in HOSTS if stage2[h] != stage1[h]} == {"A", "C"}
         assert stage2["C"][0] == stage1["C"][0] + 1
         assert first.catch_up() == second.catch_up() == revision + 1, "stage 2 was committed more than once"
 
-        # C reports through the second replica: the source lets Red go, on both replicas.
+        # A and C report through the second replica: the source lets Red go, transit goes.
+        second.report_status("A", stage2["A"][0], [], "test")
         second.report_status("C", stage2["C"][0], [], "test")
         done = wait_for(lambda: same_everywhere(replicas) if stage_of(first) is None and stage_of(second) is None
                         else None, "both replicas to serve the end of the migration")
-        assert {h for h in HOSTS if done[h] != stage2[h]} == {"A"}
+        assert {h for h in HOSTS if done[h] != stage2[h]} == {"A", "B", "C"}
         for replica in replicas:
             assert replica.leases(kind="PA", host="A", vm_network="Red") == []
             assert replica.entries["A"].state.routing_domains == ()

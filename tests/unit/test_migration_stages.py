@@ -201,3 +201,29 @@ def test_a_host_forwarding_for_a_migration_is_not_deleted_until_it_ends(tmp_path
         assert refused.value.field in ("name", "host") and "the migration of VM m to B" in refused.value.reason
     assert pa_of(fabric, "A") is not None
     fabric.close()
+
+
+def test_every_host_has_a_tunnel_to_both_ends_before_the_vm_can_send_from_the_destination(tmp_path):
+    """The kernel accepts a GRE packet only on a tunnel matching its remote PA: in stage 1
+    the peer's document, as its agent plans it, holds a tunnel to the destination (no
+    record names that PA yet) and the destination's one to the source; once the
+    migration ends, the tunnels follow the records again."""
+    from agent.plan import desired_kernel_state
+
+    def gretap_remotes(host: str) -> set[str]:
+        links = desired_kernel_state(served(fabric, host)).links.values()
+        return {link.option("remote") for link in links if link.kind == "gretap"}
+
+    fabric = populate(Fabric.open(tmp_path, synchronous="NORMAL", migration_bound=NEVER))
+    pa_a = pa_of(fabric, "A")
+    assert gretap_remotes("C") == {pa_a}
+    fabric.migrate("m", "B")
+    pa_b, pa_c = pa_of(fabric, "B"), pa_of(fabric, "C")
+    assert record_pa(fabric, "C") == pa_a
+    assert gretap_remotes("C") == {pa_a, pa_b}
+    assert gretap_remotes("B") == {pa_a, pa_c}
+    assert gretap_remotes("A") == {pa_b, pa_c}
+    wait_for(lambda: report_all_in_sync(fabric) or fabric.get(Kind.vm, "m").migration is None,
+             "the migration to end")
+    assert gretap_remotes("C") == {pa_b} and gretap_remotes("B") == {pa_c}
+    fabric.close()
