@@ -27,7 +27,10 @@ in the VM's namespace: a veth whose host end is the port and whose VM end is ``e
 with the VM's MAC, CA and a default route via the gateway. A namespace the agent had to
 create is marked as openhnv's (agent.netns.ensure_vm_netns); when the plan deletes the
 port (the VM left the host), a namespace bearing that mark for this port is removed with
-it, and a namespace that was there before the agent is only emptied of ``eth0``.
+it, and a namespace that was there before the agent is only emptied of ``eth0``. A VM
+migrating between two hosts of one lab has a NIC on both for a while (make-before-break):
+the destination adds its NIC (``eth1`` when ``eth0`` is the source's) and never deletes
+the source's, which goes when the source deletes its port.
 """
 
 from __future__ import annotations
@@ -402,15 +405,25 @@ class Applier:
         # and the next reconcile makes and marks a new one; created here it would carry no
         # mark, and the agent would never remove it.
         with IPRoute(netns=end.namespace, flags=0) as vm:
-            stale = vm.link_lookup(ifname=naming.VM_IFNAME)
-            if stale:
-                # The VM's NIC exists but its host end is not ours: the VM was running on
-                # another host (the lab's live migration). Take the port over; deleting
-                # one end of a veth removes the other end on the old host.
+            # A NIC already in the VM's namespace is not ours (our port is missing, and
+            # with it its veth peer): the VM runs on another host too, the source of the
+            # lab's live migration. Why keep it (make-before-break): the source delivers
+            # to it until the controller switches the peers, and deleting it would delete
+            # the source's port, which the source's agent, still told to hold it, would
+            # build again (taking the NIC back). The VM gets a second NIC; the first
+            # goes when the source deletes its port. Only with both names taken is one
+            # taken over (deleting one end of a veth removes the other on its host).
+            ifname = next((name for name in naming.VM_IFNAMES if not vm.link_lookup(ifname=name)), None)
+            homed_elsewhere = ifname != naming.VM_IFNAME or bool(vm.link_lookup(ifname=naming.VM_IFNAMES[1]))
+            if ifname is None:
+                ifname = naming.VM_IFNAME
                 log.warning("VM %s: taking over %s in namespace %s from its previous host",
-                            vm_name, naming.VM_IFNAME, end.namespace)
-                vm.link("del", index=stale[0])
-            peer: dict[str, Any] = {"ifname": naming.VM_IFNAME, "net_ns_fd": end.namespace,
+                            vm_name, ifname, end.namespace)
+                vm.link("del", index=vm.link_lookup(ifname=ifname)[0])
+            elif homed_elsewhere:
+                log.info("VM %s: adding %s in namespace %s beside its NIC on its previous host",
+                         vm_name, ifname, end.namespace)
+            peer: dict[str, Any] = {"ifname": ifname, "net_ns_fd": end.namespace,
                                     "address": end.mac}
             if end.mtu is not None:
                 peer["mtu"] = end.mtu
@@ -420,15 +433,22 @@ class Applier:
             self.ipr.link("add", **spec)
             self._index.pop(link.name, None)
             try:
-                eth0 = vm.link_lookup(ifname=naming.VM_IFNAME)[0]
+                nic = vm.link_lookup(ifname=ifname)[0]
                 for lo in vm.link_lookup(ifname="lo"):
                     vm.link("set", index=lo, state="up")
+                if homed_elsewhere:
+                    # The peers' echoes may arrive on one NIC while the replies leave by
+                    # the other: loose reverse-path filtering, whatever the namespace inherited.
+                    write_sysctl(end.namespace, "/proc/sys/net/ipv4/conf/all/rp_filter", 2)
                 if end.ca:
                     address, _, prefixlen = end.ca.partition("/")
-                    vm.addr("add", index=eth0, address=address, prefixlen=int(prefixlen))
-                vm.link("set", index=eth0, state="up")
+                    vm.addr("add", index=nic, address=address, prefixlen=int(prefixlen))
+                vm.link("set", index=nic, state="up")
                 if end.gateway:
-                    vm.route("replace", dst="default", gateway=end.gateway, oif=eth0)
+                    # Beside the other NIC's default route (kept first, so the VM keeps
+                    # sending by the NIC every peer already receives from); it takes over
+                    # when that NIC goes.
+                    vm.route("append" if homed_elsewhere else "replace", dst="default", gateway=end.gateway, oif=nic)
             except Exception:
                 # The VM end is only known through the port's marker, which is written
                 # after this returns: a half-configured port would be read back as a

@@ -30,6 +30,8 @@ MARKER = "openhnv"
 IFNAMSIZ = 15
 VRF_TABLE_BASE = 10_000  # VRF routing table = base + routing domain id (1..65535)
 VM_IFNAME = "eth0"  # the VM end of a lab (namespace) port, inside the VM's namespace
+# ... and the name of the second one while a migrating lab VM has a NIC on two hosts.
+VM_IFNAMES = (VM_IFNAME, "eth1")
 DEFAULT_TTL = 64
 
 # Link kinds in markers. "switch"/"team" are the host's fabric; the rest are per tenant.

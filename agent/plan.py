@@ -347,9 +347,12 @@ def _add_records(state: HostState, want: KernelState, local_pas: set[str],
                                                tenant_mtu(state, subnet.vsid), remotes.get(subnet.vsid, [])):
                     want.add(obj)
             continue
-        # The peers of a VM network: every remote PA behind any of its subnets.
+        # The peers of a VM network: every remote PA behind any of its subnets, and the
+        # ends of a migration in progress (`transit`, received from before any record
+        # names them).
         vsids = [subnet.vsid for subnet in rd.subnets]
         peers = {e.pa for vsid in vsids for e in remotes.get(vsid, [])}
+        peers |= {str(pa) for pa in rd.transit if pa.version == local.version} - local_pas
         for vsid in vsids:
             for obj in tunnel_objects(provider.encapsulation.value, vsid, str(local),
                                       naming.vsid_bridge(vsid), tenant_mtu(state, vsid),

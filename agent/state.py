@@ -363,6 +363,11 @@ class RoutingDomain(_Model):
     name: Name
     subnets: tuple[VmSubnet, ...]
     routes: tuple[CustomerRoute, ...] = ()
+    # PAs of hosts that may send this VM network's frames while no record names them: the
+    # two ends of a migration in progress (the VM has a NIC on both for a while). The
+    # agent keeps a tunnel to each, as to the PAs its records name, since the kernel
+    # accepts a GRE packet only on a tunnel matching its (local, remote, key).
+    transit: tuple[IPvAnyAddress, ...] = ()
 
     @model_validator(mode="after")
     def _subnets_consistent(self) -> RoutingDomain:

@@ -235,6 +235,9 @@ def controller_server(state_dir: Path, port: int, log, store: str | None = None)
             *(("--store", store) if store else ()),
             "--listen", f"127.0.0.1:{port}", "--log-level", "warning", "--no-access-log",
             "--synchronous", "NORMAL",
+            # No agent reports here: every stage of a migration is published right after the
+            # one before (what is measured is the controller's publication, not agents).
+            "--migration-bound", "0",
             # Loopback only, and the state directory is made here without `init`'s TLS files:
             # the benchmark measures the fabric, not TLS.
             "--insecure-http"]

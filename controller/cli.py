@@ -6,7 +6,7 @@
     hnv-controller token  create --state-dir DIR --role admin|host [--host NAME] [--ttl 30d]
     hnv-controller token  revoke --state-dir DIR ID [ID ...]
     hnv-controller run    --state-dir DIR [--store URL] [--listen 0.0.0.0:8080] [--insecure-http]
-                          [--max-body-bytes N] [--max-batch-bytes N]
+                          [--max-body-bytes N] [--max-batch-bytes N] [--migration-bound SECONDS]
     hnv-controller migrate --state-dir DIR [--store URL]
     hnv-controller migrate-store --from URL --to URL
 
@@ -64,6 +64,7 @@ from controller.auth import (
     parse_ttl,
     write_secret_file,
 )
+from controller.models import MIGRATION_BOUND_S
 from controller.store import (
     SCHEMA_VERSION,
     SchemaError,
@@ -275,6 +276,16 @@ def _byte_count(text: str) -> int:
     return int(text)
 
 
+def _seconds_bound(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 3600:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds from 0 to 3600")
+    return value
+
+
 def _failover_seconds(text: str) -> float:
     """--gateway-failover-after: seconds, 0 for off (hence not the agent's positive-only parser)."""
     try:
@@ -380,7 +391,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = {} if shared else {"synchronous": args.synchronous}
     store = _open(_store_url(args), **options)
     try:
-        fabric = Fabric(store)
+        fabric = Fabric(store, migration_bound=args.migration_bound)
     except StoreUnavailable as exc:
         raise StoreRefused(str(exc)) from None
     log.info("event=store_opened store=%s shared=%s revision=%d", "postgresql" if shared else "sqlite",
@@ -516,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-access-log", dest="access_log", action="store_false")
     run.add_argument("--synchronous", default="FULL", choices=["FULL", "NORMAL"],
                      help="SQLite durability: FULL survives power loss, NORMAL only process crashes")
+    run.add_argument("--migration-bound", type=_seconds_bound, default=MIGRATION_BOUND_S, metavar="SECONDS",
+                     help="how long a stage of a migration waits for its hosts' InSync before the next one is "
+                          f"published anyway (default {MIGRATION_BOUND_S:g})")
     run.set_defaults(func=cmd_run)
 
     migrate = sub.add_parser("migrate", help="upgrade the store's schema to this version's")

@@ -14,6 +14,16 @@ For a host with a virtual switch:
   CA, MAC, the PA of the VM's host) and one Gateway record per VM subnet; with an HNV
   gateway, one GatewayWildcard record (the gateway's back-end CA and MAC on the ACTIVE
   gateway host's PA);
+- a staged migration (`Vm.migration`, advanced by `controller.fabric.migrations`): the
+  source keeps the VM network's routing domain and PA until the migration ends; while
+  the stage is `destination` it also keeps the VM's port, and every host of the network
+  but the destination (the source, peers, gateway hosts) gets the *previous* view of the
+  records, the VM still on the source's PA; from the `peers` stage on, the source has no
+  port and its record for the VM names the destination's PA (it forwards what peers
+  still send it). So a VM network has at most two records fragments: the current one
+  and, during that stage, the previous one. While a migration is in progress, the
+  routing domain's `transit` names the PAs of its source and destination: every host
+  of the network receives from both, whichever NIC the VM sends by;
 - routing domains carry their customer routes, plus 0.0.0.0/0 (::/0) to the gateway's
   back-end CA when the VM network's gateway is nat or forwarding (a customer route of
   the user's for that prefix wins);
@@ -76,10 +86,15 @@ from controller.gateways import (
     service_of_host,
 )
 from controller.inventory import Inventory
-from controller.models import Connectivity, Isolation, Kind, VmSubnet, first_host_address
+from controller.models import Connectivity, Isolation, Kind, MigrationStage, VmSubnet, first_host_address
 from controller.placement import transport_of
 
 UNSPECIFIED_PA = {4: ipaddress.IPv4Address("0.0.0.0"), 6: ipaddress.IPv6Address("::")}
+
+# A records key is a VM network's name (the current records) or the name plus this suffix
+# (the previous view, for hosts a staged migration has not reached yet). Names never hold
+# control characters, so the two never collide.
+PREVIOUS_VIEW = "\x00previous"
 
 
 def subnet_gateway(inventory: Inventory, subnet: VmSubnet):
@@ -130,6 +145,8 @@ class Compiler:
         # host -> its last GatewayRole: an equal one is replaced by it, so the head cache
         # (which compares its inputs by identity) keeps a gateway host whose role did not change.
         self._roles: dict[str, GatewayRole] = {}
+        # host -> the records key of each of its routing domains, as last compiled (serialise reads it)
+        self._record_keys: dict[str, tuple[str, ...]] = {}
 
     def _memoized(self, model: type, **fields: Any) -> Any:
         key = (model, *fields.values())
@@ -155,6 +172,7 @@ class Compiler:
         names = list(self._records) + list(self._domains) if networks is None else networks
         for name in names:
             self._records.pop(name, None)
+            self._records.pop(name + PREVIOUS_VIEW, None)
             if name in self._domains:
                 self._stale_domains.add(name)
 
@@ -177,6 +195,7 @@ class Compiler:
                     for s in sorted(subnets, key=lambda s: s.vsid)
                 ),
                 routes=self._customer_routes(network),
+                transit=self._transit(network_name),
             )
             if previous is not None and previous == cached:
                 cached = previous
@@ -194,9 +213,31 @@ class Compiler:
                 routes.insert(0, CustomerRoute(prefix=default, next_hop=gateway.back_end_ca))
         return tuple(routes)
 
-    def records(self, network_name: str) -> tuple[LookupRecord, ...]:
-        cached = self._records.get(network_name)
+    def _transit(self, network_name: str) -> tuple:
+        """The PAs of both ends of every migration in progress in the VM network, sorted."""
+        leases = self.inventory.pa_leases
+        found = {lease.address for vm in self.inventory.migrations_of_network(network_name)
+                 for host in (vm.migration.source, vm.host)
+                 if (lease := leases.get((host, network_name))) is not None}
+        return tuple(sorted(found, key=lambda address: (address.version, int(address))))
+
+    def records_key(self, network_name: str, host_name: str) -> str:
+        """Which records of the VM network a host gets: the previous view while a migration
+        of it is in its `destination` stage and the host is not that VM's destination (the
+        source still delivers to the VM's NIC there); the current records otherwise (and
+        always when none is staged)."""
+        staged = [vm for vm in self.inventory.migrations_of_network(network_name)
+                  if vm.migration.stage is MigrationStage.destination]
+        if not staged or any(host_name == vm.host for vm in staged):
+            return network_name
+        return network_name + PREVIOUS_VIEW
+
+    def records(self, key: str) -> tuple[LookupRecord, ...]:
+        """The records of a VM network (`key` its name), or their previous view (see `records_key`)."""
+        cached = self._records.get(key)
         if cached is None:
+            network_name = key.removesuffix(PREVIOUS_VIEW)
+            previous = key != network_name
             inv = self.inventory
             vsid_of = {
                 s.name: s.vsid
@@ -204,7 +245,10 @@ class Compiler:
             }
             records = []
             for vm in inv.vms_of_network(network_name):
-                pa = inv.pa_leases.get((vm.host, network_name))
+                host = vm.host
+                if previous and vm.migration is not None and vm.migration.stage is MigrationStage.destination:
+                    host = vm.migration.source
+                pa = inv.pa_leases.get((host, network_name))
                 if vm.ca is None or pa is None:
                     continue
                 records.append(
@@ -218,8 +262,7 @@ class Compiler:
             # host answers for it (Get-NetVirtualizationLookupRecord shows 0.0.0.0).
             no_pa = UNSPECIFIED_PA[inv.get(Kind.vm_network, network_name).pa_family.version]
             for subnet in domain.subnets:
-                key = f"{network_name}/{subnet.name}"
-                gateway_mac = inv.get(Kind.vm_subnet, key).gateway_mac
+                gateway_mac = inv.get(Kind.vm_subnet, f"{network_name}/{subnet.name}").gateway_mac
                 records.append(
                     LookupRecord(
                         vsid=subnet.vsid, ca=subnet.gateway, mac=gateway_mac,
@@ -231,7 +274,7 @@ class Compiler:
             if wildcard is not None:
                 records.append(wildcard)
             cached = tuple(records)
-            self._records[network_name] = cached
+            self._records[key] = cached
         return cached
 
     def _gateway_wildcard(self, network_name: str, vsid_of: dict[str, int]) -> LookupRecord | None:
@@ -318,20 +361,26 @@ class Compiler:
         host = inv.get(Kind.host, host_name)
         switch = inv.switches.get(host_name)
         if switch is None:
+            self._record_keys.pop(host_name, None)
             return HostState(host=host_name, generation=generation)
         profile = inv.get(Kind.uplink_port_profile, switch.uplink_port_profile)
         vm_objects = inv.objects[Kind.vm]
         items = []
-        for name in sorted(inv.vms_by_host.get(host_name, ())):
+        # The source of a migration in its `destination` stage keeps the VM's port: the
+        # VM has a NIC there until the peers send to the destination.
+        staying = [vm.name for vm in inv.migrations_from(host_name) if vm.migration.stage is MigrationStage.destination]
+        for name in sorted({*inv.vms_by_host.get(host_name, ()), *staying}):
             vm = vm_objects[name]
             items.append((vm, inv.get(Kind.vm_network, vm.vm_network),
                           inv.get(Kind.vm_subnet, f"{vm.vm_network}/{vm.vm_subnet}")))
         # A gateway host also holds the routing domain of every VM network its service serves.
         service = service_of_host(inv, host_name)
         gateways = gateways_of_service(inv, service.name) if service is not None else []
+        # ... and the source of a migration in progress the VM network the VM left.
         nv_networks = sorted({network.name for _, network, _ in items
                               if network.isolation is Isolation.WindowsNetworkVirtualization}
-                             | {gateway.vm_network for gateway in gateways})
+                             | {gateway.vm_network for gateway in gateways}
+                             | inv.networks_migrating_from(host_name))
         role = self._gateway_role(host_name, service, gateways)
         domains = tuple(self.routing_domain(name) for name in nv_networks)
         pa_leases = tuple(inv.pa_leases.get((host_name, name)) for name in nv_networks)
@@ -355,10 +404,12 @@ class Compiler:
         # (`_validated_records`, a real HostState holding just that network) and then
         # attached without re-validation.
         state = head
+        keys = tuple(self.records_key(domain.name, host_name) for domain in domains)
+        self._record_keys[host_name] = keys
         if domains:
             records: tuple[LookupRecord, ...] = ()
-            for domain in domains:
-                records += self._validated_records(domain, head.provider)
+            for domain, key in zip(domains, keys):
+                records += self._validated_records(domain, key, head.provider)
             state = head.model_copy(update={"records": records})
         if generation:
             state = state.model_copy(update={"generation": generation})
@@ -410,9 +461,10 @@ class Compiler:
             gateway=role,
         )
 
-    def _validated_records(self, domain: RoutingDomain, provider: ProviderNetwork) -> tuple[LookupRecord, ...]:
-        records = self.records(domain.name)
-        checked = self._checked.get(domain.name)
+    def _validated_records(self, domain: RoutingDomain, key: str,
+                           provider: ProviderNetwork) -> tuple[LookupRecord, ...]:
+        records = self.records(key)
+        checked = self._checked.get(key)
         if checked is not None and checked[0] is records and checked[1] is domain and provider.subnet in checked[2]:
             return records
         HostState(  # raises ValidationError exactly as the whole host's state would
@@ -426,7 +478,7 @@ class Compiler:
             records=records,
         )
         subnets = checked[2] if checked is not None and checked[0] is records and checked[1] is domain else set()
-        self._checked[domain.name] = (records, domain, subnets | {provider.subnet})
+        self._checked[key] = (records, domain, subnets | {provider.subnet})
         return records
 
     def serialise(self, state: HostState) -> tuple[str, "Serialised"]:
@@ -450,13 +502,14 @@ class Compiler:
             if cached is not None and _same_head(state, cached[1]):
                 cached[2] = members
         fragments, fragment_digests = [], []
-        for domain in state.routing_domains:
-            records = self._records[domain.name]
-            cached = self._records_json.get(domain.name)
+        keys = self._record_keys.get(state.host) or tuple(domain.name for domain in state.routing_domains)
+        for key in keys:
+            records = self._records[key]
+            cached = self._records_json.get(key)
             if cached is None or cached[0] is not records:
                 fragment = _RECORDS_JSON.dump_json(records)[1:-1]
                 cached = (records, fragment, hashlib.sha256(fragment).digest())
-                self._records_json[domain.name] = cached
+                self._records_json[key] = cached
             if cached[1]:
                 fragments.append(cached[1])
                 fragment_digests.append(cached[2])

@@ -179,6 +179,8 @@ class Inventory:
         self.pools_by_owner: dict[str, list[str]] = defaultdict(list)  # site name / VM subnet key
         self.pa_leases: dict[tuple[str, str], Lease] = {}  # (host, VM network) -> PA lease
         self.leases_by_holder: dict[str, list[Lease]] = defaultdict(list)  # 'vm:X' / 'host:Y'
+        # VM network -> its VMs with a migration in progress (controller.fabric.migrations)
+        self.migrating: dict[str, set[str]] = {}
         self.committed = Committed({kind: EMPTY for kind in Kind}, EMPTY, EMPTY, {})
 
     # --- reads ----------------------------------------------------------------------------
@@ -198,7 +200,34 @@ class Inventory:
             yield vms[name]
 
     def hosts_of_network(self, network: str) -> set[str]:
-        return {host for host, count in self.network_hosts.get(network, {}).items() if count > 0}
+        """Hosts holding the VM network: those with a VM of it, and the sources of its
+        migrations in progress (they keep forwarding to the VM's new host)."""
+        hosts = {host for host, count in self.network_hosts.get(network, {}).items() if count > 0}
+        return hosts | self.migration_sources(network)
+
+    def migrations_of_network(self, network: str) -> list[Any]:
+        """The VM network's VMs with a migration in progress, by name."""
+        vms = self.objects[Kind.vm]
+        return [vms[name] for name in sorted(self.migrating.get(network, ()))]
+
+    def migration_sources(self, network: str) -> set[str]:
+        return {vm.migration.source for vm in self.migrations_of_network(network)}
+
+    def migrations_from(self, host: str) -> list[Any]:
+        """The VMs whose migration in progress left `host` (few: a scan of those in progress)."""
+        return [vm for network in sorted(self.migrating) for vm in self.migrations_of_network(network)
+                if vm.migration.source == host]
+
+    def networks_migrating_from(self, host: str) -> set[str]:
+        """VM networks a migration in progress left `host` in."""
+        return {vm.vm_network for vm in self.migrations_from(host)}
+
+    def holds_network(self, host: str, network: str, leaving_vms: int = 0, leaving_migrations: int = 0) -> bool:
+        """Does the host hold the VM network (a VM of it there, or a migration from there),
+        not counting `leaving_vms` of its VMs and `leaving_migrations` of its migrations?"""
+        vms = self.network_hosts.get(network, {}).get(host, 0) - leaving_vms
+        migrations = sum(1 for vm in self.migrations_of_network(network) if vm.migration.source == host)
+        return vms > 0 or migrations - leaving_migrations > 0
 
     # --- the committed view ---------------------------------------------------------------
 
@@ -310,6 +339,8 @@ class Inventory:
             self.vms_by_network[obj.vm_network].add(key)
             self.vms_by_host[obj.host].add(key)
             self.network_hosts[obj.vm_network][obj.host] += 1
+            if obj.migration is not None:
+                self.migrating.setdefault(obj.vm_network, set()).add(key)
         elif kind is Kind.vm_subnet:
             self.subnets_by_network[obj.vm_network].append(key)
         elif kind is Kind.ip_pool:
@@ -331,6 +362,11 @@ class Inventory:
             counter[old.host] -= 1
             if counter[old.host] <= 0:
                 del counter[old.host]
+            migrating = self.migrating.get(old.vm_network)
+            if migrating is not None:
+                migrating.discard(key)
+                if not migrating:
+                    del self.migrating[old.vm_network]
         elif kind is Kind.vm_subnet:
             self.subnets_by_network[old.vm_network].remove(key)
         elif kind is Kind.ip_pool:

@@ -182,6 +182,13 @@ class Connectivity(StrEnum):
     forwarding = "forwarding"  # routed, no NAT: the VM network's prefixes on the front-end network
 
 
+class MigrationStage(StrEnum):
+    """Where a make-before-break migration stands (see `VmMigration`)."""
+
+    destination = "destination"  # the destination (and the source) hold the new location; peers do not yet
+    peers = "peers"  # every host of the VM network holds it; the source still holds the VM network
+
+
 class Kind(StrEnum):
     """Object kinds; the value is the collection's path segment under /v1."""
 
@@ -544,10 +551,29 @@ class VmSpec(_Spec):
         return (self.netns or self.name) if self.nic_kind is PortKind.namespace else None
 
 
+# How long a stage of a staged migration waits for its hosts to report InSync before the
+# next stage is published anyway (`hnv-controller run --migration-bound`).
+MIGRATION_BOUND_S = 5.0
+
+
+class VmMigration(BaseModel):
+    """A migration in progress, as the controller stages it (never written by a user).
+
+    `source` is the host the VM left; `stage` the stage published now; `since` the Unix
+    time that stage was committed (every replica measures the bound from it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Name
+    stage: MigrationStage
+    since: float
+
+
 class Vm(VmSpec, _Stored):
     vm_subnet: Name
     host: Name
     mac: MacAddress
+    migration: VmMigration | None = None  # set by the controller while a migration is staged
 
 
 # --- the HNV gateway ----------------------------------------------------------------------

@@ -10,6 +10,8 @@ compiled as one transaction, and the views of what hosts were given.
   groups, clusters, hosts, virtual switches; logical networks, sites, pools, profiles,
   logical switches; VM networks, VM subnets, VMs, CA/PA leases, migration; the HNV
   gateway: services, gateways, NAT connections and rules, customer routes; PATCH);
+- `migrations`: the stages of a make-before-break migration after the first, each a
+  committed write, and the stepper thread that advances them;
 - `common`: scopes, `Unavailable` and the builders' shared toolkit.
 
 Import from here: `from controller.fabric import Fabric, SyncView, HostView, Unavailable,

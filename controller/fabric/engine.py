@@ -31,8 +31,12 @@ new states to this replica's watchers with the generation and digest they commit
 and reads agents' statuses reported through other replicas. While the database is
 unreachable it retries each interval and the fabric keeps serving what was committed.
 
-Affected hosts are narrow for VM operations (the hosts of the VM network and the
-gateway hosts serving it, before and after, plus source and destination) and all hosts for fabric-wide objects (switches,
+A migration's later stages are writes like any other, made by the stepper thread of
+`controller.fabric.migrations` (started last in `__init__`, stopped by `close`).
+
+Affected hosts are narrow for VM operations (the hosts of the VM network, including the
+sources of its migrations in progress, and the gateway hosts serving it, before and
+after, plus source and destination) and all hosts for fabric-wide objects (switches,
 sites, profiles: rare and cheap). Generations only move when content changes, so a
 wide recompile bumps only hosts that really differ.
 
@@ -69,6 +73,7 @@ from controller.fabric.common import (
 )
 from controller.fabric.gateways import GatewayRules
 from controller.fabric.hosts import HostRules
+from controller.fabric.migrations import MIGRATION_BOUND_S, STEP_INTERVAL_S, MigrationStages
 from controller.fabric.networks import NetworkRules
 from controller.fabric.patch import PatchRules
 from controller.fabric.tenants import TenantRules
@@ -136,14 +141,17 @@ class _NotDue(Exception):
     is committed."""
 
 
-class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, PatchRules, Builders):
+class Fabric(MigrationStages, SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, PatchRules, Builders):
     """The fabric: committed reads for anyone, serialised writes through the engine.
 
     The rule mixins hold the builders (`RULES` names them per kind); this class holds the
     state (inventory, compiler, published entries) and the order of a write's steps.
+    `MigrationStages` comes first: its `report_status` wakes the migration stepper after
+    `SyncStatus`'s.
     """
 
-    def __init__(self, store: Store, follow_interval: float = FOLLOW_INTERVAL_S):
+    def __init__(self, store: Store, follow_interval: float = FOLLOW_INTERVAL_S,
+                 migration_bound: float = MIGRATION_BOUND_S, migration_step_interval: float = STEP_INTERVAL_S):
         self.store = store
         self.inventory = Inventory()
         self.compiler = Compiler(self.inventory)
@@ -193,6 +201,8 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, Pat
             self._follower = threading.Thread(target=self._follow, args=(follow_interval,),
                                               name="revision-follower", daemon=True)
             self._follower.start()
+        # Last: the stepper writes through the engine, which needs everything above.
+        self._start_migration_stepper(migration_bound, migration_step_interval)
 
     def _commit_at_start(self, rows: list[HostRow]) -> None:
         """The root host group of a new fabric, and the generations a new code version
@@ -216,14 +226,20 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, Pat
             self.revision = revision
 
     def close(self) -> None:
-        """Stop following the shared revision log (the store is the caller's to close)."""
+        """Stop following the shared revision log and stepping migrations (the store is the
+        caller's to close)."""
         self._stop.set()
+        self.wake_migration_stepper()
         if self._follower is not None:
             self._follower.join(timeout=10)
+        self._stepper.join(timeout=10)
 
     @classmethod
-    def open(cls, state_dir: str | Path, synchronous: str = "FULL", busy_timeout: float = 5.0) -> Fabric:
-        return cls(Store(Path(state_dir) / "controller.db", synchronous=synchronous, busy_timeout=busy_timeout))
+    def open(cls, state_dir: str | Path, synchronous: str = "FULL", busy_timeout: float = 5.0,
+             **options: Any) -> Fabric:
+        """The fabric of a state directory's SQLite store; `options` go to `Fabric`."""
+        return cls(Store(Path(state_dir) / "controller.db", synchronous=synchronous, busy_timeout=busy_timeout),
+                   **options)
 
     def add_listener(self, listener: Callable[[list[str]], None]) -> None:
         """`listener(hosts)` is called (from a worker thread) after their generations moved."""
@@ -314,7 +330,9 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, Pat
                               f"create {kind.value} batch of {len(specs)}")
 
     def migrate(self, vm_name: str, destination: str) -> Vm:
-        return self._run(lambda tx: self._migrate(tx, vm_name, destination), f"migrate vms {vm_name} to {destination}")
+        moved = self._run(lambda tx: self._migrate(tx, vm_name, destination), f"migrate vms {vm_name} to {destination}")
+        self.wake_migration_stepper()
+        return moved
 
     def move_gateway_role(self, service: str,
                           decide: Callable[[GatewayService], tuple[str, str] | None]) -> GatewayService | None:
@@ -358,8 +376,10 @@ class Fabric(SyncStatus, HostRules, NetworkRules, TenantRules, GatewayRules, Pat
                 raise type(exc)(f"operations[{index}] ({describe_operation(operation)}): {exc.error}", field,
                                 exc.reason) from None
 
-        return self._run_many([lambda tx, i=i, op=op: build(tx, i, op) for i, op in enumerate(operations)],
-                              f"transaction of {len(operations)}", dry_run=dry_run)
+        results = self._run_many([lambda tx, i=i, op=op: build(tx, i, op) for i, op in enumerate(operations)],
+                                 f"transaction of {len(operations)}", dry_run=dry_run)
+        self.wake_migration_stepper()  # it may have migrated VMs
+        return results
 
     def _builder_of(self, operation: Operation) -> Callable[[Tx], tuple[Any, _Scope]]:
         match operation:

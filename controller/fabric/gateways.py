@@ -171,9 +171,10 @@ class GatewayRules(Builders):
         return None, _Scope(networks={gateway.vm_network}, hosts=set(service.hosts))
 
     def _release_gateway_pa(self, tx: Tx, host: str, vm_network: str) -> None:
-        """A gateway host's PA for a VM network, unless a VM of that network holds it too."""
+        """A gateway host's PA for a VM network, unless a VM of that network (or a migration
+        from there) holds it too."""
         lease = self.inventory.pa_leases.get((host, vm_network))
-        if lease is not None and self.inventory.network_hosts.get(vm_network, {}).get(host, 0) == 0:
+        if lease is not None and not self.inventory.holds_network(host, vm_network):
             tx.release(lease)
 
     def _lease_forwarding(self, tx: Tx, holder: str, vm_network: str, service: GatewayService):

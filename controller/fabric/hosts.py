@@ -1,7 +1,9 @@
 """Rules for host groups, clusters, hosts and their virtual switches (with the
 management address lease that follows a host's management adapter). A host serving a
 gateway service keeps it: it is not deleted, and its switch is neither removed nor
-changed to one that no longer reaches the service's back-end and front-end.
+changed to one that no longer reaches the service's back-end and front-end. A host a
+migration in progress left forwards for it: it is not deleted, nor its switch removed,
+until the migration ends.
 
 A rule mixin of `Fabric` (see `controller.fabric.common.Builders`); never commits.
 """
@@ -76,11 +78,16 @@ class HostRules(Builders):
         vms = sorted(self.inventory.vms_by_host.get(host.name, ()))
         service = service_of_host(self.inventory, host.name)
         _refuse_in_use(Kind.host, host.name, [f"VM {name}" for name in vms]
-                       + ([f"gateway service {service.name}"] if service is not None else []))
+                       + ([f"gateway service {service.name}"] if service is not None else [])
+                       + self._forwarding_for(host.name))
         if host.name in self.inventory.switches:
             self._delete_virtual_switch(tx, host.name)
         tx.delete(Kind.host, host.name)
         return None, _Scope(hosts={host.name})
+
+    def _forwarding_for(self, host_name: str) -> list[str]:
+        """What a host forwards for: the migrations in progress that left it (until they end)."""
+        return [f"the migration of VM {vm.name} to {vm.host}" for vm in self.inventory.migrations_from(host_name)]
 
     def _set_virtual_switch(self, tx: Tx, host_name: str, spec: VirtualSwitchSpec) -> tuple[Any, _Scope]:
         host = self._require(Kind.host, host_name, "host", "virtual switch")
@@ -190,6 +197,10 @@ class HostRules(Builders):
         if service is not None:
             raise Conflict(f"the virtual switch of host {host_name} is in use", "host",
                            f"host {host_name} serves gateway service {service.name} through it")
+        forwarding = self._forwarding_for(host_name)
+        if forwarding:
+            raise Conflict(f"the virtual switch of host {host_name} is in use", "host",
+                           f"host {host_name} forwards through it for {', '.join(forwarding)}")
         self._release_held(tx, "host", host_name, LeaseKind.Management)
         tx.delete(VIRTUAL_SWITCH, host_name)
         return None, _Scope(hosts={host_name})

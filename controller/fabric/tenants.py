@@ -5,8 +5,12 @@
 - a VM is placed (or checked on the host it names), takes a MAC, a CA (never the
   subnet's network, broadcast or gateway address, nor one a pool reserves) and, with
   the host's first VM of its VM network, a PA; its namespace is not a host's;
-- a migration moves the VM's leases to the destination and releases the source's PA
-  with its last VM there;
+- a migration moves the VM's leases to the destination at once; on a network-virtualised
+  VM network it is staged (`Vm.migration`, stage `destination`; the stages after it are
+  `controller.fabric.migrations`'), and the source keeps its PA until the last stage, so
+  that it can forward to the new location; elsewhere the source's PA goes with its last VM;
+- a second migration of a VM still migrating starts again from the VM's current host, and
+  ends the old source's hold; deleting it ends its hold too;
 - a VM a NAT rule forwards to is not deleted (the rule first); no VM takes its
   gateway's back-end CA. `_lease_ca` and `_ensure_pa` serve the gateway rules too.
 
@@ -15,6 +19,7 @@ A rule mixin of `Fabric` (see `controller.fabric.common.Builders`); never commit
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from controller.allocate import allocate_routing_domain_id, allocate_vsid
@@ -30,6 +35,8 @@ from controller.models import (
     Isolation,
     Kind,
     LeaseKind,
+    MigrationStage,
+    VmMigration,
     VmNetwork,
     VmSubnet,
 )
@@ -258,11 +265,25 @@ class TenantRules(Builders):
         raise Conflict(f"host {host.name} has no provider address for VM network {network.name}", "host",
                        "; ".join(exhausted))
 
-    def _release_pa_if_last(self, tx: Tx, host: str, network: str) -> None:
-        if self.inventory.network_hosts.get(network, {}).get(host, 0) <= 1:
+    def _release_pa_if_last(self, tx: Tx, host: str, network: str, leaving_vms: int = 1,
+                            leaving_migrations: int = 0) -> None:
+        """Release the host's PA for the VM network unless it still holds the network once
+        `leaving_vms` of its VMs and `leaving_migrations` of the migrations from it are gone."""
+        if not self.inventory.holds_network(host, network, leaving_vms, leaving_migrations):
             lease = self.inventory.pa_leases.get((host, network))
             if lease is not None:
                 tx.release(lease)
+
+    def _end_migration_hold(self, tx: Tx, vm, staying: str | None = None) -> str | None:
+        """A VM's migration in progress ends (deleted, moved again): its source lets the
+        VM network go unless it holds it otherwise (or is `staying`, the VM's next host).
+        The host that held it, to recompile; None when the VM was not migrating."""
+        if vm.migration is None:
+            return None
+        source = vm.migration.source
+        if source != staying:
+            self._release_pa_if_last(tx, source, vm.vm_network, leaving_vms=0, leaving_migrations=1)
+        return source
 
     def _delete_vm(self, tx: Tx, vm) -> tuple[None, _Scope]:
         _refuse_in_use(Kind.vm, vm.name, [f"NAT rule {rule.name}" for rule in nat_rules_for_vm(self.inventory, vm.name)])
@@ -270,7 +291,8 @@ class TenantRules(Builders):
         tx.free(SPACE_MAC, vm.mac)
         self._release_held(tx, "vm", vm.name)
         self._release_pa_if_last(tx, vm.host, vm.vm_network)
-        return None, _Scope(networks={vm.vm_network}, hosts={vm.host})
+        source = self._end_migration_hold(tx, vm)
+        return None, _Scope(networks={vm.vm_network}, hosts={vm.host} | ({source} if source else set()))
 
     def _migrate(self, tx: Tx, vm_name: str, destination: str) -> tuple[Any, _Scope]:
         vm = self._existing(Kind.vm, vm_name)
@@ -282,13 +304,21 @@ class TenantRules(Builders):
         reason = why_not(self.inventory, host, network, subnet)
         if reason is not None:
             raise Conflict(f"VM {vm_name} cannot migrate to host {host.name}", "host", reason)
-        # Release the source PA first, so that if the destination takes a new one the
-        # pool's accounting sees both (they are different (host, network) keys anyway).
-        self._release_pa_if_last(tx, vm.host, network.name)
+        hosts = {vm.host, host.name}
+        migration = None
         if network.isolation is Isolation.WindowsNetworkVirtualization:
+            # Staged: the source keeps its PA (it forwards to the new location) until
+            # controller.fabric.migrations ends the migration. A VM still migrating starts
+            # again from where it is now; its previous source lets go (unless it is the
+            # destination now: moving back).
+            previous_source = self._end_migration_hold(tx, vm, staying=host.name)
+            hosts |= {previous_source} if previous_source else set()
             self._ensure_pa(tx, host, network)
+            migration = VmMigration(source=vm.host, stage=MigrationStage.destination, since=time.time())
+        else:
+            self._release_pa_if_last(tx, vm.host, network.name)
         for lease in self.inventory.leases_by_holder.get(f"vm:{vm.name}", ()):
             tx.lease(lease.model_copy(update={"host": host.name}))
-        moved = vm.model_copy(update={"host": host.name})
+        moved = vm.model_copy(update={"host": host.name, "migration": migration})
         tx.put(Kind.vm, vm.name, moved)
-        return moved, _Scope(networks={network.name}, hosts={vm.host, host.name})
+        return moved, _Scope(networks={network.name}, hosts=hosts)

@@ -173,7 +173,9 @@ def cmd_migrate(ctx: Context, args: argparse.Namespace) -> int:
     if ctx.out.fmt == "json":
         ctx.out.emit(vm.model_dump(mode="json"))
     else:
-        ctx.out.say(f"VM {vm.name} now on {vm.host} (CA {vm.ca}, MAC {vm.mac})")
+        staged = (f"; staged: {vm.migration.source} forwards to it until the other hosts follow"
+                  if vm.migration is not None else "")
+        ctx.out.say(f"VM {vm.name} now on {vm.host} (CA {vm.ca}, MAC {vm.mac}){staged}")
     return EXIT_OK
 
 

@@ -103,6 +103,13 @@ class Agent:
     def held_generation_on_disk(self) -> int:
         return json.loads((self.state_dir / "state.json").read_text())["generation"]
 
+    def keep_logs(self, prefix: str = "") -> None:
+        """Copy this agent's logs where they survive the VM (OPENHNV_VM_RWDIR), for a post-mortem."""
+        keep = os.environ.get("OPENHNV_VM_RWDIR")
+        if keep:
+            for log in self.workdir.glob("agent-*.log"):
+                shutil.copy(log, Path(keep) / f"{prefix}{self.host}-{log.name}")
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
@@ -220,10 +227,7 @@ def lab(tmp_path_factory):
     finally:
         for agent in agents.values():
             agent.stop()
-            keep = os.environ.get("OPENHNV_VM_RWDIR")  # logs survive the VM for a post-mortem
-            if keep:
-                for log in agent.workdir.glob("agent-*.log"):
-                    shutil.copy(log, Path(keep) / f"{agent.host}-{log.name}")
+            agent.keep_logs()
         controller.stop()
         factory.close()
 

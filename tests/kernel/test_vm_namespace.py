@@ -4,7 +4,8 @@ Kernel tier: the real Reconciler on the kernel-tier lab (tests/kernel/agentlab.p
 agent, as hypervisor, creates a VM's namespace when it is missing and marks it as its
 own; when the VM leaves the HostState, the port goes and a namespace the agent made goes
 with it. A namespace the agent found already there (someone else's) loses only the VM's
-``eth0`` and is never removed.
+``eth0`` and is never removed. A migrating VM gets the destination's NIC beside the
+source's, which goes with the source's port.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def moved(document: dict[str, Any], vm_name: str, to: dict[str, Any]) -> dict[st
 @pytest.mark.parametrize("first", ["destination", "source"])
 def test_a_vm_migrated_then_deleted_leaves_no_namespace(lab, first):
     """The lab's live migration: the namespace the source made moves to the destination
-    (whichever host hears of the move first), which removes it when the VM is deleted."""
+    (whichever host hears of the move first), which adds the VM's NIC beside the source's
+    and removes the namespace when the VM is deleted."""
     a, b = lab.hosts["a"], lab.hosts["b"]
     vm_netns = {**lab.vm_netns, "vmA2": lab.agent_made}
     on_a = host_state("a", vm_netns)
@@ -117,11 +119,18 @@ def test_a_vm_migrated_then_deleted_leaves_no_namespace(lab, first):
         for reconciler, document in steps if first == "destination" else reversed(steps):
             result = reconciler.reconcile(parse_host_state(document))
             assert result.errors == [], result.errors
+            if first == "destination" and reconciler is destination:
+                # Make-before-break: the destination's NIC beside the source's, not instead.
+                assert sorted(set(links(lab.agent_made)) & set(naming.VM_IFNAMES)) == ["eth0", "eth1"]
+                assert naming.vm_port("vmA2") in links(a.name)
         # Drift repair on both, as the agents' periodic reconciles do.
         assert destination.reconcile(parse_host_state(b_with)).errors == []
         assert source.reconcile(parse_host_state(a_without)).errors == []
         assert lab.agent_made in namespaces()
-        assert links(lab.agent_made)["eth0"]["address"] == "00:15:5d:00:02:0a"
+        # One NIC left, the destination's, with the VM's MAC (named eth1 when it was added
+        # beside the source's eth0).
+        nics = [link for name, link in links(lab.agent_made).items() if name in naming.VM_IFNAMES]
+        assert [nic["address"] for nic in nics] == ["00:15:5d:00:02:0a"]
         assert naming.vm_port("vmA2") in links(b.name) and naming.vm_port("vmA2") not in links(a.name)
 
         result = destination.reconcile(parse_host_state(without_vms(b_with, {"vmA2"})))

@@ -212,13 +212,41 @@ class Watcher(threading.Thread):
         self.client.close()
 
 
-def test_migration_updates_every_host_of_the_vm_network_and_only_those(fresh):
+def report_in_sync(ctl: LiveController, host: str) -> None:
+    """What the host's agent says once it applied its desired generation."""
+    generation = state_of(ctl.admin, host).generation
+    answer = ctl.client_for(host).put(f"/v1/hosts/{host}/status",
+                                      json={"generation": generation, "errors": [], "agent": "test"})
+    assert answer.status_code == 200 and answer.json()["sync"] == "InSync", answer.text
+
+
+def generations_of(client) -> dict[str, int]:
+    return {h["name"]: h["desired_generation"] for h in client.get("/v1/hosts").json()}
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_migration_is_staged_destination_then_peers_then_the_source(fresh):
+    """Make-before-break: the destination first (the source keeps the VM's port, every host
+    of the VM network receives from both ends); the peers and the forwarding source once
+    every host reports InSync; the source lets the VM network go last. Each stage is
+    visible in the generations served, and only the VM network's hosts move."""
     admin = fresh.admin
     post(admin, "hosts", {"name": "CON-HyperV8", "cluster": "VIRTUALCLUSTER", "management_address": "10.0.0.18/24",
                           "nics": ["eth0", "eth1"]})
     admin.put("/v1/hosts/CON-HyperV8/virtual-switch", json={"logical_switch": "Virtualization"}).raise_for_status()
     post(admin, "vms", {"name": "TenantVM05", "vm_network": "Fabrikam2", "host": "CON-HyperV8"})
-    generations = {h["name"]: h["desired_generation"] for h in admin.get("/v1/hosts").json()}
+    generations = generations_of(admin)
+    pa_v7 = leases(admin, kind="PA", host="CON-HyperV7", vm_network="Fabrikam2")[0]["address"]
+    red = {"CON-HyperV6", "CON-HyperV7", "CON-HyperV8"}  # Fabrikam2's hosts once the VM moved
     watchers = {host: Watcher(fresh, host) for host in ("CON-HyperV6", "CON-HyperV8")}
     try:
         for host, watcher in watchers.items():
@@ -226,26 +254,60 @@ def test_migration_updates_every_host_of_the_vm_network_and_only_those(fresh):
             assert first["generation"] == generations[host]
         moved = admin.post("/v1/vms/TenantVM02/migrate", json={"host": "CON-HyperV6"})
         assert moved.status_code == 200 and moved.json()["host"] == "CON-HyperV6"
-        after = {h["name"]: h["desired_generation"] for h in admin.get("/v1/hosts").json()}
-        bumped = {host for host in after if after[host] != generations[host]}
-        # Fabrikam2 lives on V6, V7 (source) and V8: exactly those move, each by one.
-        assert bumped == {"CON-HyperV6", "CON-HyperV7", "CON-HyperV8"}
-        assert all(after[host] == generations[host] + 1 for host in bumped)
+        assert moved.json()["migration"]["stage"] == "destination"
+        assert moved.json()["migration"]["source"] == "CON-HyperV7"
         pa_v6 = leases(admin, kind="PA", host="CON-HyperV6", vm_network="Fabrikam2")[0]["address"]
-        for host, watcher in watchers.items():
-            line = watcher.wait_for(lambda l: l["type"] == "state" and l["generation"] == after[host])
-            state = parse_host_state(line["state"])
-            record = [r for r in state.records if r.vm_name == "TenantVM02"][0]
-            assert str(record.pa) == pa_v6
+
+        def record_pa(host: str) -> str:
+            return str(next(r.pa for r in state_of(admin, host).records if r.vm_name == "TenantVM02"))
+
+        def transit(host: str) -> list[str]:
+            return [str(pa) for rd in state_of(admin, host).routing_domains if rd.name == "Fabrikam2"
+                    for pa in rd.transit]
+
+        # Stage 1: the destination V6 gets the port; the source V7 keeps it, and the peer
+        # V8 still sends to V7; all three receive from both ends.
+        stage1 = generations_of(admin)
+        assert {host for host in stage1 if stage1[host] != generations[host]} == red
+        assert "TenantVM02" in [port.name for port in state_of(admin, "CON-HyperV6").ports]
+        assert "TenantVM02" in [port.name for port in state_of(admin, "CON-HyperV7").ports]
+        assert record_pa("CON-HyperV6") == pa_v6
+        assert record_pa("CON-HyperV7") == record_pa("CON-HyperV8") == pa_v7
+        assert all(sorted(transit(host)) == sorted([pa_v6, pa_v7]) for host in red)
+
+        # Stage 2, once every host of Fabrikam2 reports InSync: the peer V8 follows, the
+        # source V7 lets the port go and forwards to V6.
+        for host in sorted(red):
+            report_in_sync(fresh, host)
+        stage2 = wait_until(lambda: (g := generations_of(admin))["CON-HyperV8"] != stage1["CON-HyperV8"] and g,
+                            what="the peer's generation to move")
+        assert {host for host in stage2 if stage2[host] != stage1[host]} == {"CON-HyperV7", "CON-HyperV8"}
+        assert record_pa("CON-HyperV8") == record_pa("CON-HyperV7") == pa_v6
+        assert "TenantVM02" not in [port.name for port in state_of(admin, "CON-HyperV7").ports]
+        line = watchers["CON-HyperV8"].wait_for(lambda l: l["type"] == "state" and l["generation"] == stage2["CON-HyperV8"])
+        assert [str(r.pa) for r in parse_host_state(line["state"]).records if r.vm_name == "TenantVM02"] == [pa_v6]
+        assert admin.get("/v1/vms/TenantVM02").json()["migration"]["stage"] == "peers"
+        assert leases(admin, kind="PA", host="CON-HyperV7", vm_network="Fabrikam2") != []
+
+        # Stage 3, once every host of Fabrikam2 reports InSync again: the source lets it go.
+        for host in ("CON-HyperV7", "CON-HyperV8"):
+            report_in_sync(fresh, host)
+        stage3 = wait_until(lambda: (g := generations_of(admin))["CON-HyperV7"] != stage2["CON-HyperV7"] and g,
+                            what="the source's generation to move")
+        assert {host for host in stage3 if stage3[host] != stage2[host]} == red
+        assert admin.get("/v1/vms/TenantVM02").json()["migration"] is None
+        assert leases(admin, kind="PA", host="CON-HyperV7", vm_network="Fabrikam2") == []
+        assert "Fabrikam2" not in [rd.name for rd in state_of(admin, "CON-HyperV7").routing_domains]
+        assert transit("CON-HyperV6") == transit("CON-HyperV8") == []
+        assert stage3["CON-HyperV6"] == generations["CON-HyperV6"] + 2
+        assert all(stage3[host] == generations[host] + 3 for host in ("CON-HyperV7", "CON-HyperV8"))
+
         metrics = fresh.client().get("/metrics").text
         pushed = [line for line in metrics.splitlines() if line.startswith("hnv_controller_generations_pushed_total")]
         assert pushed and float(pushed[0].split()[-1]) >= 4  # two on connect, two after the migration
         latency = [line for line in metrics.splitlines() if line.startswith("hnv_controller_push_latency_seconds_count")]
         assert latency and float(latency[0].split()[-1]) >= 2
         assert "hnv_controller_watchers 2.0" in metrics
-        # the source held TenantVM02 only: its Fabrikam2 PA is released
-        assert leases(admin, kind="PA", host="CON-HyperV7", vm_network="Fabrikam2") == []
-        assert "Fabrikam2" not in [rd.name for rd in state_of(admin, "CON-HyperV7").routing_domains]
         refused = admin.post("/v1/vms/TenantVM02/migrate", json={"host": "CON-HyperV4"})
         assert_refused(refused, 409, "host", "reaches no network-virtualisation")
     finally:

@@ -23,7 +23,6 @@ from controller.allocate import (
 from controller.fabric import Fabric
 from controller.models import (
     Conflict,
-    HostGroupSpec,
     Invalid,
     HostSpec,
     IpPoolSpec,
@@ -38,6 +37,7 @@ from controller.models import (
     VmSubnetSpec,
 )
 from controller.store import ChangeSet, Store
+from tests.lib.nv_fabric import populate_transport
 
 # --- allocators ---------------------------------------------------------------------------------
 
@@ -100,21 +100,7 @@ def small_fabric(tmp_path) -> Fabric:
 
 def populate_small_fabric(fabric: Fabric) -> Fabric:
     """`small_fabric`'s objects, created on any fabric (any store)."""
-    fabric.create(Kind.host_group, HostGroupSpec(name="Virtualization"))
-    fabric.create(Kind.logical_network, LogicalNetworkSpec(name="Virtualization", network_virtualization=True))
-    fabric.create(Kind.network_site, NetworkSiteSpec(
-        name="Virtualization", logical_network="Virtualization", host_groups=["Virtualization"],
-        subnet_vlans=[{"subnet": "10.80.2.0/24", "vlan": 802}]))
-    fabric.create(Kind.ip_pool, IpPoolSpec(name="Default", network_site="Virtualization",
-                                           range_start="10.80.2.20", range_end="10.80.2.22"))
-    fabric.create(Kind.uplink_port_profile, UplinkPortProfileSpec(name="Virtualization",
-                                                                  network_sites=["Virtualization"]))
-    fabric.create(Kind.logical_switch, LogicalSwitchSpec(name="Virtualization",
-                                                         uplink_port_profiles=["Virtualization"]))
-    fabric.create_many(Kind.host, [HostSpec(name=name, host_group="Virtualization", nics=["eth0", "eth1"])
-                                   for name in ("A", "B", "Bare")])
-    for name in ("A", "B"):
-        fabric.set_virtual_switch(name, VirtualSwitchSpec(logical_switch="Virtualization"))
+    populate_transport(fabric, ("A", "B", "Bare"), pa_range=("10.80.2.20", "10.80.2.22"), switched=("A", "B"))
     for network in ("Red", "Blue"):
         fabric.create(Kind.vm_network, VmNetworkSpec(name=network, logical_network="Virtualization"))
         fabric.create(Kind.vm_subnet, VmSubnetSpec(vm_network=network, prefix="192.168.0.0/24"))

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -230,6 +231,15 @@ def test_host_state_is_the_compiled_host_state(hnvctl):
 # --- VMs ----------------------------------------------------------------------------------
 
 
+def wait_for_migrations(hnvctl) -> None:
+    """Until no VM is migrating. No agent reports here: each stage of a migration waits
+    for its bound (5 s)."""
+    deadline = time.monotonic() + 60
+    while any(vm["migration"] is not None for vm in hnvctl.json("vm", "list")):
+        assert time.monotonic() < deadline, "a migration never finished"
+        time.sleep(0.5)
+
+
 def test_vm_create_with_placement_migrate_delete(hnvctl):
     before = {l["address"] for l in hnvctl.json("ip", "list", "--kind", "CA")}
     out = hnvctl.ok("vm", "create", "PlacedVM", "--vm-network", "Fabrikam2")
@@ -240,6 +250,7 @@ def test_vm_create_with_placement_migrate_delete(hnvctl):
 
     out = hnvctl.ok("vm", "migrate", "PlacedVM", "--host", other)
     assert out.startswith(f"VM PlacedVM now on {other}")
+    wait_for_migrations(hnvctl)
     pa_of = {(l["holder"], l["vm_network"]): l["address"] for l in hnvctl.json("ip", "list", "--kind", "PA")}
     for host in VIRTUALISATION_HOSTS:  # every host of the VM network follows the move
         record = next(r for r in hnvctl.json("lookup-records", "--host", host) if r["vm_name"] == "PlacedVM")
@@ -264,6 +275,7 @@ def test_apply_moves_a_vm_back_to_the_host_the_document_states(hnvctl):
         "~ VM TenantVM01 (host: CON-HyperV7 -> CON-HyperV6)"
     )
     assert hnvctl.json("vm", "show", "TenantVM01")["host"] == "CON-HyperV6"
+    wait_for_migrations(hnvctl)  # the tests after this one compare snapshots
 
 
 def test_placement_refusal_names_the_reason(hnvctl):
