@@ -12,7 +12,9 @@ import os
 
 import pytest
 
+from netns_lab import cli as lab_cli
 from netns_lab import features, vm
+from tests.lib.cli import CliResult, run_main
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +37,17 @@ def kernel_tier_problem() -> str | None:
 def _require_kernel_tier(kernel_tier_problem: str | None) -> None:
     if kernel_tier_problem:
         pytest.fail(kernel_tier_problem, pytrace=False)
+
+
+def hnv_lab(*args: str) -> CliResult:
+    """`hnv-lab ARGS` through its real entry point, in this process (tests/lib/cli.py).
+    For `down` and `status`; `up` and `demo` start daemons and run as subprocesses."""
+    return run_main(lab_cli.main, args)
+
+
+@pytest.fixture
+def clean_lab():
+    """The seed lab is down before and after the test, whatever the test did."""
+    hnv_lab("down")
+    yield
+    hnv_lab("down")

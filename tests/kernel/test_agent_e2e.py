@@ -9,10 +9,8 @@ file order and share the lab: the VXLAN test converts both hosts last.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import time
-from dataclasses import dataclass
 
 import pytest
 from scapy.layers.inet import ICMP, IP, UDP
@@ -24,26 +22,13 @@ from agent import cli, naming, show
 from agent.reconcile import Reconciler
 from agent.state import parse_host_state
 from tests.kernel.agentlab import F2_VSID, F3_VSID, PA, PROVIDER_VLAN, AgentLab, without_record
+from tests.lib.cli import CliResult, run_main
 from tests.lib.netns import NamespaceFactory
 from tests.lib.nvgre import IPPROTO_GRE, decode_nvgre
 
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 def hnv_agent(*args: str) -> CliResult:
-    """`hnv-agent ARGS` through its real entry point, in this process: a new interpreter
-    per call costs minutes of imports under TCG emulation."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = cli.main(list(args))
-        except SystemExit as exc:  # argparse refusals
-            code = exc.code if isinstance(exc.code, int) else 2
-    return CliResult(code, out.getvalue(), err.getvalue())
+    """`hnv-agent ARGS` through its real entry point, in this process (tests/lib/cli.py)."""
+    return run_main(cli.main, args)
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from agent.reconcile import Reconciler
 from agent.state import parse_host_state
 from tests.kernel.agentlab import F2_VSID, F3_VSID, AgentLab
 from tests.kernel.test_agent_e2e import capture_trunks, read_all
-from tests.kernel.test_prometheus_lab import wait_for
 from tests.lib.netns import NamespaceFactory
+from tests.lib.wait import wait_until
 from tests.lib.nvgre import IPPROTO_GRE, decode_nvgre
 
 DNS_SERVERS = ["10.0.0.53", "10.0.0.54"]
@@ -194,19 +194,19 @@ def test_a_killed_server_is_restarted_and_a_running_client_renews_its_address(la
     client = vm.popen("busybox", "udhcpc", "-i", "eth0", "-f", "-B", "-O", "mtu", "-T", "2",
                       "-s", str(script))
     try:
-        wait_for("the first lease", lambda: any(line.startswith("bound ip=192.168.0.10 ") for line in events(log)),
-                 WAIT_S)
+        wait_until(lambda: any(line.startswith("bound ip=192.168.0.10 ") for line in events(log)),
+                   WAIT_S, "the first lease", interval=1)
         old = server_pid(lab, F2_VSID)
         os.kill(old, signal.SIGKILL)
-        wait_for("dnsmasq to die", lambda: not alive(old), WAIT_S)
+        wait_until(lambda: not alive(old), WAIT_S, "dnsmasq to die", interval=1)
         result = lab.reconcilers["a"].reconcile(state_a(lab, lab.generation))  # the periodic drift repair
         assert result.errors == [], result.errors
         assert f"start dhcp {naming.vsid_bridge(F2_VSID)} not running" in result.plan.describe()
         new = server_pid(lab, F2_VSID)
         assert new != old and alive(new)
         client.send_signal(signal.SIGUSR1)  # renew now
-        wait_for("the renewal at the restarted server",
-                 lambda: any(line.startswith("renew ip=192.168.0.10 ") for line in events(log)), WAIT_S)
+        wait_until(lambda: any(line.startswith("renew ip=192.168.0.10 ") for line in events(log)),
+                   WAIT_S, "the renewal at the restarted server", interval=1)
         assert vm.ping("192.168.0.11", count=2), "the renewed VM lost its network"
     finally:
         client.terminate()
@@ -217,7 +217,7 @@ def test_a_bridge_without_vm_loses_its_server(lab):
     pid = server_pid(lab, F3_VSID)
     result = reconcile_a(lab, without=("vmA3",))
     assert f"stop dhcp {naming.vsid_bridge(F3_VSID)}" in result.plan.describe(), result.plan.describe()
-    wait_for("Fabrikam3's dnsmasq to exit", lambda: not alive(pid), WAIT_S)
+    wait_until(lambda: not alive(pid), WAIT_S, "Fabrikam3's dnsmasq to exit", interval=1)
     assert not server_files(lab, F3_VSID).config.exists()
     assert alive(server_pid(lab, F2_VSID)), "Fabrikam2's server must keep running"
     # Still in sync: nothing more to do.

@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from netns_lab.build import LabRecord
 from netns_lab.topology import load_topology
+from tests.kernel.conftest import hnv_lab
 
 TOPOLOGY = load_topology()
+# `up` and `demo` start daemons (and a test kills `up`): a process of their own.
 HNV_LAB = [sys.executable, "-m", "netns_lab.cli"]
 
 # Every claim of the walkthrough the demo must have checked and passed.
@@ -89,14 +90,6 @@ def _assert_nothing_left(before: tuple[set[str], set[str], dict[int, str]]) -> N
     assert not left, f"processes left behind: {left}"
 
 
-@pytest.fixture
-def clean_lab():
-    """A lab that is down before and after the test, whatever the test did."""
-    subprocess.run([*HNV_LAB, "down"], capture_output=True, timeout=120, check=False)
-    yield
-    subprocess.run([*HNV_LAB, "down"], capture_output=True, timeout=120, check=False)
-
-
 def test_demo_passes_every_check_and_down_leaves_nothing(clean_lab, tmp_path):
     before = _snapshot()
     started = time.monotonic()
@@ -137,11 +130,11 @@ def test_down_after_a_crash_during_up_removes_exactly_what_was_built(clean_lab):
         up.wait()
         assert record_path.exists(), "up never wrote its record"
 
-        down = subprocess.run([*HNV_LAB, "down"], capture_output=True, text=True, timeout=300, check=False)
+        down = hnv_lab("down")
         assert down.returncode == 0, down.stderr
         assert bystander in _namespaces()
         _assert_nothing_left(before)
-        again = subprocess.run([*HNV_LAB, "down"], capture_output=True, text=True, timeout=300, check=False)
+        again = hnv_lab("down")
         assert again.returncode == 0 and "nothing to do" in again.stdout
     finally:
         subprocess.run(["ip", "netns", "del", bystander], check=False)
@@ -155,7 +148,7 @@ def test_up_refuses_a_namespace_it_did_not_create(clean_lab):
                             timeout=300, check=False)
         assert up.returncode == 1
         assert f"namespace {squatter} already exists and is not in the record" in up.stderr
-        subprocess.run([*HNV_LAB, "down"], capture_output=True, timeout=300, check=False)
+        hnv_lab("down")
         assert squatter in _namespaces(), "down removed a namespace the lab did not create"
         assert not (set(TOPOLOGY.namespaces) - {squatter}) & _namespaces()
     finally:
@@ -240,10 +233,10 @@ def test_down_removes_a_lab_vm_namespace_no_veth_leads_to(clean_lab):
         assert up.returncode == 0, up.stderr
         # What an agent on the lab's first host does for a VM, with the port since deleted.
         ensure_vm_netns(orphan, naming.vm_netns_marker(naming.vm_port("OrphanVM"), TOPOLOGY.hosts[0].name))
-        status = subprocess.run([*HNV_LAB, "status"], capture_output=True, text=True, timeout=300, check=False)
+        status = hnv_lab("status")
         assert f"vm   {orphan}" in status.stdout
 
-        down = subprocess.run([*HNV_LAB, "down"], capture_output=True, text=True, timeout=300, check=False)
+        down = hnv_lab("down")
         assert down.returncode == 0, down.stderr
         assert f"namespace {orphan}" in down.stdout
         assert {other_lab, bystander} <= _namespaces()

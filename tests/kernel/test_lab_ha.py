@@ -17,13 +17,7 @@ import subprocess
 import time
 
 from netns_lab.build import RECORD_DIR, LabRecord
-from tests.kernel.test_lab_demo import (  # noqa: F401 - clean_lab is a fixture
-    HNV_LAB,
-    TOPOLOGY,
-    _assert_nothing_left,
-    _snapshot,
-    clean_lab,
-)
+from tests.kernel.test_lab_demo import HNV_LAB, TOPOLOGY, _assert_nothing_left, _snapshot
 
 # What the failover step stands on (demo --ha walks only that part of the seed walkthrough).
 FABRIC_CHECKS = ("in-sync-part1", "management-address-moved-to-switch", "management-network-after-team",

@@ -10,38 +10,17 @@ Runs in the kernel tier's VM, like the lab demo (tests/kernel/test_lab_demo.py).
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
-
-import pytest
 
 from netns_lab import processes, prometheus
 from netns_lab.build import LabRecord
-from netns_lab.topology import load_topology
+from tests.kernel.conftest import hnv_lab
+from tests.kernel.test_lab_demo import HNV_LAB, TOPOLOGY
+from tests.lib.wait import wait_until
 
-TOPOLOGY = load_topology()
-HNV_LAB = [sys.executable, "-m", "netns_lab.cli"]
 HOSTS = {host.name for host in TOPOLOGY.hosts}
 STOPPED = "CON-HyperV7"
-
-
-@pytest.fixture
-def clean_lab():
-    subprocess.run([*HNV_LAB, "down"], capture_output=True, timeout=300, check=False)
-    yield
-    subprocess.run([*HNV_LAB, "down"], capture_output=True, timeout=300, check=False)
-
-
-def wait_for(what: str, probe, timeout: float = 240.0):
-    """Poll ``probe`` (returns a truthy answer or None) until it answers; fail saying what."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}; last answer: {last}")
+WAIT = 240  # seconds for a scrape to show what the test waits for (emulated CPU)
 
 
 def targets_up(job: str) -> dict[str, str]:
@@ -63,12 +42,11 @@ def test_prometheus_scrapes_every_target_and_fires_agent_down(clean_lab):
 
     # Every target answers: the controller and seven agents, each up == 1.
     agents = {f"{host.address}:{TOPOLOGY.agent.metrics_port}" for host in TOPOLOGY.hosts}
-    wait_for("every agent scraped with up == 1",
-             lambda: (lambda up: up if set(up) == agents and set(up.values()) == {"1"} else None)(
-                 targets_up("hnv-agent")))
+    wait_until(lambda: (lambda up: up if set(up) == agents and set(up.values()) == {"1"} else None)(
+        targets_up("hnv-agent")), WAIT, "every agent scraped with up == 1", interval=1)
     controller_target = f"{TOPOLOGY.controller_address}:{TOPOLOGY.controller.port}"
-    assert wait_for("the controller scraped with up == 1",
-                    lambda: targets_up("hnv-controller") or None) == {controller_target: "1"}
+    assert wait_until(lambda: targets_up("hnv-controller"), WAIT, "the controller scraped with up == 1",
+                      interval=1) == {controller_target: "1"}
 
     # Every host's own series, labelled with its name in the fabric. Waited for: `up` and
     # a target's samples can show in different instant queries while Prometheus is
@@ -81,20 +59,19 @@ def test_prometheus_scrapes_every_target_and_fires_agent_down(clean_lab):
             return seen[0] == HOSTS
 
         try:
-            wait_for(f"{metric} series for every host", every_host, timeout=60)
+            wait_until(every_host, 60, f"{metric} series for every host", interval=1)
         except AssertionError:
             raise AssertionError(f"{metric}: series for {sorted(seen[0])}, expected {sorted(HOSTS)}") from None
     # The controller's own series, waited for the same way (CI once queried it between
     # the controller's `up` and its first samples).
-    wait_for("hnv_controller_database_up == 1",
-             lambda: [r["value"][1] for r in prometheus.query(TOPOLOGY, "hnv_controller_database_up")] == ["1"],
-             timeout=60)
+    wait_until(lambda: [r["value"][1] for r in prometheus.query(TOPOLOGY, "hnv_controller_database_up")] == ["1"],
+               60, "hnv_controller_database_up == 1", interval=1)
     # An agent scraped before it listened (the lab starts Prometheus first) fires
     # HnvAgentDown; it resolves at the first rule evaluation after every target is up,
     # which can come after the checks above: waited for, not read once (CI saw it firing).
-    wait_for("no HnvAgentDown firing once every agent is up",
-             lambda: not [a for a in prometheus.firing_alerts(TOPOLOGY)
-                          if a["labels"]["alertname"] == "HnvAgentDown"], timeout=120)
+    wait_until(lambda: not [a for a in prometheus.firing_alerts(TOPOLOGY)
+                            if a["labels"]["alertname"] == "HnvAgentDown"],
+               120, "no HnvAgentDown firing once every agent is up", interval=1)
 
     # One agent stops: its alert fires, for it alone.
     agent = next(p for p in record.processes if p.role == "agent" and p.name == STOPPED)
@@ -105,7 +82,7 @@ def test_prometheus_scrapes_every_target_and_fires_agent_down(clean_lab):
         firing = [a for a in prometheus.firing_alerts(TOPOLOGY) if a["labels"]["alertname"] == "HnvAgentDown"]
         return firing or None
 
-    firing = wait_for(f"HnvAgentDown to fire for {STOPPED}", agent_down_alerts, timeout=120)
+    firing = wait_until(agent_down_alerts, 120, f"HnvAgentDown to fire for {STOPPED}", interval=1)
     print(f"HnvAgentDown fired {time.monotonic() - stopped_at:.1f} s after the agent stopped")
     assert [a["labels"]["host"] for a in firing] == [STOPPED]
     assert firing[0]["labels"]["severity"] == "critical"
@@ -113,7 +90,7 @@ def test_prometheus_scrapes_every_target_and_fires_agent_down(clean_lab):
     assert targets_up("hnv-agent")[f"{TOPOLOGY.host(STOPPED).address}:{TOPOLOGY.agent.metrics_port}"] == "0"
 
     # down stops Prometheus with the daemons.
-    down = subprocess.run([*HNV_LAB, "down"], capture_output=True, text=True, timeout=300, check=False)
+    down = hnv_lab("down")
     assert down.returncode == 0, down.stderr
     assert f"prometheus {server.name} (pid {server.pid})" in down.stdout
     assert not processes.is_alive(server)

@@ -44,6 +44,22 @@ def test_vng_command_shares_rwdir_and_disables_kvm_when_unusable(tmp_path):
     assert "--disable-kvm" not in with_kvm
 
 
+def test_the_checkout_is_shared_again_for_the_page_cache_unless_it_holds_the_rwdir(tmp_path):
+    cmd = vm.vng_command(tmp_path / "guest.sh", rwdir=tmp_path, kernel=Path("/k"), kvm=False)
+    rodirs = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--rodir"]
+    assert str(vm.CHECKOUT) in rodirs
+    assert "/" not in rodirs and "/usr" not in rodirs
+    script = vm.guest_script(["true"], rwdir=tmp_path)
+    remount = script.index("cache=loose")
+    assert remount < script.index("\ntrue\n"), "the command ran before the cached mounts"
+    assert f"for dir in {vm.CHECKOUT}" in script
+    # A shared directory inside the checkout: a second mount of the checkout would hide it.
+    inside = vm.CHECKOUT / "build" / "vm-rwdir"
+    assert vm.CHECKOUT not in vm.cached_dirs(inside)
+    cmd = vm.vng_command(inside / "guest.sh", rwdir=inside, kernel=Path("/k"), kvm=False)
+    assert str(vm.CHECKOUT) not in [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--rodir"]
+
+
 def test_guest_script_loads_modules_then_runs_the_command_and_records_its_exit(tmp_path):
     script = vm.guest_script(["python", "-m", "pytest", "tests/kernel", "-k", "a b"],
                              rwdir=tmp_path, cwd=Path("/src/openhnv"), env={"EXTRA": "x y"})
