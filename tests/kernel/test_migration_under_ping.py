@@ -33,10 +33,11 @@ import pytest
 from controller.models import Kind
 from netns_lab.demo import HA_PING_IN_FLIGHT as PING_IN_FLIGHT_S
 from netns_lab.demo import ping_losses
-from tests.kernel.test_daemon_agent import Agent, wait_until
+from tests.kernel.test_daemon_agent import Agent
 from tests.lib.controller import LiveController
 from tests.lib.nv_fabric import populate
 from tests.lib.netns import NamespaceFactory, veth_pair
+from tests.lib.wait import wait_until
 
 SOURCE, DESTINATION, PEER = "CON-HyperV6", "CON-HyperV7", "CON-HyperV8"
 HOSTS = (SOURCE, DESTINATION, PEER)
