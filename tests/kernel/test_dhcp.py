@@ -86,16 +86,18 @@ def alive(pid: int) -> bool:
 
 
 def client_script(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    """A udhcpc script that configures eth0 like a real client and logs each event."""
+    """A udhcpc script that configures eth0 like a real client and logs each event once the
+    event is applied (a test waiting for "renew" then finds the address back in place:
+    the script flushes it first, as busybox's own script does)."""
     log, script = tmp_path / f"{name}.log", tmp_path / f"{name}.sh"
     script.write_text(
         "#!/bin/sh\n"
-        f'echo "$1 ip=$ip mask=$subnet router=$router dns=$dns mtu=$mtu lease=$lease" >> {log}\n'
         'case "$1" in bound|renew)\n'
         '  ip addr flush dev "$interface"\n'
         '  ip addr add "$ip/$subnet" dev "$interface"\n'
         '  ip route replace default via "$router" dev "$interface"\n'
         "esac\n"
+        f'echo "$1 ip=$ip mask=$subnet router=$router dns=$dns mtu=$mtu lease=$lease" >> {log}\n'
     )
     script.chmod(0o755)
     return script, log
