@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tiers", nargs="*", metavar="TIER",
                         help=f"one or more of {', '.join(TIERS)} (default: all, in that order)")
     parser.add_argument("--fail-fast", action="store_true", help="stop after the first failing tier")
-    # The kernel tier is about 52 minutes under TCG on two cores (50 tests): an hour and a
-    # half leaves room for a slower CI machine, and still stops a VM that hangs.
+    # The kernel tier took 32 minutes under TCG on two cores (51 tests, idle) and 52 before
+    # its process cost was cut: an hour and a half leaves room for a slower or busier
+    # machine, and still stops a VM that hangs.
     parser.add_argument("--vm-timeout", type=float, default=5400, metavar="SECONDS",
                         help="kill a tier's VM after this long (default: %(default)s); the tier fails")
     parser.add_argument("--keep", type=Path, metavar="DIR",
