@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from controller.cli import host_token_path, main as controller_cli
+from tests.lib.cli import run_main
 from tests.lib.controller import LiveController
 
 OWN, OTHER = "CON-HyperV6", "CON-HyperV7"
@@ -34,13 +35,8 @@ OWN_HOST_ROUTES = {("GET", "/v1/hosts/{host}/state"), ("PUT", "/v1/hosts/{host}/
 
 
 def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = controller_cli(list(args))
-        except SystemExit as exc:  # argparse refusals
-            code = exc.code
-    return code, out.getvalue(), err.getvalue()
+    result = run_main(controller_cli, args)
+    return result.returncode, result.stdout, result.stderr
 
 
 def token_ids(state_dir: Path) -> dict[tuple[str, str], list[int]]:
