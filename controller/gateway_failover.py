@@ -11,7 +11,11 @@ status. Every `interval` seconds `GatewayFailover.tick`:
    agent talks to);
 2. reads when each host was last heard from by any replica: the later of its seen time
    and its last status report (`last_heard`);
-3. for each gateway service whose active host has been silent for longer than `after`,
+3. for each gateway service whose active host has been silent for longer than `after`
+   (silence counted from the later of the host's last report and the moment it became
+   active, the service's `active_since`: a new service, or a role set by hand, does not
+   fail over off a host whose agent is seconds late to connect; an active host that
+   never reports loses the role `after` seconds after it got it),
    picks the next host in the service's order after the active one (wrapping round)
    that is reporting, and asks the fabric to move the role there
    (`Fabric.move_gateway_role`: one transaction, the PATCH's path). The decision is
@@ -40,6 +44,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import timezone
 
 from agent.logfmt import quote
 from controller.fabric import Fabric
@@ -59,6 +64,20 @@ def silence(host: str, last_heard: Mapping[str, float], now: float) -> float:
     return math.inf if heard is None else max(0.0, now - heard)
 
 
+def active_silence(service: GatewayService, last_heard: Mapping[str, float], now: float) -> float:
+    """Seconds the service's active host has been silent *as the active host*: since the
+    later of its last report and the moment it became active (`active_since`), so a
+    host is never found silent for longer than it has held the role. Infinite only
+    when it never reported and the service has no `active_since`."""
+    silent = silence(service.active, last_heard, now)
+    if service.active_since is None:
+        return silent
+    since = service.active_since
+    if since.tzinfo is None:  # stamped in UTC; a store that dropped the zone still means UTC
+        since = since.replace(tzinfo=timezone.utc)
+    return min(silent, max(0.0, now - since.timestamp()))
+
+
 def next_reporting_host(service: GatewayService, last_heard: Mapping[str, float], now: float,
                         after: float) -> str | None:
     """The first host after the active one in the service's order (wrapping round)
@@ -75,17 +94,22 @@ def failover_decision(service: GatewayService, last_heard: Mapping[str, float], 
                       after: float) -> tuple[str, str] | None:
     """(the host to move the role to, why) when the active host has been silent longer
     than `after` and another host reports; else None."""
-    silent = silence(service.active, last_heard, now)
+    silent = active_silence(service, last_heard, now)
     if silent <= after:
         return None
     target = next_reporting_host(service, last_heard, now, after)
     if target is None:
         return None
-    return target, f"failover: {service.active}'s agent {_silent_text(silent)} (limit {after:g} s)"
+    never = service.active not in last_heard
+    return target, f"failover: {service.active}'s agent {_silent_text(silent, never)} (limit {after:g} s)"
 
 
-def _silent_text(silent: float) -> str:
-    return "never reported to this controller" if math.isinf(silent) else f"silent for {silent:.1f} s"
+def _silent_text(silent: float, never: bool) -> str:
+    if math.isinf(silent):
+        return "never reported to this controller"
+    if never:
+        return f"never reported in the {silent:.1f} s since it became active"
+    return f"silent for {silent:.1f} s"
 
 
 class GatewayFailover:
@@ -157,7 +181,7 @@ class GatewayFailover:
             self._check(service, heard, now)
 
     def _check(self, service: GatewayService, heard: Mapping[str, float], now: float) -> None:
-        silent = silence(service.active, heard, now)
+        silent = active_silence(service, heard, now)
         if silent <= self.after:
             self._blocked.discard(service.name)
             return

@@ -6,13 +6,16 @@ an agent holds open all the time); an agent stops reporting when its stream clos
 Checked as an administrator would: the service's active host and why it moved (API and
 hnvctl), the GatewayWildcard records every host is given, /metrics, the log line; that
 a host coming back does not take the role back; that with no other host reporting the
-role stays put; and the flag's refusals.
+role stays put; that a host's silence counts from when it became active (an agent a few
+seconds late to a new service keeps its role); and the flag's refusals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -30,11 +33,19 @@ GATEWAY_HOSTS = ("CON-GW1", "CON-GW2")
 WAIT = 30.0  # generous: CI machines are slow
 
 
-@pytest.fixture
-def ctl(tmp_path):
-    options = {"gateway_failover_after": AFTER, "gateway_failover_grace": 0}
+@contextlib.contextmanager
+def gateway_controller(tmp_path, after: float):
+    """A controller failing over after `after` s (no start-up grace), the gateway
+    documents applied: the service is created with CON-GW1 active."""
+    options = {"gateway_failover_after": after, "gateway_failover_grace": 0}
     with LiveController(tmp_path / "state", hosts=GATEWAY_HOSTS, app_options=options) as live:
         Hnvctl(live).ok("apply", *DOCUMENTS)
+        yield live
+
+
+@pytest.fixture
+def ctl(tmp_path):
+    with gateway_controller(tmp_path, AFTER) as live:
         yield live
 
 
@@ -178,6 +189,52 @@ def test_a_status_report_counts_as_reporting(ctl, agents):
     wait_until(lambda: service(ctl)["active"] == "CON-GW2", timeout=WAIT, what="the role to move once it is silent")
 
 
+def stamp(value: str) -> float:
+    """An `active_since` of the API as seconds since the epoch."""
+    return datetime.fromisoformat(value).timestamp()
+
+
+def test_an_active_host_that_never_reports_loses_the_role_after_the_failover_time(ctl, agents):
+    """Silence counts from when the host became active, not from the controller's start:
+    the role leaves a host that never reported `after` seconds after it got it."""
+    created = service(ctl)
+    agents.start("CON-GW2")
+    wait_until(lambda: service(ctl)["active"] == "CON-GW2", timeout=WAIT, what="the role to move to CON-GW2")
+    moved = service(ctl)
+    assert moved["active_reason"].startswith("failover: CON-GW1's agent never reported in the "), moved
+    assert moved["active_reason"].endswith(" s since it became active (limit 1 s)"), moved
+    # Both stamps are the controller's: the role was held `after` seconds at least.
+    assert stamp(moved["active_since"]) - stamp(created["active_since"]) >= AFTER, (created, moved)
+
+
+LATE_AFTER = 6.0  # a failover time long enough for a loaded machine to open two streams in
+AGENT_LATE_BY = 2.0  # how late the active host's agent connects (the standby's came first)
+
+
+def test_a_new_service_keeps_its_active_host_whose_agent_is_late_by_less_than_the_failover_time(tmp_path):
+    """The lab's case: the gateway documents are applied, the standby's agent reports
+    first and the active host's a few seconds later. The role stays where it was created
+    (before, a host that never reported counted as silent since forever: the role moved
+    to the standby at the first round after the standby reported)."""
+    with gateway_controller(tmp_path, LATE_AFTER) as ctl:
+        created = service(ctl)
+        assert created["active"] == "CON-GW1"
+        agents = Agents(ctl)
+        try:
+            agents.start("CON-GW2")
+            hold(AGENT_LATE_BY)  # several failover rounds with only the standby reporting
+            agents.start("CON-GW1")
+            joined = time.time() - stamp(created["active_since"])
+            assert joined < LATE_AFTER, f"the test's premise: CON-GW1's agent joined {joined:.1f} s after the service"
+            # Past the failover time counted from the creation, and a few rounds more.
+            hold(max(0.0, stamp(created["active_since"]) + LATE_AFTER + 2.0 - time.time()))
+            now = service(ctl)
+            assert (now["active"], now["active_reason"]) == ("CON-GW1", "created"), now
+            assert metric(ctl, "hnv_controller_gateway_failovers_total", service="Gateway") == 0
+        finally:
+            agents.close()
+
+
 def test_an_operator_move_is_recorded_as_set_by_hand(ctl):
     created = service(ctl)
     assert created["active_reason"] == "created" and created["active_since"]
@@ -202,6 +259,26 @@ def test_the_next_host_is_the_first_reporting_one_after_the_active_wrapping_roun
     assert failover_decision(_service("A"), {"B": 50.0}, now, after) is None  # nobody to move to
     target, why = failover_decision(_service("A"), {"B": 99.0}, now, after)
     assert (target, why) == ("B", "failover: A's agent never reported to this controller (limit 10 s)")
+
+
+def test_silence_counts_from_the_later_of_the_last_report_and_becoming_active():
+    after = 10.0
+    since = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    became_active = since.timestamp()
+    service = _service("A").model_copy(update={"active_since": since})
+    # A never reported: silent since it became active, not forever.
+    assert failover_decision(service, {"B": became_active + 5}, became_active + 5, after) is None
+    target, why = failover_decision(service, {"B": became_active + 11}, became_active + 11, after)
+    assert (target, why) == ("B", "failover: A's agent never reported in the 11.0 s since it became active "
+                                  "(limit 10 s)")
+    # A's last report before it became active does not count against it...
+    heard = {"A": became_active - 60, "B": became_active + 5}
+    assert failover_decision(service, heard, became_active + 5, after) is None
+    # ... and a report after that does, from the report on.
+    heard = {"A": became_active + 3, "B": became_active + 14}
+    assert failover_decision(service, heard, became_active + 12, after) is None
+    assert failover_decision(service, heard, became_active + 14, after)[1] == ("failover: A's agent silent for "
+                                                                               "11.0 s (limit 10 s)")
 
 
 @pytest.mark.parametrize("value", ["-1", "soon", "nan", "1e9"])
