@@ -118,11 +118,14 @@ class ControllerClient:
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         ca_file: str | os.PathLike[str] | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT,
     ):
         """`base_url`: one URL, or several (a list, or one string with commas or spaces),
         checked by `agent.watch.controller_urls` (a bad one is a ControllerError).
         `ca_file`: the CA that signed the controllers' certificates (their tls/ca.crt), for
-        https:// URLs; None trusts the system's CAs. An unreadable file is a ControllerError."""
+        https:// URLs; None trusts the system's CAs. An unreadable file is a ControllerError.
+        `connect_timeout`: seconds to open a connection (TCP and TLS handshake) to one
+        controller before trying the next."""
         try:
             self.urls = controller_urls(base_url)
         except ValueError as exc:
@@ -138,8 +141,8 @@ class ControllerClient:
             except (OSError, ssl.SSLError) as exc:
                 raise ControllerError(f"CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
         # A controller whose machine is gone answers nothing, not even a refusal: give up
-        # connecting after CONNECT_TIMEOUT and try the next one, not after the whole `timeout`.
-        timeouts = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT))
+        # connecting after `connect_timeout` and try the next one, not after the whole `timeout`.
+        timeouts = httpx.Timeout(timeout, connect=min(timeout, connect_timeout))
         self._client_options = {"headers": headers, "timeout": timeouts, "transport": transport, "verify": verify}
         self._http: dict[str, httpx.Client] = {}  # one pool per controller, opened when first used
 

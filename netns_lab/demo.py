@@ -99,6 +99,10 @@ class Hnvctl:
             "HNV_CONTROLLER": self.url,
             "HNV_TOKEN_FILE": str(processes.admin_token_file(record)),
             "HNV_CA_FILE": str(processes.ca_file(record)),
+            # The lab runs a controller and every host's agent on one machine, maybe an
+            # emulated one: a TLS handshake there can wait past hnvctl's 5 s while the
+            # agents connect, and that is no reason to stop the walk.
+            "HNV_CONNECT_TIMEOUT": "60",
         }
 
     def run(self, *argv: str) -> Result:

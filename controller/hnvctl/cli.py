@@ -23,6 +23,7 @@ from typing import TextIO
 
 from agent.watch import controller_urls
 from controller.client import (
+    CONNECT_TIMEOUT,
     DEFAULT_CONTROLLER,
     ApiRefused,
     ControllerClient,
@@ -74,6 +75,9 @@ def _globals() -> argparse.ArgumentParser:
                              f"(env HNV_CONTROLLER, default {DEFAULT_CONTROLLER})")
     common.add_argument("--ca-file", default=argparse.SUPPRESS, help="CA certificate that signed the controller's (its tls/ca.crt; env HNV_CA_FILE)")
     common.add_argument("--token-file", default=argparse.SUPPRESS, help="file holding the bearer token (env HNV_TOKEN_FILE, or the token in HNV_TOKEN)")
+    common.add_argument("--connect-timeout", type=_connect_seconds, default=argparse.SUPPRESS, metavar="SECONDS",
+                        help="seconds to open a connection (TCP and TLS handshake) to one controller before "
+                             f"trying the next (env HNV_CONNECT_TIMEOUT, default {CONNECT_TIMEOUT:g})")
     common.add_argument("-o", "--output", choices=("table", "json"), default=argparse.SUPPRESS, help="table (default) or json")
     return common
 
@@ -176,11 +180,32 @@ def _seconds(text: str) -> float:
     return value
 
 
+MAX_CONNECT_TIMEOUT = 300.0  # past this a controller that answers nothing is better reported
+
+
+def _connect_seconds(text: str) -> float:
+    value = _seconds(text)
+    if not 0 < value <= MAX_CONNECT_TIMEOUT:
+        raise argparse.ArgumentTypeError(f"{text} is outside (0, {MAX_CONNECT_TIMEOUT:g}] seconds")
+    return value
+
+
 def _filter(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE")
     return name.replace("-", "_"), value
+
+
+def _connect_timeout_from(environ) -> float:
+    """$HNV_CONNECT_TIMEOUT, checked like the flag, else the client's default."""
+    text = environ.get("HNV_CONNECT_TIMEOUT")
+    if not text:
+        return CONNECT_TIMEOUT
+    try:
+        return _connect_seconds(text)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"HNV_CONNECT_TIMEOUT: {exc}") from None
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -209,12 +234,13 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None, stderr: Te
         ca_file = read_ca_file(getattr(args, "ca_file", None), environ)
         if ca_file and not os.path.isfile(ca_file):
             raise UsageError(f"--ca-file: {ca_file}: no such file")
+        connect_timeout = getattr(args, "connect_timeout", None) or _connect_timeout_from(environ)
     except (UsageError, ControllerError) as exc:
         error_line(exc, stderr)
         return EXIT_BAD_INPUT
 
     def connect() -> ControllerClient:
-        return ControllerClient(urls, token, ca_file=ca_file)
+        return ControllerClient(urls, token, ca_file=ca_file, connect_timeout=connect_timeout)
 
     ctx = Context(connect, out)
     try:

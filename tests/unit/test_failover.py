@@ -11,12 +11,15 @@ answer.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import shutil
+import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
@@ -299,6 +302,63 @@ def test_hnvctl_names_every_controller_when_none_answers():
     line = err.getvalue()
     assert line.count("\n") == 1 and line.startswith("hnvctl: no controller answered: ")
     assert all(f"controller {url}: connection refused" in line for url in dead)
+
+
+@contextlib.contextmanager
+def handshake_never_answered():
+    """An https:// URL whose listener accepts TCP and never says a word: the TLS
+    handshake waits (a controller too busy to answer, or a black hole behind a NAT)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        held: list[socket.socket] = []
+        stop = threading.Event()
+
+        def accept() -> None:
+            listener.settimeout(0.1)
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    held.append(listener.accept()[0])
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield f"https://127.0.0.1:{listener.getsockname()[1]}"
+        finally:
+            stop.set()
+            thread.join()
+            for conn in held:
+                conn.close()
+
+
+def test_hnvctl_connect_timeout_bounds_the_handshake_and_moves_on(live_controller):
+    """--connect-timeout (or HNV_CONNECT_TIMEOUT) is how long one controller may take to
+    accept a connection, TLS included, before the next is tried (default 5 s)."""
+    ctl = live_controller(hosts=VIRTUAL_HOSTS)
+    build_seed_fabric(ctl.admin)
+    with handshake_never_answered() as mute:
+        for flags, environ in ((["--connect-timeout", "0.5"], {}), ([], {"HNV_CONNECT_TIMEOUT": "0.5"})):
+            out, err = io.StringIO(), io.StringIO()
+            started = time.monotonic()
+            code = hnvctl([*flags, "--controller", f"{mute},{ctl.base_url}", "hosts"], stdout=out, stderr=err,
+                          environ={"HNV_TOKEN": ctl.admin_token, **environ})
+            assert code == 0 and HOST in out.getvalue(), err.getvalue()
+            # Well under the 5 s default: the mute controller was given up after 0.5 s.
+            assert time.monotonic() - started < 4.0
+        out, err = io.StringIO(), io.StringIO()
+        assert hnvctl(["--connect-timeout", "0.5", "--controller", mute, "hosts"], stdout=out, stderr=err,
+                      environ={"HNV_TOKEN": ctl.admin_token}) == 1
+        assert err.getvalue().startswith(f"hnvctl: controller {mute}: ") and err.getvalue().count("\n") == 1
+
+
+@pytest.mark.parametrize("flags, environ, reason", [
+    (["--connect-timeout", "0"], {}, "argument --connect-timeout: 0 is outside (0, 300] seconds"),
+    (["--connect-timeout", "nan"], {}, "argument --connect-timeout: nan is outside 0..86400 seconds"),
+    ([], {"HNV_CONNECT_TIMEOUT": "301"}, "HNV_CONNECT_TIMEOUT: 301 is outside (0, 300] seconds"),
+    ([], {"HNV_CONNECT_TIMEOUT": "\x1b[2J"}, "HNV_CONNECT_TIMEOUT: '\\x1b[2J' is not a number of seconds"),
+])
+def test_a_bad_connect_timeout_is_refused_in_one_line(flags, environ, reason):
+    out, err = io.StringIO(), io.StringIO()
+    assert hnvctl([*flags, "hosts"], stdout=out, stderr=err, environ=environ) == 2
+    assert err.getvalue() == f"hnvctl: {reason}\n"
 
 
 def test_a_503_moves_a_write_to_the_next_controller(live_controller, stub):
