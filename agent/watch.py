@@ -20,7 +20,10 @@ Owns the HTTP conversation with the controllers and nothing else:
   missed_heartbeats``. Every way a connection ends (refused, 4xx, 5xx, timeout, garbage on
   the line) leads to the same place: move on to the next controller (the same one when
   there is only one) and connect after a capped exponential backoff with jitter, so a
-  thousand agents do not hammer a controller that just came back. Replicas of one fabric
+  thousand agents do not hammer a controller that just came back. A connection the
+  controller answered with an error status is kept (HTTP keep-alive) for the next try at
+  that controller, so an agent waiting to be added costs it a request per retry, not a
+  TLS handshake; any other end closes it. Replicas of one fabric
   serve the same generations, so the agent resumes where it was: intake holds what it has
   when the next one sends the same generation, and ignores an older one. Anything
   else (a callback that raises, a bug) ends ``run`` with the exception: in the agent the
@@ -231,6 +234,7 @@ class WatchStream:
         self.missed_heartbeats = missed_heartbeats
         self.backoff = backoff
         self.connects = 0  # successful connections so far (a reconnect makes it 2+)
+        self._clients: dict[str, httpx.Client] = {}  # per controller URL; used by the watch thread only
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -248,21 +252,41 @@ class WatchStream:
     def run(self) -> None:
         """Follow the stream until ``stop``; raises only what no reconnect can mend."""
         attempt = 0
-        while not self._stop.is_set():
-            received, reason = self._follow_once()
-            if self._stop.is_set():
-                break
-            # A connection that delivered messages resets the backoff: the controller was
-            # fine, the stream merely ended. One that failed before any message backs off,
-            # so a fleet whose every controller is down slows down to the cap.
-            attempt = 0 if received else attempt + 1
-            # Whatever ended the connection (refused, 5xx, missed heartbeats, a 4xx), the
-            # next try goes to the next controller: a replica that is going away or
-            # misbehaving is left behind, and with one URL this is the same controller.
-            self.endpoint.move_on(reason)
-            delay = self.backoff.delay(attempt)
-            log.info("event=watch_retry delay_s=%.2f attempt=%d controller=%s", delay, attempt, self.endpoint.url)
-            self._stop.wait(delay)
+        try:
+            while not self._stop.is_set():
+                received, reason = self._follow_once()
+                if self._stop.is_set():
+                    break
+                # A connection that delivered messages resets the backoff: the controller was
+                # fine, the stream merely ended. One that failed before any message backs off,
+                # so a fleet whose every controller is down slows down to the cap.
+                attempt = 0 if received else attempt + 1
+                # Whatever ended the connection (refused, 5xx, missed heartbeats, a 4xx), the
+                # next try goes to the next controller: a replica that is going away or
+                # misbehaving is left behind, and with one URL this is the same controller.
+                self.endpoint.move_on(reason)
+                delay = self.backoff.delay(attempt)
+                log.info("event=watch_retry delay_s=%.2f attempt=%d controller=%s", delay, attempt, self.endpoint.url)
+                self._stop.wait(delay)
+        finally:
+            for url in list(self._clients):
+                self._drop_client(url)
+
+    def _client_of(self, url: str, timeout: httpx.Timeout) -> httpx.Client:
+        """The client of controller `url`, kept across attempts: an agent the controller
+        answers "not yet" (a host not yet added, a 503) asks again on the same kept-alive
+        connection, not with a new TLS handshake each time, which a fleet of waiting
+        agents would make the controller pay for every few seconds."""
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = self.endpoint.client(timeout)
+        return client
+
+    def _drop_client(self, url: str) -> None:
+        """Close `url`'s client after a stream that ran or broke: its connection is spent."""
+        client = self._clients.pop(url, None)
+        if client is not None:
+            client.close()
 
     def _follow_once(self) -> tuple[int, str]:
         """One connection, from connect to its end: the number of messages read, and why
@@ -272,30 +296,33 @@ class WatchStream:
         params = {"watch": "1", "heartbeat": f"{self.heartbeat:g}"}
         received = 0
         connected = False
+        refused = False  # answered with an error status: the connection itself is sound
         reason = "stream ended"
+        url = self.endpoint.url
         try:
-            with self.endpoint.client(timeout) as client:
-                with client.stream("GET", self.endpoint.state_path(), params=params) as response:
-                    if response.status_code != 200:
-                        response.read()
-                        reason = describe_error_response(response)
-                        log.warning(
-                            "event=watch_refused controller=%s status=%d error=%s",
-                            self.endpoint.url, response.status_code, _quote(reason),
-                        )
-                        return 0, f"HTTP {response.status_code}: {reason}"
-                    connected = True
-                    self.connects += 1
-                    log.info("event=watch_connected controller=%s", self.endpoint.url)
-                    self.on_connection(True, "connected")
-                    for line in response.iter_lines():
-                        if self._stop.is_set():
-                            reason = "agent stopping"
-                            break
-                        if not line.strip():
-                            continue
-                        self._dispatch(json.loads(line))
-                        received += 1
+            client = self._client_of(url, timeout)
+            with client.stream("GET", self.endpoint.state_path(), params=params) as response:
+                if response.status_code != 200:
+                    response.read()
+                    refused = True
+                    reason = describe_error_response(response)
+                    log.warning(
+                        "event=watch_refused controller=%s status=%d error=%s",
+                        url, response.status_code, _quote(reason),
+                    )
+                    return 0, f"HTTP {response.status_code}: {reason}"
+                connected = True
+                self.connects += 1
+                log.info("event=watch_connected controller=%s", url)
+                self.on_connection(True, "connected")
+                for line in response.iter_lines():
+                    if self._stop.is_set():
+                        reason = "agent stopping"
+                        break
+                    if not line.strip():
+                        continue
+                    self._dispatch(json.loads(line))
+                    received += 1
         except httpx.ReadTimeout:
             reason = f"no message for {read_timeout:g}s ({self.missed_heartbeats} heartbeats missed)"
         except (httpx.HTTPError, httpx.StreamError, httpx.InvalidURL) as exc:
@@ -310,6 +337,9 @@ class WatchStream:
             if connected:
                 self.on_connection(False, reason)
             raise
+        finally:
+            if not refused:
+                self._drop_client(url)
         if connected:
             log.warning("event=watch_lost controller=%s reason=%s", self.endpoint.url, _quote(reason))
             self.on_connection(False, reason)

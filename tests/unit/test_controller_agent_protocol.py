@@ -4,11 +4,15 @@ state document, the generation and the status."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import socket
 import threading
 import time
 
 from agent.state import parse_host_state
-from agent.watch import ControllerEndpoint, StatusReport, StatusReporter, WatchStream
+from agent.watch import Backoff, ControllerEndpoint, StatusReport, StatusReporter, WatchStream
+from tests.lib.wait import wait_until
 from tests.lib.seed_fabric import VIRTUAL_HOSTS, add_tenants, build_seed_fabric
 
 
@@ -55,3 +59,69 @@ def test_agent_follows_generations_and_its_status_reaches_the_host_list(live_con
     finally:
         watch.stop()
         reporter.stop(timeout=5)
+
+
+class CountingRelay:
+    """A TCP relay in front of the controller that counts the connections it is asked for:
+    what the controller's listener sees."""
+
+    def __init__(self, port: int):
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self._open: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                inbound, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            outbound = socket.create_connection(self.target)
+            self._open += [inbound, outbound]
+            for source, sink in ((inbound, outbound), (outbound, inbound)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self._open:
+            sock.close()
+
+
+def test_an_agent_waiting_to_be_added_asks_again_on_one_connection(live_controller, caplog):
+    """A host not yet in the fabric is answered 404 at each try; the agent asks again on
+    the same kept-alive connection (one TLS handshake, not one per try), and once the
+    host is added the same watch gets its state."""
+    caplog.set_level(logging.WARNING, logger="agent.watch")
+    ctl = live_controller(hosts=VIRTUAL_HOSTS)  # tokens, but no fabric yet: the host is unknown
+    relay = CountingRelay(ctl.port)
+    url = f"{ctl.base_url.rsplit(':', 1)[0]}:{relay.port}"
+    endpoint = ControllerEndpoint(url, "CON-HyperV6", ctl.host_token("CON-HyperV6"),
+                                  ca_file=str(ctl.ca_file) if ctl.tls else None)
+    states: list = []
+    watch = WatchStream(endpoint, on_state=states.append, heartbeat=1, backoff=Backoff(initial=0.05, cap=0.1))
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "event=watch_refused" in r.getMessage()]
+
+    watch.start()
+    try:
+        wait_until(lambda: len(refusals()) >= 5, 30, "five refused tries")
+        assert all(" status=404 " in line for line in refusals()), refusals()
+        assert relay.connections == 1, f"{relay.connections} connections for {len(refusals())} tries"
+        build_seed_fabric(ctl.admin)
+        wait_until(lambda: states, 30, "the host's state once it is added")
+    finally:
+        watch.stop()
+        relay.close()
