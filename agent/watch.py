@@ -66,6 +66,11 @@ except metadata.PackageNotFoundError:  # running from a checkout that was not in
     AGENT_VERSION = "0.0.0"
 AGENT_NAME = "openhnv-agent/" + ".".join(AGENT_VERSION.split(".")[:2])
 
+# How long the agent keeps an idle connection to a controller: under the controller's
+# 60 s (controller.cli), so the client lets go first and never sends on a connection
+# the server is closing.
+KEEPALIVE_EXPIRY_S = 55.0
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -202,7 +207,10 @@ class ControllerEndpoint:
 
     def client(self, timeout: httpx.Timeout) -> httpx.Client:
         """A client of the controller in use."""
-        return httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, verify=self._verify)
+        # A kept connection stays usable as long as the controller keeps it (a minute:
+        # controller.cli); httpx's own default would drop it after 5 s idle.
+        return httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, verify=self._verify,
+                            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S))
 
 
 class WatchStream:

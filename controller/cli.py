@@ -83,6 +83,7 @@ DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_MAX_BATCH_BYTES = 16 * 1024 * 1024
 
 log = logging.getLogger("openhnv.controller")
+IDLE_CONNECTION_KEEP_S = 60  # seconds an idle HTTP connection stays open (see `run`)
 
 
 def _state_dir(path: str) -> Path:
@@ -414,8 +415,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     # uvicorn's access log prints the request line only (never headers), so tokens stay out.
     # Watch streams never end by themselves: give open connections a short grace on
     # SIGTERM, then close them (agents reconnect to the next controller process).
+    # An agent that is answered "not yet" (its host not added, a 503) asks again on the same
+    # connection after its backoff, going round the replicas (agent.watch): keep an idle
+    # connection a minute (uvicorn's default is 5 s), so a retry finds it open and costs
+    # a request, not a TLS handshake. An idle connection costs a socket, nothing more.
     config = uvicorn.Config(app, host=address, port=port, log_level=args.log_level,
-                            access_log=args.access_log, timeout_graceful_shutdown=2, **ssl_options)
+                            access_log=args.access_log, timeout_graceful_shutdown=2,
+                            timeout_keep_alive=IDLE_CONNECTION_KEEP_S, **ssl_options)
     server = uvicorn.Server(config)
     listening = config.bind_socket()
     if args.gateway_failover_after:

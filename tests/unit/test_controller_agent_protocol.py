@@ -10,9 +10,13 @@ import socket
 import threading
 import time
 
+import httpx
+
 from agent.state import parse_host_state
 from agent.watch import Backoff, ControllerEndpoint, StatusReport, StatusReporter, WatchStream
 from tests.lib.wait import wait_until
+
+IDLE_PAST_UVICORN_DEFAULT = 6.0  # seconds: uvicorn closes an idle connection after 5 by default
 from tests.lib.seed_fabric import VIRTUAL_HOSTS, add_tenants, build_seed_fabric
 
 
@@ -124,4 +128,24 @@ def test_an_agent_waiting_to_be_added_asks_again_on_one_connection(live_controll
         wait_until(lambda: states, 30, "the host's state once it is added")
     finally:
         watch.stop()
+        relay.close()
+
+
+def test_the_controller_keeps_an_idle_connection_past_an_agents_retry_delay(live_controller):
+    """`hnv-controller run` keeps an idle connection open a minute and the agent's client
+    keeps it too (uvicorn's and httpx's defaults would drop it after 5 s), so an agent
+    that retries after a few seconds, or after going round the replicas, finds its
+    connection still open."""
+    ctl = live_controller(hosts=VIRTUAL_HOSTS, process=True)
+    relay = CountingRelay(ctl.port)
+    url = f"{ctl.base_url.rsplit(':', 1)[0]}:{relay.port}"
+    try:
+        endpoint = ControllerEndpoint(url, "CON-HyperV6", ctl.host_token("CON-HyperV6"),
+                                      ca_file=str(ctl.ca_file) if ctl.tls else None)
+        with endpoint.client(httpx.Timeout(10)) as client:  # the agent's own client
+            assert client.get("/healthz").status_code == 200
+            time.sleep(IDLE_PAST_UVICORN_DEFAULT)  # idle: the wait is the point
+            assert client.get("/healthz").status_code == 200
+        assert relay.connections == 1
+    finally:
         relay.close()
