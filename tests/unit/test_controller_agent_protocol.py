@@ -14,10 +14,10 @@ import httpx
 
 from agent.state import parse_host_state
 from agent.watch import Backoff, ControllerEndpoint, StatusReport, StatusReporter, WatchStream
+from tests.lib.seed_fabric import VIRTUAL_HOSTS, add_tenants, build_seed_fabric
 from tests.lib.wait import wait_until
 
 IDLE_PAST_UVICORN_DEFAULT = 6.0  # seconds: uvicorn closes an idle connection after 5 by default
-from tests.lib.seed_fabric import VIRTUAL_HOSTS, add_tenants, build_seed_fabric
 
 
 def test_agent_follows_generations_and_its_status_reaches_the_host_list(live_controller):
@@ -69,11 +69,15 @@ class CountingRelay:
     """A TCP relay in front of the controller that counts the connections it is asked for:
     what the controller's listener sees."""
 
-    def __init__(self, port: int):
-        self.target = ("127.0.0.1", port)
+    def __init__(self, ctl):
+        self.target = ("127.0.0.1", ctl.port)
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
+        port = self.listener.getsockname()[1]
         self.connections = 0
+        # The agent's endpoint for CON-HyperV6, through the relay (the controller's scheme).
+        self.endpoint = ControllerEndpoint(f"{ctl.base_url.rsplit(':', 1)[0]}:{port}", "CON-HyperV6",
+                                           ctl.host_token("CON-HyperV6"),
+                                           ca_file=str(ctl.ca_file) if ctl.tls else None)
         self._open: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -109,12 +113,9 @@ def test_an_agent_waiting_to_be_added_asks_again_on_one_connection(live_controll
     host is added the same watch gets its state."""
     caplog.set_level(logging.WARNING, logger="agent.watch")
     ctl = live_controller(hosts=VIRTUAL_HOSTS)  # tokens, but no fabric yet: the host is unknown
-    relay = CountingRelay(ctl.port)
-    url = f"{ctl.base_url.rsplit(':', 1)[0]}:{relay.port}"
-    endpoint = ControllerEndpoint(url, "CON-HyperV6", ctl.host_token("CON-HyperV6"),
-                                  ca_file=str(ctl.ca_file) if ctl.tls else None)
+    relay = CountingRelay(ctl)
     states: list = []
-    watch = WatchStream(endpoint, on_state=states.append, heartbeat=1, backoff=Backoff(initial=0.05, cap=0.1))
+    watch = WatchStream(relay.endpoint, on_state=states.append, heartbeat=1, backoff=Backoff(initial=0.05, cap=0.1))
 
     def refusals() -> list[str]:
         return [r.getMessage() for r in caplog.records if "event=watch_refused" in r.getMessage()]
@@ -137,12 +138,9 @@ def test_the_controller_keeps_an_idle_connection_past_an_agents_retry_delay(live
     that retries after a few seconds, or after going round the replicas, finds its
     connection still open."""
     ctl = live_controller(hosts=VIRTUAL_HOSTS, process=True)
-    relay = CountingRelay(ctl.port)
-    url = f"{ctl.base_url.rsplit(':', 1)[0]}:{relay.port}"
+    relay = CountingRelay(ctl)
     try:
-        endpoint = ControllerEndpoint(url, "CON-HyperV6", ctl.host_token("CON-HyperV6"),
-                                      ca_file=str(ctl.ca_file) if ctl.tls else None)
-        with endpoint.client(httpx.Timeout(10)) as client:  # the agent's own client
+        with relay.endpoint.client(httpx.Timeout(10)) as client:  # the agent's own client
             assert client.get("/healthz").status_code == 200
             time.sleep(IDLE_PAST_UVICORN_DEFAULT)  # idle: the wait is the point
             assert client.get("/healthz").status_code == 200
