@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
+
 import httpx
 import pytest
 
 from agent.watch import AGENT_NAME, Backoff, ControllerEndpoint, StatusReport, describe_error_response
+from controller.tls import ensure_tls
 
 
 @pytest.mark.parametrize("attempt", range(0, 40))
@@ -42,6 +45,25 @@ def test_endpoint_paths_and_repr_without_token():
     assert endpoint.state_path() == "/v1/hosts/CON-HyperV6/state"
     assert endpoint.status_path() == "/v1/hosts/CON-HyperV6/status"
     assert "s3cret" not in repr(endpoint)
+
+
+def test_every_client_of_every_endpoint_without_a_ca_file_shares_one_trust_store(tmp_path):
+    """A retrying agent makes a client per try; each used to load the CA bundle again
+    (56 ms of CPU, seconds under emulation). A CA file is still loaded per endpoint."""
+    timeout = httpx.Timeout(1.0)
+
+    def trust(client: httpx.Client):
+        return client._transport._pool._ssl_context  # httpx's connection pool's TLS context
+
+    first, second = (ControllerEndpoint("https://10.0.0.2:8700", f"h{n}", "t") for n in (1, 2))
+    with first.client(timeout) as a, first.client(timeout) as b, second.client(timeout) as c:
+        assert trust(a) is trust(b) is trust(c)
+        assert trust(a).verify_mode == ssl.CERT_REQUIRED and trust(a).check_hostname
+    files, _ = ensure_tls(tmp_path, ["controller"], ["10.0.0.2"])  # the controller's own CA
+    pinned = ControllerEndpoint("https://10.0.0.2:8700", "h3", "t", ca_file=str(files.ca_cert))
+    with pinned.client(timeout) as d:
+        assert trust(d) is not trust(a)
+        assert len(trust(d).get_ca_certs()) == 1
 
 
 def test_status_body_matches_the_protocol():
