@@ -16,6 +16,14 @@ def test_tier_directory_is_the_target_unless_files_of_the_tier_are_named(tmp_pat
     assert "tests/kernel" not in named and named[-1] == "tests/kernel/test_gretap_smoke.py"
 
 
+def test_only_the_unit_tier_runs_in_several_workers_and_every_tier_lists_its_slowest(tmp_path):
+    unit = run_tiers._pytest_args("unit", [], tmp_path / "junit-unit.xml")
+    assert unit[unit.index("-n") + 1] == "4"
+    for tier in ("netns", "pg", "kernel", "multikernel"):
+        args = run_tiers._pytest_args(tier, [], tmp_path / f"junit-{tier}.xml")
+        assert "-n" not in args and f"--durations={run_tiers.SLOWEST}" in args
+
+
 def test_junit_summary_counts_passed_failed_errors_skipped(tmp_path):
     junit = tmp_path / "j.xml"
     junit.write_text('<?xml version="1.0"?><testsuites><testsuite name="kernel" '
