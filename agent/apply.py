@@ -38,6 +38,7 @@ from __future__ import annotations
 import errno as errno_codes
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,9 +51,30 @@ from agent.kernel_model import Address, BridgeVlan, Fdb, Link, Neighbour, Route
 from agent.netlink_batch import EntryError, FdbEntry, NeighbourSocket, NeighEntry
 from agent.netns import ensure_vm_netns, in_netns, netns_name_of_nsid, remove_netns, vm_netns_marker_of
 from agent.plan import Op, Plan
-from agent.tunnels import GRE_KEY_FLAG
+from agent.tunnels import ENCAPLIMIT_NONE, GRE_KEY_FLAG, IP6_TNL_F_IGN_ENCAP_LIMIT
 
 log = logging.getLogger("openhnv.agent.apply")
+
+
+def gre_tunnel_spec(link: Link) -> dict[str, Any]:
+    """pyroute2 `link add` arguments of an NVGRE tunnel (a gretap or an ip6gretap).
+
+    pyroute2 names the attributes of an ip6gretap ``ip6gre_*`` and silently leaves out
+    ``gre_*`` ones, and types its flags as a host-order u16 where a gretap's are
+    big-endian: hence the two shapes, and htons on the ip6gretap's GRE_KEY flag."""
+    opt = dict(link.options)
+    if link.kind == "gretap":
+        return dict(gre_local=opt["local"], gre_remote=opt["remote"],
+                    gre_ikey=opt["ikey"], gre_okey=opt["okey"],
+                    gre_iflags=GRE_KEY_FLAG, gre_oflags=GRE_KEY_FLAG,
+                    gre_ttl=opt["ttl"], gre_pmtudisc=opt["pmtudisc"])
+    key_flag = socket.htons(GRE_KEY_FLAG)
+    spec = dict(ip6gre_local=opt["local"], ip6gre_remote=opt["remote"],
+                ip6gre_ikey=opt["ikey"], ip6gre_okey=opt["okey"],
+                ip6gre_iflags=key_flag, ip6gre_oflags=key_flag, ip6gre_ttl=opt["ttl"])
+    if opt.get("encaplimit") == ENCAPLIMIT_NONE:
+        spec["ip6gre_flags"] = IP6_TNL_F_IGN_ENCAP_LIMIT
+    return spec
 
 BRIDGE_FLAGS_SELF = 2
 BRIDGE_VLAN_INFO_PVID = 0x2
@@ -271,10 +293,7 @@ class Applier:
         elif link.kind in ("gretap", "ip6gretap") and opt.get("external"):
             spec.update(gre_collect_metadata=True)
         elif link.kind in ("gretap", "ip6gretap"):
-            spec.update(gre_local=opt["local"], gre_remote=opt["remote"],
-                        gre_ikey=opt["ikey"], gre_okey=opt["okey"],
-                        gre_iflags=GRE_KEY_FLAG, gre_oflags=GRE_KEY_FLAG,
-                        gre_ttl=opt["ttl"], gre_pmtudisc=opt["pmtudisc"])
+            spec.update(gre_tunnel_spec(link))
         elif link.kind == "vxlan":
             spec.update(vxlan_id=opt["vni"], vxlan_local=opt["local"], vxlan_port=opt["port"],
                         vxlan_learning=opt["learning"], vxlan_ttl=opt["ttl"])

@@ -40,7 +40,7 @@ from agent.kernel_model import (
 )
 from agent.flowmode import FlowDatapath
 from agent.netlink_batch import NeighbourSocket
-from agent.tunnels import GRE_KEY_FLAG, TunnelStats, tunnel_identity
+from agent.tunnels import ENCAPLIMIT_NONE, GRE_KEY_FLAG, IP6_TNL_F_IGN_ENCAP_LIMIT, TunnelStats, tunnel_identity
 
 AF_BRIDGE = 7
 IFF_UP = 0x1
@@ -65,7 +65,10 @@ _OPTIONS = {
     "vxlan": {"IFLA_VXLAN_ID": "vni", "IFLA_VXLAN_LOCAL": "local", "IFLA_VXLAN_PORT": "port",
               "IFLA_VXLAN_LEARNING": "learning", "IFLA_VXLAN_TTL": "ttl"},
 }
-_OPTIONS["ip6gretap"] = _OPTIONS["gretap"]
+# pyroute2 decodes an ip6gretap's attributes as IFLA_IP6GRE_* (the kernel's names are
+# IFLA_GRE_* for both); IFLA_GRE_FLAGS carries ip6gretap's "encaplimit none".
+_OPTIONS["ip6gretap"] = {"IFLA_IP6GRE_LOCAL": "local", "IFLA_IP6GRE_REMOTE": "remote",
+                         "IFLA_IP6GRE_TTL": "ttl"}
 _SETTINGS = {
     "bond": {"IFLA_BOND_MIIMON": "miimon", "IFLA_BOND_XMIT_HASH_POLICY": "xmit_hash_policy"},
     "bridge": {"IFLA_BR_VLAN_FILTERING": "vlan_filtering"},
@@ -109,10 +112,17 @@ def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
         options["mode"] = MACVLAN_MODES.get(options["mode"], options["mode"])
     if kind in ("gretap", "ip6gretap"):
         # The key only counts when the KEY flag is set; otherwise the kernel sends no key.
+        # pyroute2 reads an ip6gretap's flags as a host-order u16 (agent.apply.gre_tunnel_spec).
+        prefix = "IFLA_GRE_" if kind == "gretap" else "IFLA_IP6GRE_"
         for direction in ("i", "o"):
-            flags = data.get(f"IFLA_GRE_{direction.upper()}FLAGS") or 0
-            key = data.get(f"IFLA_GRE_{direction.upper()}KEY")
+            flags = data.get(f"{prefix}{direction.upper()}FLAGS") or 0
+            if kind == "ip6gretap":
+                flags = socket.ntohs(flags)
+            key = data.get(f"{prefix}{direction.upper()}KEY")
             options[f"{direction}key"] = key if flags & GRE_KEY_FLAG else None
+        if kind == "ip6gretap" and "IFLA_IP6GRE_FLAGS" in data:
+            ignored = data["IFLA_IP6GRE_FLAGS"] & IP6_TNL_F_IGN_ENCAP_LIMIT
+            options["encaplimit"] = ENCAPLIMIT_NONE if ignored else data.get("IFLA_IP6GRE_ENCAP_LIMIT")
     settings = {opt: _value(data[attr]) for attr, opt in _SETTINGS.get(kind, {}).items() if attr in data}
     af_spec = _attrs(msg.get_attr("IFLA_AF_SPEC"))
     inet = af_spec.get("AF_INET")

@@ -27,6 +27,12 @@ in tx_dropped) instead of being fragmented silently. A fixed TTL is required wit
 the kernel refuses ``nopmtudisc`` only with a fixed TTL, and an inherited TTL would copy
 the tenant's TTL onto the PA network.
 
+IPv6 PAs: an ip6gretap, with hop limit 64 and ``encaplimit none``. IPv6 routers never
+fragment (no DF to set; the tenant MTU is provider MTU - 62). Without ``encaplimit
+none`` Linux puts an RFC 2473 tunnel encapsulation limit option in a destination options
+header between the outer IPv6 header and GRE (next header 60, not 47): not the NVGRE of
+RFC 7637, which a Hyper-V host or a middlebox matching next header 47 would not take.
+
 Also reads tunnel statistics back from observed links. Pure: no pyroute2 import.
 """
 
@@ -41,6 +47,8 @@ from agent.kernel_model import QUIET, TUNNEL_PORT_FLAGS, Fdb, FlowPort, FlowRemo
 
 VXLAN_PORT = 4789
 GRE_KEY_FLAG = 0x2000  # GRE_KEY in the GRE header flags (host order; the kernel wants it big-endian)
+IP6_TNL_F_IGN_ENCAP_LIMIT = 0x1  # ip6gretap IFLA_GRE_FLAGS: send no encapsulation limit option
+ENCAPLIMIT_NONE = "none"  # the ip6gretap option's value with that flag set, as ip(8) prints it
 
 
 def gre_key(vsid: int, flow_id: int = 0) -> int:
@@ -59,6 +67,8 @@ class RemoteEndpoint:
 def nvgre_tunnel(vsid: int, local_pa: str, remote_pa: str, bridge: str, mtu: int) -> Link:
     key = gre_key(vsid)
     version = ip_address(local_pa).version
+    # IPv4: DF on the outer header; IPv6: no encapsulation limit option (module docstring).
+    outer = ("pmtudisc", 1) if version == 4 else ("encaplimit", ENCAPLIMIT_NONE)
     return Link(
         name=naming.nvgre_tunnel(vsid, local_pa, remote_pa),
         kind="gretap" if version == 4 else "ip6gretap",
@@ -70,7 +80,7 @@ def nvgre_tunnel(vsid: int, local_pa: str, remote_pa: str, bridge: str, mtu: int
             ("ikey", key),
             ("okey", key),
             ("ttl", naming.DEFAULT_TTL),
-            ("pmtudisc", 1),
+            outer,
         ),
         settings=QUIET,
         master=bridge,
