@@ -72,7 +72,7 @@ DEFAULT_STATE_DIR = "/var/lib/openhnv-agent"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
 EVENT_RECONCILE_GAP = 1.0  # seconds between two event-triggered reconciles, at least
 PERIODIC_DUTY_FACTOR = 2.0  # idle at least this many times the last reconcile's duration
-TUNNEL_STATS_WAIT = 2.0  # seconds a scrape waits for a running reconcile
+TUNNEL_STATS_WAIT = 1.0  # seconds a scrape waits for another scrape's read of the tunnel counters
 NETNS_HELPER_TIMEOUT = 30  # seconds pyroute2 waits for its namespace helper process
 LOOP_STALL_LIMIT = 60.0  # seconds without a loop turn before /healthz says 503
 SUPERVISED_THREADS = ("watch", "status", "kernel_events", "loop")
@@ -82,7 +82,7 @@ class ReconcilerLike(Protocol):
     """What the loop needs from agent.reconcile.Reconciler."""
 
     def reconcile(self, desired: HostState) -> Any: ...
-    def tunnel_stats(self) -> list[Any]: ...
+    def tunnel_stats(self, timeout: float | None = None) -> list[Any]: ...
     def close(self) -> None: ...
 
 
@@ -169,9 +169,6 @@ class AgentDaemon:
         self.reconciler = reconciler
         self.store = StateStore(config.state_dir)
         self.inbox = Inbox()
-        # The reconciler's netlink socket is not shared between threads: the loop and a
-        # /metrics scrape (tunnel counters) take turns.
-        self._kernel_lock = threading.Lock()
         self.metrics = AgentMetrics(self._tunnel_stats)
         self.endpoint = ControllerEndpoint(config.controller_url, config.host, config.token, config.ca_file,
                                            on_switch=self._on_controller_switch)
@@ -334,13 +331,12 @@ class AgentDaemon:
         return ready
 
     def _tunnel_stats(self) -> list[Any]:
-        """Per-tunnel counters for a scrape; gives up rather than hold a scrape for long."""
-        if not self._kernel_lock.acquire(timeout=TUNNEL_STATS_WAIT):
-            raise TimeoutError(f"a reconcile held the netlink socket for over {TUNNEL_STATS_WAIT:g}s")
-        try:
-            return self.reconciler.tunnel_stats()
-        finally:
-            self._kernel_lock.release()
+        """Per-tunnel counters for a scrape; gives up rather than hold a scrape for long.
+
+        Read beside a running reconcile, not after it (the reconciler reads them on a
+        socket of their own), so a long first apply never costs a scrape its counters.
+        """
+        return self.reconciler.tunnel_stats(timeout=TUNNEL_STATS_WAIT)
 
     # --- callbacks from other threads: record and signal only ---------------------------
 
@@ -515,8 +511,7 @@ class AgentDaemon:
     def _reconcile(self, state: HostState, *, reason: str) -> None:
         started = time.monotonic()
         try:
-            with self._kernel_lock:
-                result = self.reconciler.reconcile(state)
+            result = self.reconciler.reconcile(state)
             planned, applied = int(result.planned), int(result.applied)
             errors = [_error_entry(e) for e in result.errors]
             objects_by_kind = dict(result.objects_by_kind)

@@ -229,22 +229,21 @@ def observe(ipr: Any, records: NeighbourSocket, flow: FlowDatapath | None = None
     return have
 
 
-def read_tunnel_stats(ipr: Any) -> list[TunnelStats]:
-    """Counters of every owned tunnel device (gretap per peer, VXLAN per VSID)."""
+def read_tunnel_stats(records: NeighbourSocket) -> list[TunnelStats]:
+    """Counters of every owned tunnel device (gretap per peer, VXLAN per VSID), from the
+    raw link dump (netlink_batch.dump_link_counters: five attributes of each link, not
+    all of them as pyroute2 parses)."""
     stats = []
-    messages = list(ipr.get_links())
-    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in messages}
-    for msg in messages:
-        link = _link_from_msg(msg, names)
-        if not link.owned:
+    for link in records.dump_link_counters():
+        owner = naming.parse_marker(link.alias)
+        if owner is None or not link.name.startswith(naming.PREFIX):
             continue
-        identity = tunnel_identity(link.role, link.key, dict(link.options))
+        identity = tunnel_identity(owner[0], owner[1], {"local": link.vxlan_local or ""})
         if identity is None:
             continue
-        counters = msg.get_attr("IFLA_STATS64") or msg.get_attr("IFLA_STATS") or {}
         stats.append(TunnelStats(
             name=link.name, vsid=identity[0], local=identity[1], remote=identity[2],
-            rx_packets=counters.get("rx_packets", 0), tx_packets=counters.get("tx_packets", 0),
-            rx_bytes=counters.get("rx_bytes", 0), tx_bytes=counters.get("tx_bytes", 0),
+            rx_packets=link.rx_packets, tx_packets=link.tx_packets,
+            rx_bytes=link.rx_bytes, tx_bytes=link.tx_bytes,
         ))
     return sorted(stats, key=lambda s: (s.vsid, s.remote))

@@ -4,12 +4,14 @@ Owns the glue and the per-namespace sockets: one pyroute2 IPRoute and one netlin
 NeighbourSocket, opened on first use and reused for every reconcile (opening one per
 call costs ~10 ms and, in a loop, file descriptors). The daemon (agent.daemon) calls
 `reconcile` on every new generation and periodically to repair drift; `hnv-agent apply`
-calls it once.
+calls it once. `reconcile` and `plan` are for one thread (the daemon's loop);
+`tunnel_stats` may be called from any thread (a /metrics scrape): it reads on a raw
+socket of its own and never waits for a reconcile.
 
     rec = Reconciler(netns="hnv-host1")
     result = rec.reconcile(state)        # ReconcileResult; never raises for a netlink failure
     rec.plan(state).describe()           # what would change, without writing
-    rec.tunnel_stats()                   # per-tunnel counters
+    rec.tunnel_stats(timeout=1.0)        # per-tunnel counters, from any thread
     rec.close()
 
 Netlink failures are reconcile errors, never crashes: an OSError, a pyroute2
@@ -30,6 +32,7 @@ It may not talk netlink itself (agent.observe reads, agent.apply writes), nor nf
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +56,7 @@ __all__ = ["ObjectError", "ReconcileResult", "Reconciler", "Plan", "TunnelStats"
 
 log = logging.getLogger("openhnv.agent.reconcile")
 NETNS_HELPER_TIMEOUT_S = 30
+STATS_RECEIVE_BUFFER = 1 << 20  # a link dump's replies, not a batch's acks
 DUMP_ATTEMPTS = 3  # reads of the kernel before an ever-changing table is a reconcile error
 # What a failing namespace or socket raises; pyroute2's NetlinkError is not an OSError.
 NETLINK_FAILURES = (OSError, NetlinkError)
@@ -84,6 +88,10 @@ class Reconciler:
         self._ipr: IPRoute | None = None
         self._records: NeighbourSocket | None = None
         self.flow = FlowDatapath(netns)
+        # Tunnel counters for /metrics: a raw socket of their own and a lock of their own
+        # (a scrape never waits for a reconcile; two scrapes take turns).
+        self._stats_socket: NeighbourSocket | None = None
+        self._stats_lock = threading.Lock()
 
     def _sockets(self) -> tuple[IPRoute, NeighbourSocket]:
         if self._ipr is None:
@@ -167,11 +175,39 @@ class Reconciler:
         return ReconcileResult(desired.generation, len(plan) if plan else 0, 0, [error],
                                time.monotonic() - started, want.counts(), plan)
 
-    def tunnel_stats(self) -> list[TunnelStats]:
-        ipr, _ = self._sockets()
-        return read_tunnel_stats(ipr)
+    def tunnel_stats(self, timeout: float | None = None) -> list[TunnelStats]:
+        """Counters of every owned tunnel, read now; from any thread, beside a reconcile.
+
+        Why not on the reconciler's IPRoute: pyroute2 (0.9) keeps a socket's transport
+        per calling thread, and the /metrics server serves each scrape on a new thread, so
+        each scrape opened a netlink socket that was never closed (a 15 s scrape interval
+        exhausts a service's 1,024 descriptors in four hours); and the lock that shared
+        it queued scrapes behind reconciles. Raises TimeoutError when another read has
+        held the stats socket for `timeout` seconds, OSError when the read fails (the
+        next one opens a fresh socket).
+        """
+        if not self._stats_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"another read of the tunnel counters took over {timeout:g}s")
+        try:
+            if self._stats_socket is None:
+                self._stats_socket = NeighbourSocket(self.netns, receive_buffer=STATS_RECEIVE_BUFFER)
+            try:
+                return read_tunnel_stats(self._stats_socket)
+            except NETLINK_FAILURES:
+                self._stats_socket.close()
+                self._stats_socket = None
+                raise
+        finally:
+            self._stats_lock.release()
 
     def close(self) -> None:
+        if self._stats_lock.acquire(timeout=2):  # a read stuck in the kernel keeps its socket
+            try:
+                if self._stats_socket is not None:
+                    self._stats_socket.close()
+                    self._stats_socket = None
+            finally:
+                self._stats_lock.release()
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None

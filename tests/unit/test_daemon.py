@@ -82,7 +82,7 @@ class FakeReconciler:
             objects_by_kind={"tunnel": 1, "fdb": len(desired.records)},
         )
 
-    def tunnel_stats(self) -> list[FakeTunnel]:
+    def tunnel_stats(self, timeout: float | None = None) -> list[FakeTunnel]:
         return [FakeTunnel("hnvt35f4210a", 3535905, "10.80.2.20", "10.80.2.21", 11, 12, 1100, 1200)]
 
     def close(self) -> None:
