@@ -1,6 +1,8 @@
 """The lab end to end: `hnv-lab demo` passes every check of the seed walkthrough, and
-`down` leaves no namespace, root-namespace link or process behind (also after a crash),
-and the management network carries the agents' tokens only inside TLS.
+`down` leaves no namespace, root-namespace link or process behind (also after a crash).
+(That the management network carries the agents' tokens only inside TLS, and that `down`
+removes a VM namespace of the lab no veth leads to, are checked on
+tests/kernel/test_prometheus_lab.py's lab.)
 
 Runs on a kernel with gretap, 802.1Q, bonding, VRF and VLAN filtering (the kernel tier's
 VM here). The demo is the real thing: seven host namespaces, the controller and seven
@@ -153,94 +155,3 @@ def test_up_refuses_a_namespace_it_did_not_create(clean_lab):
         assert not (set(TOPOLOGY.namespaces) - {squatter}) & _namespaces()
     finally:
         subprocess.run(["ip", "netns", "del", squatter], check=False)
-
-
-def _pcap_packets_to(pcap: Path, port: int) -> tuple[int, set[str]]:
-    """(TCP segments to `port`, their source addresses) in a capture written so far."""
-    from scapy.layers.inet import IP, TCP
-    from scapy.utils import PcapReader
-
-    count, sources = 0, set()
-    try:
-        with PcapReader(str(pcap)) as packets:
-            for packet in packets:
-                if packet.haslayer(TCP) and packet[TCP].dport == port:
-                    count += 1
-                    sources.add(packet[IP].src)
-    except (OSError, EOFError, ValueError):  # not written yet, or a packet half written
-        pass
-    return count, sources
-
-
-def test_the_management_network_carries_no_token_in_clear(clean_lab, tmp_path):
-    """Agents reach the controller across the lab's switch with their bearer tokens; a
-    capture on every port of that switch holds the TLS traffic and never a token."""
-    from netns_lab.tcpdump import tcpdump_argv
-
-    up = subprocess.run([*HNV_LAB, "up", "--no-daemons"], capture_output=True, text=True, timeout=600, check=False)
-    assert up.returncode == 0, up.stdout + up.stderr
-    port = TOPOLOGY.controller.port
-    pcap = tmp_path / "management.pcap"
-    # -i any in the switch's namespace: every frame forwarded between hosts, on its ports.
-    capture = subprocess.Popen(["ip", "netns", "exec", TOPOLOGY.switch.namespace,
-                                *tcpdump_argv("any", pcap, f"tcp port {port}")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not pcap.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        # The agents start now: each connects to the controller across the switch with its
-        # token (and, its host not yet in the fabric, keeps retrying with it).
-        daemons = subprocess.run([*HNV_LAB, "up"], capture_output=True, text=True, timeout=900, check=False)
-        assert daemons.returncode == 0, daemons.stdout + daemons.stderr
-        record = LabRecord.load(TOPOLOGY.name)
-        state = Path(record.workdir) / "controller"
-        tokens = {path.name: path.read_text().strip().encode() for path in [state / "admin.token",
-                                                                           *(state / "hosts").glob("*.token")]}
-        assert len(tokens) == len(TOPOLOGY.hosts) + 1
-        agents = {str(host.address) for host in TOPOLOGY.hosts if host.name != TOPOLOGY.controller.host}
-        deadline = time.monotonic() + 600
-        while True:
-            count, sources = _pcap_packets_to(pcap, port)
-            if sources >= agents and count >= 5 * len(agents):
-                break
-            assert time.monotonic() < deadline, f"only {count} segments to port {port} from {sorted(sources)}"
-            time.sleep(1)
-    finally:
-        capture.terminate()
-        capture.wait(timeout=30)
-    wire = pcap.read_bytes()
-    leaked = [name for name, token in tokens.items() if token in wire]
-    assert not leaked, f"tokens in clear on the management network: {leaked}"
-    assert b"Authorization" not in wire and b"Bearer" not in wire
-    assert b"\x16\x03" in wire, "no TLS handshake record in the capture"
-
-
-def test_down_removes_a_lab_vm_namespace_no_veth_leads_to(clean_lab):
-    """A VM namespace an agent of this lab made, whose port is gone (so no veth of a host
-    leads to it), is still the lab's: `down` removes it by the agent's mark. A namespace
-    marked by another lab's agent, and an unmarked one, are not the lab's."""
-    from agent import naming
-    from agent.netns import ensure_vm_netns
-
-    orphan, other_lab, bystander = "orphan-vm-lab-test", "other-lab-vm-test", "bystander-lab-test"
-    subprocess.run(["ip", "netns", "add", bystander], check=True)
-    ensure_vm_netns(other_lab, naming.vm_netns_marker(naming.vm_port("ElsewhereVM"), "HOST-OF-ANOTHER-LAB"))
-    try:
-        before = _snapshot()
-        up = subprocess.run([*HNV_LAB, "up", "--no-daemons"], capture_output=True, text=True,
-                            timeout=300, check=False)
-        assert up.returncode == 0, up.stderr
-        # What an agent on the lab's first host does for a VM, with the port since deleted.
-        ensure_vm_netns(orphan, naming.vm_netns_marker(naming.vm_port("OrphanVM"), TOPOLOGY.hosts[0].name))
-        status = hnv_lab("status")
-        assert f"vm   {orphan}" in status.stdout
-
-        down = hnv_lab("down")
-        assert down.returncode == 0, down.stderr
-        assert f"namespace {orphan}" in down.stdout
-        assert {other_lab, bystander} <= _namespaces()
-        _assert_nothing_left(before)
-    finally:
-        for name in (orphan, other_lab, bystander):
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
