@@ -446,6 +446,7 @@ class Compiler:
                 gateway=gateway,
                 mtu=transport.logical_network.mtu,
                 encapsulation=transport.logical_network.encapsulation,
+                tunnel_mode=host.tunnel_mode,
                 addresses=addresses,
             )
         return HostState(

@@ -53,6 +53,7 @@ from agent.state import (
     PortKind,
     Protocol,
     TeamMode,
+    TunnelMode,
     _refuse_twice,
     check_namespace_name,
 )
@@ -283,7 +284,7 @@ class Cluster(ClusterSpec, _Stored):
 class HostSpec(_Spec):
     kind: ClassVar[Kind] = Kind.host
     patchable: ClassVar[frozenset[str]] = frozenset(
-        {"description", "management_address", "management_gateway", "nics", "role"}
+        {"description", "management_address", "management_gateway", "nics", "role", "tunnel_mode"}
     )
     name: Name
     # Default: the cluster's host group if a cluster is given, else All Hosts.
@@ -294,6 +295,9 @@ class HostSpec(_Spec):
     nics: tuple[IfName, ...] = Field(min_length=1)
     # gateway: a host of a gateway service; placement never puts a VM there.
     role: HostRole = HostRole.compute
+    # How NVGRE is built on the host (agent: HostState provider.tunnel_mode): a gretap per
+    # (VSID, peer), or one flow-based tunnel with eBPF; hosts in either mode talk.
+    tunnel_mode: TunnelMode = TunnelMode.device
     description: Description = ""
 
     @model_validator(mode="after")

@@ -13,12 +13,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.state import describe_validation_error
+from agent.state import Encapsulation, TunnelMode, describe_validation_error
 from controller.fabric.common import ALL, Builders, _plain, _Scope
 from controller.fabric.gateways import gateway_service_changes
 from controller.inventory import Tx
 from controller.models import SPEC_OF, Conflict, Invalid, Kind, LeaseKind
-from controller.placement import why_not, why_not_gateway_service
+from controller.placement import transport_of, why_not, why_not_gateway_service
 
 
 class PatchRules(Builders):
@@ -68,6 +68,12 @@ class PatchRules(Builders):
         updated = type(current).model_validate(updated.model_dump(exclude={"key"}))
         if kind is Kind.host and updated.role is not current.role:
             self._check_role_change(current, updated.role)
+        if kind is Kind.host and updated.tunnel_mode is TunnelMode.flow:
+            transport = transport_of(self.inventory, updated)
+            if transport is not None and transport.logical_network.encapsulation is not Encapsulation.nvgre:
+                raise Invalid(f"host {key} cannot use flow mode", "tunnel_mode",
+                              f"its provider network {transport.logical_network.name} uses "
+                              f"{transport.logical_network.encapsulation.value}; flow mode is for NVGRE")
         elif kind is Kind.gateway_service:
             updated = self._patch_gateway_service(tx, current, updated, why)
         elif kind is Kind.gateway:

@@ -534,3 +534,19 @@ def test_token_command_mints_a_working_host_token_with_owner_only_mode(live_cont
     # the database holds hashes only: the token text is nowhere in it
     stored = b"".join(p.read_bytes() for p in ctl.state_dir.glob("controller.db*"))  # with the WAL
     assert b"CON-HyperV8" in stored and path.read_text().strip().encode() not in stored
+
+
+def test_a_host_in_flow_mode_gets_it_in_its_state_and_no_other_host_changes(fresh):
+    admin = fresh.admin
+    before = generations_of(admin)
+    changed = admin.patch("/v1/hosts/CON-HyperV6", json={"tunnel_mode": "flow"})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["tunnel_mode"] == "flow"
+    state = state_of(admin, "CON-HyperV6")
+    assert state.provider.tunnel_mode == "flow" and state.generation == before["CON-HyperV6"] + 1
+    assert state_of(admin, "CON-HyperV7").provider.tunnel_mode == "device"
+    after = generations_of(admin)
+    assert {host for host in after if after[host] != before[host]} == {"CON-HyperV6"}
+    assert_refused(admin.patch("/v1/hosts/CON-HyperV6", json={"tunnel_mode": "tc"}), 422, "tunnel_mode",
+                   "'device' or 'flow'")
+    assert state_of(admin, "CON-HyperV6").provider.tunnel_mode == "flow"
