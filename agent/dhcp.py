@@ -1,4 +1,5 @@
-"""DHCPv4 answered on the host: one dnsmasq per VSID bridge with local VMs.
+"""DHCP answered on the host: one dnsmasq per VSID bridge with local VMs (DHCPv4, or
+router advertisements and DHCPv6 on an IPv6 VM subnet).
 
 As VMM's DHCP switch extension does on a Hyper-V host, the host answers its own VMs'
 DHCPv4 requests with what the controller allocated: the VM's MAC gets exactly its CA,
@@ -73,6 +74,10 @@ DEFAULT_LEASE_TIME = 3600  # seconds, when the VM subnet names none
 GUARD_TABLE = "openhnv_dhcp"
 DHCP_PORTS = (67, 68, 546, 547)  # DHCPv4 server, client; DHCPv6 client, server
 TUNNEL_PORT_PATTERNS = (naming.PREFIX + "t*", naming.PREFIX + "x*")  # gretap, VXLAN
+# Router advertisements: every 10 s unsolicited (a VM's solicitation is answered at once),
+# the default router valid for 30 minutes, refreshed by every advertisement.
+RA_INTERVAL_S = 10
+RA_ROUTER_LIFETIME_S = 1800
 STOP_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 30.0
 
@@ -137,12 +142,14 @@ class ServerFiles:
 
 
 def desired_servers(state: HostState, run_dir: Path) -> dict[str, DhcpServer]:
-    """bridge -> the server it needs: IPv4 VSID bridges with a local VM port that has a CA."""
+    """bridge -> the server it needs: VSID bridges with a local VM port that has a CA
+    (DHCPv4 on an IPv4 VM subnet; router advertisements and DHCPv6 on an IPv6 one)."""
     by_vsid: dict[int, list[str]] = {}
     for port in state.ports:
-        if port.vsid is None or port.ca is None or port.ca.version != 4:
+        if port.vsid is None or port.ca is None:
             continue
-        by_vsid.setdefault(port.vsid, []).append(f"{port.mac},{port.ca.ip}")
+        ca = port.ca.ip
+        by_vsid.setdefault(port.vsid, []).append(f"{port.mac},{ca}" if ca.version == 4 else f"{port.mac},[{ca}]")
     servers: dict[str, DhcpServer] = {}
     for vsid, entries in sorted(by_vsid.items()):
         subnet = state.subnet_of(vsid)
@@ -151,12 +158,7 @@ def desired_servers(state: HostState, run_dir: Path) -> dict[str, DhcpServer]:
         bridge = naming.vsid_bridge(vsid)
         files = ServerFiles(run_dir, bridge)
         lease = subnet.lease_time or DEFAULT_LEASE_TIME
-        options = [f"dhcp-option=option:router,{subnet.gateway}"]
-        if subnet.dns_servers:
-            options.append("dhcp-option=option:dns-server," + ",".join(map(str, subnet.dns_servers)))
-        options.append(f"dhcp-option=option:mtu,{tenant_mtu(state, vsid)}")
-        config = "\n".join([
-            f"# openhnv: DHCP for VSID {vsid} on {bridge}; written by the agent, overwritten on change",
+        common = [
             f"interface={bridge}",
             "bind-interfaces",
             "port=0",  # no DNS service: DHCP only
@@ -166,13 +168,42 @@ def desired_servers(state: HostState, run_dir: Path) -> dict[str, DhcpServer]:
             f"pid-file={files.pid}",
             "leasefile-ro",
             "dhcp-authoritative",
-            "no-ping",
-            # Replies to a client without an address are broadcast: a unicast one would
-            # make dnsmasq write the VM's ARP entry itself (SIOCSARP), turning the agent's
-            # permanent neighbour for that CA stale: drift, repaired on every exchange.
-            # The guard keeps these broadcasts out of the tunnels.
-            "dhcp-broadcast",
-            f"dhcp-range={subnet.prefix.network_address},static,{subnet.prefix.netmask},{lease}",
+        ]
+        if subnet.prefix.version == 4:
+            options = [f"dhcp-option=option:router,{subnet.gateway}"]
+            if subnet.dns_servers:
+                options.append("dhcp-option=option:dns-server," + ",".join(map(str, subnet.dns_servers)))
+            options.append(f"dhcp-option=option:mtu,{tenant_mtu(state, vsid)}")
+            lines = [
+                f"# openhnv: DHCP for VSID {vsid} on {bridge}; written by the agent, overwritten on change",
+                *common,
+                "no-ping",
+                # Replies to a client without an address are broadcast: a unicast one would
+                # make dnsmasq write the VM's ARP entry itself (SIOCSARP), turning the agent's
+                # permanent neighbour for that CA stale: drift, repaired on every exchange.
+                # The guard keeps these broadcasts out of the tunnels.
+                "dhcp-broadcast",
+                f"dhcp-range={subnet.prefix.network_address},static,{subnet.prefix.netmask},{lease}",
+            ]
+        else:
+            # The distributed router advertises itself (the bridge's link-local address,
+            # from the VSID's gateway MAC: the same on every host, so a migrated VM keeps
+            # its default router) with the tenant MTU and the managed flag: the address
+            # comes from DHCPv6, exactly the CA the controller allocated (static: no
+            # dynamic range; a prefix without the autonomous flag, so no SLAAC address).
+            options = []
+            if subnet.dns_servers:
+                options.append("dhcp-option=option6:dns-server," + ",".join(f"[{a}]" for a in subnet.dns_servers))
+            lines = [
+                f"# openhnv: router advertisements and DHCPv6 for VSID {vsid} on {bridge}; written by the "
+                "agent, overwritten on change",
+                *common,
+                "enable-ra",
+                f"ra-param={bridge},mtu:{tenant_mtu(state, vsid)},{RA_INTERVAL_S},{RA_ROUTER_LIFETIME_S}",
+                f"dhcp-range={subnet.prefix.network_address},static,{subnet.prefix.prefixlen},{lease}",
+            ]
+        config = "\n".join([
+            *lines,
             "dhcp-ignore=tag:!known",
             *options,
             f"dhcp-hostsfile={files.hosts}",
@@ -258,9 +289,11 @@ def plan_servers(desired: dict[str, DhcpServer], observed: dict[str, RunningServ
 
 
 def guard_ruleset() -> str:
-    """The nftables table keeping DHCP (v4 and v6) out of the tunnel ports."""
+    """The nftables table keeping DHCP (v4 and v6) and the distributed router's
+    advertisements out of the tunnel ports."""
     ports = ", ".join(map(str, DHCP_PORTS))
-    rules = "".join(f'\t\toifname "{pattern}" udp dport {{ {ports} }} drop\n' for pattern in TUNNEL_PORT_PATTERNS)
+    rules = "".join(f'\t\toifname "{pattern}" udp dport {{ {ports} }} drop\n'
+                    f'\t\toifname "{pattern}" icmpv6 type nd-router-advert drop\n' for pattern in TUNNEL_PORT_PATTERNS)
     chains = "".join(
         f"\tchain {hook} {{\n\t\ttype filter hook {hook} priority 0; policy accept;\n{rules}\t}}\n"
         for hook in ("output", "forward")
@@ -314,9 +347,10 @@ class DhcpManager:
             return None  # no server was ever started here, so no guard either
         listed = self._nft("list", "table", "bridge", GUARD_TABLE)
         present = listed.returncode == 0
-        complete = present and listed.stdout.count(" drop") == 2 * len(TUNNEL_PORT_PATTERNS)
+        complete = present and listed.stdout.count(" drop") == guard_ruleset().count(" drop")
         if wanted and not complete:
-            return Op("add", "dhcp-guard", GUARD_TABLE, detail="drop DHCP leaving through tunnel ports")
+            return Op("add", "dhcp-guard", GUARD_TABLE,
+                      detail="drop DHCP and router advertisements leaving through tunnel ports")
         if not wanted and present:
             return Op("delete", "dhcp-guard", GUARD_TABLE)
         return None

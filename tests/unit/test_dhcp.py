@@ -79,12 +79,26 @@ def test_no_vm_no_server(tmp_path):
     assert servers(doc, tmp_path) == {}
 
 
-def test_an_ipv6_vm_network_gets_no_dhcpv4_server(tmp_path):
+def ipv6_document(**subnet_fields) -> dict:
     doc = host_state("CON-HyperV-A", 1)
-    doc["routing_domains"][0]["subnets"][0].update(prefix="fd00:1::/64", gateway="fd00:1::1")
+    doc["routing_domains"][0]["subnets"][0].update(prefix="fd00:1::/64", gateway="fd00:1::1", **subnet_fields)
     doc["ports"][0]["ca"] = "fd00:1::10/64"
     doc["records"][0]["ca"] = "fd00:1::10"
-    assert servers(doc, tmp_path) == {}
+    return doc
+
+
+def test_an_ipv6_vm_network_gets_advertisements_and_static_dhcpv6_not_dhcpv4(tmp_path):
+    found = servers(ipv6_document(dns_servers=["fd00:53::53"], lease_time=600), tmp_path)
+    assert list(found) == [BRIDGE]
+    lines = config_lines(found[BRIDGE])
+    assert "enable-ra" in lines
+    # The tenant MTU in the advertisements: provider 1500 - 42 of NVGRE over IPv4 PAs.
+    assert f"ra-param={BRIDGE},mtu:1458,10,1800" in lines
+    assert "dhcp-range=fd00:1::,static,64,600" in lines  # the managed flag, no dynamic range, no SLAAC
+    assert "dhcp-ignore=tag:!known" in lines
+    assert "dhcp-option=option6:dns-server,[fd00:53::53]" in lines
+    assert not [line for line in lines if line.startswith("dhcp-option=option:") or line == "dhcp-broadcast"]
+    assert found[BRIDGE].hosts == f"{MAC},[fd00:1::10]\n"
 
 
 def observed(server: DhcpServer, pid: int | None = 4242, **changes) -> RunningServer:
@@ -146,6 +160,7 @@ def test_the_guard_drops_dhcp_and_dhcpv6_leaving_through_every_tunnel_port_kind(
         assert f"type filter hook {hook} priority 0; policy accept;" in rules
     for pattern in ("hnvt*", "hnvx*"):
         assert f'oifname "{pattern}" udp dport {{ 67, 68, 546, 547 }} drop' in rules
+        assert f'oifname "{pattern}" icmpv6 type nd-router-advert drop' in rules
 
 
 @pytest.mark.parametrize("fields, field, reason", [

@@ -1,0 +1,124 @@
+"""Router advertisements and DHCPv6 from the host for an IPv6 VM subnet, on this kernel.
+
+The agent's DHCP manager (agent.dhcp) starts its real dnsmasq on a VSID bridge holding
+the distributed router's IPv6 gateway; a VM namespace behind a veth port of the bridge
+is the client. Its own kernel takes the advertisement (default router: the bridge's
+link-local address, from the VSID's gateway MAC; the tenant MTU; no SLAAC address), and
+a DHCPv6 exchange sent with scapy from inside it gets exactly the CA the controller
+allocated, while a MAC the host does not know gets nothing. The VRF, the tunnels and the
+rest of the host are the kernel tier's (tests/kernel/test_dhcp.py for DHCPv4).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+import textwrap
+
+import pytest
+
+from agent import naming
+from agent.dhcp import DhcpManager
+from agent.state import parse_host_state
+from tests.lib.netns import veth_pair
+from tests.lib.sample_states import VSID, host_state
+from tests.lib.wait import wait_until
+
+BRIDGE = naming.vsid_bridge(VSID)
+PREFIX, GATEWAY, CA = "fd00:1::/64", "fd00:1::1", "fd00:1::10"
+MAC, STRANGER = "00:15:5d:00:00:01", "00:15:5d:00:00:99"
+TENANT_MTU = 1458  # provider 1500 - 42 of NVGRE over IPv4 PAs
+
+# A DHCPv6 Solicit from inside the VM namespace, DUID-LL of the MAC it is given, and what
+# came back: the addresses offered in IA_NA, as JSON on stdout.
+SOLICIT = textwrap.dedent("""
+    import json, sys, time
+    from scapy.all import AsyncSniffer, conf, sendp
+    from scapy.layers.dhcp6 import DHCP6_Advertise, DHCP6_Solicit, DHCP6OptClientId, DHCP6OptIA_NA, DHCP6OptIAAddress, DUID_LL
+    from scapy.layers.inet import UDP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+    mac, source = sys.argv[1], sys.argv[2]
+    conf.verb = 0
+    frame = (Ether(src=mac, dst="33:33:00:01:00:02") / IPv6(src=source, dst="ff02::1:2") / UDP(sport=546, dport=547)
+             / DHCP6_Solicit(trid=0x4242) / DHCP6OptClientId(duid=DUID_LL(lladdr=mac)) / DHCP6OptIA_NA(iaid=1))
+    # A sniffer and a send, not srp1: scapy does not pair a reply with a request sent to a
+    # multicast group.
+    sniffer = AsyncSniffer(iface="eth0", filter="udp and dst port 546",
+                           stop_filter=lambda p: p.haslayer(DHCP6_Advertise) and p.answers(frame))
+    sniffer.start()
+    time.sleep(0.5)
+    for _ in range(3):
+        sendp(frame, iface="eth0")
+        sniffer.join(timeout=2)
+        if not sniffer.running:
+            break
+    answers = [p for p in (sniffer.stop() if sniffer.running else sniffer.results) if p.haslayer(DHCP6_Advertise)]
+    offered = [o.addr for p in answers[:1] for o in p[DHCP6OptIA_NA].ianaopts if isinstance(o, DHCP6OptIAAddress)]
+    print(json.dumps(offered))
+""")
+
+
+def ipv6_state():
+    doc = host_state("CON-HyperV-A", 1, mac=MAC)
+    doc["routing_domains"][0]["subnets"][0].update(prefix=PREFIX, gateway=GATEWAY)
+    doc["ports"][0]["ca"] = f"{CA}/64"
+    doc["records"][0]["ca"] = CA
+    return parse_host_state(doc)
+
+
+def link_local(mac: str) -> str:
+    """The EUI-64 link-local address the kernel gives a device with this MAC."""
+    octets = [int(x, 16) for x in mac.split(":")]
+    octets[0] ^= 0x02
+    eui = octets[:3] + [0xFF, 0xFE] + octets[3:]
+    return str(ipaddress.IPv6Address(bytes([0xFE, 0x80] + [0] * 6 + eui)))
+
+
+@pytest.fixture
+def served(make_netns, tmp_path):
+    host, vm = make_netns(), make_netns()
+    host.ip("link", "add", BRIDGE, "address", naming.gateway_mac(VSID), "type", "bridge")
+    host.run("sysctl", "-qw", f"net.ipv6.conf.{BRIDGE}.accept_dad=0")
+    host.ip("link", "set", BRIDGE, "up")
+    host.ip("-6", "addr", "add", f"{GATEWAY}/64", "dev", BRIDGE, "nodad")
+    veth_pair(host, "vmport", vm, "eth0")
+    host.ip("link", "set", "vmport", "master", BRIDGE)
+    vm.ip("link", "set", "eth0", "down")
+    vm.ip("link", "set", "eth0", "address", MAC)
+    vm.run("sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0")
+    vm.ip("link", "set", "eth0", "up")
+    manager = DhcpManager(host.name, tmp_path / "dhcp")
+    state = ipv6_state()
+    applied, errors = manager.apply(manager.plan(state))
+    assert not errors and applied == 2, errors  # the guard, then the server
+    try:
+        yield host, vm
+    finally:
+        state_without_vm = ipv6_state().model_copy(update={"ports": ()})
+        manager.apply(manager.plan(state_without_vm))
+
+
+def test_the_vm_takes_the_distributed_router_and_the_tenant_mtu_from_the_advertisement(served):
+    host, vm = served
+    router = link_local(naming.gateway_mac(VSID))
+
+    def default_route():
+        routes = json.loads(vm.ip("-6", "-j", "route", "show", "default").stdout or "[]")
+        return [r for r in routes if r.get("gateway") == router and r.get("dev") == "eth0"]
+
+    wait_until(default_route, 60, f"a default route via {router} learned from the advertisement", interval=0.5)
+    assert vm.run("cat", "/proc/sys/net/ipv6/conf/eth0/mtu").stdout.strip() == str(TENANT_MTU)
+    addresses = json.loads(vm.ip("-6", "-j", "addr", "show", "dev", "eth0").stdout)
+    global_ones = [a["local"] for link in addresses for a in link["addr_info"] if a.get("scope") == "global"]
+    assert global_ones == [], f"the advertisement made SLAAC addresses {global_ones}: the CA must come from DHCPv6"
+
+
+def test_dhcpv6_offers_exactly_the_allocated_ca_and_nothing_to_an_unknown_mac(served):
+    host, vm = served
+    offered = json.loads(vm.run(sys.executable, "-c", SOLICIT, MAC, link_local(MAC), timeout=60).stdout)
+    assert offered == [CA]
+    vm.ip("link", "set", "eth0", "address", STRANGER)
+    stranger = json.loads(vm.run(sys.executable, "-c", SOLICIT, STRANGER, link_local(STRANGER), timeout=60).stdout)
+    assert stranger == []
