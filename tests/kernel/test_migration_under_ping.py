@@ -12,12 +12,13 @@ over loopback; NVGRE over a VLAN-filtering switch, as in tests/kernel/test_daemo
 
 The VM `mover` moves from CON-HyperV6 to CON-HyperV7 while `pinger`, on CON-HyperV8,
 pings it 10 times a second (from before the move until every host is InSync with it
-done). The controller stages the move (controller.fabric.migrations: the destination
-adds the VM's second NIC while the source keeps the first and every host learns to
-receive from both; then the peer switches and the source forwards; the source's removal
-last): at most one ping may be lost. Then, for comparison, the same move back with the
-bound at 0, so every stage is published at once (what a one-shot migration did),
-printed only.
+done), with every host in device mode and again in flow mode (the controller's
+`tunnel_mode` host setting). The controller stages the move
+(controller.fabric.migrations: the destination adds the VM's second NIC while the source
+keeps the first and every host learns to receive from both; then the peer switches and
+the source forwards; the source's removal last): at most one ping may be lost. (The same move with every stage published at once,
+bound 0, what a one-shot migration did, is measured in docs/architecture.md: it lost a
+5 s gap of echoes; it is not repeated here, where it would only print.)
 """
 
 from __future__ import annotations
@@ -70,8 +71,10 @@ def all_in_sync(fabric) -> bool:
     return all(fabric.sync_of(host).sync == "InSync" for host in HOSTS)
 
 
-@pytest.fixture
-def lab(tmp_path):
+@pytest.fixture(params=["device", "flow"])
+def lab(request, tmp_path):
+    """Three hosts in one tunnel mode (the controller's host setting), their agents
+    running, the VMs placed, every host InSync."""
     factory = NamespaceFactory(prefix="mb")
     agents: dict[str, Agent] = {}
     vm_netns = {vm: f"mb-{vm}-{os.getpid()}" for vm in ("mover", "pinger")}  # made by the agents
@@ -93,6 +96,8 @@ def lab(tmp_path):
             agents[host].token_file.write_text(controller.host_token(host) + "\n")
             agents[host].token_file.chmod(0o600)
         populate(fabric, HOSTS, {"mover": SOURCE, "pinger": PEER}, nics=("eth1",), netns=vm_netns)
+        for host in HOSTS:
+            fabric.patch(Kind.host, host, {"tunnel_mode": request.param})
         for agent in agents.values():
             agent.start()
         try:
@@ -100,7 +105,7 @@ def lab(tmp_path):
         except AssertionError as exc:
             logs = "\n".join(f"--- {host} ---\n{agent.log()[-3000:]}" for host, agent in agents.items())
             raise AssertionError(f"{exc}\n{logs}") from None
-        yield {"fabric": fabric, "agents": agents, "vm_netns": vm_netns}
+        yield {"fabric": fabric, "agents": agents, "vm_netns": vm_netns, "mode": request.param}
     finally:
         for agent in agents.values():
             agent.stop()
@@ -146,7 +151,7 @@ def test_a_vm_moved_under_a_10_per_second_ping_from_a_third_host_loses_at_most_o
     fabric.migration_bound = STAGE_BOUND_S
     generations = {host: fabric.entries[host].generation for host in HOSTS}
     sent, lost, settled = move_under_ping(lab, DESTINATION)
-    print(f"staged migration: {sent} pings at 10/s from {PEER}, {len(lost)} lost {lost} "
+    print(f"staged migration ({lab['mode']} mode): {sent} pings at 10/s from {PEER}, {len(lost)} lost {lost} "
           f"(longest gap {longest_gap(lost):.1f} s); every stage applied in {settled:.1f} s")
     assert sent >= (MOVE_AFTER_S + settled) / INTERVAL / 2, f"only {sent} echoes sent: the ping proves little"
     assert len(lost) <= MOST_LOST, (f"{len(lost)} of {sent} pings lost during the staged migration: {lost}\n"
@@ -156,9 +161,3 @@ def test_a_vm_moved_under_a_10_per_second_ping_from_a_third_host_loses_at_most_o
     after = {host: fabric.entries[host].generation for host in HOSTS}
     assert after == {SOURCE: generations[SOURCE] + 3, DESTINATION: generations[DESTINATION] + 2,
                      PEER: generations[PEER] + 3}
-
-    # For comparison only: every stage at once (bound 0), the way a one-shot move published.
-    fabric.migration_bound = 0.0
-    sent, lost, settled = move_under_ping(lab, SOURCE)
-    print(f"unstaged migration (bound 0, every stage at once): {sent} pings at 10/s from {PEER}, "
-          f"{len(lost)} lost {lost} (longest gap {longest_gap(lost):.1f} s); applied in {settled:.1f} s")
