@@ -66,14 +66,15 @@ class PatchRules(Builders):
                 self._require(Kind.network_site, site, f"network_sites[{i}]", f"uplink port profile {key}")
         updated = current.model_copy(update={name: getattr(merged, name) for name in spec_model.patchable})
         updated = type(current).model_validate(updated.model_dump(exclude={"key"}))
-        if kind is Kind.host and updated.role is not current.role:
-            self._check_role_change(current, updated.role)
-        if kind is Kind.host and updated.tunnel_mode is TunnelMode.flow:
-            transport = transport_of(self.inventory, updated)
-            if transport is not None and transport.logical_network.encapsulation is not Encapsulation.nvgre:
-                raise Invalid(f"host {key} cannot use flow mode", "tunnel_mode",
-                              f"its provider network {transport.logical_network.name} uses "
-                              f"{transport.logical_network.encapsulation.value}; flow mode is for NVGRE")
+        if kind is Kind.host:
+            if updated.role is not current.role:
+                self._check_role_change(current, updated.role)
+            if updated.tunnel_mode is TunnelMode.flow:
+                transport = transport_of(self.inventory, updated)
+                if transport is not None and transport.logical_network.encapsulation is not Encapsulation.nvgre:
+                    raise Invalid(f"host {key} cannot use flow mode", "tunnel_mode",
+                                  f"its provider network {transport.logical_network.name} uses "
+                                  f"{transport.logical_network.encapsulation.value}; flow mode is for NVGRE")
         elif kind is Kind.gateway_service:
             updated = self._patch_gateway_service(tx, current, updated, why)
         elif kind is Kind.gateway:
