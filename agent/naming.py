@@ -61,6 +61,11 @@ def parse_marker(alias: str | None) -> tuple[str, str] | None:
     return (kind, key) if kind else None
 
 
+def is_owned(name: str, alias: str | None) -> bool:
+    """Whether a link is the agent's: our name prefix and our marker in its ifalias."""
+    return name.startswith(PREFIX) and parse_marker(alias) is not None
+
+
 def vsid_bridge(vsid: int) -> str:
     return f"{PREFIX}b{vsid}"
 

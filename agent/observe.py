@@ -143,7 +143,7 @@ def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
         kind=kind,
         role=owner[0] if owner else "external",
         key=owner[1] if owner else "",
-        owned=owner is not None and name.startswith(naming.PREFIX),
+        owned=naming.is_owned(name, alias),
         options=tuple(sorted(options.items())),
         settings=tuple(sorted(settings.items())),
         master=names.get(msg.get_attr("IFLA_MASTER") or 0),
@@ -235,10 +235,10 @@ def read_tunnel_stats(records: NeighbourSocket) -> list[TunnelStats]:
     all of them as pyroute2 parses)."""
     stats = []
     for link in records.dump_link_counters():
-        owner = naming.parse_marker(link.alias)
-        if owner is None or not link.name.startswith(naming.PREFIX):
+        if not naming.is_owned(link.name, link.alias):
             continue
-        identity = tunnel_identity(owner[0], owner[1], {"local": link.vxlan_local or ""})
+        kind, key = naming.parse_marker(link.alias)
+        identity = tunnel_identity(kind, key, {"local": link.vxlan_local or ""})
         if identity is None:
             continue
         stats.append(TunnelStats(
