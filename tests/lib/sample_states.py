@@ -66,6 +66,21 @@ def host_state(
     }
 
 
+IPV6_TENANT_PREFIX, IPV6_GATEWAY, IPV6_CA = "fd00:1::/64", "fd00:1::1", "fd00:1::10"
+
+
+def ipv6_host_state(host: str, generation: int, *, mac: str = "00:15:5d:00:00:01",
+                    **subnet_fields: Any) -> dict[str, Any]:
+    """`host_state` with an IPv6 VM subnet (IPV6_TENANT_PREFIX, its gateway IPV6_GATEWAY)
+    and the local VM (``mac``) at IPV6_CA; ``subnet_fields`` are set on the subnet too."""
+    doc = host_state(host, generation, mac=mac)
+    doc["routing_domains"][0]["subnets"][0].update(prefix=IPV6_TENANT_PREFIX, gateway=IPV6_GATEWAY,
+                                                   **subnet_fields)
+    doc["ports"][0]["ca"] = f"{IPV6_CA}/64"
+    doc["records"][0]["ca"] = IPV6_CA
+    return doc
+
+
 def with_bad_record_ca(document: dict[str, Any], generation: int) -> dict[str, Any]:
     """A newer generation whose first lookup record's CA lies outside the VM subnet."""
     bad = copy.deepcopy(document)

@@ -23,11 +23,10 @@ from agent import naming
 from agent.dhcp import DhcpManager
 from agent.state import parse_host_state
 from tests.lib.netns import veth_pair
-from tests.lib.sample_states import VSID, host_state
+from tests.lib.sample_states import IPV6_CA as CA, IPV6_GATEWAY as GATEWAY, VSID, ipv6_host_state
 from tests.lib.wait import wait_until
 
 BRIDGE = naming.vsid_bridge(VSID)
-PREFIX, GATEWAY, CA = "fd00:1::/64", "fd00:1::1", "fd00:1::10"
 MAC, STRANGER = "00:15:5d:00:00:01", "00:15:5d:00:00:99"
 TENANT_MTU = 1458  # provider 1500 - 42 of NVGRE over IPv4 PAs
 
@@ -68,11 +67,7 @@ SOLICIT = textwrap.dedent("""
 
 
 def ipv6_state():
-    doc = host_state("CON-HyperV-A", 1, mac=MAC)
-    doc["routing_domains"][0]["subnets"][0].update(prefix=PREFIX, gateway=GATEWAY)
-    doc["ports"][0]["ca"] = f"{CA}/64"
-    doc["records"][0]["ca"] = CA
-    return parse_host_state(doc)
+    return parse_host_state(ipv6_host_state("CON-HyperV-A", 1, mac=MAC))
 
 
 def link_local(mac: str) -> str:

@@ -23,7 +23,7 @@ from agent.dhcp import (
     plan_servers,
 )
 from agent.state import StateError, parse_host_state
-from tests.lib.sample_states import VSID, host_state
+from tests.lib.sample_states import VSID, host_state, ipv6_host_state
 
 BRIDGE = naming.vsid_bridge(VSID)
 MAC = "00:15:5d:00:00:01"
@@ -79,16 +79,8 @@ def test_no_vm_no_server(tmp_path):
     assert servers(doc, tmp_path) == {}
 
 
-def ipv6_document(**subnet_fields) -> dict:
-    doc = host_state("CON-HyperV-A", 1)
-    doc["routing_domains"][0]["subnets"][0].update(prefix="fd00:1::/64", gateway="fd00:1::1", **subnet_fields)
-    doc["ports"][0]["ca"] = "fd00:1::10/64"
-    doc["records"][0]["ca"] = "fd00:1::10"
-    return doc
-
-
 def test_an_ipv6_vm_network_gets_advertisements_and_static_dhcpv6_not_dhcpv4(tmp_path):
-    found = servers(ipv6_document(dns_servers=["fd00:53::53"], lease_time=600), tmp_path)
+    found = servers(ipv6_host_state("CON-HyperV-A", 1, dns_servers=["fd00:53::53"], lease_time=600), tmp_path)
     assert list(found) == [BRIDGE]
     lines = config_lines(found[BRIDGE])
     assert "enable-ra" in lines
