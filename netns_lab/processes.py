@@ -44,7 +44,7 @@ from pathlib import Path
 
 from agent.netns import enter_netns_for_good
 from netns_lab.build import LabError, LabRecord, ProcessEntry, entered_netns
-from netns_lab.topology import StoreKind, Topology
+from netns_lab.topology import ControllerReplica, StoreKind, Topology
 
 
 def executable(name: str) -> str:
@@ -241,6 +241,12 @@ def _wait_for_tcp(netns: str, address: str, port: int, entry: ProcessEntry, time
 START_TIMEOUT = 900.0
 
 
+def _replica_name(topology: Topology, replica: ControllerReplica) -> str:
+    """A controller replica's process name: its host's, or host:port when there are several
+    (one replica keeps the name the lab always had)."""
+    return replica.host.name if len(topology.controller_replicas) == 1 else f"{replica.host.name}:{replica.port}"
+
+
 def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIMEOUT) -> None:
     """Start PostgreSQL (``store: postgresql``), the controller replicas, wait until the
     first listens, then every agent at once."""
@@ -260,12 +266,14 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
         # old one at start-up.
         shutil.rmtree(workdir / "agents", ignore_errors=True)
     running = {(p.role, p.name) for p in record.processes if is_alive(p)}
-    preload_daemons()
+    wanted = ({("controller", _replica_name(topology, r)) for r in topology.controller_replicas}
+              | {("agent", host.name) for host in topology.hosts})
+    if wanted - running:  # a lab already running (`demo` on a lab that is up) forks nothing
+        preload_daemons()
 
     controllers = []
     for i, replica in enumerate(topology.controller_replicas):
-        # One replica keeps the names the lab always had (controller, controller.log).
-        name = replica.host.name if len(topology.controller_replicas) == 1 else f"{replica.host.name}:{replica.port}"
+        name = _replica_name(topology, replica)
         entry = ProcessEntry(
             role="controller", name=name, netns=replica.host.name,
             argv=[executable("hnv-controller"), "run", "--state-dir", str(controller_dir(record)),

@@ -1,13 +1,11 @@
-"""The lab end to end: `hnv-lab demo` passes every check of the seed walkthrough, and
-`down` leaves no namespace, root-namespace link or process behind (also after a crash).
-(That the management network carries the agents' tokens only inside TLS, and that `down`
-removes a VM namespace of the lab no veth leads to, are checked on
-tests/kernel/test_prometheus_lab.py's lab.)
+"""The lab's life cycle beyond the walkthrough: `down` after a crash during `up` removes
+exactly what was built (a bystander namespace survives), and `up` refuses a namespace it
+did not create. The walkthrough itself (`hnv-lab demo`), Prometheus, the token capture and
+`down` of a whole lab run on one lab in tests/kernel/test_lab_seed.py; the helpers here
+(what the machine held before, what a demo must report) serve it and the HA lab.
 
 Runs on a kernel with gretap, 802.1Q, bonding, VRF and VLAN filtering (the kernel tier's
-VM here). The demo is the real thing: seven host namespaces, the controller and seven
-agents as processes talking HTTPS over the lab's management network, tenant pings inside
-NVGRE, captures decoded.
+VM here).
 """
 
 from __future__ import annotations
@@ -92,16 +90,8 @@ def _assert_nothing_left(before: tuple[set[str], set[str], dict[int, str]]) -> N
     assert not left, f"processes left behind: {left}"
 
 
-def test_demo_passes_every_check_and_down_leaves_nothing(clean_lab, tmp_path):
-    before = _snapshot()
-    started = time.monotonic()
-    proc = subprocess.run([*HNV_LAB, "demo"], capture_output=True, text=True, timeout=1500, check=False)
-    output = proc.stdout + proc.stderr
-    (tmp_path / "demo.txt").write_text(output)
-    elapsed = time.monotonic() - started
-    print(output[-4000:])
-    print(f"demo took {elapsed:.0f} s")
-
+def assert_walkthrough(output: str, returncode: int) -> None:
+    """`hnv-lab demo`'s output reports every check of REQUIRED_CHECKS passed, none failed."""
     passed = set(re.findall(r"^\s+\[PASS\] ([\w.-]+):", output, re.M))
     failed = re.findall(r"^\s+\[FAIL\] .*$", output, re.M)
     assert not failed, "\n".join(failed)
@@ -109,10 +99,7 @@ def test_demo_passes_every_check_and_down_leaves_nothing(clean_lab, tmp_path):
     assert not missing, f"checks never reported as passed: {missing}"
     summary = re.search(r"^demo: (\d+) checks passed, 0 failed", output, re.M)
     assert summary and int(summary.group(1)) >= len(REQUIRED_CHECKS), output[-2000:]
-    assert proc.returncode == 0, output[-2000:]
-    # The demo tore the lab down: no record, and the machine is as before.
-    assert LabRecord.load(TOPOLOGY.name) is None
-    _assert_nothing_left(before)
+    assert returncode == 0, output[-2000:]
 
 
 def test_down_after_a_crash_during_up_removes_exactly_what_was_built(clean_lab):

@@ -2,7 +2,7 @@
 generated from the shipped monitoring files, it is valid for promtool, scrapes the lab's
 controller and every agent, and keeps the shipped alerts with their `for:` shortened.
 Topology settings are refused by field and reason. The server itself runs in the kernel
-tier (tests/kernel/test_prometheus_lab.py)."""
+tier (tests/kernel/test_lab_seed.py)."""
 
 from __future__ import annotations
 

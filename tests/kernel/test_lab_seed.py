@@ -1,18 +1,22 @@
-"""One lab with the real Prometheus and a capture on its management switch:
-`hnv-lab up --prometheus` starts Debian's server in the controller's host namespace with
-the project's scrape configuration and alert rules (intervals and `for:` shortened for
-the lab), and its HTTP API, queried from inside the lab's management network, shows every
-target up and every host's series; stopping one agent fires HnvAgentDown for that host
-and no other. The agents reach the controller across the switch with their bearer
-tokens, and a capture on every port of the switch holds TLS and never a token.
+"""The seed lab's one life in the kernel tier: up, the walkthrough, Prometheus, down.
 
-`down` stops Prometheus too and removes a VM namespace of the lab that no veth leads to,
-and nothing else.
+`hnv-lab up --prometheus` with a capture on the management switch from before the
+agents started: the agents reach the controller across the switch with their bearer
+tokens, and the capture holds TLS and never a token. Then `hnv-lab demo --keep` on that
+lab passes every check of the seed walkthrough (seven host namespaces, the controller and
+seven agents as processes talking HTTPS over the lab's management network, tenant pings
+inside NVGRE, captures decoded). Debian's Prometheus, started in the controller's host
+namespace with the project's scrape configuration and alert rules (intervals and `for:`
+shortened for the lab), shows through its HTTP API, queried from inside the lab's
+management network, every target up and every host's series; stopping one agent fires
+HnvAgentDown for that host and no other. `down` stops Prometheus with the daemons,
+removes a VM namespace of the lab that no veth leads to, and leaves nothing else.
 
-The module's tests share one lab (an `up` of the seed's seven hosts takes two minutes
-under emulation) and run in file order: the capture's test, then Prometheus's, which stops
-an agent, then `down`'s. Runs in the kernel tier's VM, like the lab demo
-(tests/kernel/test_lab_demo.py).
+One lab for all of it (an `up` of the seed's seven hosts takes two minutes under
+emulation); the tests run in file order. `down` after a crash and `up` refusing a
+namespace it did not make are tests/kernel/test_lab_demo.py's, on labs of their own.
+Runs on a kernel with gretap, 802.1Q, bonding, VRF and VLAN filtering (the kernel tier's
+VM here).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from netns_lab import processes, prometheus
 from netns_lab.build import LabRecord
 from netns_lab.tcpdump import tcpdump_argv
 from tests.kernel.conftest import hnv_lab
-from tests.kernel.test_lab_demo import HNV_LAB, TOPOLOGY, _assert_nothing_left, _snapshot
+from tests.kernel.test_lab_demo import HNV_LAB, TOPOLOGY, _assert_nothing_left, _snapshot, assert_walkthrough
 from tests.lib.wait import wait_until
 
 HOSTS = {host.name for host in TOPOLOGY.hosts}
@@ -126,6 +130,19 @@ def test_the_management_network_carries_no_token_in_clear(lab):
     assert inside_tls >= agents, f"no TLS handshake and application data from {sorted(agents - inside_tls)}"
 
 
+def test_the_walkthrough_passes_every_check_on_the_running_lab(lab, tmp_path):
+    """What `make demo` runs, on the lab that is up (`--keep`: the last test takes it down)."""
+    started = time.monotonic()
+    proc = subprocess.run([*HNV_LAB, "demo", "--keep"], capture_output=True, text=True, timeout=1500,
+                          check=False)
+    output = proc.stdout + proc.stderr
+    (tmp_path / "demo.txt").write_text(output)
+    print(output[-4000:])
+    print(f"the walkthrough took {time.monotonic() - started:.0f} s")
+    assert_walkthrough(output, proc.returncode)
+    assert LabRecord.load(TOPOLOGY.name) is not None, "demo --keep took the lab down"
+
+
 def test_prometheus_scrapes_every_target_and_fires_agent_down(lab):
     assert f"up: prometheus on {TOPOLOGY.controller.host} at {prometheus.base_url(TOPOLOGY)}" in lab.up_output
     record = lab.record
@@ -180,7 +197,6 @@ def test_prometheus_scrapes_every_target_and_fires_agent_down(lab):
     assert firing[0]["labels"]["severity"] == "critical"
     assert firing[0]["annotations"]["summary"] == f"openhnv agent on {STOPPED} is down"
     assert targets_up("hnv-agent")[f"{TOPOLOGY.host(STOPPED).address}:{TOPOLOGY.agent.metrics_port}"] == "0"
-
 
 
 def test_down_stops_prometheus_and_removes_a_lab_vm_namespace_no_veth_leads_to(lab):
