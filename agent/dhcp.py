@@ -33,12 +33,19 @@ authoritative, so
 a VM that renews or rebinds at a host whose server never saw it (after a migration, or
 after a restart) is answered from the static entry and keeps its address.
 
-Nothing DHCP enters a tunnel: a VM's broadcast never reaches a tunnel port (bcast_flood
-off, see agent.kernel_model), but a bridge floods a broadcast it sends itself (a reply to
-any client: see above) to every port whatever the flood flags say. So,
-while any server runs, the nftables table ``bridge openhnv_dhcp`` drops DHCP and DHCPv6
-(UDP 67, 68, 546, 547) leaving through a tunnel port (``hnvt*``, ``hnvx*``), both what
-the host sends and what it forwards. It is checked and repaired like the servers.
+Nothing DHCP, ARP or neighbour discovery enters a tunnel. A VM's broadcast never
+reaches a tunnel port (bcast_flood off, see agent.kernel_model), but a bridge floods a
+broadcast it sends itself (a reply to any client: see above; the host's own ARP for a CA
+no record names) to every port whatever the flood flags say, and forwards a *unicast*
+ARP request or neighbour solicitation (a VM re-validating a stale neighbour sends one to
+the MAC it knows) through the tunnel port its FDB entry names, while neigh_suppress has
+already answered it on the host from the lookup records. So, while the host has any VM
+network (or any server runs), the nftables table ``bridge openhnv_tunnel_guard`` drops,
+leaving through a tunnel port (``hnvt*``, ``hnvx*``, flow mode's ``hnvq*``), both what
+the host sends and what it forwards: DHCP and DHCPv6 (UDP 67, 68, 546, 547), ARP, and
+ICMPv6 router and neighbour discovery (types 133-137). As on a Hyper-V switch, every
+tenant ARP and neighbour solicitation is answered on the host or not at all. The table
+is checked and repaired like the servers (operations of kind ``tunnel-guard``).
 
 dnsmasq runs with ``user=root``: it re-reads the hosts file on SIGHUP after dropping
 privileges, and the file is owner-only (root) in a 0700 directory.
@@ -60,7 +67,7 @@ from pathlib import Path
 
 from agent import naming
 from agent.apply import ObjectError
-from agent.netns import netns_exec_argv
+from agent.netns import namespace_key, netns_exec_argv
 from agent.plan import Op, tenant_mtu
 from agent.state import HostState
 from agent.text import printable
@@ -71,9 +78,12 @@ DNSMASQ = "dnsmasq"
 NFT = "nft"
 DEFAULT_RUN_DIR = Path("/run/openhnv")
 DEFAULT_LEASE_TIME = 3600  # seconds, when the VM subnet names none
-GUARD_TABLE = "openhnv_dhcp"
+GUARD_TABLE = "openhnv_tunnel_guard"
+LEGACY_GUARD_TABLE = "openhnv_dhcp"  # the guard's name when it kept out DHCP alone: replaced
 DHCP_PORTS = (67, 68, 546, 547)  # DHCPv4 server, client; DHCPv6 client, server
-TUNNEL_PORT_PATTERNS = (naming.PREFIX + "t*", naming.PREFIX + "x*")  # gretap, VXLAN
+TUNNEL_PORT_PATTERNS = (naming.PREFIX + "t*", naming.PREFIX + "x*", naming.PREFIX + "q*")  # gretap, VXLAN, flow
+# Router solicitation and advertisement, neighbour solicitation and advertisement, redirect.
+ND_TYPES = ("nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert", "nd-redirect")
 # Router advertisements: every 10 s unsolicited (a VM's solicitation is answered at once),
 # the default router valid for 30 minutes, refreshed by every advertisement.
 RA_INTERVAL_S = 10
@@ -83,8 +93,9 @@ START_TIMEOUT_S = 30.0
 
 
 def run_dir_for(netns: str | None, base: Path = DEFAULT_RUN_DIR) -> Path:
-    """The DHCP run directory of the agent of one namespace (None: the host's own)."""
-    return base / "dhcp" / (netns or "host")
+    """The DHCP run directory of the agent of one namespace (None: the agent's own), one per
+    namespace: the servers' files are named by bridge (agent.netns.namespace_key)."""
+    return base / "dhcp" / namespace_key(netns)
 
 
 # --- desired ---------------------------------------------------------------------------
@@ -289,11 +300,12 @@ def plan_servers(desired: dict[str, DhcpServer], observed: dict[str, RunningServ
 
 
 def guard_ruleset() -> str:
-    """The nftables table keeping DHCP (v4 and v6) and the distributed router's
-    advertisements out of the tunnel ports."""
+    """The nftables table keeping DHCP, ARP and neighbour discovery out of the tunnel ports."""
     ports = ", ".join(map(str, DHCP_PORTS))
     rules = "".join(f'\t\toifname "{pattern}" udp dport {{ {ports} }} drop\n'
-                    f'\t\toifname "{pattern}" icmpv6 type nd-router-advert drop\n' for pattern in TUNNEL_PORT_PATTERNS)
+                    f'\t\toifname "{pattern}" ether type arp drop\n'
+                    f'\t\toifname "{pattern}" icmpv6 type {{ {", ".join(ND_TYPES)} }} drop\n'
+                    for pattern in TUNNEL_PORT_PATTERNS)
     chains = "".join(
         f"\tchain {hook} {{\n\t\ttype filter hook {hook} priority 0; policy accept;\n{rules}\t}}\n"
         for hook in ("output", "forward")
@@ -310,11 +322,14 @@ class DhcpManager:
     def __init__(self, netns: str | None, run_dir: Path):
         self.netns = netns
         self.run_dir = run_dir
+        # Whether the guard may be in the kernel: unknown (listed once) until a plan saw it
+        # absent and unwanted; a host without VM networks then runs no nft per reconcile.
+        self._guard_maybe = True
 
     def plan(self, state: HostState) -> list[Op]:
         desired = desired_servers(state, self.run_dir)
         ops = plan_servers(desired, observe_servers(self.run_dir))
-        guard = self._guard_op(bool(desired))
+        guard = self._guard_op(bool(desired) or any(domain.subnets for domain in state.routing_domains))
         # The guard before any server starts, and removed only after the last one stopped.
         return ([guard] if guard and guard.action == "add" else []) + ops + \
             ([guard] if guard and guard.action == "delete" else [])
@@ -343,24 +358,27 @@ class DhcpManager:
             return subprocess.CompletedProcess(argv, 124, "", f"{NFT}: no answer within {START_TIMEOUT_S:g} s")
 
     def _guard_op(self, wanted: bool) -> Op | None:
-        if not wanted and not self.run_dir.is_dir():
-            return None  # no server was ever started here, so no guard either
+        if not wanted and not self._guard_maybe:
+            return None
         listed = self._nft("list", "table", "bridge", GUARD_TABLE)
         present = listed.returncode == 0
         complete = present and listed.stdout.count(" drop") == guard_ruleset().count(" drop")
+        self._guard_maybe = wanted or present
         if wanted and not complete:
-            return Op("add", "dhcp-guard", GUARD_TABLE,
-                      detail="drop DHCP and router advertisements leaving through tunnel ports")
+            return Op("add", "tunnel-guard", GUARD_TABLE,
+                      detail="drop DHCP, ARP and neighbour discovery leaving through tunnel ports")
         if not wanted and present:
-            return Op("delete", "dhcp-guard", GUARD_TABLE)
+            return Op("delete", "tunnel-guard", GUARD_TABLE)
         return None
 
-    def _add_dhcp_guard(self, op: Op) -> None:
-        # One nft transaction: an old or partial table is replaced atomically.
-        script = f"table bridge {GUARD_TABLE}\ndelete table bridge {GUARD_TABLE}\n" + guard_ruleset()
+    def _add_tunnel_guard(self, op: Op) -> None:
+        # One nft transaction: an old or partial table (or the guard's former name) is
+        # replaced atomically.
+        script = "".join(f"table bridge {table}\ndelete table bridge {table}\n"
+                         for table in (GUARD_TABLE, LEGACY_GUARD_TABLE)) + guard_ruleset()
         self._check(self._nft("-f", "-", stdin=script), "nft")
 
-    def _delete_dhcp_guard(self, op: Op) -> None:
+    def _delete_tunnel_guard(self, op: Op) -> None:
         self._check(self._nft("delete", "table", "bridge", GUARD_TABLE), "nft")
 
     # --- the servers -------------------------------------------------------------------

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.kernel_model import FlowPort, FlowRemote, TcProgram
-from agent.netns import netns_path
+from agent.netns import namespace_key, netns_path
 from agent.tunnels import DECAP_PROGRAM, ENCAP_PROGRAM
 
 BPFFS = Path("/sys/fs/bpf")
@@ -109,7 +109,7 @@ class FlowDatapath:
 
     def __init__(self, netns: str | None = None):
         self.netns = netns
-        self.pins = PIN_ROOT / (netns or "host")
+        self.pins = PIN_ROOT / namespace_key(netns)  # one directory per namespace
 
     # -- running the tools ------------------------------------------------------------
 

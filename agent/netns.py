@@ -9,7 +9,9 @@ labs, the tests and the benchmarks alike:
 - ``entered_netns(name)``: the calling thread inside ``name`` for a ``with`` block, and
   back where it was afterwards, also on error;
 - ``enter_netns_for_good(name)``: the calling thread (a freshly forked daemon) moves for good;
-- ``netns_exec_argv(name, argv)``: ``argv`` prefixed with ``ip netns exec <name>``.
+- ``netns_exec_argv(name, argv)``: ``argv`` prefixed with ``ip netns exec <name>``;
+- ``namespace_key(name)``: the name of the directory where an agent keeps what belongs
+  to its namespace (DHCP servers' files, pinned eBPF objects).
 
 And the lab VM namespaces (ports of kind ``namespace``, where the agent plays the
 hypervisor): ``ensure_vm_netns`` creates one when missing and marks it as openhnv's by
@@ -44,6 +46,19 @@ T = TypeVar("T")
 def netns_path(name: str) -> str:
     """``/run/netns/<name>``; an absolute path is taken as it is."""
     return name if name.startswith("/") else os.path.join(NETNS_RUN_DIR, name)
+
+
+def namespace_key(name: str | None) -> str:
+    """What names one agent's files among others on the machine: the namespace's name, or
+    (None: the agent's own namespace) ``net-<inode>`` of the calling thread's namespace.
+
+    Why not a fixed name such as "host": several agents can share one machine's /run and
+    bpffs, each in its own network namespace entered before it started (the netns lab's
+    forked daemons), and their objects are named by bridge and VSID alike on every host.
+    The inode is the same for every process in the namespace while it exists (the daemon,
+    `hnv-agent show`), with or without the privileges to look at PID 1's namespace, and
+    /run and bpffs start empty at boot, as the namespace does."""
+    return name or f"net-{os.stat('/proc/thread-self/ns/net').st_ino}"
 
 
 def _setns(fd: int, what: str) -> None:

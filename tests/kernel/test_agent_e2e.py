@@ -21,7 +21,7 @@ from scapy.utils import rdpcap
 from agent import cli, naming, show
 from agent.reconcile import Reconciler
 from agent.state import parse_host_state
-from tests.kernel.agentlab import F2_VSID, F3_VSID, PA, PROVIDER_VLAN, AgentLab, without_record
+from tests.kernel.agentlab import F2_VSID, F2B_VSID, F3_VSID, PA, PROVIDER_VLAN, VMS, AgentLab, without_record
 from tests.lib.cli import CliResult, run_main
 from tests.lib.netns import NamespaceFactory
 from tests.lib.nvgre import IPPROTO_GRE, decode_nvgre
@@ -129,6 +129,35 @@ def test_arp_for_remote_ca_is_answered_locally(lab, tmp_path):
     assert not [f for f in inner if f[Ether].dst == "ff:ff:ff:ff:ff:ff"], "a tenant broadcast crossed"
     tenant_arp = [p for p in packets if ARP in p and p[ARP].pdst in ("192.168.0.11", "192.168.0.10")]
     assert not tenant_arp, "ARP for a CA reached the physical switch"
+
+
+def test_stale_neighbour_probes_and_the_hosts_own_arp_never_enter_a_tunnel(lab, tmp_path):
+    """A VM re-validating a stale neighbour sends a unicast ARP request to the MAC it knows:
+    the host answers it from the lookup records and the tunnel never carries it. The host's
+    own ARP for a CA no record names (a ping the distributed router routes into the other
+    subnet) reaches no tunnel either (the agent's nftables tunnel guard)."""
+    vm_a, b2 = lab.vms["vmA2"], next(vm for vm in VMS if vm.name == "vmB2")
+    vm_a.run("sysctl", "-qw", "net.ipv4.neigh.eth0.delay_first_probe_time=1")  # probe after 1 s, not 5
+    unknown = "192.168.1.99"
+    stack, pcaps = capture_trunks(lab, tmp_path, "a", "stale")
+    with stack, vm_a.capture("eth0", tmp_path / "vm.pcap") as vm_pcap, \
+            lab.hosts["a"].capture(naming.vsid_bridge(F2B_VSID), tmp_path / "bridge.pcap") as bridge_pcap:
+        for _ in range(2):
+            vm_a.ip("neigh", "replace", "192.168.0.11", "lladdr", b2.mac, "dev", "eth0", "nud", "stale")
+            assert vm_a.ping("192.168.0.11", count=3), "vmA2 lost vmB2 while re-validating it"
+        assert not vm_a.ping(unknown, wait=2), f"{unknown} has no VM, yet answered"
+    seen_by_vm = rdpcap(str(vm_pcap))
+    probes = [p for p in seen_by_vm if ARP in p and p[ARP].op == 1 and p[Ether].dst == b2.mac]
+    answers = [p for p in seen_by_vm if ARP in p and p[ARP].op == 2 and p[ARP].hwsrc == b2.mac]
+    assert probes and answers, "vmA2 sent no unicast probe, or none was answered: the check below proves nothing"
+    host_arp = [p for p in rdpcap(str(bridge_pcap)) if ARP in p and p[ARP].op == 1 and p[ARP].pdst == unknown]
+    assert host_arp, f"host A never asked for {unknown}: the check below proves nothing"
+    packets = read_all(pcaps)
+    inner = [f.inner for f in map(decode_nvgre, packets) if f is not None]
+    assert not [f for f in inner if ARP in f], \
+        f"ARP inside a tunnel: {[f.summary() for f in inner if ARP in f]}"
+    assert not [p for p in packets if ARP in p and p[ARP].pdst in ("192.168.0.11", unknown)], \
+        "a tenant ARP reached the physical switch"
 
 
 def test_vlan_networks_isolated_on_the_trunk(lab, tmp_path):

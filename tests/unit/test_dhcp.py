@@ -145,14 +145,16 @@ def test_a_pid_file_naming_a_process_that_is_not_our_dnsmasq_is_not_ours(tmp_pat
         stranger.wait()
 
 
-def test_the_guard_drops_dhcp_and_dhcpv6_leaving_through_every_tunnel_port_kind():
+def test_the_guard_drops_dhcp_arp_and_neighbour_discovery_leaving_through_every_tunnel_port_kind():
     rules = guard_ruleset()
-    assert "table bridge openhnv_dhcp" in rules
+    assert "table bridge openhnv_tunnel_guard" in rules
     for hook in ("output", "forward"):  # what the host sends, and what it forwards
         assert f"type filter hook {hook} priority 0; policy accept;" in rules
-    for pattern in ("hnvt*", "hnvx*"):
+    for pattern in ("hnvt*", "hnvx*", "hnvq*"):  # gretap, VXLAN, flow mode's port
         assert f'oifname "{pattern}" udp dport {{ 67, 68, 546, 547 }} drop' in rules
-        assert f'oifname "{pattern}" icmpv6 type nd-router-advert drop' in rules
+        assert f'oifname "{pattern}" ether type arp drop' in rules
+        assert (f'oifname "{pattern}" icmpv6 type {{ nd-router-solicit, nd-router-advert, nd-neighbor-solicit, '
+                'nd-neighbor-advert, nd-redirect } drop') in rules
 
 
 @pytest.mark.parametrize("fields, field, reason", [
