@@ -4,7 +4,7 @@ The agent's DHCP manager (agent.dhcp) starts its real dnsmasq on a VSID bridge h
 the distributed router's IPv6 gateway; a VM namespace behind a veth port of the bridge
 is the client. Its own kernel takes the advertisement (default router: the bridge's
 link-local address, from the VSID's gateway MAC; the tenant MTU; no SLAAC address), and
-a DHCPv6 exchange sent with scapy from inside it gets exactly the CA the controller
+a DHCPv6 exchange sent from inside it (scapy's frames on a raw socket) gets exactly the CA the controller
 allocated, while a MAC the host does not know gets nothing. The same tests run in the
 kernel tier with the bridge in a VRF, as the agent builds it
 (tests/kernel/test_dhcp6_vrf.py); DHCPv4 is tests/kernel/test_dhcp.py's.
@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import sys
-import textwrap
+import select
+import socket
+import time
 
 import pytest
 
 from agent import naming
 from agent.dhcp import DhcpManager
+from agent.netns import in_netns
 from agent.state import parse_host_state
 from tests.lib.netns import veth_pair
 from tests.lib.sample_states import IPV6_CA as CA, IPV6_GATEWAY as GATEWAY, VSID, ipv6_host_state
@@ -30,40 +32,44 @@ BRIDGE = naming.vsid_bridge(VSID)
 MAC, STRANGER = "00:15:5d:00:00:01", "00:15:5d:00:00:99"
 TENANT_MTU = 1458  # provider 1500 - 42 of NVGRE over IPv4 PAs
 
-# DHCPv6 Solicits from inside the VM namespace, eth0 given each MAC in turn (DUID-LL of
-# it), and what came back: MAC -> the addresses offered in IA_NA, as JSON on stdout.
-SOLICIT = textwrap.dedent("""
-    import json, subprocess, sys, time
-    from scapy.all import AsyncSniffer, conf, sendp
-    from scapy.layers.dhcp6 import DHCP6_Advertise, DHCP6_Solicit, DHCP6OptClientId, DHCP6OptIA_NA, DHCP6OptIAAddress, DUID_LL
+TRID = 0x4242  # the Solicits' transaction id
+ETH_P_ALL = 0x0003
+PACKET_OUTGOING = 4  # sll_pkttype of a frame this socket's own host sent
+
+
+def solicit(vm, mac: str, attempts: int = 3, wait: float = 2.0) -> list[str]:
+    """A DHCPv6 Solicit from the VM namespace's eth0, made `mac` (its DUID-LL too): the
+    addresses the first Advertise offers in IA_NA, [] if none came.
+
+    Sent and read on a raw socket opened inside the namespace, from this process: a
+    Python started in the VM namespace for scapy's sendp and sniffer paid scapy's import
+    again (half a minute under emulation)."""
+    from scapy.layers.dhcp6 import DHCP6_Advertise, DHCP6_Solicit, DHCP6OptClientId, DHCP6OptIA_NA, \
+        DHCP6OptIAAddress, DUID_LL
     from scapy.layers.inet import UDP
     from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether
-    conf.verb = 0
 
-    def solicit(mac, source):
-        frame = (Ether(src=mac, dst="33:33:00:01:00:02") / IPv6(src=source, dst="ff02::1:2") / UDP(sport=546, dport=547)
-                 / DHCP6_Solicit(trid=0x4242) / DHCP6OptClientId(duid=DUID_LL(lladdr=mac)) / DHCP6OptIA_NA(iaid=1))
-        # A sniffer and a send, not srp1: scapy does not pair a reply with a request sent
-        # to a multicast group.
-        sniffer = AsyncSniffer(iface="eth0", filter="udp and dst port 546",
-                               stop_filter=lambda p: p.haslayer(DHCP6_Advertise) and p.answers(frame))
-        sniffer.start()
-        time.sleep(0.5)
-        for _ in range(3):
-            sendp(frame, iface="eth0")
-            sniffer.join(timeout=2)
-            if not sniffer.running:
-                break
-        answers = [p for p in (sniffer.stop() if sniffer.running else sniffer.results) if p.haslayer(DHCP6_Advertise)]
-        return [o.addr for p in answers[:1] for o in p[DHCP6OptIA_NA].ianaopts if isinstance(o, DHCP6OptIAAddress)]
+    vm.ip("link", "set", "eth0", "address", mac)
+    frame = bytes(Ether(src=mac, dst="33:33:00:01:00:02") / IPv6(src=link_local(mac), dst="ff02::1:2")
+                  / UDP(sport=546, dport=547) / DHCP6_Solicit(trid=TRID)
+                  / DHCP6OptClientId(duid=DUID_LL(lladdr=mac)) / DHCP6OptIA_NA(iaid=1))
 
-    offered = {}
-    for mac, source in zip(sys.argv[1::2], sys.argv[2::2]):
-        subprocess.run(["ip", "link", "set", "eth0", "address", mac], check=True)
-        offered[mac] = solicit(mac, source)
-    print(json.dumps(offered))
-""")
+    def exchange() -> list[str]:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL)) as raw:
+            raw.bind(("eth0", 0))
+            for _ in range(attempts):
+                raw.send(frame)
+                deadline = time.monotonic() + wait
+                while select.select([raw], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    data, address = raw.recvfrom(65535)
+                    packet = Ether(data)
+                    if address[2] != PACKET_OUTGOING and packet.haslayer(DHCP6_Advertise) \
+                            and packet[DHCP6_Advertise].trid == TRID:
+                        return [o.addr for o in packet[DHCP6OptIA_NA].ianaopts if isinstance(o, DHCP6OptIAAddress)]
+        return []
+
+    return in_netns(vm.name, exchange)
 
 
 def ipv6_state():
@@ -129,8 +135,6 @@ def test_the_vm_takes_the_distributed_router_and_the_tenant_mtu_from_the_adverti
 
 def test_dhcpv6_offers_exactly_the_allocated_ca_and_nothing_to_an_unknown_mac(served):
     host, vm = served
-    # One interpreter for both (scapy's import costs half a minute under emulation): the
-    # VM's own MAC, then the eth0 of a VM the host does not know.
-    offered = json.loads(vm.run(sys.executable, "-c", SOLICIT, MAC, link_local(MAC), STRANGER, link_local(STRANGER),
-                                timeout=120).stdout)
+    # The VM's own MAC, then the eth0 of a VM the host does not know.
+    offered = {mac: solicit(vm, mac) for mac in (MAC, STRANGER)}
     assert offered == {MAC: [CA], STRANGER: []}
