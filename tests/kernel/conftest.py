@@ -41,7 +41,8 @@ def _require_kernel_tier(kernel_tier_problem: str | None) -> None:
 
 def hnv_lab(*args: str) -> CliResult:
     """`hnv-lab ARGS` through its real entry point, in this process (tests/lib/cli.py).
-    For `down` and `status`; `up` and `demo` start daemons and run as subprocesses."""
+    For `down`, `status`, and `demo` on a lab whose daemons all run; `up` (and `demo` on
+    a lab it must complete) fork daemons from the calling process: run as subprocesses."""
     return run_main(lab_cli.main, args)
 
 

@@ -133,8 +133,7 @@ def test_up_refuses_a_namespace_it_did_not_create(clean_lab):
     squatter = TOPOLOGY.hosts[2].name  # CON-HyperV3, made by someone else
     subprocess.run(["ip", "netns", "add", squatter], check=True)
     try:
-        up = subprocess.run([*HNV_LAB, "up", "--no-daemons"], capture_output=True, text=True,
-                            timeout=300, check=False)
+        up = hnv_lab("up", "--no-daemons")
         assert up.returncode == 1
         assert f"namespace {squatter} already exists and is not in the record" in up.stderr
         hnv_lab("down")

@@ -1,22 +1,24 @@
 """The seed lab's one life in the kernel tier: up, the walkthrough, Prometheus, down.
 
-`hnv-lab up --prometheus` with a capture on the management switch from before the
-agents started: the agents reach the controller across the switch with their bearer
-tokens, and the capture holds TLS and never a token. Then `hnv-lab demo --keep` on that
-lab passes every check of the seed walkthrough (seven host namespaces, the controller and
-seven agents as processes talking HTTPS over the lab's management network, tenant pings
-inside NVGRE, captures decoded). Debian's Prometheus, started in the controller's host
-namespace with the project's scrape configuration and alert rules (intervals and `for:`
-shortened for the lab), shows through its HTTP API, queried from inside the lab's
-management network, every target up and every host's series; stopping one agent fires
-HnvAgentDown for that host and no other. `down` stops Prometheus with the daemons,
-removes a VM namespace of the lab that no veth leads to, and leaves nothing else.
+`hnv-lab up` with a capture on the management switch from before the agents started:
+the agents reach the controller across the switch with their bearer tokens, and the
+capture holds TLS and never a token. Then `hnv-lab demo --keep` on that lab passes every
+check of the seed walkthrough (seven host namespaces, the controller and seven agents as
+processes talking HTTPS over the lab's management network, tenant pings inside NVGRE,
+captures decoded). Then `hnv-lab up --prometheus` adds Debian's Prometheus to the running
+lab, in the controller's host namespace with the project's scrape configuration and
+alert rules (intervals and `for:` shortened for the lab); its HTTP API, queried from
+inside the lab's management network, shows every target up and every host's series, and
+stopping one agent fires HnvAgentDown for that host and no other. `down` stops
+Prometheus with the daemons, removes a VM namespace of the lab that no veth leads to,
+and leaves nothing else.
 
 One lab for all of it (an `up` of the seed's seven hosts takes two minutes under
-emulation); the tests run in file order. `down` after a crash and `up` refusing a
-namespace it did not make are tests/kernel/test_lab_demo.py's, on labs of their own.
-Runs on a kernel with gretap, 802.1Q, bonding, VRF and VLAN filtering (the kernel tier's
-VM here).
+emulation); the tests run in file order. Prometheus starts after the walkthrough: its
+scrapes of eight targets every few seconds slowed the walkthrough by minutes on the
+emulated CPUs. `down` after a crash and `up` refusing a namespace it did not make are
+tests/kernel/test_lab_demo.py's, on labs of their own. Runs on a kernel with gretap,
+802.1Q, bonding, VRF and VLAN filtering (the kernel tier's VM here).
 """
 
 from __future__ import annotations
@@ -44,7 +46,6 @@ TLS_HANDSHAKE, TLS_APPLICATION_DATA = 0x16, 0x17
 
 @dataclass
 class Lab:
-    up_output: str
     started: float
     record: LabRecord
     pcap: Path
@@ -54,13 +55,12 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """The seed lab with Prometheus, up with a capture on its switch from before the
-    agents started; down (whatever the tests did) at the end."""
+    """The seed lab, up with a capture on its switch from before the agents started; down
+    (whatever the tests did) at the end."""
     hnv_lab("down")
     before = _snapshot()
     started = time.monotonic()
-    built = subprocess.run([*HNV_LAB, "up", "--no-daemons"], capture_output=True, text=True, timeout=600,
-                           check=False)
+    built = hnv_lab("up", "--no-daemons")  # in this process: cabling only, nothing forked
     assert built.returncode == 0, built.stdout + built.stderr
     pcap = tmp_path_factory.mktemp("management") / "management.pcap"
     # -i any in the switch's namespace: every frame forwarded between hosts, on its ports.
@@ -69,13 +69,12 @@ def lab(tmp_path_factory):
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_until(pcap.exists, 60, "tcpdump to open its capture file")
-        up = subprocess.run([*HNV_LAB, "up", "--prometheus"], capture_output=True, text=True,
-                            timeout=1200, check=False)
+        up = subprocess.run([*HNV_LAB, "up"], capture_output=True, text=True, timeout=1200, check=False)
         assert up.returncode == 0, up.stdout + up.stderr
-        print(f"up --prometheus took {time.monotonic() - started:.0f} s")
+        print(f"up took {time.monotonic() - started:.0f} s")
         record = LabRecord.load(TOPOLOGY.name)
         assert record is not None
-        yield Lab(up.stdout, started, record, pcap, capture, before)
+        yield Lab(started, record, pcap, capture, before)
     finally:
         if capture.poll() is None:
             capture.terminate()
@@ -131,21 +130,31 @@ def test_the_management_network_carries_no_token_in_clear(lab):
 
 
 def test_the_walkthrough_passes_every_check_on_the_running_lab(lab, tmp_path):
-    """What `make demo` runs, on the lab that is up (`--keep`: the last test takes it down)."""
+    """What `make demo` runs, on the lab that is up (`--keep`: the last test takes it down).
+
+    Through `hnv-lab`'s main in this process (tests/lib/cli.py): a new Python paid a minute
+    of imports under emulation. That is safe only because every daemon of the lab runs, so
+    `demo` starts none: starting one forks the calling process."""
+    record = LabRecord.load(TOPOLOGY.name)
+    assert record is not None
+    dead = [f"{p.role} {p.name}" for p in record.processes if not processes.is_alive(p)]
+    assert not dead, f"daemons of the lab stopped before the walkthrough: {dead}"
     started = time.monotonic()
-    proc = subprocess.run([*HNV_LAB, "demo", "--keep"], capture_output=True, text=True, timeout=1500,
-                          check=False)
-    output = proc.stdout + proc.stderr
+    demo = hnv_lab("demo", "--keep")
+    output = demo.stdout + demo.stderr
     (tmp_path / "demo.txt").write_text(output)
     print(output[-4000:])
     print(f"the walkthrough took {time.monotonic() - started:.0f} s")
-    assert_walkthrough(output, proc.returncode)
+    assert_walkthrough(output, demo.returncode)
     assert LabRecord.load(TOPOLOGY.name) is not None, "demo --keep took the lab down"
 
 
 def test_prometheus_scrapes_every_target_and_fires_agent_down(lab):
-    assert f"up: prometheus on {TOPOLOGY.controller.host} at {prometheus.base_url(TOPOLOGY)}" in lab.up_output
-    record = lab.record
+    up = subprocess.run([*HNV_LAB, "up", "--prometheus"], capture_output=True, text=True, timeout=600, check=False)
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"up: prometheus on {TOPOLOGY.controller.host} at {prometheus.base_url(TOPOLOGY)}" in up.stdout
+    record = LabRecord.load(TOPOLOGY.name)
+    assert record is not None
     server = next(p for p in record.processes if p.role == "prometheus")
     assert processes.is_alive(server)
 
@@ -207,7 +216,9 @@ def test_down_stops_prometheus_and_removes_a_lab_vm_namespace_no_veth_leads_to(l
     from agent import naming
     from agent.netns import ensure_vm_netns
 
-    server = next(p for p in lab.record.processes if p.role == "prometheus")
+    record = LabRecord.load(TOPOLOGY.name)  # with the Prometheus the test above started
+    assert record is not None
+    server = next(p for p in record.processes if p.role == "prometheus")
     orphan, other_lab, bystander = "orphan-vm-lab-test", "other-lab-vm-test", "bystander-lab-test"
     try:
         subprocess.run(["ip", "netns", "add", bystander], check=True)

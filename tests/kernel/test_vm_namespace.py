@@ -37,9 +37,10 @@ def links(netns: str) -> dict[str, dict[str, Any]]:
     return {link["ifname"]: link for link in json.loads(out)}
 
 
-# Devices the kernel itself puts in every new namespace once ip_gre is loaded (its
-# fallback tunnels): not the VM's, not the agent's.
-KERNEL_FALLBACK_DEVICES = {"gre0", "gretap0", "erspan0"}
+# Devices the kernel itself puts in every new namespace once ip_gre, ip6_gre and
+# ip6_tunnel are loaded (their fallback tunnels; an ip6gretap loads the IPv6 two):
+# not the VM's, not the agent's.
+KERNEL_FALLBACK_DEVICES = {"gre0", "gretap0", "erspan0", "ip6gre0", "ip6tnl0"}
 
 
 def without_vms(document: dict[str, Any], names: set[str]) -> dict[str, Any]:
