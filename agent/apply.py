@@ -179,10 +179,15 @@ class Applier:
 
     # -- the loop --------------------------------------------------------------------
 
-    def apply(self, plan: Plan) -> tuple[int, list[ObjectError]]:
+    def apply(self, plan: Plan, indexes: dict[str, int] | None = None) -> tuple[int, list[ObjectError]]:
         """Carry out every op; returns (ops applied, errors). Never raises for a kernel
-        refusal of one object."""
-        self._index = {m.get_attr("IFLA_IFNAME"): m["index"] for m in self.ipr.get_links()}
+        refusal of one object. `indexes` (name -> ifindex) spares the dump of every link
+        that otherwise fills the index: a plan of a few links (agent.plan.tap_plan) knows
+        them; any other name is looked up when needed."""
+        if indexes is not None:
+            self._index = dict(indexes)
+        else:
+            self._index = {m.get_attr("IFLA_IFNAME"): m["index"] for m in self.ipr.get_links()}
         errors: list[ObjectError] = []
         applied = 0
         ops = list(plan.ops)

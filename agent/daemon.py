@@ -13,7 +13,8 @@ does the work):
   stops answering; ``hnv_agent_controller_info{url}`` (1 for the one in use),
   ``hnv_agent_controller_switches_total`` and /healthz's ``controller`` say which.
 - kernel events (agent.events.KernelEventWatch): records "a link or static neighbour
-  changed" in the inbox and wakes the loop.
+  changed" in the inbox and wakes the loop; marks it urgent when the link is a VM's tap
+  the loop waits for (`TapWatch`).
 - status (agent.watch.StatusReporter): sends the latest status to the controller the
   watch uses.
 - metrics (agent.metrics.ObservabilityServer): answers /metrics and /healthz.
@@ -23,6 +24,17 @@ does the work):
 - the loop (this module): the only thread that decides, persists and reconciles. It
   wakes for a document, for kernel events (debounced: a burst of notifications, most of
   them caused by our own writes, becomes one reconcile), and every resync interval.
+
+Real VMs' taps (agent.plan, "tap ports"): a tap the hypervisor has not created yet is
+waiting, not an error; the loop logs each tap's changes of state (``event=tap_waiting``,
+``tap_plugged``, ``tap_refused`` with the device and the expected and seen MAC),
+/healthz lists them under ``taps``, and a refused one is an error in the status. The
+kernel event of a waited-for tap appearing (or changing, when refused) skips the gap
+kept between event reconciles: only the debounce stands between a VM's start and its
+tap on the bridge (EVENT_RECONCILE_GAP exists against loops of our own writes, and a
+tap's appearance is never ours). The loop then plugs the waited-for taps first, reading
+and writing only them (Reconciler.plug_taps), and reconciles the whole host right after:
+a VM's start does not wait for the observation of a host with thousands of records.
 
 Supervision: the watch, status, kernel events and loop threads run under
 agent.supervision. Whatever one of them raises (a callback that fails, an error no one
@@ -71,6 +83,9 @@ log = logging.getLogger("agent.daemon")
 DEFAULT_STATE_DIR = "/var/lib/openhnv-agent"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
 EVENT_RECONCILE_GAP = 1.0  # seconds between two event-triggered reconciles, at least
+# The debounce after a waited-for tap appears (at most; the configured one when shorter):
+# a hypervisor sets the tap's address and brings it up within milliseconds of creating it.
+TAP_DEBOUNCE = 0.1
 PERIODIC_DUTY_FACTOR = 2.0  # idle at least this many times the last reconcile's duration
 TUNNEL_STATS_WAIT = 1.0  # seconds a scrape waits for another scrape's read of the tunnel counters
 NETNS_HELPER_TIMEOUT = 30  # seconds pyroute2 waits for its namespace helper process
@@ -82,6 +97,7 @@ class ReconcilerLike(Protocol):
     """What the loop needs from agent.reconcile.Reconciler."""
 
     def reconcile(self, desired: HostState) -> Any: ...
+    # Optional: plug_taps(desired, devices) -> a result like reconcile's, for the taps alone.
     def tunnel_stats(self, timeout: float | None = None) -> list[Any]: ...
     def close(self) -> None: ...
 
@@ -113,6 +129,7 @@ class Wakeup:
     has_document: bool = False
     document: Any = None
     kernel_events: list[str] = field(default_factory=list)
+    urgent: bool = False  # one of the events is a waited-for tap appearing (TapWatch)
 
 
 class Inbox:
@@ -130,16 +147,23 @@ class Inbox:
             self._wakeup.document = document
             self._condition.notify_all()
 
-    def note_kernel_event(self, description: str) -> None:
+    def note_kernel_event(self, description: str, urgent: bool = False) -> None:
         with self._condition:
             if len(self._wakeup.kernel_events) < 100:  # a burst needs one reconcile, not a log
                 self._wakeup.kernel_events.append(description)
+            self._wakeup.urgent = self._wakeup.urgent or urgent
             self._condition.notify_all()
 
     def stop(self) -> None:
         with self._condition:
             self._stopping = True
             self._condition.notify_all()
+
+    def wait_urgent(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for an urgent kernel event (left in the inbox for `take`)."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._stopping or self._wakeup.urgent, timeout=max(0.0, timeout))
+            return self._wakeup.urgent
 
     def take(self, timeout: float) -> Wakeup:
         with self._condition:
@@ -149,6 +173,74 @@ class Inbox:
             )
             taken, self._wakeup = self._wakeup, Wakeup()
             return taken
+
+
+class TapWatch:
+    """The taps the loop waits for, shared by the loop (which tells it, after each
+    reconcile, every tap it wants and which are plugged) and the kernel event thread
+    (which asks whether an event is urgent).
+
+    Urgent: a link message for a wanted tap that is not plugged (absent, refused, or
+    deleted since: a restarting VM's). Not urgent: anything else, including the messages
+    our own writes to a plugged tap raise, so the gap between event reconciles still
+    holds against a loop of our own writes.
+
+    Deletions are numbered: a reconcile that read the kernel before a tap was deleted
+    (the VM restarting while it ran) must not mark the new tap as plugged. The loop takes
+    `begin()` before it reads the kernel and hands it back with what it found."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wanted: set[str] = set()
+        self._plugged: set[str] = set()
+        self._seq = 0
+        self._deleted: dict[str, int] = {}  # tap -> the number of its last deletion
+        self._plugging: set[str] = set()  # being plugged now: its notifications are our writes
+
+    def begin(self) -> int:
+        with self._lock:
+            return self._seq
+
+    def deleted_since(self, seq: int) -> set[str]:
+        """The taps deleted after `begin()` returned `seq`."""
+        with self._lock:
+            return {name for name, number in self._deleted.items() if number > seq}
+
+    def update(self, taps: Any, seq: int) -> None:
+        """Every tap the state wants, as a reconcile that began at `seq` found them."""
+        with self._lock:
+            self._wanted = {tap.device for tap in taps}
+            self._plugged = {tap.device for tap in taps
+                             if tap.state == "plugged" and self._deleted.get(tap.device, 0) <= seq}
+
+    def plugging(self, devices: set[str]) -> None:
+        """Taps about to be plugged: the notifications of our writes to them are not urgent."""
+        with self._lock:
+            self._plugging = set(devices)
+
+    def mark_plugged(self, devices: set[str], seq: int) -> None:
+        """Taps just plugged by a plan that began at `seq` (before the full reconcile says
+        so): our writes to them are not urgent. Ends `plugging`."""
+        with self._lock:
+            self._plugging = set()
+            self._plugged |= {name for name in devices & self._wanted if self._deleted.get(name, 0) <= seq}
+
+    def unplugged(self) -> set[str]:
+        with self._lock:
+            return self._wanted - self._plugged
+
+    def urgent(self, description: str) -> bool:
+        """Whether a kernel event ('RTM_NEWLINK hnvn...', agent.events) should skip the gap."""
+        event, _, name = description.partition(" ")
+        with self._lock:
+            if name not in self._wanted:
+                return False
+            if event == "RTM_DELLINK":
+                self._plugged.discard(name)  # the VM stopped: its next tap is urgent again
+                self._seq += 1
+                self._deleted[name] = self._seq
+                return False
+            return event == "RTM_NEWLINK" and name not in self._plugged and name not in self._plugging
 
 
 def _error_entry(error: Any) -> dict[str, Any]:
@@ -184,8 +276,9 @@ class AgentDaemon:
             backoff=backoff,
         )
         self.reporter = StatusReporter(self.endpoint, backoff=backoff)
+        self.tap_watch = TapWatch()
         self.kernel_events = (
-            KernelEventWatch(self.inbox.note_kernel_event, netns=config.netns)
+            KernelEventWatch(self._on_kernel_event, netns=config.netns)
             if config.watch_kernel_events else None
         )
         self.server = (
@@ -201,10 +294,12 @@ class AgentDaemon:
         self.reconcile_count = 0
         self._last_clean_generation: int | None = None  # reconciled without errors
         self._object_errors: list[dict[str, Any]] = []
+        self.taps: dict[str, dict[str, Any]] = {}  # device -> the tap as /healthz shows it
         self._refusal: dict[str, Any] | None = None  # the last refused document, as an error
         self._unsaved: HostState | None = None  # accepted but not yet persisted
         self._loop_tick = time.monotonic()
         self._last_event_reconcile = 0.0
+        self._tap_seq = 0  # TapWatch.begin() of the last reconcile
         self._stop = threading.Event()
         self._loop_runs = 0  # how many times the loop body started (more than 1: restarted)
         self.supervisor = Supervisor(
@@ -306,6 +401,7 @@ class AgentDaemon:
             "last_reconcile": self.last_reconcile,
             "threads": {name: thread.as_dict() for name, thread in threads.items()},
             "threads_down": down,
+            "taps": [dict(tap) for tap in self.taps.values()],
         }
         return loop_turning and not down, body
 
@@ -345,6 +441,9 @@ class AgentDaemon:
         if thread == "kernel_events":
             # Notifications were missed while no one listened: reconcile once for them.
             self.inbox.note_kernel_event("kernel event watch restarted")
+
+    def _on_kernel_event(self, description: str) -> None:
+        self.inbox.note_kernel_event(description, urgent=self.tap_watch.urgent(description))
 
     def _on_controller_switch(self, old: str, new: str, reason: str) -> None:
         self.metrics.controller_switches.inc()
@@ -404,10 +503,22 @@ class AgentDaemon:
                 # more than one event reconcile per EVENT_RECONCILE_GAP: our own writes
                 # raise events too, and a reconciler that can never converge must not
                 # become a busy loop.
-                since_last = time.monotonic() - self._last_event_reconcile
-                self._stop.wait(max(self.config.event_debounce, EVENT_RECONCILE_GAP - since_last))
+                # A waited-for tap appearing is never our own write: it ends the gap, and
+                # only the debounce (counted from its event) stands before the reconcile
+                # (TapWatch). A restarting VM's tap is deleted (not urgent) and made again
+                # (urgent) while the loop already waits out the gap: hence the wait.
+                debounce = self.config.event_debounce
+                tap_debounce = min(debounce, TAP_DEBOUNCE)
+                started = time.monotonic()
+                since_last = started - self._last_event_reconcile
+                until = started + (tap_debounce if wakeup.urgent
+                                   else max(debounce, EVENT_RECONCILE_GAP - since_last))
+                if not wakeup.urgent and self.inbox.wait_urgent(until - started):
+                    until = min(until, time.monotonic() + tap_debounce)
+                self._stop.wait(max(0.0, until - time.monotonic()))
                 later = self.inbox.take(timeout=0)
                 wakeup.kernel_events += later.kernel_events
+                wakeup.urgent = wakeup.urgent or later.urgent
                 if later.has_document:
                     wakeup.has_document, wakeup.document = True, later.document
             reconciled = False
@@ -423,9 +534,11 @@ class AgentDaemon:
                 continue
             if wakeup.kernel_events:
                 log.info(
-                    "event=kernel_changed count=%d first=%s",
-                    len(wakeup.kernel_events), _q(wakeup.kernel_events[0]),
+                    "event=kernel_changed count=%d first=%s tap=%s",
+                    len(wakeup.kernel_events), _q(wakeup.kernel_events[0]), int(wakeup.urgent),
                 )
+                if wakeup.urgent:
+                    self._plug_taps(self.held)
                 self._reconcile(self.held, reason="event")
                 self._last_event_reconcile = time.monotonic()
                 next_resync = self._next_resync()
@@ -510,14 +623,17 @@ class AgentDaemon:
 
     def _reconcile(self, state: HostState, *, reason: str) -> None:
         started = time.monotonic()
+        tap_seq = self.tap_watch.begin()
         try:
             result = self.reconciler.reconcile(state)
             planned, applied = int(result.planned), int(result.applied)
             errors = [_error_entry(e) for e in result.errors]
             objects_by_kind = dict(result.objects_by_kind)
+            taps = tuple(getattr(result, "taps", ()))
         except Exception as exc:  # a reconciler bug must not kill the loop
             log.exception("event=reconcile_crashed generation=%d", state.generation)
             planned, applied, objects_by_kind = -1, 0, {}
+            taps = None  # not known: keep what the last reconcile said
             errors = [{
                 "kind": "agent", "object": f"reconcile of generation {state.generation}",
                 "errno": None, "message": f"{type(exc).__name__}: {exc}",
@@ -530,11 +646,20 @@ class AgentDaemon:
         for error in errors:
             self.metrics.count_apply_error(error.get("errno"))
         same_generation = state.generation == self._last_clean_generation
-        if reason in ("periodic", "event") and same_generation and planned > 0:
+        # A VM's tap that appeared (plugged) or changed its address (released) is the
+        # hypervisor's doing, not drift: a host whose VMs start would raise the drift alert.
+        # A tap deleted since the last reconcile began and found plugged now is a new one.
+        tap_moved = taps is not None and (any(
+            (self.taps.get(tap.device) or {}).get("state") != tap.state for tap in taps)
+            or bool(self.tap_watch.deleted_since(self._tap_seq)))
+        self._tap_seq = tap_seq
+        if reason in ("periodic", "event") and same_generation and planned > 0 and not tap_moved:
             # The kernel moved away from a generation we had fully applied: drift.
             self.metrics.drift_repairs.inc()
             log.warning("event=drift_repaired generation=%d reason=%s planned=%d", state.generation, reason, planned)
         self._last_clean_generation = state.generation if not errors else None
+        if taps is not None:
+            self._note_taps(taps, errors, tap_seq)
         self._object_errors = errors
         self.applied_generation = state.generation
         self.metrics.applied_generation.set(state.generation)
@@ -561,6 +686,53 @@ class AgentDaemon:
                     _q(error["kind"]), _q(error["object"]), error["errno"], _q(error["message"]),
                 )
         self._report()
+
+    def _plug_taps(self, state: HostState) -> None:
+        """Plug the taps the loop waits for, touching nothing else (Reconciler.plug_taps);
+        the full reconcile that follows reports them. Best effort: a failure here is the
+        full reconcile's to meet and report."""
+        plug = getattr(self.reconciler, "plug_taps", None)
+        devices = self.tap_watch.unplugged()
+        if plug is None or not devices:
+            return
+        seq = self.tap_watch.begin()
+        self.tap_watch.plugging(devices)
+        try:
+            result = plug(state, devices)
+        except Exception:  # a bug here must not keep the full reconcile from running
+            self.tap_watch.mark_plugged(set(), seq)
+            log.exception("event=tap_plug_crashed generation=%d", state.generation)
+            return
+        failed = {error.object for error in result.errors}
+        plugged = {tap.device for tap in result.taps if tap.state == "plugged"} - failed
+        self.tap_watch.mark_plugged(plugged, seq)
+        log.info("event=taps_plugged devices=%s planned=%d applied=%d errors=%d duration_ms=%.1f taps=%s",
+                 ",".join(sorted(plugged)) or "-", result.planned, result.applied, len(result.errors),
+                 result.duration_s * 1000, ",".join(f"{tap.device}:{tap.state}" for tap in result.taps) or "-")
+
+    def _note_taps(self, taps: tuple[Any, ...], errors: list[dict[str, Any]], seq: int) -> None:
+        """Keep each tap's state for /healthz and the event thread; log what changed.
+
+        A tap the plan would plug but whose operations failed is ``failed`` (its errors
+        are in the status and the log like any object's)."""
+        failed = {error["object"] for error in errors if error.get("kind") == "external"}
+        now: dict[str, dict[str, Any]] = {}
+        for tap in taps:
+            shown = tap.as_dict()
+            if shown["state"] == "plugged" and tap.device in failed:
+                shown["state"] = "failed"
+            now[tap.device] = shown
+            before = self.taps.get(tap.device)
+            if before is not None and (before["state"], before["seen_mac"]) == (shown["state"], shown["seen_mac"]):
+                continue
+            if shown["state"] == "refused":
+                log.warning("event=tap_refused vm=%s device=%s expected_mac=%s seen_mac=%s reason=%s",
+                            _q(tap.vm), tap.device, tap.expected_mac, tap.seen_mac, _q(tap.reason))
+            elif shown["state"] != "failed":
+                log.info("event=tap_%s vm=%s device=%s bridge=%s mac=%s", shown["state"], _q(tap.vm),
+                         tap.device, tap.bridge, tap.seen_mac or tap.expected_mac)
+        self.taps = now
+        self.tap_watch.update(taps, seq)
 
     def _report(self) -> None:
         if self.applied_generation is None:

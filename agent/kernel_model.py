@@ -70,6 +70,9 @@ class Link:
     up: bool = True
     port_flags: Options = ()  # bridge port flags; empty: not managed
     vm: VmEnd | None = None
+    # A device the agent neither creates nor owns and plugs only while its address is
+    # this one: a real VM's tap (agent.plan, "Tap ports"). Checked, never set.
+    expect_mac: str | None = None
     index: int = 0  # observed only
 
     @property

@@ -12,7 +12,8 @@ never from a counter, so an agent restarted with no memory finds its own objects
     VXLAN device     hnvx<vsid>
     flow tunnel      hnvf<4|6>                   one collect-metadata gretap per PA family
     flow port        hnvq<vsid>                  the VSID bridge's port into the flow tunnel
-    VM port          hnvp<10 hex of sha1(VM name)>   host end of the veth / record of a tap
+    VM port          hnvp<10 hex of sha1(VM name)>   host end of a lab VM's veth
+    VM tap           hnvn<10 hex of sha1(VM name)>   a real VM's tap, made by the hypervisor
     provider VLAN    <switch>.<vlan>             hnv-sw.802  (hash form when too long)
     front-end VLAN   <switch>.<vlan>             hnv-sw.30   (a gateway host's external network)
     gateway leg      hnvl<routing domain id>     hnvl2       macvlan on the front-end VLAN, in the VRF
@@ -104,6 +105,31 @@ def flow_port(vsid: int) -> str:
 def vm_port(vm_name: str) -> str:
     """Host end of a VM's port. Hashed: VM names are free text of up to 256 characters."""
     return f"{PREFIX}p{_short_hash(vm_name)}"
+
+
+def vm_tap(vm_name: str) -> str:
+    """The tap of a real VM's NIC when the fabric names no device: what the operator puts
+    in libvirt's ``<target dev=.../>`` or qemu's ``ifname=``, and the agent plugs.
+
+    The agent does not create it (the hypervisor does) and does not own it: it has no
+    ownership marker, so it is never deleted, only released. The same hash as the VM's
+    lab port (`vm_port`), another letter: one VM, one name either way."""
+    return f"{PREFIX}n{_short_hash(vm_name)}"
+
+
+TAP_MAC_FIRST_OCTET = 0xFE  # libvirt's, for a VM MAC that does not begin with fe
+TAP_MAC_FIRST_OCTET_FOR_FE = 0xFA  # ... and for one that does
+
+
+def tap_mac(vm_mac: str) -> str:
+    """The address a VM's tap must have to be plugged: the VM's MAC with its first octet
+    replaced by fe (fa when the VM's MAC begins with fe), which is what libvirt gives the
+    host end of every tap it creates (the guest keeps the VM's MAC). Never the VM's own
+    MAC: a bridge takes the address of each port as its own (a local FDB entry), so the
+    VM's frames would go to the host instead of the VM."""
+    octets = vm_mac.lower().split(":")
+    first = TAP_MAC_FIRST_OCTET_FOR_FE if int(octets[0], 16) == TAP_MAC_FIRST_OCTET else TAP_MAC_FIRST_OCTET
+    return ":".join([f"{first:02x}", *octets[1:]])
 
 
 def provider_vlan(switch: str, vlan: int) -> str:

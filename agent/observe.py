@@ -8,9 +8,10 @@ reused). It reports what it finds, filtered to what the agent may manage:
   creation-time options and changeable settings of the kinds the agent creates;
 - bridge VLANs only of VLAN-filtering bridges and their ports (a non-filtering VSID
   bridge keeps a meaningless default PVID on each port);
-- FDB entries only on owned devices and only the static kind the agent writes: bridge
-  entries in state NOARP without PERMANENT (a port's own MAC is a PERMANENT "local"
-  entry of the bridge itself: never ours) and VXLAN entries with a remote PA;
+- FDB entries only on owned devices and on the VMs' taps plugged into an owned bridge,
+  and only the static kind the agent writes: bridge entries in state NOARP without
+  PERMANENT (a port's own MAC is a PERMANENT "local" entry of the bridge itself: never
+  ours) and VXLAN entries with a remote PA;
 - neighbours only PERMANENT ones on owned devices;
 - routes: default routes of the main table (the management default route) and, in an
   owned VRF's table, the unicast and unreachable routes someone added (a catch-all, a
@@ -20,13 +21,18 @@ reused). It reports what it finds, filtered to what the agent may manage:
 The gateway host's nftables table is read by agent.nat (`observe_table`), which
 agent.reconcile calls when the kernel holds gateway devices.
 
-Writes nothing. `read_tunnel_stats` reads the per-tunnel counters.
+Writes nothing. `read_tunnel_stats` reads the per-tunnel counters; `observe_links` reads
+a few links by name (a VM's tap and its bridge: agent.reconcile's `plug_taps`).
 """
 
 from __future__ import annotations
 
+import errno
 import socket
+from collections.abc import Iterable
 from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from agent import naming
 from agent.kernel_model import (
@@ -44,6 +50,7 @@ from agent.tunnels import ENCAPLIMIT_NONE, GRE_KEY_FLAG, IP6_TNL_F_IGN_ENCAP_LIM
 
 AF_BRIDGE = 7
 IFF_UP = 0x1
+IFF_TAP = 0x2  # IFLA_TUN_TYPE of a tap (IFF_TUN, 0x1, of a tun)
 BRIDGE_VLAN_INFO_PVID = 0x2
 BRIDGE_VLAN_INFO_UNTAGGED = 0x4
 RTN_UNREACHABLE = 7
@@ -105,6 +112,9 @@ def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
     info = _attrs(msg.get_attr("IFLA_LINKINFO"))
     kind = info.get("IFLA_INFO_KIND") or "nic"
     data = _attrs(info.get("IFLA_INFO_DATA"))
+    if kind == "tun":
+        # The kernel calls tun and tap devices "tun"; IFLA_TUN_TYPE tells them apart.
+        kind = "tap" if data.get("IFLA_TUN_TYPE") == IFF_TAP else "tun"
     options = {opt: _value(data[attr]) for attr, opt in _OPTIONS.get(kind, {}).items() if attr in data}
     if kind in ("vlan", "macvlan"):
         options["link"] = names.get(msg.get_attr("IFLA_LINK") or 0)
@@ -204,8 +214,11 @@ def observe(ipr: Any, records: NeighbourSocket, flow: FlowDatapath | None = None
                            device=names.get(msg.get_attr("RTA_OIF") or 0), metric=metric))
 
     # FDB and neighbours can number tens of thousands: dumped through netlink_batch's
-    # lean parser rather than pyroute2's generic one.
-    for entry in records.dump_fdb(owned):
+    # lean parser rather than pyroute2's generic one. A VM's tap on one of our bridges is
+    # not ours, but the static entry of the VM's MAC on it is (agent.plan): read, or every
+    # reconcile would write it again.
+    taps = {l.index for l in have.links.values() if l.kind == "tap" and l.master in owned_names}
+    for entry in records.dump_fdb(owned | taps):
         port = names[entry.ifindex]
         if not entry.master and entry.dst is not None and port.startswith(naming.PREFIX + "x"):
             have.add(Fdb(port, entry.mac, dst=entry.dst))
@@ -226,6 +239,26 @@ def observe(ipr: Any, records: NeighbourSocket, flow: FlowDatapath | None = None
                 attached = flow.attached(link.name, direction, pinned)
                 if attached is not None:
                     have.add(attached)
+    return have
+
+
+def observe_links(ipr: Any, names: Iterable[str]) -> KernelState:
+    """The named links alone, each read by name (no dump): what plugging a VM's tap needs
+    to know (the tap and its bridge), at a cost that does not grow with the host. A name
+    the kernel does not know is left out; a master that is not one of `names` reads as
+    None (not worth a read of its own: the plan then sets the master it wants)."""
+    messages = []
+    for name in names:
+        try:
+            messages.append(ipr.link("get", ifname=name)[0])
+        except NetlinkError as exc:
+            if exc.code in (errno.ENODEV, errno.ENOENT):
+                continue
+            raise
+    indexes = {msg["index"]: msg.get_attr("IFLA_IFNAME") for msg in messages}
+    have = KernelState()
+    for msg in messages:
+        have.add(_link_from_msg(msg, indexes))
     return have
 
 

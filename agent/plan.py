@@ -18,6 +18,13 @@ FDB and neighbour entries only on owned devices and only the static/permanent ki
 agent writes. An empty HostState is a real answer ("hold nothing") but a failed fetch is
 never turned into one; that is the daemon's job.
 
+A real VM's port (kind tap) is the hypervisor's tap device: never created or deleted
+here, plugged into its bridge (tenant MTU, IPv6 off, up) only while it exists and carries
+the MAC libvirt gives the VM's tap (agent.naming.tap_mac). `Plan.taps` says, per tap,
+whether it is plugged, waiting (absent: the VM is not running) or refused (another MAC,
+or not a tap); an absent or refused tap plans nothing (a refused one still on its bridge
+is released), and neither is an operation or an error of the plan.
+
 Flow mode (tunnel_mode flow, agent.tunnels and agent.flowmode) adds eBPF map entries
 and tc programs: made after the links (entries hold their ifindexes), map entries before
 the programs that read them, deleted in the reverse order before the links.
@@ -238,7 +245,10 @@ def desired_kernel_state(state: HostState) -> KernelState:
         if port.kind is PortKind.tap:
             assert port.device is not None
             device = port.device
-            link = Link(name=device, kind="tap", role="external", owned=False, master=master, mtu=mtu)
+            # The hypervisor's device: plugged only while it carries the MAC libvirt gives
+            # this VM's tap (naming.tap_mac), never created, never deleted (see tap_ports).
+            link = Link(name=device, kind="tap", role="external", key=port.name, owned=False,
+                        settings=QUIET, master=master, mtu=mtu, expect_mac=naming.tap_mac(port.mac))
         else:
             device = naming.vm_port(port.name)
             end = VmEnd(namespace=port.namespace, mac=port.mac,
@@ -360,6 +370,76 @@ def _add_records(state: HostState, want: KernelState, local_pas: set[str],
                 want.add(obj)
 
 
+# --- tap ports ---------------------------------------------------------------------------
+
+# What became of a real VM's tap in a plan.
+PLUGGED = "plugged"  # there with the right MAC: plugged (or kept) on its bridge
+WAITING = "waiting"  # not there: the VM is not running; plugged when it appears
+REFUSED = "refused"  # there but not the VM's (another MAC, not a tap): never plugged
+
+
+@dataclass(frozen=True)
+class TapPort:
+    """One real VM's tap as a plan found it: the device, where it goes, and its state."""
+
+    vm: str
+    device: str
+    state: str  # PLUGGED, WAITING or REFUSED
+    bridge: str | None  # its master when plugged (a VSID bridge, or the switch for a VLAN network)
+    expected_mac: str
+    seen_mac: str | None = None
+    reason: str = ""
+
+    def describe(self) -> str:
+        text = f"{self.state} tap {self.device} of VM {self.vm}"
+        return f"{text}: {self.reason}" if self.reason else f"{text} on {self.bridge}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"vm": self.vm, "device": self.device, "state": self.state, "bridge": self.bridge,
+                "expected_mac": self.expected_mac, "seen_mac": self.seen_mac, "reason": self.reason}
+
+
+def tap_ports(want: KernelState, have: KernelState) -> tuple[TapPort, ...]:
+    """Each wanted tap (a Link with `expect_mac`) against the kernel.
+
+    Why the MAC decides: the name alone says nothing about whose device it is (a VM of
+    another tenant restarted under a reused name, a tap made by hand). libvirt gives the
+    host end of a tap the VM's MAC with its first octet replaced (naming.tap_mac), so a
+    tap carrying that address was made for this VM; any other address is refused and the
+    tap never joins the tenant's bridge."""
+    found = []
+    for link in sorted(want.links.values(), key=lambda l: l.name):
+        if link.expect_mac is None:
+            continue
+        old = have.links.get(link.name)
+        seen = old.mac.lower() if old is not None and old.mac else None
+        base = dict(vm=link.key, device=link.name, bridge=link.master, expected_mac=link.expect_mac, seen_mac=seen)
+        if old is None:
+            found.append(TapPort(state=WAITING, reason="not there yet (the hypervisor creates it when the VM "
+                                 "starts); plugged when it appears", **base))
+        elif old.kind != "tap":
+            found.append(TapPort(state=REFUSED, reason=f"{link.name} is a {old.kind} device, not a tap; "
+                                 "not plugged", **base))
+        elif seen != link.expect_mac:
+            found.append(TapPort(state=REFUSED, reason=f"its MAC is {seen}, expected {link.expect_mac} (the "
+                                 "VM's MAC with the first octet fe, or fa for a MAC beginning with fe, as libvirt "
+                                 "sets it); not plugged", **base))
+        else:
+            found.append(TapPort(state=PLUGGED, **base))
+    return tuple(found)
+
+
+def _without_devices(want: KernelState, devices: set[str]) -> KernelState:
+    """`want` without the links `devices` and what lives on them (FDB entries pointing at
+    them, their VLANs): an absent or refused tap is no part of the plan, and a refused tap
+    still on its bridge is released like any device the agent no longer wants."""
+    kept = replace(want)
+    kept.links = {name: link for name, link in want.links.items() if name not in devices}
+    kept.fdb = {key: f for key, f in want.fdb.items() if f.port not in devices}
+    kept.vlans = {key: v for key, v in want.vlans.items() if v.device not in devices}
+    return kept
+
+
 # --- the plan --------------------------------------------------------------------------
 
 
@@ -384,6 +464,7 @@ class Op:
 class Plan:
     ops: tuple[Op, ...] = ()
     desired: KernelState = field(default_factory=KernelState, compare=False, repr=False)
+    taps: tuple[TapPort, ...] = ()  # the real VMs' taps: plugged, waiting or refused (not ops)
 
     @property
     def is_empty(self) -> bool:
@@ -396,7 +477,9 @@ class Plan:
         return iter(self.ops)
 
     def describe(self) -> str:
-        return "\n".join(op.describe() for op in self.ops) if self.ops else "nothing to do"
+        lines = [op.describe() for op in self.ops]
+        lines += [tap.describe() for tap in self.taps if tap.state != PLUGGED]
+        return "\n".join(lines) if lines else "nothing to do"
 
     def by_kind(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -533,9 +616,11 @@ def _link_ops(want: KernelState, have: KernelState) -> tuple[list[Op], list[Op]]
 
 
 def _managed_devices(want: KernelState, have: KernelState) -> set[str]:
-    """Devices whose addresses and VLANs the agent owns exactly: its own links and the
-    NICs it teamed (a team member's address is useless once the NIC is enslaved)."""
-    devices = {n for n, l in want.links.items() if l.owned or l.role == "member"}
+    """Devices whose addresses and VLANs the agent owns exactly: its own links, the NICs it
+    teamed (a team member's address is useless once the NIC is enslaved) and the VMs' taps
+    it plugs (a tap on a VLAN network has that VLAN alone: not the switch's default PVID,
+    the management VLAN, which the kernel gives every new port)."""
+    devices = {n for n, l in want.links.items() if l.owned or l.role == "member" or l.expect_mac is not None}
     devices |= {n for n, l in have.links.items() if l.owned}
     return devices
 
@@ -623,7 +708,12 @@ def _nat_ops(want: KernelState, have: KernelState) -> tuple[list[Op], list[Op]]:
 
 def diff(want: KernelState, have: KernelState) -> Plan:
     """The ordered operations that turn `have` (observed) into `want` (desired)."""
+    desired = want
     have = _without_recreated(want, have)
+    taps = tap_ports(want, have)
+    unplugged = {tap.device for tap in taps if tap.state != PLUGGED}
+    if unplugged:
+        want = _without_devices(want, unplugged)
     managed = _managed_devices(want, have)
     owned_tables = {l.option("table") for l in have.links.values() if l.owned and l.role == naming.VRF}
     owned_tables |= {l.option("table") for l in want.links.values() if l.role == naming.VRF}
@@ -658,7 +748,32 @@ def diff(want: KernelState, have: KernelState) -> Plan:
            + nat_make + nat_destroy + neigh_destroy + fdb_destroy + flow_destroy + route_destroy
            + addr_destroy
            + vlan_destroy + link_destroy)
-    return Plan(tuple(ops), want)
+    return Plan(tuple(ops), desired, taps)
+
+
+def tap_plan(want: KernelState, have: KernelState, devices: set[str]) -> Plan:
+    """The plan for the taps `devices` alone, against `have` holding those links and
+    their masters only (agent.observe.observe_links): the taps' own settings, master and
+    VLANs and the FDB entries on them, nothing else. Their masters are taken as they
+    are (a bridge that is missing or wrong is the full reconcile's): a tap whose master
+    is absent plans nothing here."""
+    taps = {name for name in devices if name in want.links and want.links[name].expect_mac is not None}
+    sub = KernelState()
+    for name in sorted(taps):
+        master = want.links[name].master
+        if master is None or master not in have.links:
+            continue
+        sub.add(want.links[name])
+        sub.add(have.links[master])  # as it is: never changed here, read for its VLAN filtering
+        for entry in want.fdb.values():
+            if entry.port == name:
+                sub.add(entry)
+        for vlan in want.vlans.values():
+            if vlan.device == name:
+                sub.add(vlan)
+    seen = KernelState()
+    seen.links = {name: link for name, link in have.links.items() if name in sub.links}
+    return diff(sub, seen)
 
 
 def plan(state: HostState, observed: KernelState) -> Plan:

@@ -11,6 +11,7 @@ socket of its own and never waits for a reconcile.
     rec = Reconciler(netns="hnv-host1")
     result = rec.reconcile(state)        # ReconcileResult; never raises for a netlink failure
     rec.plan(state).describe()           # what would change, without writing
+    rec.plug_taps(state, {"hnvn1a2b3c4d5e"})  # a VM's tap that just appeared, and nothing else
     rec.tunnel_stats(timeout=1.0)        # per-tunnel counters, from any thread
     rec.close()
 
@@ -20,6 +21,14 @@ changed under it (``NetlinkDumpInterrupted``) while reading the kernel back or w
 applying becomes an ``ObjectError`` of kind ``host`` in the result; the sockets are then
 closed, so the next reconcile starts on fresh ones. An interrupted read is first taken
 again, up to ``DUMP_ATTEMPTS`` times, as ``ip`` does.
+
+A real VM's tap (agent.plan, `Plan.taps`) that is absent is reported in the result's
+``taps`` as waiting, not as an error; one that is there but refused (not the VM's MAC)
+is both in ``taps`` and an ``ObjectError`` of kind ``tap`` naming the device and the
+expected and seen MAC. ``plug_taps`` plugs taps that just appeared reading and writing
+only them and their bridges (agent.plan.tap_plan), so that a VM's start does not wait
+for a whole host's reconcile; the daemon runs a full one right after. The desired kernel
+state is computed once per HostState object and reused.
 
 After the kernel, it reconciles the host's DHCP servers (agent.dhcp: one dnsmasq per
 VSID bridge with local VMs, files under ``run_dir``); their operations join the plan as
@@ -34,7 +43,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyroute2.config
@@ -47,12 +56,12 @@ from agent.dhcp import DhcpManager, run_dir_for
 from agent.flowmode import FlowDatapath
 from agent.kernel_model import KernelState
 from agent.netlink_batch import NeighbourSocket
-from agent.observe import observe, read_tunnel_stats
-from agent.plan import Plan, desired_kernel_state, diff
+from agent.observe import observe, observe_links, read_tunnel_stats
+from agent.plan import REFUSED, Plan, TapPort, desired_kernel_state, diff, tap_plan
 from agent.state import HostState
 from agent.tunnels import TunnelStats
 
-__all__ = ["ObjectError", "ReconcileResult", "Reconciler", "Plan", "TunnelStats"]
+__all__ = ["ObjectError", "ReconcileResult", "Reconciler", "Plan", "TapPort", "TunnelStats"]
 
 log = logging.getLogger("openhnv.agent.reconcile")
 NETNS_HELPER_TIMEOUT_S = 30
@@ -72,6 +81,7 @@ class ReconcileResult:
     duration_s: float = 0.0
     objects_by_kind: dict[str, int] = field(default_factory=dict)  # desired objects
     plan: Plan | None = field(default=None, repr=False)
+    taps: tuple[TapPort, ...] = ()  # the real VMs' taps: plugged, waiting or refused (agent.plan)
 
     @property
     def ok(self) -> bool:
@@ -92,6 +102,14 @@ class Reconciler:
         # (a scrape never waits for a reconcile; two scrapes take turns).
         self._stats_socket: NeighbourSocket | None = None
         self._stats_lock = threading.Lock()
+        self._desired: tuple[HostState, KernelState] | None = None  # the last state and its kernel terms
+
+    def desired(self, state: HostState) -> KernelState:
+        """`state` in kernel terms, computed once per HostState object (the daemon holds one
+        object per generation and reconciles it again and again). Plans never change it."""
+        if self._desired is None or self._desired[0] is not state:
+            self._desired = (state, desired_kernel_state(state))
+        return self._desired[1]
 
     def _sockets(self) -> tuple[IPRoute, NeighbourSocket]:
         if self._ipr is None:
@@ -128,11 +146,31 @@ class Reconciler:
     def plan(self, desired: HostState) -> Plan:
         """What reconcile would do now: observe and diff, no writes."""
         plan = diff(desired_kernel_state(desired), self.observe())
-        return Plan(ops=plan.ops + tuple(self.dhcp.plan(desired)), desired=plan.desired)
+        return replace(plan, ops=plan.ops + tuple(self.dhcp.plan(desired)))
+
+    def plug_taps(self, desired: HostState, devices: set[str]) -> ReconcileResult:
+        """Plug the VM taps `devices` (absent or refused ones are only reported) reading
+        and writing nothing but them and their bridges: no dump of the host, no DHCP."""
+        started = time.monotonic()
+        want = self.desired(desired)
+        try:
+            ipr, records = self._sockets()
+            names = {name for name in devices if name in want.links}
+            bridges = {want.links[name].master for name in names} - {None}
+            have = observe_links(ipr, names | bridges)
+            plan = tap_plan(want, have, names)
+            applier = Applier(ipr, records, self.netns, host=desired.host)
+            applied, errors = applier.apply(plan, {l.name: l.index for l in have.links.values()}) \
+                if plan.ops else (0, [])
+        except NETLINK_FAILURES as exc:
+            return self._failed(desired, want, started, "plugging taps", exc)
+        refused = [ObjectError("tap", tap.device, None, tap.describe()) for tap in plan.taps if tap.state == REFUSED]
+        return ReconcileResult(desired.generation, len(plan), applied, [*errors, *refused],
+                               time.monotonic() - started, {}, plan, plan.taps)
 
     def reconcile(self, desired: HostState) -> ReconcileResult:
         started = time.monotonic()
-        want = desired_kernel_state(desired)
+        want = self.desired(desired)
         try:
             plan = diff(want, self.observe())
         except NETLINK_FAILURES as exc:
@@ -151,11 +189,15 @@ class Reconciler:
         dhcp_ops = self.dhcp.plan(desired)
         dhcp_applied, dhcp_errors = self.dhcp.apply(dhcp_ops)
         applied += dhcp_applied
-        errors = [*errors, *dhcp_errors]
-        plan = Plan(ops=plan.ops + tuple(dhcp_ops), desired=plan.desired)
+        # A tap that is there but not the VM's is the operator's to fix: an error of kind
+        # tap (the status shows it), naming the device and both MACs. An absent one is not.
+        refused = [ObjectError("tap", tap.device, None, tap.describe()) for tap in plan.taps if tap.state == REFUSED]
+        errors = [*errors, *dhcp_errors, *refused]
+        plan = replace(plan, ops=plan.ops + tuple(dhcp_ops))
         result = ReconcileResult(
             generation=desired.generation, planned=len(plan), applied=applied, errors=errors,
             duration_s=time.monotonic() - started, objects_by_kind=want.counts(), plan=plan,
+            taps=plan.taps,
         )
         if plan.ops:
             log.info("reconciled generation %d: %d planned, %d applied, %d errors in %.3f s",

@@ -11,7 +11,8 @@ anything is touched:
 - a VM's CA and a lookup record's CA lie inside the prefix of their VSID's VM subnet;
 - provider addresses (and the PAs of Static/L2Only records) lie in the provider subnet;
 - (VSID, CA) and (VSID, MAC) are unique among the lookup records;
-- interface names fit IFNAMSIZ (15 bytes);
+- interface names fit IFNAMSIZ (15 bytes); a tap device is one port's, never the switch,
+  the team or one of its NICs;
 - a tenant MTU plus the encapsulation overhead fits the provider MTU (never fragment
   silently);
 - a routing domain (VM network) is IPv4 or IPv6, never both;
@@ -624,6 +625,15 @@ class HostState(_Model):
         vlans = {net.vlan for net in self.vlan_networks}
         _refuse_twice(((f"ports[{i}].name", p.name) for i, p in enumerate(self.ports)), "VM {value} has two ports")
         _refuse_twice(((f"ports[{i}].mac", p.mac) for i, p in enumerate(self.ports)), "MAC {value} is on two ports")
+        _refuse_twice(((f"ports[{i}].device", p.device) for i, p in enumerate(self.ports) if p.device is not None),
+                      "tap device {value} is given to two ports")
+        host_devices = {self.switch.name: "the virtual switch"} if self.switch else {}
+        if self.team is not None:
+            host_devices[self.team.name] = "the team"
+            host_devices.update((nic, "a NIC of the team") for nic in self.team.members)
+        for i, port in enumerate(self.ports):
+            if port.device in host_devices:
+                raise ValueError(f"ports[{i}].device: {port.device} is {host_devices[port.device]}, not a VM's tap")
         for i, port in enumerate(self.ports):
             if port.vsid is not None:
                 if port.vsid not in subnets:

@@ -339,7 +339,7 @@ class Compiler:
     def _port(self, vm: Any, subnet: VmSubnet, isolation: Isolation) -> VmPort:
         virtualised = isolation is Isolation.WindowsNetworkVirtualization
         key = (VmPort, vm.name, vm.mac, vm.ca, subnet.prefix.prefixlen, subnet.vsid if virtualised else None,
-               None if virtualised else subnet.vlan, vm.nic_kind, vm.netns, vm.device)
+               None if virtualised else subnet.vlan, vm.nic_kind, vm.netns, vm.tap_device)
         port = self._memo.get(key)
         if port is None:
             ca = None
@@ -349,7 +349,7 @@ class Compiler:
             if (key[5] is None) == (key[6] is None):
                 raise ValueError(f"ports: VM {vm.name} needs exactly one of a VSID or a VLAN")
             port = self._memo[key] = VmPort.model_construct(
-                name=vm.name, mac=vm.mac, ca=ca, kind=vm.nic_kind, netns=vm.netns, device=vm.device,
+                name=vm.name, mac=vm.mac, ca=ca, kind=vm.nic_kind, netns=vm.netns, device=vm.tap_device,
                 vsid=key[5], vlan=key[6],
             )
         return port

@@ -42,7 +42,7 @@ from typing import Any, Iterator
 
 import immutables
 
-from controller.models import STORED_CONTEXT, STORED_OF, Kind, Lease, LeaseKind, VirtualSwitch
+from controller.models import STORED_CONTEXT, STORED_OF, Kind, Lease, LeaseKind, VirtualSwitch, computed_fields
 from controller.store import ChangeSet, Snapshot
 
 VIRTUAL_SWITCH = "virtual-switch"  # the store kind of a host's virtual switch (keyed by host)
@@ -118,7 +118,7 @@ class Tx:
             if obj is None:
                 changes.delete_objects.add((kind, key))
             else:
-                doc = obj.model_dump_json(exclude={"key"})
+                doc = obj.model_dump_json(exclude=computed_fields(obj))
                 changes.put_objects[(kind, key)] = (uuid_of(kind, key, obj), doc)
         for (space, value), holder in self.allocations.items():
             if holder is None:

@@ -45,6 +45,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent import naming
 from agent.state import (
     Encapsulation,
     IfName,
@@ -538,10 +539,13 @@ class VmSpec(_Spec):
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> VmSpec:
-        if self.nic_kind is PortKind.tap and self.device is None:
-            raise ValueError("device: a tap NIC names its existing tap device")
         if self.nic_kind is PortKind.namespace and self.device is not None:
             raise ValueError("device: only a tap NIC names a device")
+        derived = naming.vm_tap(self.name)
+        if self.device is not None and self.device.startswith(naming.PREFIX) and self.device != derived \
+                and not _stored(info):
+            raise ValueError(f"device: {self.device} begins with {naming.PREFIX}, which names openhnv's own "
+                             f"devices; leave device out and the tap is {derived}")
         if self.nic_kind is PortKind.namespace and self.netns is None and not _stored(info):
             try:  # the VM's name is its namespace's name
                 _check_vm_namespace(self.name)
@@ -578,6 +582,22 @@ class Vm(VmSpec, _Stored):
     host: Name
     mac: MacAddress
     migration: VmMigration | None = None  # set by the controller while a migration is staged
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def tap_device(self) -> str | None:
+        """A tap NIC's device on its host: `device` when given, else derived from the VM's
+        name (agent.naming.vm_tap). What the hypervisor must name the tap (libvirt's
+        ``<target dev=.../>``, qemu's ``ifname=``) and what the host's agent plugs."""
+        if self.nic_kind is not PortKind.tap:
+            return None
+        return self.device or naming.vm_tap(self.name)
+
+
+def computed_fields(obj: BaseModel) -> set[str]:
+    """The fields a stored object shows but does not keep (its key, a VM's tap device):
+    left out wherever it is written down or validated again."""
+    return set(type(obj).model_computed_fields)
 
 
 # --- the HNV gateway ----------------------------------------------------------------------

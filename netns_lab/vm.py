@@ -60,8 +60,9 @@ KVM_ENV = "OPENHNV_VM_KVM"  # "0" or "1" overrides the KVM check
 EXIT_CODE_FILE = "exit-code"
 GUEST_SCRIPT_FILE = "guest.sh"
 
-# Loaded in the guest besides MODULES; missing ones are fine (tc netem for impairment).
-OPTIONAL_MODULES: tuple[str, ...] = ("sch_netem",)
+# Loaded in the guest besides MODULES; missing ones are fine (tc netem for impairment;
+# tun for /dev/net/tun, where a hypervisor makes a real VM's tap).
+OPTIONAL_MODULES: tuple[str, ...] = ("sch_netem", "tun")
 
 
 def in_vm() -> bool:

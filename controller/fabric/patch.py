@@ -17,7 +17,7 @@ from agent.state import Encapsulation, TunnelMode, describe_validation_error
 from controller.fabric.common import ALL, Builders, _plain, _Scope
 from controller.fabric.gateways import gateway_service_changes
 from controller.inventory import Tx
-from controller.models import SPEC_OF, Conflict, Invalid, Kind, LeaseKind
+from controller.models import SPEC_OF, Conflict, Invalid, Kind, LeaseKind, computed_fields
 from controller.placement import transport_of, why_not, why_not_gateway_service
 
 
@@ -65,7 +65,7 @@ class PatchRules(Builders):
             for i, site in enumerate(merged.network_sites):
                 self._require(Kind.network_site, site, f"network_sites[{i}]", f"uplink port profile {key}")
         updated = current.model_copy(update={name: getattr(merged, name) for name in spec_model.patchable})
-        updated = type(current).model_validate(updated.model_dump(exclude={"key"}))
+        updated = type(current).model_validate(updated.model_dump(exclude=computed_fields(updated)))
         if kind is Kind.host:
             if updated.role is not current.role:
                 self._check_role_change(current, updated.role)

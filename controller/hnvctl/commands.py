@@ -71,6 +71,8 @@ def cmd_create(ctx: Context, args: argparse.Namespace) -> int:
     if kind is Kind.vm:
         placed = "placed on" if spec.host is None else "on"
         message += f" {placed} {created.get('host')} (CA {created.get('ca')}, MAC {created.get('mac')})"
+        if created.get("tap_device"):
+            message += f", tap {created['tap_device']}"
     elif kind is Kind.vm_subnet and created.get("vsid") is not None:
         message += f" (VSID {created['vsid']})"
     ctx.out.say(message)

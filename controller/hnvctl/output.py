@@ -116,6 +116,7 @@ COLUMNS: dict[Kind, list[tuple[str, str]]] = {
         ("vm_network", "VMNetwork"),
         ("vm_subnet", "VMSubnet"),
         ("host", "VMHost"),
+        ("tap_device", "TapDevice"),  # a tap NIC's device on its host (Vm.tap_device); empty for a namespace NIC
         ("ca", "IPv4Address"),
         ("mac", "MACAddress"),
     ],

@@ -18,6 +18,7 @@ import time
 import httpx
 import pytest
 
+from agent import naming
 from agent.state import parse_host_state
 from controller.client import ControllerClient
 from controller.hnvctl import apply_fabric, main, read_documents
@@ -264,6 +265,28 @@ def test_vm_create_with_placement_migrate_delete(hnvctl):
         assert hnvctl.ok("vm", "delete", name) == f"deleted VM {name}\n"
     assert {vm["name"] for vm in hnvctl.json("vm", "list")} == {"TenantVM01", "TenantVM02", "TenantVM03", "TenantVM04"}
     assert {l["address"] for l in hnvctl.json("ip", "list", "--kind", "CA")} == before
+
+
+def test_a_tap_vm_shows_the_tap_to_give_the_hypervisor(hnvctl, ctl):
+    """A real VM: --nic-kind tap and no --device; hnvctl says which tap the hypervisor
+    must create (libvirt's <target dev/>, qemu's ifname=) and the host's state names it."""
+    tap = naming.vm_tap("RealVM")
+    out = hnvctl.ok("vm", "create", "RealVM", "--vm-network", "Fabrikam2", "--host", "CON-HyperV6",
+                    "--nic-kind", "tap")
+    assert out.rstrip().endswith(f", tap {tap}"), out
+    assert f"TapDevice   : {tap}" in hnvctl.ok("vm", "show", "RealVM").splitlines()
+    table = hnvctl.ok("vm", "list").splitlines()
+    assert "TapDevice" in table[0].split() and [row for row in table if row.startswith("RealVM") and tap in row]
+    state = parse_host_state(ctl.client_for("CON-HyperV6").get("/v1/hosts/CON-HyperV6/state").content)
+    port = next(p for p in state.ports if p.name == "RealVM")
+    assert (port.kind, port.device) == ("tap", tap)
+    hnvctl.ok("vm", "set", "RealVM", "--device", "vnet-real")  # a name given wins
+    assert hnvctl.json("vm", "show", "RealVM")["tap_device"] == "vnet-real"
+    before = hnvctl.snapshot()
+    code, out, err = hnvctl("vm", "set", "RealVM", "--device", "hnvb4242")
+    assert code == 2 and out == "" and "device: hnvb4242 begins with hnv, which names openhnv's own devices" in err
+    assert hnvctl.snapshot() == before
+    assert hnvctl.ok("vm", "delete", "RealVM") == "deleted VM RealVM\n"
 
 
 def test_apply_moves_a_vm_back_to_the_host_the_document_states(hnvctl):
