@@ -29,7 +29,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import tempfile
@@ -45,6 +44,7 @@ from netns_lab import build, processes
 from netns_lab.build import LabError, LabRecord, entered_netns, run
 from netns_lab.capture import Capture, DecodedFrame
 from netns_lab.graph import vm_addresses
+from netns_lab.pings import PING_IN_FLIGHT, ping_losses
 from netns_lab.topology import ClusterRole, Topology
 
 # The seed's numbers (examples/seed-fabric.yaml): the transport site, the PA pool, the
@@ -602,8 +602,6 @@ def run_walkthrough(w: Walkthrough, *, only_for_failover: bool = False) -> None:
 
 # The failover step's tenant ping: 10 echoes a second, as the issue's users would watch.
 HA_PING_INTERVAL = 0.1
-# Echoes sent in the last seconds before the ping is stopped may still be in flight.
-HA_PING_IN_FLIGHT = 2.0
 FAILOVER_TIMEOUT = 120.0
 
 
@@ -623,16 +621,6 @@ def agent_health(topology: Topology, host: str) -> dict[str, Any]:
             return json.loads(exc.read() or b"{}")
         except (OSError, ValueError):
             return {}
-
-
-def ping_losses(output: str, interval: float) -> tuple[int, int, list[int]]:
-    """(sent, answered, echoes lost) from ``ping -n`` output; the echoes sent in the last
-    HA_PING_IN_FLIGHT seconds before it was stopped are not counted as lost."""
-    sent_match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
-    sent = int(sent_match.group(1)) if sent_match else 0
-    answered = {int(seq) for seq in re.findall(r"icmp_seq=(\d+) ttl=", output)}
-    settled = sent - int(HA_PING_IN_FLIGHT / interval)
-    return sent, len(answered), [seq for seq in range(1, settled + 1) if seq not in answered]
 
 
 def run_failover_step(w: Walkthrough) -> None:
@@ -702,7 +690,7 @@ def run_failover_step(w: Walkthrough) -> None:
             w.ctl("vm", "create", "TenantVM06", "--vm-network", "Fabrikam2", "--host", hv_a)
             w.wait_in_sync(hosts, "ha-vm-create")
             w.ping_check("ha-vm-through-another-replica", "TenantVM06", "TenantVM02")
-            time.sleep(HA_PING_IN_FLIGHT)
+            time.sleep(PING_IN_FLIGHT)
         finally:
             processes.stop_process(pinger, signal.SIGINT)
         ping_output.seek(0)

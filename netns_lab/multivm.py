@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import json
 import os
-import re
 import secrets
 import shlex
 import shutil
@@ -54,6 +53,7 @@ from pathlib import Path
 
 from netns_lab import vm
 from netns_lab.build import host_mac
+from netns_lab.pings import PING_IN_FLIGHT, ping_losses, ping_summary
 from netns_lab.tcpdump import tcpdump_argv
 from netns_lab.topology import ClusterRole, Topology, load_topology
 
@@ -71,6 +71,7 @@ FAILED_FILE = "failed"
 # the guest's page cache of the venv plus controller and agent comfortably.
 GUEST_MEMORY = "1G"
 GUEST_CPUS = 1
+RESTART_PING_INTERVAL = 0.2  # the tenant ping across an agent's kill and restart
 
 
 class MultiVMError(RuntimeError):
@@ -593,8 +594,8 @@ class Guest:
     def restart_agent_under_ping(self) -> None:
         """A continuous ping across kill -9 and restart of the agent: no loss allowed."""
         local, peer, facts = self.peers()[0]
-        ping = subprocess.Popen(["ip", "netns", "exec", local, "ping", "-i", "0.2", "-W", "1",
-                                 facts["ca"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        ping = subprocess.Popen(["ip", "netns", "exec", local, "ping", "-i", str(RESTART_PING_INTERVAL),
+                                 "-W", "1", facts["ca"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         time.sleep(2)
         agent = self.processes["agent"]
@@ -614,14 +615,17 @@ class Guest:
             return None
         health = self.wait("the restarted agent to be in sync", in_sync)
         self.stage(f"agent restarted and in sync after {time.monotonic() - restarted:.1f}s")
-        time.sleep(3)  # keep pinging past the first reconciles of the new agent
+        # Keep pinging past the first reconciles of the new agent, and then for as long as
+        # the echoes not counted (the last ones, maybe still in flight at SIGINT) take.
+        time.sleep(3 + PING_IN_FLIGHT)
         ping.send_signal(signal.SIGINT)  # ping prints its summary on SIGINT
         out, _ = ping.communicate(timeout=10)
+        _sent, _answered, lost = ping_losses(out, RESTART_PING_INTERVAL)
         self.result["restart"] = {"from": local, "to": peer, "ca": facts["ca"],
                                   "old_pid": old_pid, "new_pid": self.processes["agent"].pid,
                                   "health": health,
                                   "resync_seconds": round(time.monotonic() - restarted, 1),
-                                  **ping_summary(out)}
+                                  **ping_summary(out), "lost": len(lost), "lost_seqs": lost[:50]}
         self.stage("continuous ping stopped")
 
     def dump_kernel_state(self) -> None:
@@ -712,17 +716,6 @@ def _http_json(url: str) -> dict | None:
             return json.loads(response.read())
     except (OSError, ValueError):
         return None
-
-
-PING_RE = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
-
-
-def ping_summary(output: str) -> dict:
-    """ping's own summary: transmitted, received, loss; the last lines kept for the report."""
-    match = PING_RE.search(output)
-    transmitted, received = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
-    return {"transmitted": transmitted, "received": received, "lost": transmitted - received,
-            "summary": "\n".join(output.strip().splitlines()[-2:])}
 
 
 def guest_main(run_dir: Path, host: str) -> int:

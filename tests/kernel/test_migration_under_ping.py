@@ -34,8 +34,8 @@ import time
 import pytest
 
 from controller.models import Kind
-from netns_lab.demo import HA_PING_IN_FLIGHT as PING_IN_FLIGHT_S
-from netns_lab.demo import ping_losses
+from netns_lab.pings import PING_IN_FLIGHT as PING_IN_FLIGHT_S
+from netns_lab.pings import ping_losses
 from tests.kernel.test_daemon_agent import Agent
 from tests.lib.controller import LiveController
 from tests.lib.nv_fabric import populate

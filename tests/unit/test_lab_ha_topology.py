@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from netns_lab.demo import ping_losses
+from netns_lab.pings import ping_losses
 from netns_lab.topology import TopologyError, load_topology, parse_topology, seed_topology_text
 
 
