@@ -83,6 +83,9 @@ log = logging.getLogger("agent.daemon")
 DEFAULT_STATE_DIR = "/var/lib/openhnv-agent"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
 EVENT_RECONCILE_GAP = 1.0  # seconds between two event-triggered reconciles, at least
+# After a reconcile that wrote, its notifications the event thread reads this late are
+# still its own (Inbox); the periodic reconcile covers anything else in that window.
+OWN_EVENT_GRACE = 0.5
 # The debounce after a waited-for tap appears (at most; the configured one when shorter):
 # a hypervisor sets the tap's address and brings it up within milliseconds of creating it.
 TAP_DEBOUNCE = 0.1
@@ -134,12 +137,25 @@ class Wakeup:
 
 class Inbox:
     """Where other threads record what happened; the loop takes it. Latest document wins:
-    a generation superseded before the loop got to it is never applied."""
+    a generation superseded before the loop got to it is never applied.
+
+    Our own writes raise kernel events too: the loop brackets each reconcile with
+    ``writes_begin`` and ``writes_end``, and events noted in between (and for
+    OWN_EVENT_GRACE s after, for the notifications the event thread reads late) are the
+    reconcile's own when it wrote and succeeded: dropped, not a reason for another
+    whole-host reconcile. An urgent event (a waited-for tap) is never dropped; nor is any
+    event while a reconcile that wrote nothing runs, or one that failed. The cost: a change
+    made by someone else in the very second the agent was writing waits for the periodic
+    reconcile (the resync interval) instead of the event's."""
 
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._wakeup = Wakeup()
         self._stopping = False
+        self._writing = False
+        self._held: list[str] = []  # noted while a reconcile runs: its own, if it wrote
+        self._own_until = 0.0
+        self.own_events_dropped = 0
 
     def put_document(self, document: Any) -> None:
         with self._condition:
@@ -147,12 +163,46 @@ class Inbox:
             self._wakeup.document = document
             self._condition.notify_all()
 
-    def note_kernel_event(self, description: str, urgent: bool = False) -> None:
+    def note_kernel_event(self, description: str, urgent: bool = False, *, ours_possible: bool = True) -> None:
+        """Record an event; ``ours_possible=False`` for one no write of ours can raise."""
         with self._condition:
-            if len(self._wakeup.kernel_events) < 100:  # a burst needs one reconcile, not a log
-                self._wakeup.kernel_events.append(description)
-            self._wakeup.urgent = self._wakeup.urgent or urgent
-            self._condition.notify_all()
+            if not urgent and ours_possible:
+                if self._writing:
+                    if len(self._held) < 100:
+                        self._held.append(description)
+                    return
+                if time.monotonic() < self._own_until:
+                    self.own_events_dropped += 1
+                    return
+            self._add(description, urgent)
+
+    def _add(self, description: str, urgent: bool) -> None:
+        if len(self._wakeup.kernel_events) < 100:  # a burst needs one reconcile, not a log
+            self._wakeup.kernel_events.append(description)
+        self._wakeup.urgent = self._wakeup.urgent or urgent
+        self._condition.notify_all()
+
+    def settled(self) -> bool:
+        """No reconcile is writing and its grace is over: an event now is someone else's."""
+        with self._condition:
+            return not self._writing and time.monotonic() >= self._own_until
+
+    def writes_begin(self) -> None:
+        with self._condition:
+            self._writing, self._held = True, []
+
+    def writes_end(self, ours: bool) -> int:
+        """End of a reconcile; ``ours``: it wrote and succeeded, so what was noted meanwhile
+        is its own (dropped; how many is returned). Otherwise it is handed to the loop."""
+        with self._condition:
+            self._writing, held, self._held = False, self._held, []
+            if ours:
+                self._own_until = time.monotonic() + OWN_EVENT_GRACE
+                self.own_events_dropped += len(held)
+                return len(held)
+            for description in held:
+                self._add(description, False)
+            return 0
 
     def stop(self) -> None:
         with self._condition:
@@ -440,7 +490,7 @@ class AgentDaemon:
         self.metrics.thread_restarts.labels(thread=thread).inc()
         if thread == "kernel_events":
             # Notifications were missed while no one listened: reconcile once for them.
-            self.inbox.note_kernel_event("kernel event watch restarted")
+            self.inbox.note_kernel_event("kernel event watch restarted", ours_possible=False)
 
     def _on_kernel_event(self, description: str) -> None:
         self.inbox.note_kernel_event(description, urgent=self.tap_watch.urgent(description))
@@ -624,9 +674,12 @@ class AgentDaemon:
     def _reconcile(self, state: HostState, *, reason: str) -> None:
         started = time.monotonic()
         tap_seq = self.tap_watch.begin()
+        self.inbox.writes_begin()
+        wrote = False
         try:
             result = self.reconciler.reconcile(state)
             planned, applied = int(result.planned), int(result.applied)
+            wrote = applied > 0 and not result.errors
             errors = [_error_entry(e) for e in result.errors]
             objects_by_kind = dict(result.objects_by_kind)
             taps = tuple(getattr(result, "taps", ()))
@@ -638,7 +691,11 @@ class AgentDaemon:
                 "kind": "agent", "object": f"reconcile of generation {state.generation}",
                 "errno": None, "message": f"{type(exc).__name__}: {exc}",
             }]
+        finally:
+            own_events = self.inbox.writes_end(wrote)
         duration = time.monotonic() - started
+        if own_events:
+            log.debug("event=own_kernel_events count=%d generation=%d", own_events, state.generation)
         self.reconcile_count += 1
         self.metrics.reconcile_duration.observe(duration)
         if objects_by_kind:

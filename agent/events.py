@@ -11,8 +11,15 @@ is logged, counted and subscribed again, and the daemon reconciles once for what
 changed while no one was listening.
 
 What counts as relevant, and why:
-- every link message (RTM_NEWLINK / RTM_DELLINK): a deleted tunnel, a port pulled off the
-  bridge, a device taken down. Links change rarely, so no filtering is worth its risk.
+- every link deletion (RTM_DELLINK), and every RTM_NEWLINK that changes something about
+  the link other than its operational state (`LinkChanges`): a port pulled off the
+  bridge, a device taken down, its MTU or address changed, a link that is new. Not the
+  messages that say only that a carrier came or went, a bridge port moved through its
+  STP states, counters moved, an IPv6 router advertisement arrived or a capture made a
+  link promiscuous: the kernel raises those by itself, seconds after the agent's own
+  writes, and each woke a whole-host reconcile that found nothing to do (in the seed
+  lab, as much agent CPU as the generations themselves). A link's first message is
+  always an event (nothing to compare it with).
 - every neighbour deletion (RTM_DELNEIGH, ARP/ND and bridge FDB entries): the kernel
   reports an `ip neigh del` of a permanent entry as NUD_FAILED, not NUD_PERMANENT, so the
   state cannot tell ours from others'. Deletions of dynamic entries are rare (garbage
@@ -34,6 +41,7 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
+from pyroute2.netlink import nlmsg_base
 from pyroute2.netlink.rtnl.ndmsg import NUD_NOARP, NUD_PERMANENT
 
 from agent.logfmt import quote
@@ -44,6 +52,78 @@ log = logging.getLogger(__name__)
 LINK_EVENTS = frozenset({"RTM_NEWLINK", "RTM_DELLINK"})
 NEIGH_EVENTS = frozenset({"RTM_NEWNEIGH", "RTM_DELNEIGH"})
 MANAGED_NEIGH_STATES = NUD_PERMANENT | NUD_NOARP
+
+# What the kernel changes on a link by itself (LinkChanges): the operational bits of
+# ifi_flags (IFF_PROMISC 0x100, IFF_ALLMULTI 0x200, IFF_RUNNING 0x40, IFF_LOWER_UP
+# 0x10000, IFF_DORMANT 0x20000; IFF_UP, the administrative state, stays), and these
+# attributes, at any depth (bridge and bond port data, the address families' data).
+OPERATIONAL_FLAGS = 0x100 | 0x200 | 0x40 | 0x10000 | 0x20000
+OPERATIONAL_WORDS = ("STATS", "TIMER", "CACHEINFO", "CARRIER")  # IFLA_STATS64, IFLA_BR_GC_TIMER, ...
+OPERATIONAL_ATTRS = frozenset({
+    "IFLA_OPERSTATE", "IFLA_PROMISCUITY", "IFLA_ALLMULTI", "IFLA_EVENT",
+    "IFLA_QDISC",  # noop until the carrier is up, then the default qdisc: the kernel's doing
+    "IFLA_BRPORT_STATE", "IFLA_BRPORT_CONFIG_PENDING", "IFLA_BRPORT_TOPOLOGY_CHANGE_ACK",
+    "IFLA_BRPORT_DESIGNATED_ROOT", "IFLA_BRPORT_DESIGNATED_BRIDGE", "IFLA_BRPORT_DESIGNATED_PORT",
+    "IFLA_BRPORT_DESIGNATED_COST",
+    "IFLA_BR_TOPOLOGY_CHANGE", "IFLA_BR_TOPOLOGY_CHANGE_DETECTED", "IFLA_BR_ROOT_ID",
+    "IFLA_BR_ROOT_PORT", "IFLA_BR_ROOT_PATH_COST",
+    "IFLA_BOND_ACTIVE_SLAVE", "IFLA_BOND_AD_INFO", "IFLA_BOND_SLAVE_STATE", "IFLA_BOND_SLAVE_MII_STATUS",
+    "IFLA_BOND_SLAVE_LINK_FAILURE_COUNT", "IFLA_BOND_SLAVE_AD_AGGREGATOR_ID",
+    "IFLA_BOND_SLAVE_AD_ACTOR_OPER_PORT_STATE", "IFLA_BOND_SLAVE_AD_PARTNER_OPER_PORT_STATE",
+    "IFLA_INET6_FLAGS", "IFLA_INET6_RA_MTU", "IFLA_TUN_NUM_QUEUES", "IFLA_TUN_NUM_DISABLED_QUEUES",
+})
+
+# Fields of a structure attribute that follow another change late: the IPv6 MTU is set
+# from the link's MTU, but only reported with the link's next message (its carrier, say).
+OPERATIONAL_FIELDS = {"IFLA_INET6_CONF": frozenset({"mtu"})}
+
+
+def _operational(name: str) -> bool:
+    return name in OPERATIONAL_ATTRS or any(word in name for word in OPERATIONAL_WORDS)
+
+
+def _lasting(attrs: Any) -> tuple:
+    """A link's attributes without the operational ones, nested ones flattened (pure)."""
+    out = []
+    for name, value in attrs or ():
+        if _operational(name):
+            continue
+        nested = value.get("attrs") if isinstance(value, (nlmsg_base, dict)) else None
+        if nested is not None:
+            out.append((name, _lasting(nested)))
+        elif name in OPERATIONAL_FIELDS and isinstance(value, dict):
+            drop = OPERATIONAL_FIELDS[name]
+            out.append((name, repr(sorted((k, v) for k, v in value.items() if k not in drop))))
+        else:
+            out.append((name, repr(value)))
+    return tuple(out)
+
+
+def link_signature(message: Mapping[str, Any]) -> tuple:
+    """What a RTM_NEWLINK says about its link that the kernel does not change by itself."""
+    flags = (message.get("flags") or 0) & ~OPERATIONAL_FLAGS
+    return (message.get("ifi_type"), flags, _lasting(message.get("attrs")))
+
+
+class LinkChanges:
+    """Remembers each link's last signature; says whether a link message changes it.
+
+    Keyed by (family, index): a bridge port's AF_BRIDGE messages (its VLANs and port
+    flags) are compared with their own kind. Used by the event thread alone."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[Any, Any], tuple] = {}
+
+    def changed(self, message: Mapping[str, Any]) -> bool:
+        key = (message.get("family"), message.get("index"))
+        if message.get("event") == "RTM_DELLINK":
+            self._seen.pop(key, None)
+            return True
+        signature = link_signature(message)
+        if self._seen.get(key) == signature:
+            return False
+        self._seen[key] = signature
+        return True
 
 
 def describe_relevant(message: Mapping[str, Any]) -> str | None:
@@ -113,6 +193,7 @@ class KernelEventWatch:
             await ipr.bind(groups=RTMGRP_LINK | RTMGRP_NEIGH)
             self.ready.set()
             log.info("event=kernel_events_subscribed netns=%s", self.netns)
+            links = LinkChanges()  # new at each subscription: what was missed is unknown
             while not self._stop.is_set():
                 try:
                     messages = await asyncio.wait_for(self._next_batch(ipr), self.POLL_INTERVAL)
@@ -120,8 +201,11 @@ class KernelEventWatch:
                     continue
                 for message in messages:
                     description = describe_relevant(message)
-                    if description is not None:
-                        self.on_event(description)
+                    if description is None:
+                        continue
+                    if message.get("event") in LINK_EVENTS and not links.changed(message):
+                        continue
+                    self.on_event(description)
         finally:
             ipr.close()
 

@@ -72,7 +72,8 @@ SIOCSIFHWADDR = 0x8924
 ARPHRD_ETHER = 1
 IFREQ_SIZE = 40
 IFF_UP = 0x1
-RECONCILE_LINE = re.compile(r"event=reconcile reason=\w+ generation=\d+ planned=(-?\d+) .*duration_ms=([\d.]+)")
+RECONCILE_LINE = re.compile(r"event=reconcile reason=\w+ generation=\d+ planned=(-?\d+) applied=(\d+) "
+                            r"errors=(\d+) duration_ms=([\d.]+)")
 QUIET_S = 1.5  # past the gap between two event reconciles (agent.daemon.EVENT_RECONCILE_GAP) and a debounce
 TUN = "/dev/net/tun"
 
@@ -267,13 +268,15 @@ class _LogRecords(logging.Handler):
         self.times.append(time.monotonic())
         self.lines.append(record.getMessage())
 
-    def reconciles(self) -> list[tuple[float, float, int]]:
-        """(start, end, planned) of every whole-host reconcile so far, from its log line."""
+    def reconciles(self) -> list[tuple[float, float, int, bool]]:
+        """(start, end, planned, done) of every whole-host reconcile so far, from its log
+        line; done: it applied all it planned."""
         found = []
         for at, line in zip(list(self.times), list(self.lines)):
             match = RECONCILE_LINE.search(line)
             if match:
-                found.append((at - float(match.group(2)) / 1000, at, int(match.group(1))))
+                planned, applied, errors = (int(match.group(i)) for i in (1, 2, 3))
+                found.append((at - float(match.group(4)) / 1000, at, planned, applied == planned and not errors))
         return found
 
     def keep(self) -> None:
@@ -283,12 +286,13 @@ class _LogRecords(logging.Handler):
 
 
 def wait_idle(lab) -> None:
-    """Until the agent is done with what the last step changed: its last reconcile found
-    nothing to do and nothing has woken it for QUIET_S since, so that the next step's
-    kernel events find its loop waiting (the agent after it has the state)."""
+    """Until the agent is done with what the last step changed: its last reconcile applied
+    all it planned (the notifications of its own writes wake nothing: agent.daemon.Inbox)
+    and nothing has woken it for QUIET_S since, so that the next step's kernel events find
+    its loop waiting (the agent after it has the state)."""
     def idle() -> bool:
         runs = lab.records.reconciles()
-        return bool(runs) and runs[-1][2] == 0 and time.monotonic() - max(runs[-1][1], lab.records.times[-1]) > QUIET_S
+        return bool(runs) and runs[-1][3] and time.monotonic() - max(runs[-1][1], lab.records.times[-1]) > QUIET_S
 
     wait_until(idle, timeout=180, what="the agent to have nothing left to do")
 
@@ -335,7 +339,7 @@ def plug_latency(lab, vm: TapVm, vsid: int, since: float, what: str) -> float:
     printed."""
     mtu = tenant_mtu(parse_host_state(lab.document), vsid)
     appeared, done = plugged_events(lab, vm.device, naming.vsid_bridge(vsid), mtu, since)
-    busy_until = max([end for start, end, _ in lab.records.reconciles() if start < appeared.at < end],
+    busy_until = max([end for start, end, *_ in lab.records.reconciles() if start < appeared.at < end],
                      default=appeared.at)
     latency = max(0.0, done.at - busy_until)
     waited = busy_until - appeared.at

@@ -55,3 +55,26 @@ def test_arp_cache_churn_is_not_an_event(make_netns):
     finally:
         events.stop(5)
     assert not any("192.168.0.12" in e for e in got), got
+
+
+def test_a_carrier_coming_and_going_is_not_an_event_but_a_lasting_change_is(make_netns):
+    host = make_netns()
+    host.ip("link", "add", "hnvt0", "type", "veth", "peer", "name", "hnvt1")
+    host.ip("link", "set", "hnvt0", "up")
+    events, seen = watch(host.name)
+    try:
+        host.ip("link", "set", "hnvt0", "mtu", "1400")  # its first message since the watch began
+        first = settle(seen)
+        host.ip("link", "set", "hnvt1", "up")  # hnvt0's carrier comes, then goes: the kernel's doing
+        host.ip("link", "set", "hnvt1", "down")
+        host.ip("link", "set", "hnvt1", "up")
+        carrier = settle(seen)[len(first):]
+        host.ip("link", "set", "hnvt0", "mtu", "1450")
+        host.ip("link", "set", "hnvt0", "down")
+        lasting = settle(seen)[len(first) + len(carrier):]
+    finally:
+        events.stop(5)
+    assert "RTM_NEWLINK hnvt0" in first
+    assert "RTM_NEWLINK hnvt1" in carrier, "the peer's own change is an event"
+    assert "RTM_NEWLINK hnvt0" not in carrier, carrier
+    assert lasting.count("RTM_NEWLINK hnvt0") >= 2, lasting

@@ -414,6 +414,7 @@ def test_a_burst_of_kernel_events_triggers_one_prompt_reconcile(tmp_path, contro
     daemon = start(daemons, make_daemon(tmp_path, controller.url, reconciler, resync_interval=30.0))
     controller.wait_for_status(HOST, lambda s: s["generation"] == 1)
     time.sleep(1.1)  # past the minimum gap between event reconciles
+    wait_until(daemon.inbox.settled, timeout=3, what="the grace of the agent's own writes to end")
     reconciles = daemon.reconcile_count
 
     reconciler.drifted = True
@@ -424,6 +425,45 @@ def test_a_burst_of_kernel_events_triggers_one_prompt_reconcile(tmp_path, contro
     assert daemon.reconcile_count == reconciles + 1, "a burst must be debounced into one reconcile"
     assert daemon.last_reconcile["reason"] == "event"
     assert daemon.metrics.drift_repairs._value.get() == 1
+
+
+class WritingReconciler(FakeReconciler):
+    """Notes kernel events while it reconciles, as the kernel does for our own writes."""
+
+    def __init__(self, inbox_of) -> None:
+        super().__init__()
+        self.inbox_of = inbox_of
+        self.raise_events = True
+
+    def reconcile(self, desired: HostState) -> FakeResult:
+        result = super().reconcile(desired)
+        if self.raise_events:
+            for name in ("hnvt35f4210a", "hnvb3535905"):
+                self.inbox_of().note_kernel_event(f"RTM_NEWLINK {name}")
+        return result
+
+
+def test_the_events_of_our_own_writes_trigger_no_reconcile_but_anothers_do(tmp_path, controller, daemons):
+    holder = {}
+    reconciler = WritingReconciler(lambda: holder["daemon"].inbox)
+    controller.publish(HOST, host_state(HOST, 1))
+    daemon = make_daemon(tmp_path, controller.url, reconciler, resync_interval=30.0)
+    holder["daemon"] = daemon
+    start(daemons, daemon)
+    controller.wait_for_status(HOST, lambda s: s["generation"] == 1)
+    controller.publish(HOST, host_state(HOST, 2, ca="192.168.0.40"))
+    controller.wait_for_status(HOST, lambda s: s["generation"] == 2)
+    time.sleep(1.5)  # past the gap and the grace: an event reconcile would have run
+    assert [r for r in reconciler.plans if r == 0] == [], "the events of the writes woke a reconcile"
+    assert daemon.inbox.own_events_dropped >= 4
+
+    # The same events while a reconcile that wrote nothing runs are someone else's.
+    reconciles = daemon.reconcile_count
+    reconciler.raise_events = False
+    wait_until(daemon.inbox.settled, timeout=3, what="the grace of the agent's own writes to end")
+    daemon.inbox.note_kernel_event("RTM_DELLINK hnvt35f4210a")
+    wait_until(lambda: daemon.reconcile_count > reconciles, timeout=3, what="an event reconcile")
+    assert daemon.last_reconcile["reason"] == "event"
 
 
 def test_a_state_that_cannot_be_persisted_is_not_applied_until_it_is(tmp_path, controller, daemons):

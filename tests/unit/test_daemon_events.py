@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.events import describe_relevant
+from agent.events import LinkChanges, describe_relevant
 from pyroute2.netlink.rtnl.ndmsg import NUD_FAILED, NUD_NOARP, NUD_PERMANENT, NUD_REACHABLE, NUD_STALE
 
 
@@ -33,3 +33,43 @@ def test_learnt_entries_and_arp_churn_are_noise(state):
 
 def test_other_messages_are_noise():
     assert describe_relevant({"event": "RTM_NEWADDR"}) is None
+
+
+def link(**changes):
+    message = {"event": "RTM_NEWLINK", "family": 0, "index": 7, "ifi_type": 1, "flags": 0x1 | 0x40 | 0x10000,
+               "attrs": [("IFLA_IFNAME", "hnvt35f4210a"), ("IFLA_MTU", 1500), ("IFLA_MASTER", 5),
+                         ("IFLA_OPERSTATE", "UP"), ("IFLA_CARRIER", 1), ("IFLA_STATS64", {"rx_packets": 1}),
+                         ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "gretap"), ("IFLA_INFO_SLAVE_DATA", {
+                             "attrs": [("IFLA_BRPORT_STATE", 3), ("IFLA_BRPORT_LEARNING", 0)]})]})]}
+    for name, value in changes.items():
+        if name == "flags":
+            message["flags"] = value
+            continue
+        message["attrs"] = [(n, value if n == name else v) for n, v in message["attrs"]]
+    return message
+
+
+def test_a_links_first_message_and_its_lasting_changes_are_events():
+    links = LinkChanges()
+    assert links.changed(link())
+    for change in ({"IFLA_MTU": 1400}, {"IFLA_MASTER": 6}, {"flags": 0x40 | 0x10000}):  # flags: taken down
+        assert links.changed(link(**change)), change
+        assert not links.changed(link(**change)), "the same message twice is one change"
+
+
+def test_carrier_operstate_counters_and_port_states_are_not_events():
+    links = LinkChanges()
+    links.changed(link())
+    assert not links.changed(link(IFLA_OPERSTATE="DOWN", IFLA_CARRIER=0, flags=0x1))
+    assert not links.changed(link(IFLA_STATS64={"rx_packets": 99}))
+    slave = {"attrs": [("IFLA_BRPORT_STATE", 0), ("IFLA_BRPORT_LEARNING", 0)]}
+    assert not links.changed(link(IFLA_LINKINFO={"attrs": [("IFLA_INFO_KIND", "gretap"), ("IFLA_INFO_SLAVE_DATA", slave)]}))
+    learning = {"attrs": [("IFLA_BRPORT_STATE", 0), ("IFLA_BRPORT_LEARNING", 1)]}
+    assert links.changed(link(IFLA_LINKINFO={"attrs": [("IFLA_INFO_KIND", "gretap"), ("IFLA_INFO_SLAVE_DATA", learning)]}))
+
+
+def test_a_deleted_link_made_again_is_an_event():
+    links = LinkChanges()
+    links.changed(link())
+    assert links.changed({**link(), "event": "RTM_DELLINK"})
+    assert links.changed(link())
