@@ -63,13 +63,14 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 from agent import naming
 from agent.apply import ObjectError
 from agent.netns import namespace_key, netns_exec_argv
 from agent.plan import Op, tenant_mtu
-from agent.state import HostState
+from agent.state import HostState, Ipv6Assignment
 from agent.text import printable
 
 log = logging.getLogger("openhnv.agent.dhcp")
@@ -155,17 +156,20 @@ class ServerFiles:
 def desired_servers(state: HostState, run_dir: Path) -> dict[str, DhcpServer]:
     """bridge -> the server it needs: VSID bridges with a local VM port that has a CA
     (DHCPv4 on an IPv4 VM subnet; router advertisements and DHCPv6 on an IPv6 one)."""
-    by_vsid: dict[int, list[str]] = {}
+    by_vsid: dict[int, list[tuple[str, IPv4Address | IPv6Address]]] = {}
     for port in state.ports:
         if port.vsid is None or port.ca is None:
             continue
-        ca = port.ca.ip
-        by_vsid.setdefault(port.vsid, []).append(f"{port.mac},{ca}" if ca.version == 4 else f"{port.mac},[{ca}]")
+        by_vsid.setdefault(port.vsid, []).append((port.mac, port.ca.ip))
     servers: dict[str, DhcpServer] = {}
-    for vsid, entries in sorted(by_vsid.items()):
+    for vsid, vms in sorted(by_vsid.items()):
         subnet = state.subnet_of(vsid)
         if subnet is None or subnet.gateway is None:
             continue  # without the bridge's own address in the subnet there is nothing to answer from
+        if subnet.ipv6_assignment is Ipv6Assignment.SLAAC:
+            entries = [mac for mac, _ in vms]  # known (DNS servers), but no address to hand out
+        else:
+            entries = [f"{mac},{ca}" if ca.version == 4 else f"{mac},[{ca}]" for mac, ca in vms]
         bridge = naming.vsid_bridge(vsid)
         files = ServerFiles(run_dir, bridge)
         lease = subnet.lease_time or DEFAULT_LEASE_TIME
@@ -202,16 +206,22 @@ def desired_servers(state: HostState, run_dir: Path) -> dict[str, DhcpServer]:
             # its default router) with the tenant MTU and the managed flag: the address
             # comes from DHCPv6, exactly the CA the controller allocated (static: no
             # dynamic range; a prefix without the autonomous flag, so no SLAAC address).
+            # A SLAAC subnet (Ipv6Assignment.SLAAC) instead sets the autonomous flag and the
+            # other-configuration flag (ra-stateless): each VM forms its CA from the /64 and
+            # its MAC, which is the CA the controller derived the same way, and asks DHCPv6
+            # only for the DNS servers.
+            slaac = subnet.ipv6_assignment is Ipv6Assignment.SLAAC
             options = []
             if subnet.dns_servers:
                 options.append("dhcp-option=option6:dns-server," + ",".join(f"[{a}]" for a in subnet.dns_servers))
+            mode = "ra-stateless" if slaac else "static"
             lines = [
-                f"# openhnv: router advertisements and DHCPv6 for VSID {vsid} on {bridge}; written by the "
-                "agent, overwritten on change",
+                f"# openhnv: router advertisements and {'stateless ' if slaac else ''}DHCPv6 for VSID {vsid} "
+                f"on {bridge}; written by the agent, overwritten on change",
                 *common,
                 "enable-ra",
                 f"ra-param={bridge},mtu:{tenant_mtu(state, vsid)},{RA_INTERVAL_S},{RA_ROUTER_LIFETIME_S}",
-                f"dhcp-range={subnet.prefix.network_address},static,{subnet.prefix.prefixlen},{lease}",
+                f"dhcp-range={subnet.prefix.network_address},{mode},{subnet.prefix.prefixlen},{lease}",
             ]
         config = "\n".join([
             *lines,

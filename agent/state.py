@@ -164,6 +164,13 @@ def check_namespace_name(value: str) -> str:
 NamespaceName = Annotated[str, AfterValidator(check_namespace_name)]
 
 
+class Ipv6Assignment(StrEnum):
+    """How the VMs of an IPv6 VM subnet get their address (an IP pool's choice)."""
+
+    DHCPv6 = "DHCPv6"  # the CA the controller allocated, handed out by the host's DHCPv6 server
+    SLAAC = "SLAAC"  # the VM forms it from the advertised /64 and its MAC (EUI-64); the CA is that
+
+
 class TeamMode(StrEnum):
     """LBFO team modes. Kernel: active-backup, balance-xor, 802.3ad."""
 
@@ -332,11 +339,18 @@ class VmSubnet(_Model):
     # (None: DEFAULT_LEASE_TIME). dnsmasq refuses leases under two minutes.
     dns_servers: tuple[IPvAnyAddress, ...] = Field(default=(), max_length=MAX_DNS_SERVERS)
     lease_time: int | None = Field(default=None, ge=LEASE_TIME_MIN, le=LEASE_TIME_MAX)
+    # An IPv6 subnet's: DHCPv6 (None, the default) or SLAAC (router advertisements with the
+    # autonomous flag and no DHCPv6 server; each VM forms its CA from its MAC).
+    ipv6_assignment: Ipv6Assignment | None = None
 
     @model_validator(mode="after")
     def _gateway_in_prefix(self) -> VmSubnet:
         if self.gateway is not None and self.gateway not in self.prefix:
             raise ValueError(f"gateway: {self.gateway} is outside the VM subnet {self.prefix}")
+        if self.ipv6_assignment is not None and self.prefix.version != 6:
+            raise ValueError(f"ipv6_assignment: the VM subnet {self.prefix} is not IPv6")
+        if self.ipv6_assignment is Ipv6Assignment.SLAAC and self.prefix.prefixlen != 64:
+            raise ValueError(f"ipv6_assignment: SLAAC needs a /64, the VM subnet is {self.prefix}")
         for i, server in enumerate(self.dns_servers):
             if server.version != self.prefix.version:
                 raise ValueError(f"dns_servers[{i}]: {server} is not IPv{self.prefix.version} "

@@ -12,7 +12,8 @@ the store or keeps state of its own.
 - MACs come from VMM's default pool 00:1D:D8:B7:1C:00 - 00:1D:D8:F4:1F:FF, the lowest free
   at or after a hint (the last one handed out), wrapping once: amortised O(1) per VM.
 - Addresses come from a pool's range, skipping its gateway and reserved addresses, the
-  lowest free at or after a hint, wrapping once.
+  lowest free at or after a hint, wrapping once; in a SLAAC pool's /64 a VM's address is
+  not chosen but formed, as the VM forms it: the modified EUI-64 of its MAC.
 """
 
 from __future__ import annotations
@@ -100,3 +101,11 @@ def _first_free(start: int, end: int, hint: int, taken: Collection[int], skip: C
                 return value
             value += 1
     return None
+
+
+def slaac_address(prefix: ipaddress.IPv6Network, mac: str) -> ipaddress.IPv6Address:
+    """The address a host with ``mac`` forms in the /64 ``prefix`` by SLAAC: the modified
+    EUI-64 of RFC 4291 appendix A (the universal/local bit flipped, ff:fe in the middle)."""
+    octets = bytes(int(part, 16) for part in mac.split(":"))
+    interface_id = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:]
+    return ipaddress.IPv6Address(int(prefix.network_address) | int.from_bytes(interface_id, "big"))

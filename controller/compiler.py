@@ -56,6 +56,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from agent.state import (
+    Ipv6Assignment,
     BackEndPort,
     CustomerRoute,
     DnatRule,
@@ -104,6 +105,15 @@ def subnet_gateway(inventory: Inventory, subnet: VmSubnet):
         if pool is not None and pool.gateway is not None:
             return pool.gateway
     return first_host_address(subnet.prefix)
+
+
+def subnet_ipv6_assignment(inventory: Inventory, subnet: VmSubnet):
+    """SLAAC when the VM subnet's pools say so (they agree: controller.fabric.networks), else None."""
+    for pool_key in inventory.pools_by_owner.get(subnet.key, ()):
+        pool = inventory.get(Kind.ip_pool, pool_key)
+        if pool is not None and pool.ipv6_assignment is Ipv6Assignment.SLAAC:
+            return Ipv6Assignment.SLAAC
+    return None
 
 
 def subnet_dns_servers(inventory: Inventory, subnet: VmSubnet) -> tuple:
@@ -191,7 +201,8 @@ class Compiler:
                 name=network.name,
                 subnets=tuple(
                     StateSubnet(name=s.name, vsid=s.vsid, prefix=s.prefix, gateway=subnet_gateway(inv, s),
-                                dns_servers=subnet_dns_servers(inv, s))
+                                dns_servers=subnet_dns_servers(inv, s),
+                                ipv6_assignment=subnet_ipv6_assignment(inv, s))
                     for s in sorted(subnets, key=lambda s: s.vsid)
                 ),
                 routes=self._customer_routes(network),

@@ -47,6 +47,7 @@ from pydantic import (
 
 from agent import naming
 from agent.state import (
+    Ipv6Assignment,
     Encapsulation,
     IfName,
     LoadBalancing,
@@ -411,6 +412,9 @@ class IpPoolSpec(_Spec):
     gateway: IPvAnyAddress | None = None
     dns_servers: tuple[IPvAnyAddress, ...] = ()
     reserved: tuple[IPvAnyAddress, ...] = ()
+    # An IPv6 VM subnet's pool only (default DHCPv6): SLAAC makes each VM's CA the EUI-64
+    # of its MAC in the /64, which the VM forms itself from the router advertisement.
+    ipv6_assignment: Ipv6Assignment | None = None
     description: Description = ""
 
     @model_validator(mode="after")
@@ -424,6 +428,10 @@ class IpPoolSpec(_Spec):
             )
         if on_subnet and self.vm_network is None:
             raise ValueError("vm_network: a VM subnet's pool names its VM network")
+        if self.ipv6_assignment is not None and not on_subnet:
+            raise ValueError("ipv6_assignment: only a VM subnet's pool assigns VM addresses")
+        if self.ipv6_assignment is not None and self.subnet is not None and self.subnet.version != 6:
+            raise ValueError(f"ipv6_assignment: {self.subnet} is not an IPv6 subnet")
         if self.subnet is not None:
             for field in ("range_start", "range_end", "gateway"):
                 value = getattr(self, field)

@@ -10,7 +10,7 @@ from typing import Any
 
 from controller.fabric.common import ALL, Builders, _refuse_in_use, _Scope
 from controller.inventory import Tx
-from controller.models import Conflict, Invalid, Kind, first_host_address, last_host_address
+from controller.models import Conflict, Invalid, Ipv6Assignment, Kind, first_host_address, last_host_address
 
 
 class NetworkRules(Builders):
@@ -39,6 +39,34 @@ class NetworkRules(Builders):
         _refuse_in_use(Kind.network_site, site.name, users)
         tx.delete(Kind.network_site, site.name)
         return None, _Scope(networks=ALL)
+
+    def _check_ipv6_assignment(self, spec, vm_subnet, siblings: list, what: str) -> None:
+        """SLAAC needs an IPv6 /64 (the EUI-64 fills the other 64 bits), the pools of one VM
+        subnet agree (a VM's address is either allocated or formed from its MAC), and a
+        subnet whose VMs already hold allocated addresses does not turn to SLAAC."""
+        prefix = vm_subnet.prefix
+        if prefix.version != 6:
+            if spec.ipv6_assignment is not None:
+                raise Invalid(f"{what}: VM subnet {vm_subnet.key} ({prefix}) is not IPv6", "ipv6_assignment",
+                              "only IPv6 addresses are assigned by DHCPv6 or SLAAC")
+            return
+        wanted = spec.ipv6_assignment or Ipv6Assignment.DHCPv6
+        for other in siblings:
+            theirs = other.ipv6_assignment or Ipv6Assignment.DHCPv6
+            if theirs != wanted:
+                raise Conflict(f"{what}: IP pool {other.key} of VM subnet {vm_subnet.key} assigns addresses by "
+                               f"{theirs}", "ipv6_assignment", "the pools of one VM subnet assign addresses alike")
+        if wanted is not Ipv6Assignment.SLAAC:
+            return
+        if prefix.prefixlen != 64:
+            raise Invalid(f"{what}: SLAAC needs a /64, VM subnet {vm_subnet.key} is {prefix}", "ipv6_assignment",
+                          "a VM forms its address from the prefix and the 64-bit EUI-64 of its MAC")
+        holders = [vm.name for vm in self.inventory.vms_of_network(vm_subnet.vm_network)
+                   if vm.vm_subnet == vm_subnet.name and vm.ca is not None]
+        if holders:
+            raise Conflict(f"{what}: VM subnet {vm_subnet.key} has VMs with allocated addresses", "ipv6_assignment",
+                           f"{', '.join(sorted(holders)[:5])} would keep addresses SLAAC never forms; "
+                           "give the VM subnet its SLAAC pool before its VMs")
 
     def _create_ip_pool(self, tx: Tx, spec) -> tuple[Any, _Scope]:
         what = f"IP pool {spec.name}"
@@ -73,6 +101,7 @@ class NetworkRules(Builders):
             siblings = [self.inventory.get(Kind.ip_pool, key)
                         for key in self.inventory.pools_by_owner.get(vm_subnet.key, ())]
             spec = spec.model_copy(update={"vm_subnet": subnet_name})
+            self._check_ipv6_assignment(spec, vm_subnet, siblings, what)
         for name in ("range_start", "range_end", "gateway"):
             value = getattr(spec, name)
             if value is not None and value not in subnet:

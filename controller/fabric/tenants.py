@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from controller.allocate import allocate_routing_domain_id, allocate_vsid
+from controller.allocate import allocate_routing_domain_id, allocate_vsid, slaac_address
 from controller.compiler import subnet_gateway
 from controller.fabric.common import Builders, _refuse_in_use, _Scope
 from controller.gateways import customer_routes_of, gateway_of_network, nat_rules_for_vm
@@ -32,6 +32,7 @@ from controller.models import (
     Host,
     Invalid,
     IpPool,
+    Ipv6Assignment,
     Isolation,
     Kind,
     LeaseKind,
@@ -163,7 +164,7 @@ class TenantRules(Builders):
             mac = spec.mac
         else:
             mac = self._new_mac(tx, f"vm:{spec.name}")
-        ca = self._lease_ca(tx, spec.name, spec.ca, network, subnet, host.name)
+        ca = self._lease_ca(tx, spec.name, spec.ca, network, subnet, host.name, mac=mac)
         if network.isolation is Isolation.WindowsNetworkVirtualization:
             self._ensure_pa(tx, host, network)
         vm = self._new(Kind.vm, tx, spec, vm_subnet=subnet.name, host=host.name, mac=mac, ca=ca)
@@ -200,11 +201,18 @@ class TenantRules(Builders):
                           f"host {namespace} is a namespace of that name in the lab; a VM may not join it")
 
     def _lease_ca(self, tx: Tx, holder: str, wanted, network: VmNetwork, subnet: VmSubnet, host: str | None,
-                  holder_kind: str = "vm", field: str = "ca"):
+                  holder_kind: str = "vm", field: str = "ca", mac: str | None = None):
         """A CA for a VM (or, holder_kind "gateway", a gateway's back-end address): the one
-        wanted, checked, or the next free of the VM subnet's pools; leased when a pool covers it."""
+        wanted, checked, or the next free of the VM subnet's pools; leased when a pool covers it.
+        In a SLAAC pool's subnet a VM's CA is the one it forms from its MAC (allocate.slaac_address)."""
         pools = [self.inventory.get(Kind.ip_pool, key) for key in self.inventory.pools_by_owner.get(subnet.key, ())]
         what = f"VM {holder}" if holder_kind == "vm" else f"{holder_kind} {holder}"
+        if mac is not None and any(pool.ipv6_assignment is Ipv6Assignment.SLAAC for pool in pools):
+            formed = slaac_address(subnet.prefix, mac)
+            if wanted is not None and wanted != formed:
+                raise Invalid(f"{what}: CA {wanted} is not the address the VM forms by SLAAC", field,
+                              f"VM subnet {subnet.key} assigns addresses by SLAAC: MAC {mac} forms {formed}")
+            wanted = formed
         description = (f"CA of {holder} in {network.name}" if holder_kind == "vm"
                        else f"Back-end CA of {holder_kind} {holder} in {network.name}")
         forbidden = self._forbidden_cas(subnet, pools)

@@ -66,6 +66,8 @@ def solicit(vm, mac: str, attempts: int = 3, wait: float = 2.0) -> list[str]:
                     packet = Ether(data)
                     if address[2] != PACKET_OUTGOING and packet.haslayer(DHCP6_Advertise) \
                             and packet[DHCP6_Advertise].trid == TRID:
+                        if not packet.haslayer(DHCP6OptIA_NA):  # advertised, but no address
+                            return []
                         return [o.addr for o in packet[DHCP6OptIA_NA].ianaopts if isinstance(o, DHCP6OptIAAddress)]
         return []
 
@@ -84,9 +86,10 @@ def link_local(mac: str) -> str:
     return str(ipaddress.IPv6Address(bytes([0xFE, 0x80] + [0] * 6 + eui)))
 
 
-def serve(make_netns, tmp_path, vrf: str | None = None):
+def serve(make_netns, tmp_path, vrf: str | None = None, state=None):
     """The host namespace's VSID bridge (in VRF `vrf` if given, as the agent builds it),
-    its server, the VM namespace behind a port; yields (host, vm), stops the server."""
+    its server for `state` (default: ipv6_state()), the VM namespace behind a port;
+    yields (host, vm), stops the server."""
     host, vm = make_netns(), make_netns()
     host.ip("link", "add", BRIDGE, "address", naming.gateway_mac(VSID), "type", "bridge")
     if vrf is not None:
@@ -103,14 +106,13 @@ def serve(make_netns, tmp_path, vrf: str | None = None):
     vm.run("sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0")
     vm.ip("link", "set", "eth0", "up")
     manager = DhcpManager(host.name, tmp_path / "dhcp")
-    state = ipv6_state()
+    state = state or ipv6_state()
     applied, errors = manager.apply(manager.plan(state))
     assert not errors and applied == 2, errors  # the guard, then the server
     try:
         yield host, vm
     finally:
-        state_without_vm = ipv6_state().model_copy(update={"ports": ()})
-        manager.apply(manager.plan(state_without_vm))
+        manager.apply(manager.plan(state.model_copy(update={"ports": ()})))
 
 
 @pytest.fixture
@@ -138,3 +140,27 @@ def test_dhcpv6_offers_exactly_the_allocated_ca_and_nothing_to_an_unknown_mac(se
     # The VM's own MAC, then the eth0 of a VM the host does not know.
     offered = {mac: solicit(vm, mac) for mac in (MAC, STRANGER)}
     assert offered == {MAC: [CA], STRANGER: []}
+
+
+@pytest.fixture
+def served_slaac(make_netns, tmp_path):
+    state = parse_host_state(ipv6_host_state("CON-HyperV-A", 1, mac=MAC, ipv6_assignment="SLAAC"))
+    yield from serve(make_netns, tmp_path, state=state)
+
+
+def test_a_slaac_subnets_vm_forms_exactly_the_ca_the_controller_derived_from_its_mac(served_slaac):
+    """Ipv6Assignment.SLAAC: the advertisement carries the autonomous flag, the VM's own
+    kernel forms its address from the /64 and its MAC (EUI-64), and that is the CA the
+    controller computes (controller.allocate.slaac_address); DHCPv6 hands out no address."""
+    from controller.allocate import slaac_address
+
+    host, vm = served_slaac
+    ca = slaac_address(ipaddress.IPv6Network(f"{CA}/64", strict=False), MAC)
+
+    def global_addresses():
+        found = json.loads(vm.ip("-6", "-j", "addr", "show", "dev", "eth0").stdout)
+        return [a["local"] for link in found for a in link["addr_info"] if a.get("scope") == "global"]
+
+    wait_until(global_addresses, 60, "an address formed from the advertisement", interval=0.5)
+    assert global_addresses() == [str(ca)]
+    assert solicit(vm, MAC) == [], "a SLAAC subnet's server must hand out no address"

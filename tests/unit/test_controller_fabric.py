@@ -19,6 +19,7 @@ from controller.allocate import (
     allocate_routing_domain_id,
     allocate_vsid,
     mac_text,
+    slaac_address,
 )
 from controller.fabric import Fabric
 from controller.models import (
@@ -192,6 +193,48 @@ def test_ipv6_customer_addresses_over_an_ipv4_transport(tmp_path):
     gateway = [r for r in state.records if r.type == "Gateway"][0]
     assert str(gateway.ca) == "fd00:6::1" and str(gateway.pa) == "0.0.0.0"
     assert str(state.ports[0].ca) == "fd00:6::2/64"
+
+
+def test_slaac_address_is_the_modified_eui64_of_the_mac():
+    prefix = ipaddress.IPv6Network("fd00:6::/64")
+    assert str(slaac_address(prefix, "00:15:5d:00:00:01")) == "fd00:6::215:5dff:fe00:1"
+    assert str(slaac_address(prefix, "02:1d:d8:b7:1c:04")) == "fd00:6::1d:d8ff:feb7:1c04"  # U/L bit set: cleared
+
+
+def test_a_slaac_pool_gives_each_vm_the_address_it_forms_from_its_mac(tmp_path):
+    fabric = small_fabric(tmp_path)
+    fabric.create(Kind.vm_network, VmNetworkSpec(name="Six", logical_network="Virtualization", ca_family="IPv6"))
+    fabric.create(Kind.vm_subnet, VmSubnetSpec(vm_network="Six", prefix="fd00:6::/64"))
+    fabric.create(Kind.ip_pool, IpPoolSpec(name="Default", vm_network="Six", ipv6_assignment="SLAAC"))
+    vm = fabric.create(Kind.vm, VmSpec(name="v6", vm_network="Six", host="A"))
+    assert vm.ca == slaac_address(ipaddress.IPv6Network("fd00:6::/64"), vm.mac)
+    state = parse_host_state(fabric.entries["A"].state_json)
+    assert state.routing_domains[-1].subnets[0].ipv6_assignment == "SLAAC"
+    assert str(state.ports[0].ca) == f"{vm.ca}/64"
+    with pytest.raises(Invalid) as refused:  # an address the VM would not form
+        fabric.create(Kind.vm, VmSpec(name="v6b", vm_network="Six", host="B", ca="fd00:6::99"))
+    assert refused.value.field == "ca" and "assigns addresses by SLAAC" in refused.value.reason
+    with pytest.raises(Conflict) as mixed:
+        fabric.create(Kind.ip_pool, IpPoolSpec(name="Second", vm_network="Six", range_start="fd00:6::1:0",
+                                               range_end="fd00:6::1:ff"))
+    assert mixed.value.field == "ipv6_assignment"
+
+
+@pytest.mark.parametrize(("prefix", "vms", "field", "reason"), [
+    ("fd00:7::/80", 0, "ipv6_assignment", "SLAAC needs a /64"),
+    ("10.9.0.0/24", 0, "ipv6_assignment", "is not IPv6"),
+    ("fd00:7::/64", 1, "ipv6_assignment", "has VMs with allocated addresses"),
+])
+def test_slaac_is_refused_where_a_vm_could_not_form_its_address(tmp_path, prefix, vms, field, reason):
+    fabric = small_fabric(tmp_path)
+    family = "IPv6" if ":" in prefix else "IPv4"
+    fabric.create(Kind.vm_network, VmNetworkSpec(name="Seven", logical_network="Virtualization", ca_family=family))
+    fabric.create(Kind.vm_subnet, VmSubnetSpec(vm_network="Seven", prefix=prefix))
+    if vms:  # a VM given its address before the subnet had a pool
+        fabric.create(Kind.vm, VmSpec(name="v7", vm_network="Seven", host="A", ca="fd00:7::10"))
+    with pytest.raises((Invalid, Conflict)) as refused:
+        fabric.create(Kind.ip_pool, IpPoolSpec(name="Default", vm_network="Seven", ipv6_assignment="SLAAC"))
+    assert refused.value.field == field and reason in str(refused.value), refused.value
 
 
 def test_a_host_whose_stored_fabric_no_longer_compiles_is_not_served_and_others_are(tmp_path, monkeypatch):

@@ -93,6 +93,16 @@ def test_an_ipv6_vm_network_gets_advertisements_and_static_dhcpv6_not_dhcpv4(tmp
     assert found[BRIDGE].hosts == f"{MAC},[fd00:1::10]\n"
 
 
+def test_a_slaac_subnet_advertises_the_autonomous_flag_and_hands_out_no_address(tmp_path):
+    found = servers(ipv6_host_state("CON-HyperV-A", 1, dns_servers=["fd00:53::53"], ipv6_assignment="SLAAC"),
+                    tmp_path)
+    lines = config_lines(found[BRIDGE])
+    assert [line for line in lines if line.startswith("dhcp-range=")] == [
+        f"dhcp-range=fd00:1::,ra-stateless,64,{DEFAULT_LEASE_TIME}"], lines
+    assert "dhcp-option=option6:dns-server,[fd00:53::53]" in lines  # by stateless DHCPv6 (the O flag)
+    assert found[BRIDGE].hosts == f"{MAC}\n", "known (for the DNS servers), with no address to hand out"
+
+
 def observed(server: DhcpServer, pid: int | None = 4242, **changes) -> RunningServer:
     fields = dict(bridge=server.bridge, pid=pid, config_hash=server.config_hash, hosts_hash=server.hosts_hash)
     fields.update(changes)
@@ -166,6 +176,8 @@ def test_the_guard_drops_dhcp_arp_and_neighbour_discovery_leaving_through_every_
     ({"dns_servers": [f"10.0.0.{i}" for i in range(1, 10)]}, "dns_servers", "at most 8"),
     ({"lease_time": 30}, "lease_time", "greater than or equal to 120"),
     ({"lease_time": 10**9}, "lease_time", "less than or equal to"),
+    ({"ipv6_assignment": "SLAAC"}, "ipv6_assignment", "is not IPv6"),
+    ({"ipv6_assignment": "EUI"}, "ipv6_assignment", "Input should be 'DHCPv6' or 'SLAAC'"),
 ])
 def test_bad_dhcp_fields_are_refused_naming_the_field(fields, field, reason):
     with pytest.raises(StateError) as refused:
