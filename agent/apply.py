@@ -176,6 +176,9 @@ class Applier:
         self.host = host  # the HostState's host: part of the mark on a VM namespace made here
         self._index: dict[str, int] = {}
         self.flow = FlowDatapath(netns)
+        # (VM, namespace, NIC) of each lab VM end made here whose guest asks DHCP for its
+        # address: the reconciler starts their clients once the DHCP servers run (agent.guest).
+        self.dhcp_guests: list[tuple[str, str, str]] = []
 
     # -- the loop --------------------------------------------------------------------
 
@@ -473,6 +476,8 @@ class Applier:
                     # sending by the NIC every peer already receives from); it takes over
                     # when that NIC goes.
                     vm.route("append" if homed_elsewhere else "replace", dst="default", gateway=end.gateway, oif=nic)
+                if end.dhcp:
+                    self.dhcp_guests.append((vm_name, end.namespace, ifname))
             except Exception:
                 # The VM end is only known through the port's marker, which is written
                 # after this returns: a half-configured port would be read back as a

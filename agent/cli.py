@@ -41,7 +41,7 @@ def _apply(args: argparse.Namespace) -> int:
         return EXIT_REFUSED
     from agent.reconcile import Reconciler  # netlink only once the document is good
 
-    with Reconciler(netns=args.netns) as reconciler:
+    with Reconciler(netns=args.netns, vm_dhcp=args.vm_dhcp) as reconciler:
         if args.dry_run:
             print(reconciler.plan(state).describe())
             return EXIT_OK
@@ -75,6 +75,8 @@ def add_apply_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("state", help="HostState JSON file")
     parser.add_argument("--netns", help="network namespace to apply in (default: this one)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    parser.add_argument("--vm-dhcp", action="store_true",
+                        help="lab: as hnv-agent run --vm-dhcp (the guests ask DHCP for their address)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each operation")
     parser.set_defaults(func=_apply)
 

@@ -883,6 +883,9 @@ def add_run_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "refuses less); 3 missed = dead stream (default 5)")
     parser.add_argument("--reconnect-max-delay", type=_positive_seconds, default=30.0, metavar="SECONDS",
                         help="cap of the reconnect backoff (default 30)")
+    parser.add_argument("--vm-dhcp", action="store_true",
+                        help="lab: the namespace VMs of IPv4 VM subnets ask the host's DHCP server for their "
+                             "address (busybox udhcpc in the VM), instead of the agent setting it")
     parser.add_argument("--no-kernel-events", action="store_true",
                         help="reconcile only periodically, not on netlink link/neighbour events")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -902,6 +905,13 @@ def run_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"hnv-agent run: --controller: {exc}", file=sys.stderr)
         return EXIT_REFUSED
+    if args.vm_dhcp:
+        from agent.guest import client_program
+
+        if client_program() is None:
+            print("hnv-agent run: --vm-dhcp: busybox is not installed (its udhcpc is the lab guests' DHCP client)",
+                  file=sys.stderr)
+            return EXIT_REFUSED
     config = DaemonConfig(
         host=args.host,
         state_dir=Path(args.state_dir),
@@ -927,7 +937,7 @@ def run_command(args: argparse.Namespace) -> int:
     pyroute2.config.disable_mp_signal = True
     pyroute2.config.default_communicate_timeout = NETNS_HELPER_TIMEOUT
 
-    reconciler = Reconciler(netns=config.netns)
+    reconciler = Reconciler(netns=config.netns, vm_dhcp=args.vm_dhcp)
     try:
         try:
             daemon = AgentDaemon(config, reconciler)

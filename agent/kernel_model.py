@@ -50,6 +50,9 @@ class VmEnd:
     ca: str | None  # "192.168.0.10/24"
     gateway: str | None
     mtu: int | None
+    # The guest asks DHCP for its address (hnv-agent run --vm-dhcp): ca, gateway and mtu
+    # are None, and the agent starts the guest's client once the NIC is made (agent.guest).
+    dhcp: bool = False
 
 
 @dataclass(frozen=True)

@@ -134,11 +134,11 @@ def tenant_mtu(state: HostState, vsid: int) -> int:
 def _port_digest(end: VmEnd) -> str:
     """Part of a port's marker: a changed MAC, CA or gateway recreates the VM end, which
     the kernel cannot show us from the host side."""
-    text = f"{end.namespace}|{end.mac}|{end.ca}|{end.gateway}|{end.mtu}"
+    text = f"{end.namespace}|{end.mac}|{end.ca}|{end.gateway}|{end.mtu}" + ("|dhcp" if end.dhcp else "")
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
-def desired_kernel_state(state: HostState) -> KernelState:
+def desired_kernel_state(state: HostState, *, vm_dhcp: bool = False) -> KernelState:
     """Everything `state` asks of the kernel, in kernel terms."""
     want = KernelState()
     switch = state.switch.name if state.switch else None
@@ -251,8 +251,12 @@ def desired_kernel_state(state: HostState) -> KernelState:
                         settings=QUIET, master=master, mtu=mtu, expect_mac=naming.tap_mac(port.mac))
         else:
             device = naming.vm_port(port.name)
-            end = VmEnd(namespace=port.namespace, mac=port.mac,
-                        ca=str(port.ca) if port.ca else None, gateway=gateway, mtu=mtu)
+            if vm_dhcp and gateway is not None and port.ca is not None and port.ca.version == 4:
+                # The lab's guest asks the host's DHCP server (agent.dhcp) for all of it.
+                end = VmEnd(namespace=port.namespace, mac=port.mac, ca=None, gateway=None, mtu=None, dhcp=True)
+            else:
+                end = VmEnd(namespace=port.namespace, mac=port.mac,
+                            ca=str(port.ca) if port.ca else None, gateway=gateway, mtu=mtu)
             link = Link(name=device, kind="veth", role=naming.PORT, settings=QUIET,
                         key=f"{port.name}:{_port_digest(end)}", master=master, mtu=mtu, vm=end)
         want.add(link)

@@ -54,6 +54,7 @@ from agent import naming, nat
 from agent.apply import Applier, ObjectError
 from agent.dhcp import DhcpManager, run_dir_for
 from agent.flowmode import FlowDatapath
+from agent.guest import GuestDhcp
 from agent.kernel_model import KernelState
 from agent.netlink_batch import NeighbourSocket
 from agent.observe import observe, observe_links, read_tunnel_stats
@@ -91,10 +92,13 @@ class ReconcileResult:
 class Reconciler:
     """Observe + plan + apply for one network namespace (None: the agent's own)."""
 
-    def __init__(self, netns: str | None = None, run_dir: Path | None = None):
+    def __init__(self, netns: str | None = None, run_dir: Path | None = None, *, vm_dhcp: bool = False):
         self.netns = netns
         # The DHCP servers (agent.dhcp) keep their files here; one directory per namespace.
         self.dhcp = DhcpManager(netns, run_dir or run_dir_for(netns))
+        # Lab VMs of IPv4 VM subnets ask DHCP for their address (hnv-agent run --vm-dhcp).
+        self.vm_dhcp = vm_dhcp
+        self.guests = GuestDhcp(self.dhcp.run_dir / "guests")
         self._ipr: IPRoute | None = None
         self._records: NeighbourSocket | None = None
         self.flow = FlowDatapath(netns)
@@ -108,7 +112,7 @@ class Reconciler:
         """`state` in kernel terms, computed once per HostState object (the daemon holds one
         object per generation and reconciles it again and again). Plans never change it."""
         if self._desired is None or self._desired[0] is not state:
-            self._desired = (state, desired_kernel_state(state))
+            self._desired = (state, desired_kernel_state(state, vm_dhcp=self.vm_dhcp))
         return self._desired[1]
 
     def _sockets(self) -> tuple[IPRoute, NeighbourSocket]:
@@ -145,7 +149,7 @@ class Reconciler:
 
     def plan(self, desired: HostState) -> Plan:
         """What reconcile would do now: observe and diff, no writes."""
-        plan = diff(desired_kernel_state(desired), self.observe())
+        plan = diff(desired_kernel_state(desired, vm_dhcp=self.vm_dhcp), self.observe())
         return replace(plan, ops=plan.ops + tuple(self.dhcp.plan(desired)))
 
     def plug_taps(self, desired: HostState, devices: set[str]) -> ReconcileResult:
@@ -189,6 +193,11 @@ class Reconciler:
         dhcp_ops = self.dhcp.plan(desired)
         dhcp_applied, dhcp_errors = self.dhcp.apply(dhcp_ops)
         applied += dhcp_applied
+        # ... and a guest's DHCP client needs that server (it retries a while if it was
+        # not started: an error above is reported, the client's failure logged).
+        self.guests.reap()
+        for vm, namespace, nic in applier.dhcp_guests:
+            self.guests.start(vm, namespace, nic)
         # A tap that is there but not the VM's is the operator's to fix: an error of kind
         # tap (the status shows it), naming the device and both MACs. An absent one is not.
         refused = [ObjectError("tap", tap.device, None, tap.describe()) for tap in plan.taps if tap.state == REFUSED]

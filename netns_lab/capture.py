@@ -56,6 +56,10 @@ def resolve_link(spec: str, topology: Topology) -> tuple[str, str]:
     return node, link
 
 
+ICMPV6_TYPES = {1: "unreachable", 128: "echo-request", 129: "echo-reply", 133: "router-solicitation",
+                134: "router-advertisement", 135: "neighbour-solicitation", 136: "neighbour-advertisement"}
+
+
 @dataclass(frozen=True)
 class DecodedFrame:
     """One captured frame, as the walkthrough reads it."""
@@ -93,8 +97,11 @@ def _what(frame: Packet) -> tuple[str | None, str | None, str]:
         return arp.psrc, arp.pdst, "ARP " + ("who-has" if arp.op == 1 else "is-at")
     if IP in frame:
         return frame[IP].src, frame[IP].dst, f"IP proto {frame[IP].proto}"
+    if IPv6 in frame and frame[IPv6].nh == 58:  # ICMPv6: the type is its first byte
+        kind = ICMPV6_TYPES.get(int(frame[IPv6].payload.type), f"type {frame[IPv6].payload.type}")
+        return frame[IPv6].src, frame[IPv6].dst, f"ICMPv6 {kind}"
     if IPv6 in frame:
-        return frame[IPv6].src, frame[IPv6].dst, "IPv6"
+        return frame[IPv6].src, frame[IPv6].dst, f"IPv6 next header {frame[IPv6].nh}"
     if Ether in frame:
         return frame[Ether].src, frame[Ether].dst, f"ethertype 0x{frame[Ether].type:04x}"
     return None, None, frame.summary()

@@ -55,6 +55,10 @@ PA_RANGE = ("10.80.2.20", "10.80.2.250")
 CA_PREFIX = "192.168.0.0/24"
 CA_RANGE = ("192.168.0.10", "192.168.0.100")
 CA_GATEWAY = "192.168.0.1"
+# The IPv6 tenant: IPv6 customer addresses over the same IPv4 provider addresses.
+CA6_PREFIX = "fd00:6::/64"
+CA6_RANGE = ("fd00:6::10", "fd00:6::ff")
+CA6_GATEWAY = "fd00:6::1"
 VLAN_TENANTS = {  # VM network: (VLAN, prefix, pool start, pool end, gateway)
     "TenantA": (100, "172.16.100.0/24", "172.16.100.10", "172.16.100.100", "172.16.100.1"),
     "TenantB": (101, "172.16.101.0/24", "172.16.101.10", "172.16.101.100", "172.16.101.1"),
@@ -245,6 +249,25 @@ class Walkthrough:
                    for h in hosts if not _in_sync(rows.get(h))]
         return self.check(f"in-sync-{what}", False,
                           f"not in sync after {SYNC_TIMEOUT:.0f} s: " + "; ".join(lagging))
+
+    def wait_guest_dhcp(self, vms: tuple[str, ...] | list[str], what: str) -> bool:
+        """Where the topology's guests ask DHCP for their address (``agent.vm_dhcp``: the
+        agents start each VM's client, agent.guest), poll until every VM holds the CA VMM
+        gave it, a default route and the tenant MTU its host's server handed out."""
+        if not self.topology.agent.vm_dhcp:
+            return True
+        deadline = time.monotonic() + SYNC_TIMEOUT
+        started = time.monotonic()
+        while True:
+            found = {vm: _guest_config(vm, self.vm_ca(vm)) for vm in vms}
+            if all(found.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(SYNC_POLL)
+        missing = [vm for vm, config in found.items() if not config]
+        detail = "; ".join(f"{vm} {config}" if config else f"{vm}: no address {self.vm_ca(vm)} by DHCP"
+                           for vm, config in found.items())
+        return self.check(f"dhcp-{what}", not missing,
+                          f"by DHCP from their hosts in {time.monotonic() - started:.1f} s: {detail}")
 
     def wait_migration_done(self, vm: str) -> None:
         """Poll ``hnvctl vm show`` until the controller published every stage of ``vm``'s
@@ -494,6 +517,7 @@ def run_walkthrough(w: Walkthrough, *, only_for_failover: bool = False) -> None:
         w.ctl("vm", "create", vms[0], "--vm-network", network, "--host", hv_a)
         w.ctl("vm", "create", vms[1], "--vm-network", network, "--host", hv_b)
         w.wait_in_sync([hv_a, hv_b], f"{network.lower()}-vms")
+        w.wait_guest_dhcp(vms, f"{network.lower()}-vms")
         w.cmdlet("Get-SCIPAddress")
         w.ctl("ip", "list", "--vm-network", network)
         w.ping_check(f"{network.lower()}-ping", vms[0], vms[1])
@@ -541,6 +565,7 @@ def run_walkthrough(w: Walkthrough, *, only_for_failover: bool = False) -> None:
     w.cmdlet(f'New-SCVirtualMachine -Name "TenantVM05" ... (Fabrikam2, on {hv_a})')
     w.ctl("vm", "create", "TenantVM05", "--vm-network", "Fabrikam2", "--host", hv_a)
     w.wait_in_sync([hv_a, hv_b], "tenantvm05")
+    w.wait_guest_dhcp(["TenantVM05"], "tenantvm05")
     pas_after = w.hnvctl.json("ip", "list", "--kind", "PA")
     w.ctl("ip", "list", "--kind", "PA")
     w.check("no-new-pa-for-another-vm", len(pas_after) == len(pas_before),
@@ -558,6 +583,8 @@ def run_walkthrough(w: Walkthrough, *, only_for_failover: bool = False) -> None:
     # holds the VM until every host applied the first, so wait for the last one.
     w.wait_migration_done("TenantVM05")
     w.wait_in_sync([hv_a, hv_b], "migration")
+    # The VM's NIC on its new host asked the new host's server: the same address.
+    w.wait_guest_dhcp(["TenantVM05"], "after-migration")
     pa_b = next((lease["address"] for lease in pas_after
                  if lease["holder"] == hv_b and lease.get("vm_network") == "Fabrikam2"), None)
     ca05 = str(w.hnvctl.json("vm", "show", "TenantVM05")["ca"]).split("/")[0]
@@ -598,6 +625,51 @@ def run_walkthrough(w: Walkthrough, *, only_for_failover: bool = False) -> None:
     gone = _wait_for(lambda: not build.namespace_exists("TenantVM05"), 30.0)
     w.check("vm-delete-removes-namespace", gone,
             f"namespace TenantVM05 {'removed' if gone else 'still present'} after the VM was deleted")
+
+    run_ipv6_tenant_step(w, hv_a, hv_b)
+
+
+def run_ipv6_tenant_step(w: Walkthrough, hv_a: str, hv_b: str) -> None:
+    """An IPv6 VM network over the IPv4 PAs: ping6 across the hosts and to the distributed
+    router, and on the wire NVGRE (outer IPv4, key VSID << 8) around the IPv6 echoes, with
+    neighbour discovery answered on each host and never inside a tunnel."""
+    topology, network, vms = w.topology, "Fabrikam6", ("TenantVM07", "TenantVM08")
+    w.step(f"An IPv6 tenant: {network}, VM subnet {CA6_PREFIX}, over the same IPv4 provider addresses")
+    w.cmdlet(f'$fabrikam6VMNetwork = New-SCVMNetwork -Name "{network}" -LogicalNetwork $virtualizationLogicalNetwork '
+             '-IsolationType "WindowsNetworkVirtualization" -CAIPAddressPoolType "IPV6" -PAIPAddressPoolType "IPV4"')
+    w.ctl("vm-network", "create", network, "--logical-network", "Virtualization",
+          "--isolation", "WindowsNetworkVirtualization", "--ca-family", "IPv6", "--pa-family", "IPv4")
+    w.ctl("vm-subnet", "create", "Default", "--vm-network", network, "--prefix", CA6_PREFIX)
+    w.ctl("ip-pool", "create", "Default", "--vm-network", network, "--vm-subnet", "Default",
+          "--subnet", CA6_PREFIX, "--range-start", CA6_RANGE[0], "--range-end", CA6_RANGE[1],
+          "--gateway", CA6_GATEWAY)
+    vsid = int(w.hnvctl.json("vm-subnet", "show", f"{network}/Default")["vsid"])
+    w.ctl("vm", "create", vms[0], "--vm-network", network, "--host", hv_a)
+    w.ctl("vm", "create", vms[1], "--vm-network", network, "--host", hv_b)
+    w.wait_in_sync([hv_a, hv_b], "fabrikam6-vms")
+    w.ctl("ip", "list", "--vm-network", network)
+    cas = {vm: w.vm_ca(vm) for vm in vms}
+    # An IPv6 address is usable once the VM's duplicate address detection is over (a
+    # second or two after its NIC came up): until then it is "tentative".
+    _wait_for(lambda: all("tentative" not in run(["ip", "-6", "addr", "show", "dev", "eth0"], netns=vm,
+                                                 check=False).stdout for vm in vms), 30.0)
+    ports = _switch_ports(topology, hv_a)
+    w.say(f"   capturing on {hv_a}'s NICs while {vms[0]} pings {vms[1]} and the gateway {CA6_GATEWAY}")
+    frames = w.capture_while(ports, f"vlan {TRANSPORT_VLAN} and ip proto 47", lambda: (
+        w.ping_check("fabrikam6-ping6", vms[0], vms[1]),
+        w.ping_check("fabrikam6-gateway-ping6", vms[1], CA6_GATEWAY)))
+    nvgre = [f for f in frames if f.encapsulation == "nvgre"]
+    for frame in nvgre[:4]:
+        w.say("     wire: " + frame.line())
+    echoes = [f for f in nvgre if f.vsid == vsid and {f.inner_src, f.inner_dst} == set(cas.values())
+              and "ICMPv6 echo" in f.what]
+    w.check("fabrikam6-ipv6-in-nvgre-on-the-wire", len(echoes) >= 2 and all(TRANSPORT_VLAN in f.vlans for f in echoes),
+            f"{len(echoes)} IPv6 echoes between {cas[vms[0]]} and {cas[vms[1]]} in NVGRE VSID {vsid} "
+            f"on VLAN {TRANSPORT_VLAN}, of {len(nvgre)} NVGRE frames")
+    discovery = [f for f in nvgre if "neighbour-" in f.what or "router-" in f.what]
+    w.check("fabrikam6-neighbour-discovery-stays-on-the-host", not discovery,
+            f"{len(discovery)} neighbour or router discovery frames inside the tunnels"
+            + (f": {discovery[0].line()}" if discovery else ""))
 
 
 # The failover step's tenant ping: 10 echoes a second, as the issue's users would watch.
@@ -689,6 +761,7 @@ def run_failover_step(w: Walkthrough) -> None:
             w.cmdlet(f'New-SCVirtualMachine -Name "TenantVM06" ... (placement: {hv_a})')
             w.ctl("vm", "create", "TenantVM06", "--vm-network", "Fabrikam2", "--host", hv_a)
             w.wait_in_sync(hosts, "ha-vm-create")
+            w.wait_guest_dhcp(["TenantVM06"], "ha-vm-create")
             w.ping_check("ha-vm-through-another-replica", "TenantVM06", "TenantVM02")
             time.sleep(PING_IN_FLIGHT)
         finally:
@@ -700,6 +773,19 @@ def run_failover_step(w: Walkthrough) -> None:
             f"TenantVM01 -> TenantVM02 ({target}) every {HA_PING_INTERVAL} s throughout: {sent} sent, "
             f"{answered} answered, lost {lost[:10] or 'none'}")
     w.wait_in_sync([h.name for h in topology.hosts], "ha-all-hosts")
+
+
+def _guest_config(vm: str, ca: str) -> str | None:
+    """'192.168.0.10/24 on eth0, MTU 1458, default via 192.168.0.1' once the VM's namespace
+    holds ``ca`` and an IPv4 default route; None before."""
+    links = json.loads(run(["ip", "-4", "-j", "addr", "show"], netns=vm, check=False).stdout or "[]")
+    nic = next(((link, a) for link in links for a in link.get("addr_info", []) if a.get("local") == ca), None)
+    routes = json.loads(run(["ip", "-4", "-j", "route", "show", "default"], netns=vm, check=False).stdout or "[]")
+    if nic is None or not routes:
+        return None
+    link, address = nic
+    return (f"{ca}/{address.get('prefixlen')} on {link.get('ifname')}, MTU {link.get('mtu')}, "
+            f"default via {routes[0].get('gateway')}")
 
 
 def _wait_for(condition, timeout: float) -> bool:

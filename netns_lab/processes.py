@@ -309,7 +309,8 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
                   # (a host is known only once hnvctl adds it). Drift repair is also
                   # event-driven, so a slower periodic pass spares seven agents' CPU
                   # under emulation.
-                  "--reconnect-max-delay", "2", "--resync-interval", "10"],
+                  "--reconnect-max-delay", "2", "--resync-interval", "10",
+                  *(["--vm-dhcp"] if topology.agent.vm_dhcp else [])],
             log=str(logs / f"agent-{host.name}.log"),
         ))
     for replica, entry in zip(topology.controller_replicas, controllers):

@@ -161,6 +161,9 @@ class ControllerSpec(_Model):
 
 class AgentSpec(_Model):
     metrics_port: int = Field(default=9477, ge=1, le=65535)
+    # The VMs of IPv4 VM subnets get their address by DHCP from their host, as a Hyper-V
+    # VM does (hnv-agent run --vm-dhcp), instead of the agent setting it.
+    vm_dhcp: bool = False
 
 
 class PrometheusSpec(_Model):

@@ -21,8 +21,8 @@ from tests.kernel.test_lab_demo import HNV_LAB, TOPOLOGY, _assert_nothing_left, 
 
 # What the failover step stands on (demo --ha walks only that part of the seed walkthrough).
 FABRIC_CHECKS = ("in-sync-part1", "management-address-moved-to-switch", "management-network-after-team",
-                 "fabrikam2-ping")
-HA_CHECKS = ("ha-hosts-moved", "in-sync-ha-vm-create", "ha-vm-through-another-replica",
+                 "dhcp-fabrikam2-vms", "fabrikam2-ping")
+HA_CHECKS = ("ha-hosts-moved", "in-sync-ha-vm-create", "dhcp-ha-vm-create", "ha-vm-through-another-replica",
              "ha-no-ping-lost", "in-sync-ha-all-hosts")
 
 

@@ -64,3 +64,14 @@ def test_gre_without_key_is_not_nvgre():
 
     frame = decode(Ether(bytes(Ether() / IP(src="10.80.2.20", dst="10.80.2.21") / GRE(proto=0x6558) / INNER)))
     assert frame.encapsulation is None and frame.what == "IP proto 47"
+
+
+def test_ipv6_echoes_and_neighbour_discovery_inside_nvgre_are_named():
+    from scapy.layers.inet6 import ICMPv6EchoReply, ICMPv6ND_NS, IPv6
+
+    echo = Ether(src="00:1d:d8:b7:1c:02", dst="00:1d:d8:b7:1c:03") / IPv6(src="fd00:6::10", dst="fd00:6::11") / ICMPv6EchoReply()
+    frame = decode(Ether(bytes(Ether() / Dot1Q(vlan=802) / encapsulate("10.80.2.20", "10.80.2.21", VSID, echo))))
+    assert (frame.encapsulation, frame.inner_src, frame.inner_dst, frame.what) == (
+        "nvgre", "fd00:6::10", "fd00:6::11", "ICMPv6 echo-reply")
+    solicit = Ether() / IPv6(src="fd00:6::10", dst="ff02::1:ff00:11") / ICMPv6ND_NS(tgt="fd00:6::11")
+    assert decode(Ether(bytes(solicit))).what == "ICMPv6 neighbour-solicitation"

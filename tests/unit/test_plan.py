@@ -212,3 +212,17 @@ def test_vlan_device_is_rebuilt_with_its_lower_switch():
     assert f"add provider {vlan_dev} vlan_id 802 link hnv-sw" in lines
     assert f"add address 10.80.2.20/24 on {vlan_dev}" in lines
     assert "set team hnv-team master none -> hnv-sw" in lines
+
+
+def test_with_vm_dhcp_an_ipv4_tenant_vm_is_left_to_its_dhcp_client_and_a_vlan_vm_is_not():
+    both = state(lambda d: d["ports"].append({"name": "HostVM100", "mac": "00:15:5d:64:00:01", "vlan": 100,
+                                              "ca": "172.16.100.10/24"}))
+    static = desired_kernel_state(both)
+    dhcp = desired_kernel_state(both, vm_dhcp=True)
+    tenant, vlan_vm = naming.vm_port("TenantVM01"), naming.vm_port("HostVM100")
+    assert static.links[tenant].vm.ca == "192.168.0.10/24" and not static.links[tenant].vm.dhcp
+    end = dhcp.links[tenant].vm
+    assert end.dhcp and (end.ca, end.gateway, end.mtu) == (None, None, None)
+    assert dhcp.links[tenant].mtu == static.links[tenant].mtu, "the host end keeps the tenant MTU"
+    assert dhcp.links[tenant].key != static.links[tenant].key, "a change of mode makes the VM's NIC again"
+    assert dhcp.links[vlan_vm].vm == static.links[vlan_vm].vm, "no DHCP server on a VLAN network: static"
