@@ -15,6 +15,15 @@ def watch(namespace_name: str) -> tuple[KernelEventWatch, list[str]]:
     return events, seen
 
 
+def watched_host_with_veth(make_netns):
+    """A namespace holding veth hnvt0 (up) / hnvt1, and a watch begun after both exist."""
+    host = make_netns()
+    host.ip("link", "add", "hnvt0", "type", "veth", "peer", "name", "hnvt1")
+    host.ip("link", "set", "hnvt0", "up")
+    events, seen = watch(host.name)
+    return host, events, seen
+
+
 def settle(seen: list[str], timeout: float = 3.0) -> list[str]:
     deadline = time.monotonic() + timeout
     count = -1
@@ -44,10 +53,7 @@ def test_link_and_static_neighbour_changes_in_the_namespace_are_seen(make_netns)
 
 
 def test_arp_cache_churn_is_not_an_event(make_netns):
-    host = make_netns()
-    host.ip("link", "add", "hnvt0", "type", "veth", "peer", "name", "hnvt1")
-    host.ip("link", "set", "hnvt0", "up")
-    events, seen = watch(host.name)
+    host, events, seen = watched_host_with_veth(make_netns)
     try:
         host.ip("neigh", "add", "192.168.0.12", "lladdr", "00:15:5d:00:00:03", "dev", "hnvt0", "nud", "reachable")
         host.ip("neigh", "change", "192.168.0.12", "lladdr", "00:15:5d:00:00:03", "dev", "hnvt0", "nud", "stale")
@@ -58,10 +64,7 @@ def test_arp_cache_churn_is_not_an_event(make_netns):
 
 
 def test_a_carrier_coming_and_going_is_not_an_event_but_a_lasting_change_is(make_netns):
-    host = make_netns()
-    host.ip("link", "add", "hnvt0", "type", "veth", "peer", "name", "hnvt1")
-    host.ip("link", "set", "hnvt0", "up")
-    events, seen = watch(host.name)
+    host, events, seen = watched_host_with_veth(make_netns)
     try:
         host.ip("link", "set", "hnvt0", "mtu", "1400")  # its first message since the watch began
         first = settle(seen)

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import pytest
 from pydantic import ValidationError
@@ -25,6 +26,7 @@ from agent.state import HostState, StateError, parse_host_state
 from controller.models import Kind, VmSpec
 from tests.lib.fake_controller import FakeController
 from tests.lib.sample_states import host_state
+from tests.lib.wait import wait_until
 from tests.unit.test_controller_fabric import small_fabric
 from tests.unit.test_state_validation import BASE
 
@@ -380,13 +382,8 @@ def daemon_with(tmp_path, controller):
         daemon.stop()
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+# The project's condition wait, polled finely: these tests time the loop's reactions.
+wait_for = partial(wait_until, interval=0.01)
 
 
 def test_a_waiting_tap_is_reported_not_an_error_and_logged_once(daemon_with, controller, caplog):
