@@ -65,13 +65,16 @@ class GuestDhcp:
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self._clients: list[_Client] = []
+        self._script_written = False
 
     def _script(self) -> Path:
+        """The client script, written (over whatever was there) once per agent."""
         path = self.run_dir / "guest-dhcp-client.sh"
-        if not path.exists() or path.read_text() != CLIENT_SCRIPT:
+        if not self._script_written:
             self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             path.write_text(CLIENT_SCRIPT)
             path.chmod(0o700)
+            self._script_written = True
         return path
 
     def start(self, vm: str, namespace: str, nic: str, attempt: int = 1) -> None:
