@@ -79,6 +79,7 @@ from agent.supervision import Supervisor
 from agent.watch import Backoff, ControllerEndpoint, StatusReport, StatusReporter, WatchStream, controller_urls
 
 log = logging.getLogger("agent.daemon")
+DRIFT_CHANGES_LOGGED = 5  # the first changes of a drift repair, in its log line
 
 DEFAULT_STATE_DIR = "/var/lib/openhnv-agent"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9464"
@@ -683,10 +684,13 @@ class AgentDaemon:
             errors = [_error_entry(e) for e in result.errors]
             objects_by_kind = dict(result.objects_by_kind)
             taps = tuple(getattr(result, "taps", ()))
+            plan = getattr(result, "plan", None)
+            changes = [op.describe() for op in plan.ops[:DRIFT_CHANGES_LOGGED]] if plan is not None else []
         except Exception as exc:  # a reconciler bug must not kill the loop
             log.exception("event=reconcile_crashed generation=%d", state.generation)
             planned, applied, objects_by_kind = -1, 0, {}
             taps = None  # not known: keep what the last reconcile said
+            changes = []
             errors = [{
                 "kind": "agent", "object": f"reconcile of generation {state.generation}",
                 "errno": None, "message": f"{type(exc).__name__}: {exc}",
@@ -713,7 +717,9 @@ class AgentDaemon:
         if reason in ("periodic", "event") and same_generation and planned > 0 and not tap_moved:
             # The kernel moved away from a generation we had fully applied: drift.
             self.metrics.drift_repairs.inc()
-            log.warning("event=drift_repaired generation=%d reason=%s planned=%d", state.generation, reason, planned)
+            # What drifted, so that an operator (or a repair that never sticks) can be traced.
+            log.warning("event=drift_repaired generation=%d reason=%s planned=%d changes=%s", state.generation,
+                        reason, planned, _q("; ".join(changes) + ("; ..." if planned > len(changes) else "")))
         self._last_clean_generation = state.generation if not errors else None
         if taps is not None:
             self._note_taps(taps, errors, tap_seq)

@@ -20,10 +20,15 @@ What counts as relevant, and why:
   writes, and each woke a whole-host reconcile that found nothing to do (in the seed
   lab, as much agent CPU as the generations themselves). A link's first message is
   always an event (nothing to compare it with).
-- every neighbour deletion (RTM_DELNEIGH, ARP/ND and bridge FDB entries): the kernel
-  reports an `ip neigh del` of a permanent entry as NUD_FAILED, not NUD_PERMANENT, so the
-  state cannot tell ours from others'. Deletions of dynamic entries are rare (garbage
-  collection, FDB ageing), so taking them all costs little.
+- neighbour deletions (RTM_DELNEIGH) that may be of an entry the agent installs: a
+  static or permanent one (bridge FDB entries keep their state in the deletion
+  message), and for ARP/ND also NUD_FAILED, because the kernel reports an `ip neigh del`
+  of a permanent entry as NUD_FAILED, not NUD_PERMANENT. Not the deletions of dynamic
+  entries (a learnt FDB entry ageing out, REACHABLE or STALE; an ARP/ND entry garbage
+  collected while STALE, DELAY, PROBE or INCOMPLETE) nor of the kernel's own multicast
+  neighbours (ff02::16, NOARP): the agent installs neither, and in the seed lab each such
+  deletion, ten or more per host in a walkthrough, woke a reconcile of seconds of
+  emulated CPU that found nothing to do.
 - neighbour additions and changes (RTM_NEWNEIGH) only for permanent or static
   (NUD_PERMANENT / NUD_NOARP) entries, the ones the agent installs. Dynamic entries
   (learnt FDB entries, ARP cache churn between REACHABLE and STALE) change all the time
@@ -34,7 +39,9 @@ What counts as relevant, and why:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -42,7 +49,7 @@ from typing import Any
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
 from pyroute2.netlink import nlmsg_base
-from pyroute2.netlink.rtnl.ndmsg import NUD_NOARP, NUD_PERMANENT
+from pyroute2.netlink.rtnl.ndmsg import NUD_FAILED, NUD_NOARP, NUD_PERMANENT
 
 from agent.logfmt import quote
 from agent.netns import in_netns
@@ -134,11 +141,28 @@ def describe_relevant(message: Mapping[str, Any]) -> str | None:
     if event in LINK_EVENTS:
         return f"{event} {message.get('ifname')}"
     if event in NEIGH_EVENTS:
-        if event == "RTM_NEWNEIGH" and not (message.get("state") or 0) & MANAGED_NEIGH_STATES:
+        if not _may_be_ours(event, message):
             return None
         target = message.get("dst") or message.get("lladdr")
         return f"{event} ifindex={message.get('ifindex')} {target}"
     return None
+
+
+def _may_be_ours(event: str, message: Mapping[str, Any]) -> bool:
+    """Whether a neighbour message may concern an entry the agent installs (see the
+    module's docstring): static or permanent ones, and a deleted ARP/ND entry reported
+    as NUD_FAILED; never a multicast neighbour."""
+    state = message.get("state") or 0
+    dst = message.get("dst")
+    if dst is not None:
+        try:
+            if ipaddress.ip_address(dst).is_multicast:
+                return False
+        except ValueError:
+            pass
+    if state & MANAGED_NEIGH_STATES:
+        return True
+    return event == "RTM_DELNEIGH" and state == NUD_FAILED and message.get("family") != socket.AF_BRIDGE
 
 
 class KernelEventWatch:

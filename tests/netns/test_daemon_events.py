@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from agent.events import KernelEventWatch
+from tests.lib.wait import wait_until
 
 
 def watch(namespace_name: str) -> tuple[KernelEventWatch, list[str]]:
@@ -50,6 +51,33 @@ def test_link_and_static_neighbour_changes_in_the_namespace_are_seen(make_netns)
     assert any(e.startswith("RTM_NEWNEIGH") and "192.168.0.11" in e for e in got)
     assert any(e.startswith("RTM_DELNEIGH") and "192.168.0.11" in e for e in got)
     assert not any("other" in e for e in got), "another namespace's links must not wake this agent"
+
+
+def test_a_static_fdb_entry_deleted_is_an_event_a_learnt_one_ageing_out_is_not(make_netns):
+    host, events, seen = watched_host_with_veth(make_netns)
+    try:
+        host.ip("link", "add", "hnvb0", "type", "bridge", "ageing_time", "100")  # 1 s
+        host.ip("link", "set", "hnvt0", "master", "hnvb0")
+        host.ip("link", "set", "hnvb0", "up")
+        first = settle(seen)
+        host.run("bridge", "fdb", "add", "00:15:5d:00:00:0a", "dev", "hnvt0", "master", "static")
+        host.run("bridge", "fdb", "del", "00:15:5d:00:00:0a", "dev", "hnvt0", "master")
+        # The bridge learns hnvt1's MAC from one ARP request it sends, then forgets it.
+        host.run("sysctl", "-qw", "net.ipv6.conf.hnvt1.disable_ipv6=1")
+        host.ip("link", "set", "hnvt1", "address", "00:15:5d:00:00:09", "up")
+        host.ip("addr", "add", "192.0.2.2/24", "dev", "hnvt1")
+        host.run("ping", "-c", "1", "-W", "1", "-I", "hnvt1", "192.0.2.1", check=False)
+
+        def fdb() -> str:
+            return host.run("bridge", "fdb", "show", "dev", "hnvt0").stdout
+
+        wait_until(lambda: "00:15:5d:00:00:09" in fdb(), 10, "the bridge to learn hnvt1's MAC")
+        wait_until(lambda: "00:15:5d:00:00:09" not in fdb(), 30, "the learnt entry to age out")
+        got = settle(seen)[len(first):]
+    finally:
+        events.stop(5)
+    assert any(e.startswith("RTM_DELNEIGH") and "00:15:5d:00:00:0a" in e for e in got), got
+    assert not any("00:15:5d:00:00:09" in e for e in got), got
 
 
 def test_arp_cache_churn_is_not_an_event(make_netns):

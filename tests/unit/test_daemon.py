@@ -14,6 +14,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -44,6 +46,15 @@ class FakeResult:
     errors: list
     duration_s: float
     objects_by_kind: dict
+    plan: Any = None
+
+
+@dataclass(frozen=True)
+class FakeOp:
+    text: str
+
+    def describe(self) -> str:
+        return self.text
 
 
 @dataclass
@@ -80,6 +91,7 @@ class FakeReconciler:
             generation=desired.generation, planned=planned, applied=planned - len(self.failing_objects),
             errors=list(self.failing_objects), duration_s=0.001,
             objects_by_kind={"tunnel": 1, "fdb": len(desired.records)},
+            plan=SimpleNamespace(ops=[FakeOp(f"add fdb {r.mac}") for r in desired.records][:planned]),
         )
 
     def tunnel_stats(self, timeout: float | None = None) -> list[FakeTunnel]:
@@ -256,7 +268,8 @@ def test_unknown_token_is_retried_and_the_token_never_logged(tmp_path, daemons, 
         controller.stop()
 
 
-def test_drift_is_repaired_and_counted(tmp_path, controller, daemons):
+def test_drift_is_repaired_and_counted(tmp_path, controller, daemons, caplog):
+    caplog.set_level(logging.WARNING, logger="agent.daemon")
     reconciler = FakeReconciler()
     controller.publish(HOST, host_state(HOST, 1))
     daemon = start(daemons, make_daemon(tmp_path, controller.url, reconciler))
@@ -266,6 +279,10 @@ def test_drift_is_repaired_and_counted(tmp_path, controller, daemons):
     reconciler.drifted = True  # someone deleted a tunnel by hand
     wait_until(lambda: daemon.metrics.drift_repairs._value.get() == 1, timeout=3, what="a drift repair")
     assert reconciler.applied_generations == [1, 1]
+    # The log line says what was repaired (the first changes of the plan).
+    [line] = [r.getMessage() for r in caplog.records if "event=drift_repaired" in r.getMessage()]
+    first = parse_host_state(json.dumps(host_state(HOST, 1))).records[0]
+    assert f'changes="add fdb {first.mac}' in line, line
 
 
 def test_object_errors_are_reported_and_counted_by_errno(tmp_path, controller, daemons):

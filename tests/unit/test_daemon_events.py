@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from agent.events import LinkChanges, describe_relevant
-from pyroute2.netlink.rtnl.ndmsg import NUD_FAILED, NUD_NOARP, NUD_PERMANENT, NUD_REACHABLE, NUD_STALE
+from pyroute2.netlink.rtnl.ndmsg import (
+    NUD_DELAY,
+    NUD_FAILED,
+    NUD_INCOMPLETE,
+    NUD_NOARP,
+    NUD_PERMANENT,
+    NUD_REACHABLE,
+    NUD_STALE,
+)
 
 
 def test_a_deleted_link_is_relevant():
@@ -18,12 +28,34 @@ def test_static_neighbour_and_fdb_changes_are_relevant(state):
     assert describe_relevant(message) == "RTM_NEWNEIGH ifindex=7 00:15:5d:00:00:02"
 
 
-@pytest.mark.parametrize("state", [NUD_PERMANENT, NUD_FAILED, NUD_STALE])
-def test_every_neighbour_deletion_is_relevant(state):
-    # `ip neigh del` of a permanent entry is reported as NUD_FAILED: the state cannot
+@pytest.mark.parametrize("state", [NUD_PERMANENT, NUD_FAILED, NUD_NOARP])
+def test_a_deleted_neighbour_that_may_be_ours_is_relevant(state):
+    # `ip neigh del` of a permanent entry is reported as NUD_FAILED: that state cannot
     # tell whose entry went.
-    message = {"event": "RTM_DELNEIGH", "state": state, "ifindex": 7, "dst": "192.168.0.11"}
+    message = {"event": "RTM_DELNEIGH", "family": socket.AF_INET, "state": state, "ifindex": 7,
+               "dst": "192.168.0.11"}
     assert describe_relevant(message) == "RTM_DELNEIGH ifindex=7 192.168.0.11"
+
+
+@pytest.mark.parametrize("state", [NUD_NOARP, NUD_PERMANENT])
+def test_a_deleted_static_fdb_entry_is_relevant(state):
+    message = {"event": "RTM_DELNEIGH", "family": socket.AF_BRIDGE, "state": state, "ifindex": 7,
+               "lladdr": "00:1d:d8:b7:1c:02"}
+    assert describe_relevant(message) == "RTM_DELNEIGH ifindex=7 00:1d:d8:b7:1c:02"
+
+
+@pytest.mark.parametrize(("family", "state", "target"), [
+    (socket.AF_BRIDGE, NUD_REACHABLE, {"lladdr": "02:4c:00:00:07:01"}),  # a learnt FDB entry ageing out
+    (socket.AF_BRIDGE, NUD_STALE, {"lladdr": "02:4c:00:00:07:01"}),
+    (socket.AF_BRIDGE, NUD_FAILED, {"lladdr": "02:4c:00:00:07:01"}),
+    (socket.AF_INET, NUD_STALE, {"dst": "10.0.0.12"}),  # garbage collected ARP entries
+    (socket.AF_INET, NUD_DELAY, {"dst": "10.0.0.12"}),
+    (socket.AF_INET, NUD_INCOMPLETE, {"dst": "10.0.0.12"}),
+    (socket.AF_INET6, NUD_NOARP, {"dst": "ff02::16"}),  # the kernel's multicast neighbours
+])
+def test_deleted_dynamic_and_multicast_neighbours_are_noise(family, state, target):
+    assert describe_relevant({"event": "RTM_DELNEIGH", "family": family, "state": state, "ifindex": 8,
+                              **target}) is None
 
 
 @pytest.mark.parametrize("state", [NUD_REACHABLE, NUD_STALE, 0])
