@@ -84,6 +84,8 @@ LINK_ROLES = {naming.TEAM, "member", naming.SWITCH, naming.PROVIDER, naming.VRF,
               naming.PORT, "external", naming.FRONTEND, naming.LEG, naming.BACKEND}
 # Per-device IPv4 settings written through /proc/sys/net/ipv4/conf/<device>/<name>.
 IPV4_CONF_SETTINGS = ("forwarding", "rp_filter", "arp_notify")
+# And IPv6 ones, through /proc/sys/net/ipv6/conf/<device>/<name>.
+IPV6_CONF_SETTINGS = ("disable_ipv6", "accept_ra")
 FLOW_MAP_KINDS = ("flowvsid", "flowremote")  # map ops; "flowport" is the link role
 
 
@@ -346,9 +348,10 @@ class Applier:
                 # between the VM subnets of one VRF needs it on the ingress device only,
                 # and leaves the host's global ip_forward (and every other device) alone.
                 write_sysctl(self.netns, f"/proc/sys/net/ipv4/conf/{link.name}/{name}", value)
-        disable_ipv6 = wanted.pop("disable_ipv6", None)
-        if disable_ipv6 is not None:
-            write_sysctl(self.netns, f"/proc/sys/net/ipv6/conf/{link.name}/disable_ipv6", disable_ipv6)
+        for name in IPV6_CONF_SETTINGS:
+            value = wanted.pop(name, None)
+            if value is not None:
+                write_sysctl(self.netns, f"/proc/sys/net/ipv6/conf/{link.name}/{name}", value)
         if not wanted:
             return
         if link.kind == "bond":

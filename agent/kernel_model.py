@@ -31,6 +31,12 @@ Options = tuple[tuple[str, Any], ...]
 # port's flood flags say: either way host noise would cross the PA network inside a
 # tenant's VSID. Set before the device first goes up, so not one packet leaves.
 QUIET: Options = (("disable_ipv6", 1),)
+# An IPv6 device of a VM network (VSID bridge, gateway leg or back-end port) routes by
+# the agent's routes alone: a router advertisement arriving on it (a tenant VM's rogue
+# one, or the host's own server's looped back) must not put a default route into the
+# VRF. With the kernel's default (accept_ra 1) one did, in the seed lab's IPv6 tenant, and
+# every resync deleted it again: a drift repair every few seconds, forever.
+NO_ROUTER_ADVERTISEMENTS: Options = (("accept_ra", 0),)
 
 TUNNEL_PORT_FLAGS: Options = (
     ("learning", 0),

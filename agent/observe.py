@@ -140,8 +140,9 @@ def _link_from_msg(msg: Any, names: dict[int, str]) -> Link:
         if inet is not None and setting in inet:
             settings[setting] = inet[setting]
     inet6 = _attrs(af_spec.get("AF_INET6")).get("IFLA_INET6_CONF")
-    if inet6 is not None and "disable_ipv6" in inet6:
-        settings["disable_ipv6"] = inet6["disable_ipv6"]
+    for setting in ("disable_ipv6", "accept_ra"):
+        if inet6 is not None and setting in inet6:
+            settings[setting] = inet6[setting]
     port_flags: dict[str, int] = {}
     if info.get("IFLA_INFO_SLAVE_KIND") == "bridge":
         slave = _attrs(info.get("IFLA_INFO_SLAVE_DATA"))

@@ -60,6 +60,7 @@ from agent.kernel_model import (
     FlowPort,
     FlowRemote,
     KernelState,
+    NO_ROUTER_ADVERTISEMENTS,
     QUIET,
     Link,
     Neighbour,
@@ -215,7 +216,7 @@ def desired_kernel_state(state: HostState, *, vm_dhcp: bool = False) -> KernelSt
                 name=bridge, kind="bridge", role=naming.BRIDGE, key=str(subnet.vsid),
                 # An IPv6 VM network needs the bridge's IPv6 (its gateway); an IPv4 one
                 # must not have the bridge soliciting routers into the tunnels.
-                settings=(("forwarding", 1),) + (QUIET if family == 4 else ()),
+                settings=(("forwarding", 1),) + (QUIET if family == 4 else NO_ROUTER_ADVERTISEMENTS),
                 master=vrf, mtu=tenant_mtu(state, subnet.vsid),
                 mac=gateway_macs.get(subnet.vsid, naming.gateway_mac(subnet.vsid)),
             ))
@@ -281,7 +282,7 @@ def _add_gateway(state: HostState, want: KernelState, switch: str) -> None:
     role = state.gateway
     assert role is not None
     front = role.front_end
-    quiet = QUIET if front.subnet.version == 4 else ()
+    quiet = QUIET if front.subnet.version == 4 else NO_ROUTER_ADVERTISEMENTS
     front_dev = naming.provider_vlan(switch, front.vlan)
     want.add(Link(name=front_dev, kind="vlan", role=naming.FRONTEND, key=str(front.vlan),
                   options=(("link", switch), ("vlan_id", front.vlan)), settings=quiet))
@@ -310,7 +311,7 @@ def _add_gateway(state: HostState, want: KernelState, switch: str) -> None:
         want.add(Link(
             name=back_dev, kind="macvlan", role=naming.BACKEND, key=str(rd.id),
             options=(("link", bridge), ("mode", BACK_END_MACVLAN_MODE)),
-            settings=BACK_END_SETTINGS + (QUIET if back.address.version == 4 else ()),
+            settings=BACK_END_SETTINGS + (QUIET if back.address.version == 4 else NO_ROUTER_ADVERTISEMENTS),
             master=vrf, mtu=tenant_mtu(state, back.vsid) if state.provider else None,
             mac=back.mac, up=role.active,
         ))

@@ -13,6 +13,7 @@ stale neighbour.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -21,6 +22,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.utils import rdpcap
 
 from agent import naming
+from agent.netns import in_netns
 from agent.reconcile import Reconciler
 from agent.state import parse_host_state
 from tests.kernel.agentlab import MANAGEMENT, PROVIDER_VLAN, AgentLab
@@ -163,3 +165,31 @@ def test_neighbour_discovery_is_answered_on_the_host_and_never_crosses(lab, tmp_
     assert not [p for p in packets if ICMPv6ND_NS in p and p[ICMPv6ND_NS].tgt.startswith("fd00:2::")], \
         "a tenant's solicitation reached the physical switch"
 
+
+
+def test_a_tenants_router_advertisement_puts_no_route_into_the_hosts_vrf(lab):
+    """A VM advertising itself as a router (a rogue RA, or the host's own server's looped
+    back) must not give the host's VRF a default route: the host routes the VM network
+    by the agent's routes alone, and a route the kernel learnt would be deleted at every
+    resync and learnt again (a drift repair every few seconds, as the seed lab's IPv6
+    tenant showed before the VSID bridges had accept_ra 0)."""
+    from scapy.layers.inet6 import ICMPv6ND_RA, ICMPv6NDOptSrcLLAddr
+    from scapy.sendrecv import sendp
+
+    vm, mac = lab.vms["v6A2"], VMS["v6A2"][3]
+    host = lab.hosts["a"]
+    table = str(naming.vrf_table(2))
+    rogue = (Ether(src=mac, dst="33:33:00:00:00:01") / IPv6(src="fe80::215:5dff:fe06:20a", dst="ff02::1", hlim=255)
+             / ICMPv6ND_RA(routerlifetime=1800) / ICMPv6NDOptSrcLLAddr(lladdr=mac))
+
+    def learnt() -> str:
+        return host.ip("-6", "route", "show", "table", table, "default").stdout
+
+    for _ in range(3):
+        in_netns(vm.name, lambda: sendp(rogue, iface="eth0", verbose=False))
+    # Must not happen: watched for a few seconds (the kernel installs a learnt route at once).
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert "fe80::" not in learnt(), f"the VRF learnt a route from a tenant's RA: {learnt()}"
+        time.sleep(0.2)
+    assert lab.reconcilers["a"].plan(parse_host_state(ipv6_state("a", lab.vm_netns))).is_empty
