@@ -626,7 +626,7 @@ class Applier:
         if isinstance(obj, Neighbour):
             return NeighEntry(self.index(obj.device), obj.ip, obj.mac)
         if obj.port is not None:
-            return FdbEntry(self.index(obj.port), obj.mac, master=True)
+            return FdbEntry(self.index(obj.port), obj.mac, master=True, sticky=obj.sticky)
         return FdbEntry(self.index(obj.device), obj.mac, master=False, dst=obj.dst)
 
 

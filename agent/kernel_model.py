@@ -144,12 +144,23 @@ class Fdb:
     """A forwarding entry. A bridge entry (``port`` set) says which port of ``device`` (a
     bridge) a MAC lives behind; the kernel keys it by (bridge, MAC), so moving a MAC to
     another port is a replace, never a delete then add. A VXLAN entry (``dst`` set, on the
-    VXLAN device itself) says which PA a MAC lives behind."""
+    VXLAN device itself) says which PA a MAC lives behind.
+
+    Every bridge entry the agent writes is ``sticky``: the lookup records, not what the
+    bridge sees, say where a MAC is. A static entry that is not sticky moves to whichever
+    port a frame from that MAC last came in by (learning, on a VM's port); on a
+    migration's source, where the VM still sends by its old port after its entry moved
+    to the tunnel towards the destination, the entry went back onto that port and was
+    flushed with it when the port was deleted, and what the peers still sent the source
+    for the VM was flooded, which tunnel ports refuse: lost until the peers switched (the
+    agent's own kernel events wake no reconcile to put the entry back).
+    Sticky also keeps another port from taking a VM's MAC over by sending from it."""
 
     device: str
     mac: str
     port: str | None = None
     dst: str | None = None
+    sticky: bool = False  # NTF_STICKY (bridge entries); observed as the kernel has it
 
     @property
     def key(self) -> tuple[str, str]:

@@ -9,7 +9,9 @@ RTM_DELNEIGH / RTM_GETNEIGH for the two kinds of entry a lookup record becomes:
   programs the device's own table, which is what a VXLAN device uses, with ``dst`` the
   remote VTEP (NDA_DST). ``static=True`` is NUD_NOARP ("static": forwarded, never aged);
   ``static=False`` is NUD_PERMANENT, which the bridge treats as *local* (frames to that
-  MAC are delivered to the host, not forwarded) - the agent wants static.
+  MAC are delivered to the host, not forwarded) - the agent wants static. ``sticky=True``
+  (NTF_STICKY, a bridge entry only) pins the entry to its port: a frame from that MAC
+  arriving on another port never moves it there (see agent.kernel_model.Fdb).
 - ``NeighEntry``: a permanent (NUD_PERMANENT) neighbour CA -> MAC on a device (the VSID
   bridge), IPv4 or IPv6 by the address.
 
@@ -98,6 +100,7 @@ IFLA_VXLAN_LOCAL6 = 17
 
 NTF_SELF = 0x02
 NTF_MASTER = 0x04
+NTF_STICKY = 0x40
 
 NUD_REACHABLE = 0x02
 NUD_NOARP = 0x40
@@ -144,6 +147,7 @@ class FdbEntry:
     dst: str | None = None
     vlan: int | None = None
     static: bool = True
+    sticky: bool = False  # NTF_STICKY: learning never moves it (bridge entries only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +219,7 @@ def _encode_fdb(entry: FdbEntry, msg_type: int, flags: int, seq: int) -> bytes:
         # added with APPEND (REPLACE would leave only the last remote).
         flags = (flags & ~NLM_F_REPLACE) | NLM_F_APPEND
     state = _FDB_STATIC_STATE if entry.static else NUD_PERMANENT
-    ntf = NTF_MASTER if entry.master else NTF_SELF
+    ntf = (NTF_MASTER | (NTF_STICKY if entry.sticky else 0)) if entry.master else NTF_SELF
     return _HEADER_AND_NDMSG.pack(
         _HEADER_SIZE + _NDMSG_SIZE + len(body), msg_type, flags, seq, 0,
         AF_BRIDGE, entry.ifindex, state, ntf, 0,
@@ -242,6 +246,8 @@ def describe_entry(entry: FdbEntry | NeighEntry) -> str:
         text += f" dst {entry.dst}"
     if entry.vlan is not None:
         text += f" vlan {entry.vlan}"
+    if entry.sticky:
+        text += " sticky"
     return text
 
 
@@ -473,7 +479,7 @@ class NeighbourSocket:
             static = not state & NUD_PERMANENT
             if not static and (master or dst is None):
                 continue  # the bridge's or a device's own address (local / permanent)
-            append(FdbEntry(ifindex, mac, master, dst, vlan, static))
+            append(FdbEntry(ifindex, mac, master, dst, vlan, static, bool(ntf & NTF_STICKY)))
         return entries
 
     def _parse_neigh(self, ifindexes: set[int] | None, family: int | None) -> list[NeighEntry]:

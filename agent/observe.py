@@ -226,7 +226,7 @@ def observe(ipr: Any, records: NeighbourSocket, flow: FlowDatapath | None = None
         elif entry.master and entry.static and entry.vlan is None:
             bridge = have.links[port].master
             if bridge in owned_names:
-                have.add(Fdb(bridge, entry.mac, port=port))
+                have.add(Fdb(bridge, entry.mac, port=port, sticky=entry.sticky))
     for entry in records.dump_neigh(owned):
         have.add(Neighbour(names[entry.ifindex], entry.ip, entry.mac))
     if flow is not None and flow.present():

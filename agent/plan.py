@@ -340,7 +340,7 @@ def _add_records(state: HostState, want: KernelState, local_pas: set[str],
         if pa in local_pas:
             device = port_devices.get(record.mac)
             if device is not None:
-                want.add(Fdb(bridge, record.mac, port=device))
+                want.add(Fdb(bridge, record.mac, port=device, sticky=True))
         else:
             remotes.setdefault(record.vsid, []).append(RemoteEndpoint(record.mac, pa))
         if record.type in (RecordType.Static, RecordType.GatewayWildcard):
@@ -663,7 +663,10 @@ def _describe_route(r: Route) -> str:
 
 
 def _describe_fdb(f: Fdb) -> str:
-    return f"{f.mac} on {f.device} -> {f.port or f.dst}"
+    # Only the exception is named: an entry found without NTF_STICKY (written by an
+    # agent before it was sticky, or by hand) is replaced by a sticky one.
+    loose = f.port is not None and not f.sticky
+    return f"{f.mac} on {f.device} -> {f.port or f.dst}" + (" (not sticky)" if loose else "")
 
 
 def _describe_neighbour(n: Neighbour) -> str:

@@ -134,7 +134,7 @@ def tunnel_objects(
         device = vxlan_device(vsid, local_pa, bridge, mtu)
         objects.append(device)
         for remote in remotes:
-            objects.append(Fdb(device=bridge, mac=remote.mac, port=device.name))
+            objects.append(Fdb(device=bridge, mac=remote.mac, port=device.name, sticky=True))
             objects.append(Fdb(device=device.name, mac=remote.mac, dst=remote.pa))
         return objects
     tunnels: dict[str, Link] = {}
@@ -142,7 +142,7 @@ def tunnel_objects(
         tunnels[pa] = nvgre_tunnel(vsid, local_pa, pa, bridge, mtu)
         objects.append(tunnels[pa])
     for remote in remotes:
-        objects.append(Fdb(device=bridge, mac=remote.mac, port=tunnels[remote.pa].name))
+        objects.append(Fdb(device=bridge, mac=remote.mac, port=tunnels[remote.pa].name, sticky=True))
     return objects
 
 
@@ -172,7 +172,7 @@ def flow_tunnel_objects(vsid: int, local_pa: str, bridge: str, mtu: int,
         TcProgram(port, "egress", ENCAP_PROGRAM),
     ]
     for remote in remotes:
-        objects.append(Fdb(device=bridge, mac=remote.mac, port=port))
+        objects.append(Fdb(device=bridge, mac=remote.mac, port=port, sticky=True))
         objects.append(FlowRemote(vsid, remote.mac, remote.pa, local_pa))
     return objects
 

@@ -9,6 +9,7 @@ file order and share the lab: the VXLAN test converts both hosts last.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 
@@ -236,6 +237,54 @@ def test_drift_deleted_tunnel_and_fdb_entry_are_repaired(lab):
     assert f"add tunnel {tunnel}" in described and "add fdb 00:15:5d:00:02:0b" in described, described
     assert rec.plan(state).is_empty
     assert lab.vms["vmA3"].ping("192.168.0.11", count=2) and lab.vms["vmA2"].ping("192.168.0.11", count=2)
+
+
+def moved_to_b(document: dict, vm_name: str, *, keep_port: bool) -> dict:
+    """Host A's document once `vm_name` (one of A's VMs) lives on host B: its record on
+    B's PA; with `keep_port` its port still here, as on a migration's source between
+    its FDB entry moving to the tunnel and its port going (one apply of stage `peers`)."""
+    doc = copy.deepcopy(document)
+    vm = next(v for v in VMS if v.name == vm_name)
+    for record in doc["records"]:
+        if record.get("vm_name") == vm_name:
+            record["pa"] = PA[("b", vm.network)]
+    if not keep_port:
+        doc["ports"] = [p for p in doc["ports"] if p["name"] != vm_name]
+    doc["generation"] += 1
+    return doc
+
+
+def test_a_moved_vms_frames_by_its_old_port_never_pull_its_fdb_entry_off_the_tunnel(lab):
+    """A migration's source (stage `peers`) moves the VM's FDB entry to the tunnel towards
+    the destination, then deletes the VM's port; until then the VM still sends by that
+    port. The entry is the agent's (a lookup record): the bridge must not learn it back
+    onto the port, or deleting the port flushes it and what the peers still send the
+    source for the VM is flooded, which tunnel ports refuse: lost until the next
+    reconcile (the cause of a 0.5-0.8 s gap of echoes in the migration-under-ping test)."""
+    host, rec, vm_a = lab.hosts["a"], lab.reconcilers["a"], lab.vms["vmA2"]
+    mac, bridge = "00:15:5d:00:02:0a", naming.vsid_bridge(F2_VSID)
+    tunnel = tunnel_name("a", F2_VSID, "Fabrikam2")
+    original = parse_host_state(lab.state("a"))
+
+    def entry() -> str:
+        """The VM MAC's line of the bridge's table ('' if none): `<mac> dev <port> ... master <bridge> static'."""
+        lines = host.run("bridge", "fdb", "show", "br", bridge).stdout.splitlines()
+        return next((line for line in lines if line.startswith(f"{mac} dev ")), "")
+
+    try:
+        moving = parse_host_state(moved_to_b(lab.state("a"), "vmA2", keep_port=True))
+        assert rec.reconcile(moving).errors == []
+        assert entry().startswith(f"{mac} dev {tunnel} ") and "sticky" in entry(), entry()
+        vm_a.ip("neigh", "flush", "dev", "eth0")
+        vm_a.ping("192.168.0.1", count=2, wait=0.5)  # ARP and echoes from its MAC, answered or not
+        assert entry().startswith(f"{mac} dev {tunnel} "), f"learnt back onto the port: {entry()}"
+        gone = parse_host_state(moved_to_b(lab.state("a"), "vmA2", keep_port=False))
+        assert rec.reconcile(gone).errors == []
+        assert entry().startswith(f"{mac} dev {tunnel} "), f"lost with the port: {entry()!r}"
+        assert rec.plan(gone).is_empty, rec.plan(gone).describe()
+    finally:
+        assert rec.reconcile(original).errors == []
+    assert vm_a.ping("192.168.0.11", count=2)
 
 
 def test_bad_document_is_refused_and_kernel_untouched(lab, tmp_path):

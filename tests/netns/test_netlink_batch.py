@@ -204,3 +204,33 @@ def test_acks_dropped_by_a_full_receive_queue_are_recovered(bridge_ns):
 def test_unknown_namespace_is_refused_with_its_name():
     with pytest.raises(OSError, match="no-such-namespace-x1"):
         NeighbourSocket("no-such-namespace-x1")
+
+
+@pytest.mark.parametrize("sticky", [False, True], ids=["static", "sticky"])
+def test_a_sticky_entry_stays_on_its_port_when_the_mac_sends_by_its_old_port(bridge_ns, make_netns, sticky):
+    """A migration's source: the VM's entry moved to the tunnel (veth2 stands in for it,
+    learning off as on a tunnel port) while the VM still sends by its old port (veth0)
+    until that port is deleted. A static entry is learnt back onto the old port and
+    flushed with it (the MAC is then unknown: flooded, which tunnel ports refuse); a
+    sticky one, as the agent writes them (agent.kernel_model.Fdb), stays on the tunnel."""
+    vm = make_netns()
+    bridge_ns.ip("link", "add", "veth2", "type", "veth", "peer", "name", "veth3")
+    bridge_ns.ip("link", "set", "veth2", "master", "br0")
+    bridge_ns.run("bridge", "link", "set", "dev", "veth2", "learning", "off")
+    for dev in ("veth2", "veth3"):
+        bridge_ns.ip("link", "set", dev, "up")
+    bridge_ns.ip("link", "set", "veth1", "netns", vm.name)
+    vm_mac, tunnel = _mac(1), _ifindex(bridge_ns, "veth2")
+    vm.ip("link", "set", "veth1", "address", vm_mac, "up")
+    vm.ip("addr", "add", "192.168.9.2/24", "dev", "veth1")
+    with NeighbourSocket(bridge_ns.name) as sock:
+        assert sock.replace_fdb([FdbEntry(_ifindex(bridge_ns, "veth0"), vm_mac, sticky=sticky)]) == []
+        assert sock.replace_fdb([FdbEntry(tunnel, vm_mac, sticky=sticky)]) == []  # the record moved
+        vm.ping("192.168.9.9", count=2, wait=0.3)  # ARP requests from the VM's MAC, unanswered
+        pulled_back = _static_master_macs(bridge_ns, "veth0") == {vm_mac}
+        bridge_ns.ip("link", "del", "veth0")  # the source deletes the VM's port
+        left = {(e.ifindex, e.mac, e.sticky) for e in sock.dump_fdb({tunnel})}
+    if sticky:
+        assert not pulled_back and left == {(tunnel, vm_mac, True)}, left
+    else:  # the kernel's behaviour the agent must not rely on; also proves the VM's frames arrived
+        assert pulled_back and left == set(), left

@@ -49,6 +49,14 @@ def test_static_bridge_entry_is_master_noarp_with_its_mac():
     assert msg.get_attr("NDA_DST") is None and msg.get_attr("NDA_VLAN") is None
 
 
+def test_sticky_bridge_entry_carries_ntf_sticky():
+    """What `bridge fdb replace ... master static sticky` sends: learning never moves it."""
+    msg = _decode(_encode_fdb(FdbEntry(7, "00:15:5d:01:02:03", sticky=True), RTM_NEWNEIGH, REPLACE, 1))
+    assert msg["flags"] == 0x04 | 0x40  # NTF_MASTER | NTF_STICKY
+    assert msg["state"] & 0x40 and not msg["state"] & 0x80  # static: the kernel refuses sticky + PERMANENT
+    assert describe_entry(FdbEntry(7, "00:15:5d:01:02:03", sticky=True)).endswith(" sticky")
+
+
 def test_vxlan_entry_is_self_with_remote_and_vlan():
     entry = FdbEntry(9, "02:00:00:00:00:01", master=False, dst="fd00::20", vlan=100)
     msg = _decode(_encode_fdb(entry, RTM_NEWNEIGH, REPLACE, 1))

@@ -77,6 +77,21 @@ def test_removing_one_record_removes_exactly_it():
     ]
 
 
+def test_every_bridge_entry_is_sticky_and_a_loose_one_is_replaced():
+    """The agent's bridge FDB entries are sticky (agent.kernel_model.Fdb: a VM sending by a
+    port its entry no longer names must not pull it back there); one found without the
+    flag, as an agent before it wrote them, is replaced in place, never deleted first."""
+    want = desired_kernel_state(state())
+    bridge_entries = [f for f in want.fdb.values() if f.port is not None]
+    assert bridge_entries and all(f.sticky for f in bridge_entries)
+    have = as_observed(want)
+    entry = want.fdb[(BRIDGE, "00:15:5d:01:02:04")]
+    have.fdb[entry.key] = replace(entry, sticky=False)
+    assert diff(want, have).describe().splitlines() == [
+        f"replace fdb 00:15:5d:01:02:04 on {BRIDGE} -> {TUNNEL_21} "
+        f"(was 00:15:5d:01:02:04 on {BRIDGE} -> {TUNNEL_21} (not sticky))"]
+
+
 def test_migration_is_make_before_break():
     before = desired_kernel_state(state())
     moved = desired_kernel_state(state(lambda d: d["records"][1].update(pa="10.80.2.22")))
