@@ -17,9 +17,10 @@ done), with every host in device mode and again in flow mode (the controller's
 (controller.fabric.migrations: the destination adds the VM's second NIC while the source
 keeps the first and every host learns to receive from both; then the peer switches and
 the source forwards; the source's removal last). At most one echo may be lost (see
-MOST_LOST for the gap that used to open at stage `peers`). (The same move with every stage published at once, bound 0, what a
-one-shot migration did, is measured in docs/architecture.md: it lost a 5 s gap of
-echoes; it is not repeated here, where it would only print.)
+MOST_LOST for the gap that used to open at stage `peers`). (The same move with every
+stage published at once, bound 0, what a one-shot migration did, is measured in
+docs/architecture.md: it lost a 5 s gap of echoes; it is not repeated here, where it
+would only print.)
 """
 
 from __future__ import annotations
