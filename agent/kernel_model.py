@@ -31,7 +31,7 @@ Options = tuple[tuple[str, Any], ...]
 # port's flood flags say: either way host noise would cross the PA network inside a
 # tenant's VSID. Set before the device first goes up, so not one packet leaves.
 QUIET: Options = (("disable_ipv6", 1),)
-# An IPv6 device of a VM network (VSID bridge, gateway leg or back-end port) routes by
+# A VRF, and an IPv6 device of a VM network (VSID bridge, gateway leg or back-end port), route by
 # the agent's routes alone: a router advertisement arriving on it (a tenant VM's rogue
 # one, or the host's own server's looped back) must not put a default route into the
 # VRF. With the kernel's default (accept_ra 1) one did, in the seed lab's IPv6 tenant, and

@@ -204,8 +204,11 @@ def desired_kernel_state(state: HostState, *, vm_dhcp: bool = False) -> KernelSt
     for rd in state.routing_domains:
         vrf = naming.vrf(rd.id)
         table = naming.vrf_table(rd.id)
+        # The VRF device too takes no RA: the host's own server's RAs on the VRF's
+        # bridges loop back to the host through it (the seed lab's learnt default route
+        # was "via fe80::... dev hnvr3"), and a route learnt there lands in the VRF's table.
         want.add(Link(name=vrf, kind="vrf", role=naming.VRF, key=str(rd.id),
-                      options=(("table", table),)))
+                      options=(("table", table),), settings=NO_ROUTER_ADVERTISEMENTS))
         family = rd.subnets[0].prefix.version
         want.add(Route(table, "default", family, type="unreachable", metric=VRF_UNREACHABLE_METRIC))
         # Distributed router: a bridge (and the gateway address) for every subnet of
