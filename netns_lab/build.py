@@ -15,7 +15,10 @@ What gets built (the seed's cabling):
   end is a port of that bridge: a trunk with the native VLAN untagged (PVID) and the
   trunk VLANs tagged;
 - the management address on the host's first NIC, as on a fresh Hyper-V host. The agent
-  moves it to its virtual switch when it builds the team.
+  moves it to its virtual switch when it builds the team;
+- with ``external`` in the topology, one namespace for the network outside the fabric
+  (the HNV gateway's front-end reaches it): one NIC on an access port of the switch, its
+  VLAN untagged, and the upstream router's address.
 
 Nothing is ever created in the caller's (root) namespace: veth pairs are created inside
 the switch namespace with their peer placed straight into the host's. Removing a
@@ -105,7 +108,7 @@ def existing_namespaces() -> set[str]:
 
 @dataclass
 class ProcessEntry:
-    role: str  # "controller", "agent" or "prometheus"
+    role: str  # "controller", "agent", "prometheus" or "web" (the external network's)
     name: str  # host name
     netns: str
     argv: list[str]
@@ -176,6 +179,10 @@ class LabRecord:
 # --- build ---------------------------------------------------------------------------------
 
 
+# The external network's NIC (topology.external): readable in captures as the upstream.
+EXTERNAL_MAC = "02:4c:00:00:fe:00"
+
+
 def host_mac(topology: Topology, host_index: int, nic_index: int) -> str:
     """Deterministic, locally administered MACs (02:4c:...:HH:NN): readable in captures."""
     return f"02:4c:00:00:{host_index + 1:02x}:{nic_index:02x}"
@@ -220,10 +227,27 @@ def build(topology: Topology, record: LabRecord) -> None:
                 f"link set {port} master {switch.bridge} up",
             ]
             vlan_commands += [f"vlan add dev {port} vid {vlan}" for vlan in switch.trunk_vlans]
+    external = topology.external
+    if external is not None:
+        # An access port: the external network's VLAN untagged, instead of the native one.
+        entry = LinkEntry(switch.namespace, external.port, external.namespace, "eth0")
+        if entry not in record.links:
+            record.links.append(entry)
+        switch_commands += [
+            f"link add {external.port} type veth peer name eth0 netns {external.namespace} "
+            f"address {EXTERNAL_MAC}",
+            f'link set {external.port} alias "{external.namespace} eth0"',
+            f"link set {external.port} master {switch.bridge} up",
+        ]
+        vlan_commands += [f"vlan del dev {external.port} vid {switch.native_vlan}",
+                          f"vlan add dev {external.port} vid {external.vlan} pvid untagged"]
     switch_commands.append(f"link set {switch.bridge} up")
     record.save()
     ip_batch(switch.namespace, switch_commands)
     ip_batch(switch.namespace, vlan_commands, tool="bridge")
+    if external is not None:
+        ip_batch(external.namespace, ["link set lo up", "link set eth0 up",
+                                      f"addr add {external.address} dev eth0"])
 
     for host in topology.hosts:
         commands = ["link set lo up"]

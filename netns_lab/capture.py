@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
@@ -95,6 +95,9 @@ def _what(frame: Packet) -> tuple[str | None, str | None, str]:
     if ARP in frame:
         arp = frame[ARP]
         return arp.psrc, arp.pdst, "ARP " + ("who-has" if arp.op == 1 else "is-at")
+    if IP in frame and frame[IP].proto == 6 and TCP in frame:
+        tcp = frame[TCP]
+        return frame[IP].src, frame[IP].dst, f"TCP {tcp.sport} > {tcp.dport} [{tcp.flags}]"
     if IP in frame:
         return frame[IP].src, frame[IP].dst, f"IP proto {frame[IP].proto}"
     if IPv6 in frame and frame[IPv6].nh == 58:  # ICMPv6: the type is its first byte

@@ -35,6 +35,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ from netns_lab.build import LabError, LabRecord, entered_netns, run
 from netns_lab.capture import Capture, DecodedFrame
 from netns_lab.graph import vm_addresses
 from netns_lab.pings import PING_IN_FLIGHT, ping_losses
+from netns_lab.tcp import TcpService, http_get, tcp_exchange
 from netns_lab.topology import ClusterRole, Topology
+from netns_lab.webserver import came_from
 
 # The seed's numbers (examples/seed-fabric.yaml): the transport site, the PA pool, the
 # tenants' shared CA range and part I's VLAN tenants.
@@ -627,6 +630,8 @@ def run_walkthrough(w: Walkthrough, *, only_for_failover: bool = False) -> None:
             f"namespace TenantVM05 {'removed' if gone else 'still present'} after the VM was deleted")
 
     run_ipv6_tenant_step(w, hv_a, hv_b)
+    if topology.clusters_with_role(ClusterRole.gateway) and topology.external is not None:
+        run_gateway_steps(w, hv_a, hv_b)
 
 
 def run_ipv6_tenant_step(w: Walkthrough, hv_a: str, hv_b: str) -> None:
@@ -670,6 +675,266 @@ def run_ipv6_tenant_step(w: Walkthrough, hv_a: str, hv_b: str) -> None:
     w.check("fabrikam6-neighbour-discovery-stays-on-the-host", not discovery,
             f"{len(discovery)} neighbour or router discovery frames inside the tunnels"
             + (f": {discovery[0].line()}" if discovery else ""))
+
+
+# --- the HNV gateway ---------------------------------------------------------------------------
+
+GATEWAY_SERVICE = "Gateway"
+SERVICE_PORT = 8080  # the tenant VMs' service behind Fabrikam2's NAT rule (external port 80)
+GATEWAY_FAILOVER_GOAL = 10.0  # seconds from the active gateway host's loss to a new connection (printed)
+CONNECT_TIMEOUT = 1.0  # one attempt of a new connection while the gateway fails over
+
+
+def gateway_document(topology: Topology) -> dict[str, Any]:
+    """The gateway hosts and their front-end as a fabric document (what
+    examples/seed-gateway.yaml holds, from the lab's topology): host group Gateway inside
+    the Virtualization group (so the gateway hosts reach the transport site), the External
+    logical network on the external VLAN with its static pool, the Gateway port profile
+    and switch, and the hosts with role gateway."""
+    external = topology.external
+    assert external is not None
+    vcluster = topology.clusters_with_role(ClusterRole.virtualization)[0]
+    clusters = topology.clusters_with_role(ClusterRole.gateway)
+    subnet = external.address.network
+    first, last = subnet.network_address + 10, subnet.network_address + min(99, subnet.num_addresses - 2)
+    return {
+        "hostGroups": [{"name": c.host_group, "parent": vcluster.host_group} for c in clusters],
+        "clusters": [{"name": c.name, "hostGroup": c.host_group} for c in clusters],
+        "logicalNetworks": [{"name": "External", "sites": [{
+            "name": "External", "hostGroups": sorted({c.host_group for c in clusters}),
+            "subnetVlans": [{"subnet": str(subnet), "vlan": external.vlan}],
+            "ipPools": [{"name": "Default", "rangeStart": str(first), "rangeEnd": str(last),
+                         "gateway": str(external.address.ip)}]}]}],
+        "uplinkPortProfiles": [{"name": "Gateway", "networkSites": ["Management", "Virtualization", "External"],
+                                "networkVirtualization": True}],
+        "logicalSwitches": [{"name": "Gateway", "uplinkMode": "Team", "uplinkPortProfiles": ["Gateway"]}],
+        "hosts": [{"name": host.name, "cluster": c.name, "role": "gateway",
+                   "managementAddress": topology.management_interface(host), "nics": list(host.nics),
+                   "virtualSwitch": {"logicalSwitch": "Gateway", "managementAdapter": {"vmNetwork": "Management"}}}
+                  for c in clusters for host in c.hosts],
+    }
+
+
+def gateway_verbs(gateways: list[str], vm01_ca: str) -> list[tuple[str, tuple[str, ...]]]:
+    """The walkthrough's gateway, as (the cmdlet VMM would run, the hnvctl verb that does
+    it): the service on the gateway hosts, Fabrikam2 and Fabrikam3 each with a NAT
+    gateway and connection, and Fabrikam2's rule for port 80 to TenantVM01."""
+    verbs: list[tuple[str, tuple[str, ...]]] = [(
+        '$gatewayService = Add-SCNetworkService -Name "Gateway" ... (front-end: External; back-end: '
+        f'Virtualization; hosts: {", ".join(gateways)})',
+        ("gateway-service", "create", GATEWAY_SERVICE, "--front-end-logical-network", "External",
+         "--front-end-site", "External", "--external-ip-pool", "Default",
+         "--back-end-logical-network", "Virtualization", *[a for g in gateways for a in ("--host", g)]))]
+    for network in ("Fabrikam2", "Fabrikam3"):
+        verbs += [
+            (f'$gateway = Add-SCVMNetworkGateway -Name "{network}_Gateway" -NetworkGateway $gatewayService '
+             f'-VMNetwork ${network.lower()}VMNetwork',
+             ("gateway", "create", f"{network}_Gateway", "--vm-network", network,
+              "--gateway-service", GATEWAY_SERVICE, "--connectivity", "nat")),
+            (f'$nat = Add-SCNATConnection -Name "{network}_NAT" -VMNetworkGateway $gateway -ExternalIPPool $externalPool',
+             ("nat-connection", "create", f"{network}_NAT", "--gateway", f"{network}_Gateway")),
+        ]
+    verbs.append((f'Add-SCNATRule -Name "Fabrikam2_Web" -NATConnection $nat -Protocol TCP -ExternalPort 80 '
+                  f'-InternalIPAddress {vm01_ca} -InternalPort {SERVICE_PORT}',
+                  ("nat-rule", "create", "Fabrikam2_Web", "--nat-connection", "Fabrikam2_NAT", "--protocol", "tcp",
+                   "--external-port", "80", "--vm", "TenantVM01", "--internal-port", str(SERVICE_PORT))))
+    return verbs
+
+
+def _first_answer(attempt, timeout: float, poll: float = SYNC_POLL):
+    """The first answer of ``attempt()`` that is not None, retried every ``poll`` seconds
+    until ``timeout`` (a first connection waits on ARP across the fabric, slow under
+    emulation)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = attempt()
+        if answer is not None or time.monotonic() > deadline:
+            return answer
+        time.sleep(poll)
+
+
+def run_gateway_steps(w: Walkthrough, hv_a: str, hv_b: str) -> None:
+    """The HNV gateway after the walkthrough: Fabrikam2 and Fabrikam3 (the same CAs) leave
+    through NAT to their own external addresses, a NAT rule forwards the external
+    network to TenantVM01's service and never to TenantVM03 (the same CA in Fabrikam3),
+    no tenant reaches another through the gateway, and the active gateway host is lost:
+    new connections leave through the standby within GATEWAY_FAILOVER_GOAL seconds."""
+    topology, external = w.topology, w.topology.external
+    assert external is not None
+    gateways = [h.name for c in topology.clusters_with_role(ClusterRole.gateway) for h in c.hosts]
+    upstream = str(external.address.ip)
+    networks = {"Fabrikam2": "TenantVM01", "Fabrikam3": "TenantVM03"}  # one VM each, the same CA
+
+    w.step(f"The HNV gateway: hosts {', '.join(gateways)} and the External network on VLAN {external.vlan}")
+    w.say(f"   The gateway hosts, the External logical network ({external.address.network}, VLAN {external.vlan},\n"
+          "   its static pool for NAT addresses), the Gateway port profile and switch, declaratively:")
+    document = w.record.artefacts_dir / "gateway-fabric.yaml"
+    document.write_text(yaml.safe_dump(gateway_document(topology), sort_keys=False))
+    w.ctl("apply", "-f", str(document))
+    for cmdlet, argv in gateway_verbs(gateways, w.vm_ca("TenantVM01")):
+        w.cmdlet(cmdlet)
+        w.ctl(*argv)
+    w.wait_in_sync([*gateways, hv_a, hv_b], "gateway")
+    w.cmdlet("Get-SCIPAddress   (the NAT addresses)")
+    w.ctl("ip", "list", "--kind", "NAT")
+    nat = {lease["vm_network"]: lease["address"] for lease in w.hnvctl.json("ip", "list", "--kind", "NAT")}
+    w.ctl("gateway-service", "list")
+    w.cmdlet(f"Get-NetVirtualizationLookupRecord   (on {hv_a}: the gateway's GatewayWildcard records)")
+    w.ctl("lookup-records", "--host", hv_a)
+    active = w.hnvctl.json("gateway-service", "show", GATEWAY_SERVICE)["active"]
+    w.kernel(active, "ip", "-n", active, "-br", "-4", "addr", "show")
+
+    w.step(f"Out through NAT: each tenant reaches the external web server at {upstream} as its own address")
+    port = [(topology.switch.namespace, external.port)]
+    seen: dict[str, str | None] = {}
+
+    def fetch_all() -> None:
+        for network, vm in networks.items():
+            page = _first_answer(lambda vm=vm: http_get(vm, upstream, external.web_port), SYNC_TIMEOUT / 10)
+            seen[network] = came_from(page) if page else None
+            w.say(f"   {vm}# wget -qO- http://{upstream}/   ({network}): "
+                  + (f"you came from {seen[network]}" if seen[network] else "no answer"))
+
+    frames = w.capture_while(port, f"tcp port {external.web_port}", fetch_all)
+    syns = [f for f in frames if f.inner_dst == upstream and f.what.endswith("[S]")]
+    for frame in syns[:2]:
+        w.say("     wire: " + frame.line())
+    for network, vm in networks.items():
+        w.check(f"gateway-nat-{network.lower()}", seen.get(network) == nat.get(network),
+                f"{vm} ({network}, CA {w.vm_ca(vm)}) reached {upstream} as {seen.get(network)} "
+                f"(its NAT address {nat.get(network)})")
+    sources = {f.inner_src for f in syns}
+    w.check("gateway-nat-on-the-wire", sources == set(nat.values()) and not any(
+                (f.inner_src or "").startswith(CA_PREFIX.rsplit(".", 2)[0]) for f in frames),
+            f"SYNs on the external port come from {sorted(filter(None, sources))}, no tenant CA on the wire")
+
+    w.step(f"A NAT rule: port 80 of {nat.get('Fabrikam2')} reaches TenantVM01's service, never TenantVM03's")
+    services = {vm: TcpService(vm, "0.0.0.0", SERVICE_PORT, f"{vm} ({network})") for network, vm in networks.items()}
+    try:
+        w.say(f"   TenantVM01 and TenantVM03 (both {w.vm_ca('TenantVM01')}) listen on port {SERVICE_PORT}")
+        answer = _first_answer(lambda: tcp_exchange(external.namespace, nat["Fabrikam2"], 80), SYNC_TIMEOUT / 10)
+        w.say(f"   {external.namespace}# connect {nat['Fabrikam2']}:80   -> {answer!r}")
+        w.check("gateway-port-forward", answer == "TenantVM01 (Fabrikam2)" and not services["TenantVM03"].peers
+                and services["TenantVM01"].peers[-1:] == [upstream],
+                f"the external host reached {answer!r}, which saw it as {services['TenantVM01'].peers[-1:]}; "
+                f"TenantVM03 saw {len(services['TenantVM03'].peers)} connections")
+        other = tcp_exchange(external.namespace, nat["Fabrikam3"], 80, timeout=2.0)
+        w.check("gateway-no-rule-no-way-in", other is None and not services["TenantVM03"].peers,
+                f"{nat['Fabrikam3']}:80 (Fabrikam3, no NAT rule) answered {other!r}")
+
+        w.step("No path between tenants through the gateway")
+        before = len(services["TenantVM01"].peers)
+        cross = tcp_exchange("TenantVM03", nat["Fabrikam2"], 80, timeout=2.0)
+        w.say(f"   TenantVM03# connect {nat['Fabrikam2']}:80   (Fabrikam3 to Fabrikam2's forwarded port) -> {cross!r}")
+        w.check("gateway-no-path-between-tenants", cross is None and len(services["TenantVM01"].peers) == before,
+                f"TenantVM03 (Fabrikam3) -> Fabrikam2's NAT address {nat['Fabrikam2']}:80: "
+                f"{'no connection' if cross is None else repr(cross)}")
+        lost, standby = run_gateway_failover_step(w, gateways, networks, nat)
+    finally:
+        # Closed before a daemon is forked again below: a forked child would hold the
+        # listening sockets open for its whole life.
+        for service in services.values():
+            service.close()
+    run_gateway_host_back_step(w, lost, standby, networks, nat, hv_a, hv_b)
+
+
+def run_gateway_failover_step(w: Walkthrough, gateways: list[str], networks: dict[str, str],
+                              nat: dict[str, str]) -> tuple[str, str]:
+    """The active gateway host is lost (its agent stops, its cables are pulled): the
+    controller moves the role, and a new connection from each tenant leaves through the
+    standby. Returns (the lost host, the standby)."""
+    topology, record, external = w.topology, w.record, w.topology.external
+    assert external is not None
+    upstream = str(external.address.ip)
+    lost = w.hnvctl.json("gateway-service", "show", GATEWAY_SERVICE)["active"]
+    standby = next(g for g in gateways if g != lost)
+    lost_host = topology.host(lost)
+    assert lost_host is not None
+    after = topology.controller.gateway_failover_after
+    w.step(f"Gateway failover: {lost} is lost; new connections leave through {standby} "
+           f"(controller: --gateway-failover-after {after:g})")
+    # The machine is lost: its agent dies (kill -9: no goodbye, its connection to the
+    # controller closes with it) and its cables are pulled. Why the cables too: a host
+    # whose agent alone stopped keeps its kernel as it was and goes on forwarding
+    # (`systemctl stop hnv-agent` leaves the kernel as it is), so there would be nothing
+    # to fail over; a lost machine forwards nothing, and that is what the standby is for.
+    agent = next(p for p in record.processes if p.role == "agent" and p.name == lost and processes.is_alive(p))
+    cables = [topology.switch_port(lost_host, nic) for nic in lost_host.nics]
+    lost_at, lost_wall = time.monotonic(), time.time()
+    os.kill(agent.pid, signal.SIGKILL)  # type: ignore[arg-type]
+    build.ip_batch(topology.switch.namespace, [f"link set {port} down" for port in cables])
+    w.say(f"   # kill -9 {agent.pid}   (hnv-agent run --host {lost}); its cables ({', '.join(cables)}) are pulled")
+    attempts = 0
+
+    def new_connection() -> str | None:
+        nonlocal attempts
+        attempts += 1
+        page = http_get(networks["Fabrikam2"], upstream, external.web_port, timeout=CONNECT_TIMEOUT)
+        return came_from(page) if page else None
+
+    address = _first_answer(new_connection, 120.0, poll=0.2)
+    took = time.monotonic() - lost_at
+    processes.stop(agent)  # reaped, if this process forked it
+    w.say(f"   TenantVM01# wget -qO- http://{upstream}/   (a new connection each {CONNECT_TIMEOUT:g} s at most): "
+          f"answered after {attempts} attempts, you came from {address}")
+    moved = w.hnvctl.json("gateway-service", "show", GATEWAY_SERVICE)
+    w.ctl("gateway-service", "list")
+    w.check("gateway-failover-role-moved", moved["active"] == standby,
+            f"active host {moved['active']} ({moved.get('active_reason') or 'no reason given'})")
+    # The controller's part is its own time (the silence it waits for plus one tick of at
+    # most a quarter of it): checked to within a second. The rest, the two agents'
+    # applies, is CPU: tens of milliseconds on a real host, seconds under emulation,
+    # so it is measured and printed against the goal, not failed on.
+    decided = _seconds_since(lost_wall, moved.get("active_since"))
+    decision_bound = after * 1.25 + 1.0
+    w.check("gateway-failover-decision", decided is not None and decided <= decision_bound,
+            f"the controller moved the role to {moved['active']} "
+            f"{'?' if decided is None else f'{decided:.1f}'} s after {lost} was lost "
+            f"(--gateway-failover-after {after:g}: at most {decision_bound:g} s)")
+    w.check("gateway-failover-new-connections", address == nat["Fabrikam2"],
+            f"TenantVM01 reached {upstream} again, as {address}, through {standby} {took:.1f} s after {lost} "
+            f"was lost ({'within' if took <= GATEWAY_FAILOVER_GOAL else 'over'} the {GATEWAY_FAILOVER_GOAL:g} s "
+            f"goal; after the controller's move, the agents' applies and the first new connection took "
+            f"{'?' if decided is None else f'{took - decided:.1f}'} s)")
+    page = _first_answer(lambda: http_get(networks["Fabrikam3"], upstream, external.web_port), 30.0)
+    forward = _first_answer(lambda: tcp_exchange(external.namespace, nat["Fabrikam2"], 80), 30.0)
+    w.check("gateway-failover-both-tenants-and-the-rule", (came_from(page) if page else None) == nat["Fabrikam3"]
+            and forward == "TenantVM01 (Fabrikam2)",
+            f"through {standby}: TenantVM03 came from {came_from(page) if page else None}, the NAT rule "
+            f"answered {forward!r}")
+    return lost, standby
+
+
+def _seconds_since(start: float, iso: str | None) -> float | None:
+    """Seconds from ``start`` (time.time()) to the controller's ISO 8601 timestamp."""
+    if not iso:
+        return None
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() - start
+    except ValueError:
+        return None
+
+
+def run_gateway_host_back_step(w: Walkthrough, lost: str, standby: str, networks: dict[str, str],
+                               nat: dict[str, str], hv_a: str, hv_b: str) -> None:
+    """The lost gateway host comes back (cables in, agent started) and stays the standby:
+    the role does not move back, and new connections still leave through the standby."""
+    topology, record, external = w.topology, w.record, w.topology.external
+    assert external is not None
+    upstream = str(external.address.ip)
+    lost_host = topology.host(lost)
+    assert lost_host is not None
+    agent = next(p for p in record.processes if p.role == "agent" and p.name == lost)
+    cables = [topology.switch_port(lost_host, nic) for nic in lost_host.nics]
+    w.step(f"{lost} comes back: cables in, agent started; it stays the standby")
+    build.ip_batch(topology.switch.namespace, [f"link set {port} up" for port in cables])
+    processes.restart(record, agent)
+    w.wait_in_sync([lost, standby, hv_a, hv_b], "gateway-host-back")
+    still = w.hnvctl.json("gateway-service", "show", GATEWAY_SERVICE)["active"]
+    again = _first_answer(lambda: http_get(networks["Fabrikam2"], upstream, external.web_port), 30.0)
+    w.check("gateway-no-flapping", still == standby and (came_from(again) if again else None) == nat["Fabrikam2"],
+            f"active host {still} after {lost} came back; TenantVM01 came from "
+            f"{came_from(again) if again else None}")
 
 
 # The failover step's tenant ping: 10 echoes a second, as the issue's users would watch.

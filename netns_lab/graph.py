@@ -87,6 +87,13 @@ def to_dot(topology: Topology, vms: list[VmView] = ()) -> str:
     for host in topology.hosts:
         for nic in host.nics:
             lines.append(f"  {_quote(host.name)} -- switch [label={_quote(f'{nic} - {topology.switch_port(host, nic)}')}];")
+    external = topology.external
+    if external is not None:
+        label = "\n".join((external.namespace, "the external network", str(external.address),
+                           f"web server :{external.web_port}"))
+        lines.append(f"  {_quote('external')} [shape=box, style=dashed, label={_dot_label(label)}];")
+        lines.append(f"  {_quote('external')} -- switch "
+                     f"[label={_quote(f'eth0 - {external.port} (VLAN {external.vlan} untagged)')}];")
     for vm in vms:
         lines.append(f"  {_quote('vm:' + vm.name)} -- {_quote(vm.host)} [style=dashed];")
     lines.append("}")
@@ -98,8 +105,9 @@ def to_text(topology: Topology, vms: list[VmView] = ()) -> str:
     tagged = ",".join(map(str, switch.trunk_vlans))
     lines = [f"lab {topology.name}: switch {switch.namespace} ({switch.bridge}, VLAN filtering; "
              f"VLAN {switch.native_vlan} untagged, {tagged} tagged on every host port)"]
+    external = topology.external
     for c, cluster in enumerate(topology.clusters):
-        last_cluster = c == len(topology.clusters) - 1
+        last_cluster = c == len(topology.clusters) - 1 and external is None
         lines.append(f"{'└─' if last_cluster else '├─'} {cluster.name} "
                      f"(host group {cluster.host_group}, {cluster.role.value})")
         indent = "   " if last_cluster else "│  "
@@ -112,6 +120,9 @@ def to_text(topology: Topology, vms: list[VmView] = ()) -> str:
             for v, vm in enumerate(host_vms):
                 lines.append(f"{indent}{'   ' if last_host else '│  '}{'└─' if v == len(host_vms) - 1 else '├─'} "
                              f"VM {vm.name} {' '.join(vm.addresses)}")
+    if external is not None:
+        lines.append(f"└─ {external.namespace} (the external network) {external.address} "
+                     f"eth0={external.port}, VLAN {external.vlan} untagged; web server on port {external.web_port}")
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,7 @@ and in ``record.artefacts_dir`` (the same directory, or the VM's shared one)::
 
     logs/controller.log    stdout+stderr of each daemon (replicas: controller-<i>.log)
     logs/agent-<host>.log
+    logs/external-web.log  the external network's web server (topology ``external``)
     logs/prometheus.log    (hnv-lab up --prometheus: netns_lab.prometheus)
 
 With ``controller.store: postgresql`` PostgreSQL is started first (``netns_lab.postgresql``)
@@ -113,8 +114,13 @@ def _enter_host(netns: str) -> None:
 
 
 def _main_of(entry: ProcessEntry) -> Callable[[list[str]], int]:
-    """The daemon's own ``main`` (its console script's), imported in the parent; for a
-    program that is not ours (the lab's Prometheus), a function that execs it."""
+    """The daemon's own ``main`` (its console script's, or the external network's web
+    server's), imported in the parent; for a program that is not ours (the lab's
+    Prometheus), a function that execs it."""
+    if entry.role == "web":  # python -m netns_lab.webserver ARGS
+        from netns_lab import webserver
+
+        return lambda args: webserver.main(args[2:])
     if entry.role not in ("controller", "agent"):
         return lambda args: os.execv(entry.argv[0], entry.argv)
     if entry.role == "controller":
@@ -162,6 +168,10 @@ def spawn(record: LabRecord, entry: ProcessEntry) -> None:
             os.dup2(null, 0)
             os.dup2(log, 1)
             os.dup2(log, 2)
+            # The caller's sys.stdout/sys.stderr may not be its fds 1 and 2 (a test that
+            # runs hnv-lab's main captures them): the daemon writes to its log.
+            sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - for the child's life
+            sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             _enter_host(entry.netns)
             sys.argv = [Path(entry.argv[0]).name, *entry.argv[1:]]
@@ -241,6 +251,19 @@ def _wait_for_tcp(netns: str, address: str, port: int, entry: ProcessEntry, time
 START_TIMEOUT = 900.0
 
 
+def restart(record: LabRecord, entry: ProcessEntry) -> ProcessEntry:
+    """Start a stopped daemon again with the command line and log it had (a lab host's
+    agent coming back); its entry in the record is replaced. A running one is left."""
+    if is_alive(entry):
+        return entry
+    if entry.role in ("controller", "agent"):
+        preload_daemons()
+    record.processes.remove(entry)
+    again = ProcessEntry(role=entry.role, name=entry.name, netns=entry.netns, argv=entry.argv, log=entry.log)
+    spawn(record, again)
+    return again
+
+
 def _replica_name(topology: Topology, replica: ControllerReplica) -> str:
     """A controller replica's process name: its host's, or host:port when there are several
     (one replica keeps the name the lab always had)."""
@@ -277,7 +300,8 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
         entry = ProcessEntry(
             role="controller", name=name, netns=replica.host.name,
             argv=[executable("hnv-controller"), "run", "--state-dir", str(controller_dir(record)),
-                  *store_arguments(topology), "--listen", f"{replica.address}:{replica.port}"],
+                  *store_arguments(topology), "--listen", f"{replica.address}:{replica.port}",
+                  "--gateway-failover-after", f"{topology.controller.gateway_failover_after:g}"],
             log=str(logs / ("controller.log" if len(topology.controller_replicas) == 1
                             else f"controller-{i + 1}.log")),
         )
@@ -312,6 +336,14 @@ def start_all(topology: Topology, record: LabRecord, timeout: float = START_TIME
                   "--reconnect-max-delay", "2", "--resync-interval", "10",
                   *(["--vm-dhcp"] if topology.agent.vm_dhcp else [])],
             log=str(logs / f"agent-{host.name}.log"),
+        ))
+    external = topology.external
+    if external is not None and ("web", external.namespace) not in running:
+        spawn(record, ProcessEntry(
+            role="web", name=external.namespace, netns=external.namespace,
+            argv=[sys.executable, "-m", "netns_lab.webserver", "--listen",
+                  f"{external.address.ip}:{external.web_port}"],
+            log=str(logs / "external-web.log"),
         ))
     for replica, entry in zip(topology.controller_replicas, controllers):
         _wait_for_tcp(entry.netns, replica.address, replica.port, entry, timeout)

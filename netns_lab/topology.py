@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     IPvAnyAddress,
+    IPvAnyInterface,
     IPvAnyNetwork,
     ValidationError,
     model_validator,
@@ -57,6 +58,7 @@ class ClusterRole(StrEnum):
     management = "management"  # runs the controller (the VMM server)
     vlan = "vlan"  # tenants isolated by VLAN (part I's HOSTCLUSTER)
     virtualization = "virtualization"  # tenants isolated by network virtualisation
+    gateway = "gateway"  # dedicated HNV gateway hosts (the gateway cluster): no VM is placed there
 
 
 class _Model(BaseModel):
@@ -127,6 +129,27 @@ class ManagementSpec(_Model):
     subnet: IPvAnyNetwork = ipaddress.ip_network("10.0.0.0/24")
 
 
+class ExternalSpec(_Model):
+    """The network outside the fabric that the HNV gateway's front-end reaches: one
+    namespace on an access port of the switch in ``vlan`` (untagged there), holding
+    ``address`` (the front-end's upstream router, and the "Internet" the tenants reach)
+    and a small web server on ``web_port`` that answers with the caller's address
+    (netns_lab.webserver), so a tenant sees which NAT address it left through."""
+
+    namespace: NodeName = "lab-external"
+    vlan: VlanId = 30
+    address: IPvAnyInterface = ipaddress.ip_interface("203.0.113.1/24")
+    web_port: int = Field(default=80, ge=1, le=65535)
+    port: IfName = "ext-eth0"  # its switch port
+
+    @model_validator(mode="after")
+    def _host_address(self) -> ExternalSpec:
+        net = self.address.network
+        if net.num_addresses > 2 and self.address.ip in (net.network_address, net.broadcast_address):
+            raise ValueError(f"address: {self.address.ip} is not a host address of {net}")
+        return self
+
+
 class StoreKind(StrEnum):
     """The controller's store: its embedded SQLite file, or PostgreSQL shared by replicas."""
 
@@ -148,6 +171,10 @@ class ControllerSpec(_Model):
     replicas: int = Field(default=1, ge=1, le=9)
     store: StoreKind = StoreKind.sqlite
     postgresql_port: int = Field(default=5432, ge=1, le=65535)
+    # hnv-controller run --gateway-failover-after: the lab moves a gateway service's
+    # active role sooner than the product's default 10 s, so that new connections leave
+    # through the standby within 10 s of the active host's loss.
+    gateway_failover_after: float = Field(default=10.0, ge=0, le=3600)
 
     @model_validator(mode="after")
     def _replicas_share_a_database(self) -> ControllerSpec:
@@ -183,6 +210,7 @@ class Topology(_Model):
     controller: ControllerSpec
     agent: AgentSpec = AgentSpec()
     prometheus: PrometheusSpec = PrometheusSpec()
+    external: ExternalSpec | None = None
     clusters: tuple[ClusterSpec, ...]
 
     @model_validator(mode="after")
@@ -218,6 +246,8 @@ class Topology(_Model):
                         f"{path}.nics[{j}]: switch port name {port} is over the kernel's 15 bytes; "
                         "shorten the NIC name or set port_prefix"
                     )
+        if self.external is not None:
+            self._check_external(names)
         self._check_management_host("controller.host", self.controller.host)
         if self.prometheus.host is not None:
             self._check_management_host("prometheus.host", self.prometheus.host)
@@ -238,6 +268,25 @@ class Topology(_Model):
                 f"on {prometheus_on}"
             )
         return self
+
+    def _check_external(self, names: dict[str, str]) -> None:
+        external = self.external
+        assert external is not None
+        if external.namespace in names:
+            raise ValueError(f"external.namespace: {external.namespace} is already used by "
+                             f"{names[external.namespace]}")
+        if external.vlan == self.switch.native_vlan:
+            raise ValueError(f"external.vlan: VLAN {external.vlan} is the switch's native VLAN (the "
+                             "management network); the external network needs a VLAN of its own")
+        if external.vlan not in self.switch.trunk_vlans:
+            raise ValueError(f"external.vlan: VLAN {external.vlan} is not in switch.trunk_vlans, so no "
+                             "host's trunk carries it and no gateway host could reach it")
+        if external.address.ip in self.management.subnet:
+            raise ValueError(f"external.address: {external.address.ip} is inside the management subnet "
+                             f"{self.management.subnet}")
+        ports = {self.switch_port(h, nic) for h in self.hosts for nic in h.nics}
+        if external.port in ports or external.port == self.switch.bridge:
+            raise ValueError(f"external.port: {external.port} is already a switch port or the bridge")
 
     def _check_management_host(self, field: str, name: str) -> None:
         """``field`` names a host of a cluster with role management (the VMM server's)."""
@@ -330,7 +379,8 @@ class Topology(_Model):
     @property
     def namespaces(self) -> tuple[str, ...]:
         """Every namespace the lab builds itself (agents add the VMs' on top)."""
-        return (self.switch.namespace, *(h.name for h in self.hosts))
+        external = (self.external.namespace,) if self.external is not None else ()
+        return (self.switch.namespace, *(h.name for h in self.hosts), *external)
 
 
 def _url_host(address: str) -> str:

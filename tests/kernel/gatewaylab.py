@@ -13,20 +13,15 @@ in both, on purpose). Both back-end ports are 192.168.0.12 (again the same CA). 
 host's VM networks get the customer route 0.0.0.0/0 via the back-end, and Fabrikam2
 also 10.99.0.0/16 via its VM 192.168.0.11 (a next hop other than the gateway).
 
-Also: a tiny TCP service (`TcpService`) and client (`tcp_exchange`) run from the test's
-own process inside a namespace (agent.netns.in_netns), so the external host sees the
-source address of each connection without a server process to start under emulation.
+The tests' TCP service and client are netns_lab.tcp's (the lab demo uses them too).
 Pure builders and helpers; no assertions here.
 """
 
 from __future__ import annotations
 
 import copy
-import socket
-import threading
 from typing import Any
 
-from agent.netns import in_netns
 from tests.kernel.agentlab import F2_VSID, F3_VSID, PROVIDER_VLAN, AgentLab
 
 FRONT_VLAN = 30
@@ -110,58 +105,3 @@ def build_gateway_lab(lab: AgentLab) -> AgentLab:
     external.ip("addr", "add", f"{UPSTREAM}/24", "dev", "eth0")
     external.ip("link", "set", "eth0", "up")
     return lab
-
-
-class TcpService:
-    """A TCP service listening in a namespace: answers every connection with `reply` and
-    notes the peer address it saw."""
-
-    def __init__(self, netns: str, address: str, port: int, reply: str):
-        self.reply = reply.encode()
-        self.peers: list[str] = []
-
-        def listen() -> socket.socket:
-            return socket.create_server((address, port), reuse_port=False)
-
-        self.server = in_netns(netns, listen)
-        self.server.settimeout(0.5)
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                conn, peer = self.server.accept()
-            except (TimeoutError, OSError):
-                continue
-            self.peers.append(peer[0])
-            with conn:
-                conn.sendall(self.reply)
-
-    def close(self) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=5)
-        self.server.close()
-
-
-def tcp_exchange(netns: str, address: str, port: int, timeout: float = 3.0) -> str | None:
-    """Connect from inside `netns` and read the answer; None when no connection was made."""
-
-    def connect() -> socket.socket | None:
-        try:
-            return socket.create_connection((address, port), timeout=timeout)
-        except OSError:
-            return None
-
-    conn = in_netns(netns, connect)
-    if conn is None:
-        return None
-    with conn:
-        chunks = []
-        try:
-            while chunk := conn.recv(256):
-                chunks.append(chunk)
-        except OSError:
-            pass
-    return b"".join(chunks).decode()

@@ -22,16 +22,15 @@ from agent import naming
 from agent.dhcp import GUARD_TABLE
 from agent.reconcile import Reconciler
 from agent.state import parse_host_state
+from netns_lab.tcp import TcpService, tcp_exchange
 from tests.kernel.agentlab import AgentLab
 from tests.kernel.gatewaylab import (
     FORWARDED_PREFIX,
     NAT_ADDRESS,
     SERVICE_PORT,
     UPSTREAM,
-    TcpService,
     build_gateway_lab,
     gateway_host_state,
-    tcp_exchange,
     with_gateway,
 )
 from tests.lib.netns import NamespaceFactory
@@ -129,6 +128,17 @@ def test_customer_route_to_a_next_hop_other_than_the_gateway(lab):
     assert "via 192.168.0.11" in route and f"hnvb{5001}" in route, route
     # Fabrikam3 has no such route: its default goes to the gateway, which has nowhere to send it.
     assert not lab.vms["vmA3"].ping("10.99.0.1", wait=1)
+
+
+def test_after_traffic_every_host_plans_nothing(lab):
+    """Applied once, the gateway's documents stay applied: after the tenants' traffic
+    through the gateway (the tests above), no host plans a change. A repair that never
+    sticks would be a reconcile, and a drift alert, every resync on every host."""
+    documents = {"a": with_gateway(lab.state("a")), "b": with_gateway(lab.state("b")),
+                 "g": gateway_host_state(lab, 2)}
+    for host, document in documents.items():
+        plan = lab.reconcilers[host].plan(parse_host_state(document))
+        assert plan.is_empty, f"host {host}: {plan.describe()}"
 
 
 def test_drift_deleted_nft_table_and_route_are_repaired(lab):

@@ -58,6 +58,19 @@ REQUIRED_CHECKS = (
     "fabrikam6-gateway-ping6",
     "fabrikam6-ipv6-in-nvgre-on-the-wire",
     "fabrikam6-neighbour-discovery-stays-on-the-host",
+    "in-sync-gateway",
+    "gateway-nat-fabrikam2",
+    "gateway-nat-fabrikam3",
+    "gateway-nat-on-the-wire",
+    "gateway-port-forward",
+    "gateway-no-rule-no-way-in",
+    "gateway-no-path-between-tenants",
+    "gateway-failover-role-moved",
+    "gateway-failover-decision",
+    "gateway-failover-new-connections",
+    "gateway-failover-both-tenants-and-the-rule",
+    "in-sync-gateway-host-back",
+    "gateway-no-flapping",
 )
 
 

@@ -29,15 +29,16 @@ def _refusal(document: dict) -> list[str]:
 
 def test_seed_is_the_walkthroughs_fabric():
     topology = load_topology()
-    assert [c.name for c in topology.clusters] == ["MANAGEMENT", "HOSTCLUSTER", "VIRTUALCLUSTER"]
-    assert [h.name for h in topology.hosts] == [f"CON-HyperV{i}" for i in range(1, 8)]
-    # host i gets 10.0.0.1i, two NICs each
-    assert [str(h.address) for h in topology.hosts] == [f"10.0.0.1{i}" for i in range(1, 8)]
+    assert [c.name for c in topology.clusters] == ["MANAGEMENT", "HOSTCLUSTER", "VIRTUALCLUSTER", "GATEWAYCLUSTER"]
+    assert [h.name for h in topology.hosts] == [*(f"CON-HyperV{i}" for i in range(1, 8)), "CON-GW1", "CON-GW2"]
+    # host i gets 10.0.0.1i, gateway host i 10.0.0.2i, two NICs each
+    assert [str(h.address) for h in topology.hosts] == [*(f"10.0.0.1{i}" for i in range(1, 8)),
+                                                        "10.0.0.21", "10.0.0.22"]
     assert all(h.nics == ("eth0", "eth1") for h in topology.hosts)
     assert [h.name for h in topology.clusters_with_role(ClusterRole.virtualization)[0].hosts] == [
         "CON-HyperV6", "CON-HyperV7"]
     assert topology.switch.native_vlan == 1
-    assert set(topology.switch.trunk_vlans) == {802, 100, 101}
+    assert set(topology.switch.trunk_vlans) == {802, 100, 101, 30}
     assert topology.controller_url == "https://10.0.0.11:8080"
     assert topology.switch_port(topology.host("CON-HyperV6"), "eth1") == "h6-eth1"
     assert topology.namespaces[0] == "lab-switch"
@@ -65,7 +66,7 @@ def test_seed_is_the_walkthroughs_fabric():
         (lambda d: d["controller"].update(port=70000),
          "controller.port: 70000 is out of range: input should be less than or equal to 65535"),
         (lambda d: d["clusters"][0].update(role="storage"),
-         "clusters[0].role: 'storage': Input should be 'management', 'vlan' or 'virtualization'"),
+         "clusters[0].role: 'storage': Input should be 'management', 'vlan', 'virtualization' or 'gateway'"),
         (lambda d: d["clusters"][0]["hosts"][0].update(nics=["eth0", "eth0"]),
          "clusters[0].hosts[0].nics: NIC eth0 is listed twice"),
         (lambda d: d["clusters"][0]["hosts"][0].update(nics=["a-very-long-nic"]),
