@@ -874,7 +874,6 @@ def run_gateway_failover_step(w: Walkthrough, gateways: list[str], networks: dic
 
     address = _first_answer(new_connection, 120.0, poll=0.2)
     took = time.monotonic() - lost_at
-    processes.stop(agent)  # reaped, if this process forked it
     w.say(f"   TenantVM01# wget -qO- http://{upstream}/   (a new connection each {CONNECT_TIMEOUT:g} s at most): "
           f"answered after {attempts} attempts, you came from {address}")
     moved = w.hnvctl.json("gateway-service", "show", GATEWAY_SERVICE)
