@@ -2,7 +2,7 @@
 
 Owns, for one host (one network namespace), the pinned eBPF objects of tunnel_mode flow
 (the kernel mapping is agent.tunnels'): the programs and maps under
-``/sys/fs/bpf/openhnv/<namespace or "host">/{progs,maps}``, reading them back for
+``/sys/fs/bpf/openhnv/<namespace or "host">/{progs/<object digest>,maps}``, reading them back for
 agent.observe and writing them for agent.apply. Everything goes through maintained
 tools rather than hand-rolled bpf(2) syscalls: ``bpftool`` loads the object (compiled by
 ``make bpf`` with the distribution's clang) and reads and writes the maps (one ``bpftool
@@ -18,6 +18,8 @@ a filter at another priority, or a pin outside its own directory.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import ipaddress
 import json
 import shutil
@@ -133,7 +135,10 @@ class FlowDatapath:
         return self.pins / "maps" / name
 
     def _program(self, name: str) -> Path:
-        return self.pins / "progs" / name
+        # One directory per build of the object: an upgraded agent does not find its
+        # predecessor's programs here, so what is attached reads as stale and is replaced.
+        # (The digest is in the path because bpffs holds pins and directories, no files.)
+        return self.pins / "progs" / (object_digest()[:16] or "unbuilt") / name
 
     # -- load -------------------------------------------------------------------------
 
@@ -141,8 +146,9 @@ class FlowDatapath:
         return all(self._map(m).exists() for m in (REMOTES, PORTS, VSIDS))
 
     def ensure_loaded(self) -> None:
-        """Programs and maps pinned; maps already pinned are reused (their entries are
-        what keeps forwarding across an agent restart or a program reload)."""
+        """Programs and maps pinned, the programs from this agent's object; maps already
+        pinned are reused (their entries are what keeps forwarding across an agent
+        restart, an upgrade or a program reload)."""
         if self.present() and all(self._program(p).exists() for p in PROGRAMS):
             return
         if not OBJECT.exists():
@@ -152,7 +158,9 @@ class FlowDatapath:
         progs = self.pins / "progs"
         if progs.exists():
             shutil.rmtree(progs)  # pins of programs only: removing them unloads nothing attached
-        argv = ["bpftool", "prog", "loadall", str(OBJECT), str(progs), "type", "classifier"]
+        progs.mkdir(mode=0o700)
+        argv = ["bpftool", "prog", "loadall", str(OBJECT), str(self._program(PROGRAMS[0]).parent),
+                "type", "classifier"]
         if self.present():
             for name in (REMOTES, PORTS, VSIDS):
                 argv += ["map", "name", name, "pinned", str(self._map(name))]
@@ -227,7 +235,7 @@ class FlowDatapath:
     # -- tc attachments ---------------------------------------------------------------
 
     def program_ids(self) -> dict[str, int | None]:
-        """The id of each pinned program (None: not pinned), read once per observe."""
+        """The id of each pinned program (None: not pinned from this object), read once per observe."""
         return {name: self.program_id(name) for name in PROGRAMS}
 
     def attached(self, device: str, direction: str, pinned: dict[str, int | None]) -> TcProgram | None:
@@ -265,6 +273,15 @@ class FlowDatapath:
         except FlowModeError as exc:
             if "Cannot find device" not in str(exc) and "No such file" not in str(exc):
                 raise
+
+
+@functools.cache
+def object_digest() -> str:
+    """The built object's SHA-256: what the pinned programs were loaded from."""
+    try:
+        return hashlib.sha256(OBJECT.read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _mount_bpffs() -> None:

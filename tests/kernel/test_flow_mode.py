@@ -3,8 +3,10 @@
 The lab of test_agent_e2e.py (tests/kernel/agentlab.py), both hosts reconciled with
 ``provider.tunnel_mode: flow``: tenant pings carry NVGRE with the key VSID << 8 | FlowID,
 overlapping tenants stay apart, frames a foreign NVGRE peer sends with FlowIDs 1, 127 and
-255 are delivered, parallel TCP flows carry different FlowIDs and each flow one, a
-deleted tc filter or map entry is put back and a restarted agent finds nothing to do.
+255 are delivered, parallel TCP flows carry different FlowIDs and each flow one, a frame
+for a MAC held at another PA is sent on there and never back to its sender, an upgraded
+agent replaces its predecessor's programs in place, a deleted tc filter or map entry is
+put back and a restarted agent finds nothing to do.
 The tests run in file order and share the lab.
 """
 
@@ -21,7 +23,7 @@ from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Dot1Q, Ether
 
 from agent import naming
-from agent.flowmode import REMOTES, FlowDatapath, remote_key
+from agent.flowmode import REMOTES, FlowDatapath, object_digest, remote_key
 from agent.netns import in_netns
 from agent.reconcile import Reconciler
 from agent.state import parse_host_state
@@ -95,18 +97,23 @@ def _send_on_switch_port(lab, port: str, frames: list[bytes]) -> None:
     in_netns(lab.switch.name, send)
 
 
-def send_echo_as_nvgre_peer(lab, flow_id: int) -> None:
+def send_echo_as_nvgre_peer(lab, flow_id: int, *, outer_src: str = PA[("a", "Fabrikam2")],
+                            to_vm_a2: bool = False, seq: int | None = None) -> None:
     """vmA2's echo to vmB2 as a foreign NVGRE endpoint would send it: FlowID `flow_id`,
-    put on the wire of host B's active team member by the switch."""
+    from PA `outer_src`, put on the wire of host B's active team member by the switch.
+    `to_vm_a2`: vmB2's echo to vmA2 instead, which host B's record sends on to host A."""
     host_b = lab.hosts["b"]
     active = host_b.run("cat", "/sys/class/net/hnv-team/bonding/active_slave").stdout.strip()
     addresses = json.loads(host_b.ip("-j", "addr", "show").stdout)
     provider_dev = next(a["ifname"] for a in addresses
                         if any(i.get("local") == PA[("b", "Fabrikam2")] for i in a.get("addr_info", [])))
     provider_mac = host_b.run("cat", f"/sys/class/net/{provider_dev}/address").stdout.strip()
-    inner = (Ether(src=VM_A2_MAC, dst=VM_B2_MAC) / IP(src="192.168.0.10", dst="192.168.0.11")
-             / ICMP(id=0x4e56, seq=flow_id))
-    outer = encode_nvgre(PA[("a", "Fabrikam2")], PA[("b", "Fabrikam2")], F2_VSID, inner, flow_id=flow_id)
+    (src_mac, src_ip), (dst_mac, dst_ip) = (VM_A2_MAC, "192.168.0.10"), (VM_B2_MAC, "192.168.0.11")
+    if to_vm_a2:
+        (src_mac, src_ip), (dst_mac, dst_ip) = (dst_mac, dst_ip), (src_mac, src_ip)
+    inner = (Ether(src=src_mac, dst=dst_mac) / IP(src=src_ip, dst=dst_ip)
+             / ICMP(id=0x4e56, seq=flow_id if seq is None else seq))
+    outer = encode_nvgre(outer_src, PA[("b", "Fabrikam2")], F2_VSID, inner, flow_id=flow_id)
     frame = Ether(src="02:00:00:00:00:99", dst=provider_mac) / Dot1Q(vlan=PROVIDER_VLAN) / outer
     _send_on_switch_port(lab, f"b{active[-1]}", [bytes(frame)])
 
@@ -145,6 +152,51 @@ def test_parallel_tcp_flows_spread_over_flow_ids(lab, tmp_path):
     assert len(flow_ids) == 8, f"captured {len(flow_ids)} of the 8 flows"
     assert all(len(ids) == 1 for ids in flow_ids.values()), f"a flow changed FlowID: {dict(flow_ids)}"
     assert len({next(iter(ids)) for ids in flow_ids.values()}) > 1, f"one FlowID for all: {dict(flow_ids)}"
+
+
+def test_a_frame_for_a_remote_mac_is_sent_on_to_its_pa_and_never_back(lab, tmp_path):
+    """What a migration's source does for what peers still send it (the VM gone to another
+    host): host B holds vmA2 at host A's PA, so an echo for vmA2 that a third PA sends to
+    B goes on to A, with the key it came with; the same frame from A's own PA is dropped
+    (the two disagree about where vmA2 is: no ping-pong). The bridge could not forward it
+    (in and out by the VSID's one tunnel port): the receive program does."""
+    a2 = lab.vms["vmA2"]
+    third_pa = "10.80.2.99"  # an NVGRE endpoint neither host has a record of
+    stack, pcaps = capture_trunks(lab, tmp_path, "b", "forward")
+    with stack:
+        before = icmp_in_echos(a2)
+        send_echo_as_nvgre_peer(lab, 0, outer_src=PA[("a", "Fabrikam2")], to_vm_a2=True, seq=7001)
+        send_echo_as_nvgre_peer(lab, 42, outer_src=third_pa, to_vm_a2=True, seq=7002)
+        wait_until(lambda: icmp_in_echos(a2) > before, 60, "vmA2 to receive the echo host B sent on")
+    assert icmp_in_echos(a2) == before + 1, "the frame from host A's own PA went back to it"
+    onward = [f for f in (decode_nvgre(p) for p in read_all(pcaps) if IP in p and p[IP].proto == IPPROTO_GRE)
+              if f is not None and ICMP in f.inner and f.inner[ICMP].type == 8
+              and (f.outer_src, f.outer_dst) == (PA[("b", "Fabrikam2")], PA[("a", "Fabrikam2")])]
+    assert [(f.inner[ICMP].seq, f.vsid, f.flow_id) for f in onward] == [(7002, F2_VSID, 42)], \
+        [f.summary() for f in onward]
+
+
+def test_an_upgraded_agent_replaces_its_predecessors_programs_and_forwarding_goes_on(lab):
+    """Programs pinned from another object (an older agent's) are replaced in place, each
+    filter atomically; the maps, and so forwarding, stay."""
+    host = lab.hosts["a"]
+    flow = FlowDatapath(host.name)
+    old_ids = flow.program_ids()
+    programs = flow.pins / "progs" / object_digest()[:16]
+    assert programs.is_dir(), f"no programs pinned under {programs}"
+    programs.rename(programs.with_name("0" * 16))  # pinned from another build, as a predecessor's are
+    with contextlib.closing(Reconciler(netns=host.name)) as upgraded:
+        state = flow_state(lab, "a")
+        plan = upgraded.plan(state)
+        replaced = [op for op in plan.ops if op.kind == "tcprogram"]
+        assert replaced and all(op.action == "replace" for op in replaced), plan.describe()
+        assert len(plan.ops) == len(replaced), plan.describe()
+        result = upgraded.reconcile(state)
+        assert result.errors == [], result.errors
+        assert upgraded.plan(state).is_empty, upgraded.plan(state).describe()
+    new_ids = flow.program_ids()
+    assert all(new_ids.values()) and not set(new_ids.values()) & set(old_ids.values()), (old_ids, new_ids)
+    assert lab.vms["vmA2"].ping("192.168.0.11", count=2), "no forwarding after the programs were replaced"
 
 
 def test_drift_deleted_filter_and_map_entry_are_repaired(lab):
