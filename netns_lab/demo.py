@@ -791,7 +791,7 @@ def run_gateway_steps(w: Walkthrough, hv_a: str, hv_b: str) -> None:
     def fetch_all() -> None:
         for network, vm in networks.items():
             page = _first_answer(lambda vm=vm: http_get(vm, upstream, external.web_port), SYNC_TIMEOUT / 10)
-            seen[network] = came_from(page) if page else None
+            seen[network] = _came_from(page)
             w.say(f"   {vm}# wget -qO- http://{upstream}/   ({network}): "
                   + (f"you came from {seen[network]}" if seen[network] else "no answer"))
 
@@ -848,8 +848,6 @@ def run_gateway_failover_step(w: Walkthrough, gateways: list[str], networks: dic
     upstream = str(external.address.ip)
     lost = w.hnvctl.json("gateway-service", "show", GATEWAY_SERVICE)["active"]
     standby = next(g for g in gateways if g != lost)
-    lost_host = topology.host(lost)
-    assert lost_host is not None
     after = topology.controller.gateway_failover_after
     w.step(f"Gateway failover: {lost} is lost; new connections leave through {standby} "
            f"(controller: --gateway-failover-after {after:g})")
@@ -859,7 +857,7 @@ def run_gateway_failover_step(w: Walkthrough, gateways: list[str], networks: dic
     # (`systemctl stop hnv-agent` leaves the kernel as it is), so there would be nothing
     # to fail over; a lost machine forwards nothing, and that is what the standby is for.
     agent = next(p for p in record.processes if p.role == "agent" and p.name == lost and processes.is_alive(p))
-    cables = [topology.switch_port(lost_host, nic) for nic in lost_host.nics]
+    cables = [port for _switch, port in _switch_ports(topology, lost)]
     lost_at, lost_wall = time.monotonic(), time.time()
     os.kill(agent.pid, signal.SIGKILL)  # type: ignore[arg-type]
     build.ip_batch(topology.switch.namespace, [f"link set {port} down" for port in cables])
@@ -869,8 +867,7 @@ def run_gateway_failover_step(w: Walkthrough, gateways: list[str], networks: dic
     def new_connection() -> str | None:
         nonlocal attempts
         attempts += 1
-        page = http_get(networks["Fabrikam2"], upstream, external.web_port, timeout=CONNECT_TIMEOUT)
-        return came_from(page) if page else None
+        return _came_from(http_get(networks["Fabrikam2"], upstream, external.web_port, timeout=CONNECT_TIMEOUT))
 
     address = _first_answer(new_connection, 120.0, poll=0.2)
     took = time.monotonic() - lost_at
@@ -897,11 +894,16 @@ def run_gateway_failover_step(w: Walkthrough, gateways: list[str], networks: dic
             f"{'?' if decided is None else f'{took - decided:.1f}'} s)")
     page = _first_answer(lambda: http_get(networks["Fabrikam3"], upstream, external.web_port), 30.0)
     forward = _first_answer(lambda: tcp_exchange(external.namespace, nat["Fabrikam2"], 80), 30.0)
-    w.check("gateway-failover-both-tenants-and-the-rule", (came_from(page) if page else None) == nat["Fabrikam3"]
+    w.check("gateway-failover-both-tenants-and-the-rule", _came_from(page) == nat["Fabrikam3"]
             and forward == "TenantVM01 (Fabrikam2)",
-            f"through {standby}: TenantVM03 came from {came_from(page) if page else None}, the NAT rule "
+            f"through {standby}: TenantVM03 came from {_came_from(page)}, the NAT rule "
             f"answered {forward!r}")
     return lost, standby
+
+
+def _came_from(page: str | None) -> str | None:
+    """The address the external web server saw, from its page (None: no page)."""
+    return came_from(page) if page else None
 
 
 def _seconds_since(start: float, iso: str | None) -> float | None:
@@ -921,19 +923,16 @@ def run_gateway_host_back_step(w: Walkthrough, lost: str, standby: str, networks
     topology, record, external = w.topology, w.record, w.topology.external
     assert external is not None
     upstream = str(external.address.ip)
-    lost_host = topology.host(lost)
-    assert lost_host is not None
     agent = next(p for p in record.processes if p.role == "agent" and p.name == lost)
-    cables = [topology.switch_port(lost_host, nic) for nic in lost_host.nics]
+    cables = [port for _switch, port in _switch_ports(topology, lost)]
     w.step(f"{lost} comes back: cables in, agent started; it stays the standby")
     build.ip_batch(topology.switch.namespace, [f"link set {port} up" for port in cables])
     processes.restart(record, agent)
     w.wait_in_sync([lost, standby, hv_a, hv_b], "gateway-host-back")
     still = w.hnvctl.json("gateway-service", "show", GATEWAY_SERVICE)["active"]
     again = _first_answer(lambda: http_get(networks["Fabrikam2"], upstream, external.web_port), 30.0)
-    w.check("gateway-no-flapping", still == standby and (came_from(again) if again else None) == nat["Fabrikam2"],
-            f"active host {still} after {lost} came back; TenantVM01 came from "
-            f"{came_from(again) if again else None}")
+    w.check("gateway-no-flapping", still == standby and _came_from(again) == nat["Fabrikam2"],
+            f"active host {still} after {lost} came back; TenantVM01 came from {_came_from(again)}")
 
 
 # The failover step's tenant ping: 10 echoes a second, as the issue's users would watch.
