@@ -74,7 +74,7 @@ def _junit_summary(junit: Path) -> tuple[str, int] | None:
 # in one worker's share). The other tiers share a kernel, a PostgreSQL cluster or a VM, and
 # their timings are what they test: one process.
 TIER_OPTIONS = {"unit": ("-n", "4", "--dist", "worksteal")}
-SLOWEST = 15  # each tier's slowest tests, listed in its output (where the time goes)
+SLOWEST = 30  # each tier's slowest tests, listed in its output (where the time goes)
 
 
 def _pytest_args(tier: str, extra: list[str], junit: Path) -> list[str]:
