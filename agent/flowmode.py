@@ -134,11 +134,15 @@ class FlowDatapath:
     def _map(self, name: str) -> Path:
         return self.pins / "maps" / name
 
+    def programs_dir(self) -> Path:
+        """Where this agent's build of the object pins its programs. One directory per
+        build: an upgraded agent does not find its predecessor's programs here, so what
+        is attached reads as stale and is replaced. (The digest is in the path because
+        bpffs holds pins and directories, no files.)"""
+        return self.pins / "progs" / (object_digest()[:16] or "unbuilt")
+
     def _program(self, name: str) -> Path:
-        # One directory per build of the object: an upgraded agent does not find its
-        # predecessor's programs here, so what is attached reads as stale and is replaced.
-        # (The digest is in the path because bpffs holds pins and directories, no files.)
-        return self.pins / "progs" / (object_digest()[:16] or "unbuilt") / name
+        return self.programs_dir() / name
 
     # -- load -------------------------------------------------------------------------
 
@@ -159,8 +163,7 @@ class FlowDatapath:
         if progs.exists():
             shutil.rmtree(progs)  # pins of programs only: removing them unloads nothing attached
         progs.mkdir(mode=0o700)
-        argv = ["bpftool", "prog", "loadall", str(OBJECT), str(self._program(PROGRAMS[0]).parent),
-                "type", "classifier"]
+        argv = ["bpftool", "prog", "loadall", str(OBJECT), str(self.programs_dir()), "type", "classifier"]
         if self.present():
             for name in (REMOTES, PORTS, VSIDS):
                 argv += ["map", "name", name, "pinned", str(self._map(name))]

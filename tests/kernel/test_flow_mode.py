@@ -23,7 +23,7 @@ from scapy.layers.inet import ICMP, IP, TCP
 from scapy.layers.l2 import Dot1Q, Ether
 
 from agent import naming
-from agent.flowmode import REMOTES, FlowDatapath, object_digest, remote_key
+from agent.flowmode import REMOTES, FlowDatapath, remote_key
 from agent.netns import in_netns
 from agent.reconcile import Reconciler
 from agent.state import parse_host_state
@@ -182,7 +182,7 @@ def test_an_upgraded_agent_replaces_its_predecessors_programs_and_forwarding_goe
     host = lab.hosts["a"]
     flow = FlowDatapath(host.name)
     old_ids = flow.program_ids()
-    programs = flow.pins / "progs" / object_digest()[:16]
+    programs = flow.programs_dir()
     assert programs.is_dir(), f"no programs pinned under {programs}"
     programs.rename(programs.with_name("0" * 16))  # pinned from another build, as a predecessor's are
     with contextlib.closing(Reconciler(netns=host.name)) as upgraded:

@@ -78,6 +78,7 @@ IFREQ_SIZE = 40
 IFF_UP = 0x1
 RECONCILE_LINE = re.compile(r"event=reconcile reason=\w+ generation=\d+ planned=(-?\d+) applied=(\d+) "
                             r"errors=(\d+) duration_ms=([\d.]+)")
+TAPS_PLUGGED_LINE = re.compile(r"event=taps_plugged devices=(\S+) .* duration_ms=([\d.]+)")
 QUIET_S = 1.5  # past the gap between two event reconciles (agent.daemon.EVENT_RECONCILE_GAP) and a debounce
 TUN = "/dev/net/tun"
 
@@ -283,6 +284,11 @@ class _LogRecords(logging.Handler):
                 found.append((at - float(match.group(4)) / 1000, at, planned, applied == planned and not errors))
         return found
 
+    def tap_plans(self, device: str) -> list[float]:
+        """Seconds each of the taps' own plans that plugged `device` took, from its log line."""
+        return [float(match.group(2)) / 1000 for line in list(self.lines)
+                if (match := TAPS_PLUGGED_LINE.search(line)) and device in match.group(1).split(",")]
+
     def keep(self) -> None:
         keep = os.environ.get("OPENHNV_VM_RWDIR")
         if keep:
@@ -356,9 +362,7 @@ def plug_latency(lab, vm: TapVm, vsid: int, since: float, what: str) -> float:
 def plug_bound(lab, device: str) -> float:
     """PLUG_BOUND_S plus twice the longest of `device`'s own plug plans so far (their
     `event=taps_plugged ... duration_ms=`): the same path measured on this machine."""
-    plans = [float(m.group(1)) / 1000 for line in lab.records.lines
-             if "event=taps_plugged" in line and device in line
-             and (m := re.search(r" duration_ms=([\d.]+)", line))]
+    plans = lab.records.tap_plans(device)
     assert plans, f"no plan of its own plugged {device}"
     return PLUG_BOUND_S + 2 * max(plans)
 
