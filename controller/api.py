@@ -48,7 +48,7 @@ from controller.api_apply import add_fabric_routes
 from controller.auth import OWN_HOST, PUBLIC, Authenticator
 from controller.fabric import RETRY_AFTER_BUSY_S, Fabric, HostView, SyncView
 from controller.gate import RequestGate
-from controller.gateway_failover import RECONNECT_GRACE_S, GatewayFailover
+from controller.gateway_failover import FIRST_APPLY_GRACE_S, RECONNECT_GRACE_S, GatewayFailover
 from controller.store import StoreBusy
 from controller.models import (
     PATH_KEYED,
@@ -205,7 +205,8 @@ class _Watchers:
 
 def create_app(fabric: Fabric, max_body_bytes: int = 64 * 1024, max_batch_bytes: int = 16 * 1024 * 1024,
                gateway_failover_after: float | None = None,
-               gateway_failover_grace: float = RECONNECT_GRACE_S) -> FastAPI:
+               gateway_failover_grace: float = RECONNECT_GRACE_S,
+               gateway_failover_first_apply_grace: float = FIRST_APPLY_GRACE_S) -> FastAPI:
     """The app; with `gateway_failover_after` (seconds) it runs `GatewayFailover` while it
     serves (started and stopped by its lifespan)."""
     app = FastAPI(
@@ -224,7 +225,8 @@ def create_app(fabric: Fabric, max_body_bytes: int = 64 * 1024, max_batch_bytes:
         # The hosts watching this replica: list() of the keys, read from the failover
         # thread while the event loop adds and removes watchers.
         failover = GatewayFailover(fabric, gateway_failover_after, lambda: list(watchers.by_host),
-                                   grace=gateway_failover_grace)
+                                   grace=gateway_failover_grace,
+                                   first_apply_grace=gateway_failover_first_apply_grace)
     registry = CollectorRegistry()
     registry.register(_FabricCollector(fabric, watchers, failover))
     pushed = Counter(

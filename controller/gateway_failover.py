@@ -22,6 +22,17 @@ status. Every `interval` seconds `GatewayFailover.tick`:
    taken again inside the write serialisation with the seen times read afresh, so with
    several replicas the role moves exactly once.
 
+A host's first apply: a gateway host whose agent has been heard from but has never
+reported an applied generation is still coming up, and its first apply (the team, its
+management address moved onto the virtual switch) can cut it off from the controller
+for seconds, longer than a short failover time. Its silence counts against it only
+after `first_apply_grace` (FIRST_APPLY_GRACE_S, or `after` when that is longer), and a
+standby that has applied a generation is preferred to one still coming up. Without
+this, a gateway service created with its hosts moved its role back and forth while
+they came up (three moves in one run of the seed lab with a 2 s failover time). A host
+that dies in its first apply therefore keeps the role for the grace, not `after`; one
+whose agent was never heard from at all is not in an apply and loses it after `after`.
+
 No flapping: a host that comes back does not take the role back; it stays a standby
 until its successor fails in turn or an operator moves the role (PATCH `active`). No
 move when no other host of the service reports: the role stays where it is and
@@ -43,7 +54,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import timezone
 
 from agent.logfmt import quote
@@ -56,6 +67,10 @@ log = logging.getLogger("openhnv.controller.gateway_failover")
 # Agents reconnect with a backoff capped at 30 s (agent.watch.Backoff): after a start (or a
 # store outage) no host counts as silent before each had the time to come back.
 RECONNECT_GRACE_S = 30.0
+# How long a gateway host that has never applied a generation may be silent before the
+# role moves off it (see the module's docstring): a first apply under software emulation
+# takes 10-30 s.
+FIRST_APPLY_GRACE_S = 60.0
 
 
 def silence(host: str, last_heard: Mapping[str, float], now: float) -> float:
@@ -79,29 +94,47 @@ def active_silence(service: GatewayService, last_heard: Mapping[str, float], now
 
 
 def next_reporting_host(service: GatewayService, last_heard: Mapping[str, float], now: float,
-                        after: float) -> str | None:
+                        after: float, settled: Collection[str] | None = None) -> str | None:
     """The first host after the active one in the service's order (wrapping round)
-    whose agent reported within `after` seconds, or None."""
+    whose agent reported within `after` seconds, or None; one in `settled` (it has
+    applied a generation) before one still coming up, when `settled` is given."""
     hosts = list(service.hosts)
     start = hosts.index(service.active) + 1 if service.active in hosts else 0
-    for host in hosts[start:] + hosts[:start]:
-        if host != service.active and silence(host, last_heard, now) <= after:
-            return host
-    return None
+    reporting = [host for host in hosts[start:] + hosts[:start]
+                 if host != service.active and silence(host, last_heard, now) <= after]
+    ready = [host for host in reporting if settled is None or host in settled]
+    return (ready or reporting or [None])[0]
+
+
+def coming_up(host: str, last_heard: Mapping[str, float], settled: Collection[str] | None) -> bool:
+    """Whether the host's agent has been heard from but has never applied a generation:
+    in its first apply (`settled` not given: never)."""
+    return settled is not None and host in last_heard and host not in settled
+
+
+def silence_limit(service: GatewayService, last_heard: Mapping[str, float], after: float,
+                  settled: Collection[str] | None, first_apply_grace: float) -> float:
+    """How long the active host may be silent: `after`, or the first-apply grace while
+    it is coming up. An agent never heard from at all is not in an apply: `after`."""
+    return max(after, first_apply_grace) if coming_up(service.active, last_heard, settled) else after
 
 
 def failover_decision(service: GatewayService, last_heard: Mapping[str, float], now: float,
-                      after: float) -> tuple[str, str] | None:
+                      after: float, settled: Collection[str] | None = None,
+                      first_apply_grace: float = FIRST_APPLY_GRACE_S) -> tuple[str, str] | None:
     """(the host to move the role to, why) when the active host has been silent longer
-    than `after` and another host reports; else None."""
+    than its limit (`silence_limit`) and another host reports; else None. `settled`:
+    the hosts that have applied a generation (None: treat every host as settled)."""
     silent = active_silence(service, last_heard, now)
-    if silent <= after:
+    limit = silence_limit(service, last_heard, after, settled, first_apply_grace)
+    if silent <= limit:
         return None
-    target = next_reporting_host(service, last_heard, now, after)
+    target = next_reporting_host(service, last_heard, now, after, settled)
     if target is None:
         return None
     never = service.active not in last_heard
-    return target, f"failover: {service.active}'s agent {_silent_text(silent, never)} (limit {after:g} s)"
+    first = ", in its first apply" if coming_up(service.active, last_heard, settled) else ""
+    return target, f"failover: {service.active}'s agent {_silent_text(silent, never)} (limit {limit:g} s{first})"
 
 
 def _silent_text(silent: float, never: bool) -> str:
@@ -117,9 +150,10 @@ class GatewayFailover:
 
     def __init__(self, fabric: Fabric, after: float, watched: Callable[[], Iterable[str]],
                  grace: float = RECONNECT_GRACE_S, interval: float | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, first_apply_grace: float = FIRST_APPLY_GRACE_S):
         self.fabric = fabric
         self.after = after
+        self.first_apply_grace = first_apply_grace
         self.watched = watched  # hosts with a watch stream open on this replica
         self.grace = grace
         # Often enough that a move comes within a fraction of `after` of the deadline.
@@ -180,12 +214,17 @@ class GatewayFailover:
         for service in services:
             self._check(service, heard, now)
 
+    def settled(self) -> set[str]:
+        """The hosts that have reported an applied generation (to any replica)."""
+        return {host for host, generation in list(self.fabric.applied.items()) if generation is not None}
+
     def _check(self, service: GatewayService, heard: Mapping[str, float], now: float) -> None:
         silent = active_silence(service, heard, now)
-        if silent <= self.after:
+        settled = self.settled()
+        if silent <= silence_limit(service, heard, self.after, settled, self.first_apply_grace):
             self._blocked.discard(service.name)
             return
-        if failover_decision(service, heard, now, self.after) is None:
+        if failover_decision(service, heard, now, self.after, settled, self.first_apply_grace) is None:
             if service.name not in self._blocked:
                 self._blocked.add(service.name)
                 log.warning("event=gateway_failover_blocked service=%s active=%s silent_s=%.1f reason=%s",
@@ -212,4 +251,5 @@ class GatewayFailover:
     def _decide_again(self, service: GatewayService) -> tuple[str, str] | None:
         """The decision, inside the write serialisation: the service as committed by
         every replica so far, the seen times read afresh."""
-        return failover_decision(service, self.last_heard(), self.clock(), self.after)
+        return failover_decision(service, self.last_heard(), self.clock(), self.after, self.settled(),
+                                 self.first_apply_grace)

@@ -18,7 +18,7 @@ import pytest
 
 from tests.lib.controller import LiveController
 from tests.lib.wait import wait_until
-from tests.unit.test_controller_api import Watcher
+from tests.unit.test_controller_api import Watcher, report_in_sync
 from tests.unit.test_gateway_api import DOCUMENTS
 from tests.unit.test_gateway_failover import WAIT, metric, service
 from tests.unit.test_hnvctl import Hnvctl
@@ -55,6 +55,10 @@ def test_two_replicas_move_the_role_exactly_once(replicas, caplog):
     try:
         for watcher in watchers.values():
             watcher.wait_for(lambda line: line["type"] == "state", timeout=WAIT)
+        # Each gateway host's agent applied its state and said so, each to its own replica
+        # (a host still in its first apply would keep the role for the first-apply grace).
+        report_in_sync(a, "CON-GW1")
+        report_in_sync(b, "CON-GW2")
         time.sleep(3 * AFTER)  # both gateway hosts report (each to another replica): nothing moves
         assert [service(r)["active"] for r in replicas] == ["CON-GW1", "CON-GW1"]
 

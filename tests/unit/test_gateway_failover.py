@@ -23,7 +23,7 @@ from controller.cli import main as controller_main
 from controller.gateway_failover import failover_decision
 from controller.models import GatewayService
 from tests.lib.controller import LiveController
-from tests.unit.test_controller_api import Watcher
+from tests.unit.test_controller_api import Watcher, report_in_sync
 from tests.unit.test_daemon import wait_until
 from tests.unit.test_gateway_api import DOCUMENTS
 from tests.unit.test_hnvctl import Hnvctl
@@ -56,10 +56,14 @@ class Agents:
         self.ctl = ctl
         self.streams: dict[str, Watcher] = {}
 
-    def start(self, host: str) -> None:
+    def start(self, host: str, applies: bool = True) -> None:
+        """Open the host's stream and, as an agent does once it has applied its state,
+        report it in sync (`applies`); without, the host is still in its first apply."""
         watcher = Watcher(self.ctl, host, heartbeat=0.5)
         watcher.wait_for(lambda line: line["type"] == "state", timeout=WAIT)
         self.streams[host] = watcher
+        if applies:
+            report_in_sync(self.ctl, host)
 
     def stop(self, host: str) -> None:
         self.streams.pop(host).close()
@@ -297,3 +301,53 @@ def test_the_environment_gives_the_default(monkeypatch):
     assert build_parser().parse_args(["run"]).gateway_failover_after == 25.0
     monkeypatch.delenv("HNV_GATEWAY_FAILOVER_AFTER")
     assert build_parser().parse_args(["run"]).gateway_failover_after == 10.0
+
+
+def test_a_host_in_its_first_apply_keeps_the_role_for_the_grace_and_a_settled_standby_comes_first():
+    """Heard from, never applied: its first apply may have cut it off (its management
+    address moving onto the switch), so `after` does not yet count; the grace does."""
+    now, after, grace = 100.0, 2.0, 30.0
+    heard = {"A": 90.0, "B": 99.0, "C": 99.0}
+    assert failover_decision(_service("A"), heard, now, after, settled={"C"}, first_apply_grace=grace) is None
+    assert failover_decision(_service("A"), heard, now, after, settled={"A", "C"})[0] == "C"  # B is coming up
+    target, why = failover_decision(_service("A"), {**heard, "A": 60.0}, now, after, settled={"C"},
+                                    first_apply_grace=grace)
+    assert (target, why) == ("C", "failover: A's agent silent for 40.0 s (limit 30 s, in its first apply)")
+    # With no settled standby, one still coming up is better than none.
+    assert failover_decision(_service("A"), {**heard, "A": 60.0}, now, after, settled=set(),
+                             first_apply_grace=grace)[0] == "B"
+    # Never heard from at all is not an apply: `after`, counted as before.
+    assert failover_decision(_service("A"), {"B": 99.0}, now, after, settled={"B"}, first_apply_grace=grace)[0] == "B"
+
+
+FIRST_APPLY_GRACE = 5.0  # the controller's first-apply grace in the test below
+
+
+def test_a_gateway_host_cut_off_by_its_first_apply_is_not_failed_over_until_the_grace(tmp_path, caplog):
+    """The seed lab's case: both gateway hosts' agents connect and get their state; the
+    active one's first apply moves its management address and its stream breaks before
+    it could report. Before, the role moved after 1 s; now it stays for the grace, and
+    moves after it to the standby that did apply."""
+    caplog.set_level(logging.INFO, logger="openhnv.controller.gateway_failover")
+    options = {"gateway_failover_after": AFTER, "gateway_failover_grace": 0,
+               "gateway_failover_first_apply_grace": FIRST_APPLY_GRACE}
+    with LiveController(tmp_path / "state", hosts=GATEWAY_HOSTS, app_options=options) as ctl:
+        Hnvctl(ctl).ok("apply", *DOCUMENTS)
+        agents = Agents(ctl)
+        try:
+            agents.start("CON-GW2")
+            agents.start("CON-GW1", applies=False)
+            hold(2 * AFTER)  # heard from for a few rounds
+            agents.stop("CON-GW1")  # its first apply cuts it off
+            cut = time.monotonic()
+            hold(3 * AFTER)
+            assert service(ctl)["active"] == "CON-GW1"
+            assert not [r for r in caplog.records if "event=gateway_failover " in r.getMessage()]
+            wait_until(lambda: service(ctl)["active"] == "CON-GW2", timeout=WAIT + FIRST_APPLY_GRACE,
+                       what="the role to move to CON-GW2 after the first-apply grace")
+            assert time.monotonic() - cut >= FIRST_APPLY_GRACE * 3 / 4
+            reason = service(ctl)["active_reason"]
+            assert reason.startswith("failover: CON-GW1's agent silent for ") and reason.endswith(
+                f"(limit {FIRST_APPLY_GRACE:g} s, in its first apply)"), reason
+        finally:
+            agents.close()
