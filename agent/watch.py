@@ -17,7 +17,9 @@ Owns the HTTP conversation with the controllers and nothing else:
   message's document to a callback as it came, undecoded beyond JSON: deciding whether to
   hold it is intake's job, applying it the loop's. A stream that stays silent longer than a few heartbeats is dead
   (a half-open TCP connection never says so): the read timeout is ``heartbeat x
-  missed_heartbeats``. Every way a connection ends (refused, 4xx, 5xx, timeout, garbage on
+  missed_heartbeats``; a connection the controller has forgotten (it dropped it while the
+  path was down) is found sooner, by TCP keepalive (``KEEPALIVE_SOCKET_OPTIONS``): the
+  first probe after the path is back is answered with a reset. Every way a connection ends (refused, 4xx, 5xx, timeout, garbage on
   the line) leads to the same place: move on to the next controller (the same one when
   there is only one) and connect after a capped exponential backoff with jitter, so a
   thousand agents do not hammer a controller that just came back. A connection the
@@ -46,6 +48,7 @@ import json
 import logging
 import random
 import re
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable
@@ -66,6 +69,23 @@ try:
 except metadata.PackageNotFoundError:  # running from a checkout that was not installed
     AGENT_VERSION = "0.0.0"
 AGENT_NAME = "openhnv-agent/" + ".".join(AGENT_VERSION.split(".")[:2])
+
+# TCP keepalive on every connection to a controller: a probe after KEEPALIVE_IDLE_S
+# without traffic, then one a second, KEEPALIVE_PROBES unanswered end it. Why: a
+# controller that dropped its end while the path was down (its TCP_USER_TIMEOUT, when
+# this host's first apply moved its management address) sends nothing to say so, and
+# the watch, which only reads, would sit on a dead connection until three heartbeats
+# were missed (15 s) while the controller counts the host silent. The first probe
+# after the path is back is answered with a reset: the watch reconnects within a
+# second. A live connection's probes are answered by the controller's kernel.
+KEEPALIVE_IDLE_S = 1
+KEEPALIVE_PROBES = 10
+KEEPALIVE_SOCKET_OPTIONS = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES),
+)
 
 # How long the agent keeps an idle connection to a controller: under the controller's
 # 60 s (controller.cli), so the client lets go first and never sends on a connection
@@ -218,8 +238,9 @@ class ControllerEndpoint:
         """A client of the controller in use."""
         # A kept connection stays usable as long as the controller keeps it (a minute:
         # controller.cli); httpx's own default would drop it after 5 s idle.
-        return httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, verify=self._verify,
-                            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S))
+        transport = httpx.HTTPTransport(verify=self._verify, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY_S),
+                                        socket_options=KEEPALIVE_SOCKET_OPTIONS)
+        return httpx.Client(base_url=self.url, headers=self._headers, timeout=timeout, transport=transport)
 
 
 class WatchStream:

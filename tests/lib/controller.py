@@ -70,8 +70,11 @@ class LiveController:
         run_args: tuple[str, ...] = (),
         store: str | None = None,
         app_options: dict | None = None,
+        address: str = "127.0.0.1",
     ):
         self.process_mode = process
+        # Where it listens (process mode; start it inside a namespace to listen there).
+        self.address = address
         self.app_options = dict(app_options or {})  # create_app's keywords (thread mode)
         self.tls = tls
         self.store = store  # a store URL (`--store`); None: the state directory's SQLite file
@@ -88,7 +91,7 @@ class LiveController:
 
     @property
     def base_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.address}:{self.port}"
 
     @property
     def ca_file(self) -> Path:
@@ -121,7 +124,7 @@ class LiveController:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "controller.cli", "run", "--state-dir", str(self.state_dir),
-             "--listen", f"127.0.0.1:{self.port}", "--log-level", self.log_level, "--synchronous", "NORMAL",
+             "--listen", f"{self.address}:{self.port}", "--log-level", self.log_level, "--synchronous", "NORMAL",
              *(() if self.tls else ("--insecure-http",)), *self.run_args],
             cwd=CHECKOUT, stdout=log, stderr=subprocess.STDOUT, env=_env(),
         )
