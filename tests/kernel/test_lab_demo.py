@@ -65,6 +65,7 @@ REQUIRED_CHECKS = (
     "gateway-port-forward",
     "gateway-no-rule-no-way-in",
     "gateway-no-path-between-tenants",
+    "gateway-role-steady-while-hosts-came-up",
     "gateway-failover-role-moved",
     "gateway-failover-decision",
     "gateway-failover-new-connections",
