@@ -681,7 +681,7 @@ def run_ipv6_tenant_step(w: Walkthrough, hv_a: str, hv_b: str) -> None:
 
 GATEWAY_SERVICE = "Gateway"
 SERVICE_PORT = 8080  # the tenant VMs' service behind Fabrikam2's NAT rule (external port 80)
-GATEWAY_FAILOVER_GOAL = 10.0  # seconds from the active gateway host's loss to a new connection (printed)
+GATEWAY_FAILOVER_GOAL = 10.0  # seconds from the active gateway host's loss to a new connection
 CONNECT_TIMEOUT = 1.0  # one attempt of a new connection while the gateway fails over
 
 
@@ -888,16 +888,17 @@ def run_gateway_failover_step(w: Walkthrough, gateways: list[str], networks: dic
     w.check("gateway-failover-role-moved", moved["active"] == standby,
             f"active host {moved['active']} ({moved.get('active_reason') or 'no reason given'})")
     # The controller's part is its own time (the silence it waits for plus one tick of at
-    # most a quarter of it): checked to within a second. The rest, the two agents'
-    # applies, is CPU: tens of milliseconds on a real host, seconds under emulation,
-    # so it is measured and printed against the goal, not failed on.
+    # most a quarter of it): checked to within a second. The rest, the agents' applies,
+    # is CPU: tens of milliseconds on a real host, seconds under emulation (2-3 s in the
+    # kernel tier's VM on an idle machine). The whole is held to the goal: a new
+    # connection through the standby within GATEWAY_FAILOVER_GOAL of the loss.
     decided = _seconds_since(lost_wall, moved.get("active_since"))
     decision_bound = after * 1.25 + 1.0
     w.check("gateway-failover-decision", decided is not None and decided <= decision_bound,
             f"the controller moved the role to {moved['active']} "
             f"{'?' if decided is None else f'{decided:.1f}'} s after {lost} was lost "
             f"(--gateway-failover-after {after:g}: at most {decision_bound:g} s)")
-    w.check("gateway-failover-new-connections", address == nat["Fabrikam2"],
+    w.check("gateway-failover-new-connections", address == nat["Fabrikam2"] and took <= GATEWAY_FAILOVER_GOAL,
             f"TenantVM01 reached {upstream} again, as {address}, through {standby} {took:.1f} s after {lost} "
             f"was lost ({'within' if took <= GATEWAY_FAILOVER_GOAL else 'over'} the {GATEWAY_FAILOVER_GOAL:g} s "
             f"goal; after the controller's move, the agents' applies and the first new connection took "
