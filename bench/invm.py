@@ -17,12 +17,13 @@ from typing import Any
 
 
 def figures_from_vm(module: str, args: list[str], result_file: str, section: str, log,
-                    timeout: float) -> tuple[dict[str, Any], bool]:
-    """The figures `module` measured in the VM, and whether the VM had KVM. Lines the
-    module printed starting with "<section>:" are passed to `log`."""
+                    timeout: float, memory: str = "2G") -> tuple[dict[str, Any], bool]:
+    """The figures `module` measured in the VM (of `memory`), and whether the VM had
+    KVM. Lines the module printed starting with "<section>:" are passed to `log`."""
     from netns_lab import vm
 
-    result = vm.run_in_vm([sys.executable, "-m", module, "--in-vm", *args], capture=True, timeout=timeout)
+    result = vm.run_in_vm([sys.executable, "-m", module, "--in-vm", *args], capture=True, timeout=timeout,
+                          memory=memory)
     path = result.rwdir / result_file
     if not result.completed or result.returncode != 0 or not path.exists():
         tail = (result.output or "")[-1500:]
