@@ -101,7 +101,7 @@ class FakeReconciler:
         pass
 
 
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
