@@ -171,9 +171,10 @@ def desired_kernel_state(state: HostState, *, vm_dhcp: bool = False) -> KernelSt
         if state.gateway is not None:
             trunk_vlans.append(state.gateway.front_end.vlan)
             want.add(BridgeVlan(switch, state.gateway.front_end.vlan))  # the front-end VLAN device
-        if provider is not None:
+        if provider is not None and state.team is None:
+            # Without a team the provider VLAN device sits on the switch, tagged on it.
             trunk_vlans.append(provider.vlan)
-            want.add(BridgeVlan(switch, provider.vlan))  # tagged on the bridge: the VLAN device
+            want.add(BridgeVlan(switch, provider.vlan))
         if state.team is not None:
             want.add(BridgeVlan(state.team.name, MANAGEMENT_VLAN, pvid=True, untagged=True))
             for vid in trunk_vlans:
@@ -187,10 +188,17 @@ def desired_kernel_state(state: HostState, *, vm_dhcp: bool = False) -> KernelSt
 
     local_pas: set[str] = set()
     if provider is not None and switch is not None:
+        # The provider VLAN device sits on the team, beside the switch rather than on it:
+        # the kernel hands a tagged frame to a port's VLAN device before the bridge sees
+        # it, and a bridge offers no segmentation offload for encapsulated packets (its
+        # hw_enc_features are empty), so a VLAN device on the switch would segment every
+        # tunnelled TCP super-packet in software while one on the bond passes it on to
+        # NICs that segment GRE and UDP tunnels themselves (docs/benchmarks.md).
         vlan_dev = naming.provider_vlan(switch, provider.vlan)
+        lower = state.team.name if state.team is not None else switch
         want.add(Link(
             name=vlan_dev, kind="vlan", role=naming.PROVIDER, key=str(provider.vlan),
-            options=(("vlan_id", provider.vlan), ("link", switch)), mtu=provider.mtu,
+            options=(("vlan_id", provider.vlan), ("link", lower)), mtu=provider.mtu,
         ))
         for pa in provider.addresses:
             local_pas.add(str(pa.address))

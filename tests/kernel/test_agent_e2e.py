@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import socket
+import threading
 import time
 
 import pytest
@@ -20,6 +22,7 @@ from scapy.layers.vxlan import VXLAN
 from scapy.utils import rdpcap
 
 from agent import cli, naming, show
+from agent.netns import in_netns
 from agent.reconcile import Reconciler
 from agent.state import parse_host_state
 from tests.kernel.agentlab import F2_VSID, F2B_VSID, F3_VSID, PA, PROVIDER_VLAN, VMS, AgentLab, without_record
@@ -287,6 +290,47 @@ def test_a_moved_vms_frames_by_its_old_port_never_pull_its_fdb_entry_off_the_tun
     assert vm_a.ping("192.168.0.11", count=2)
 
 
+STREAM_BYTES = 4 << 20
+
+
+def tenant_stream_packets(lab, tunnels: tuple[str, ...]) -> tuple[int, int]:
+    """Send STREAM_BYTES over TCP from vmA2 to vmB2; (packets out of host A's tunnel
+    devices, packets out of its NICs) while it ran. A TCP super-packet the tunnel
+    encapsulates leaves the NIC whole unless a device on the way segments it."""
+    server = in_netns(lab.vms["vmB2"].name, lambda: socket.create_server(("192.168.0.11", 5202)))
+    server.settimeout(60)
+    host = lab.hosts["a"]
+    with server:
+        before = host.tx_packets(*tunnels), host.tx_packets("eth0", "eth1")
+        client = in_netns(lab.vms["vmA2"].name, lambda: socket.create_connection(("192.168.0.11", 5202), 60))
+        accepted = server.accept()[0]
+        received = 0
+        with client, accepted:
+            accepted.settimeout(60)
+            sender = threading.Thread(target=client.sendall, args=(b"x" * STREAM_BYTES,))
+            sender.start()
+            while received < STREAM_BYTES and (chunk := accepted.recv(1 << 16)):
+                received += len(chunk)
+            sender.join(60)
+        assert received == STREAM_BYTES, f"{received} of {STREAM_BYTES} bytes arrived"
+        return host.tx_packets(*tunnels) - before[0], host.tx_packets("eth0", "eth1") - before[1]
+
+
+def assert_super_packets_reach_the_nic(lab, tunnels: tuple[str, ...]) -> None:
+    """The provider VLAN device sits on the team, not on the switch's bridge (which offers
+    no segmentation offload for encapsulated packets): the NICs send about as many packets
+    as the tunnel, not one per MSS (~19x as many with the VLAN device on the bridge)."""
+    tunnel_sent, nic_sent = tenant_stream_packets(lab, tunnels)
+    segments = STREAM_BYTES // 1400
+    assert tunnel_sent < segments / 4, f"the tunnel sent {tunnel_sent} packets: no super-packets to keep"
+    assert nic_sent < 2 * tunnel_sent + 20, (
+        f"the NICs sent {nic_sent} packets for the tunnel's {tunnel_sent}: segmented on the way")
+
+
+def test_tenant_tcp_leaves_the_host_as_super_packets(lab):
+    assert_super_packets_reach_the_nic(lab, (tunnel_name("a", F2_VSID, "Fabrikam2"),))
+
+
 def test_bad_document_is_refused_and_kernel_untouched(lab, tmp_path):
     rec = lab.reconcilers["a"]
     before = rec.observe()
@@ -330,3 +374,4 @@ def test_vxlan_mode_carries_vni_equal_vsid_on_udp_4789(lab, tmp_path):
         assert packet[VXLAN].vni == F2_VSID, packet.summary()
         assert {packet[IP].src, packet[IP].dst} == {PA[("a", "Fabrikam2")], PA[("b", "Fabrikam2")]}
     assert not [p for p in read_all(pcaps) if IP in p and p[IP].proto == IPPROTO_GRE]
+    assert_super_packets_reach_the_nic(lab, (naming.vxlan_device(F2_VSID),))

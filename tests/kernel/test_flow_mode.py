@@ -28,7 +28,9 @@ from agent.netns import in_netns
 from agent.reconcile import Reconciler
 from agent.state import parse_host_state
 from tests.kernel.agentlab import F2_VSID, F3_VSID, PA, PROVIDER_VLAN, AgentLab
-from tests.kernel.test_agent_e2e import capture_trunks, icmp_in_echos, read_all
+from tests.kernel.test_agent_e2e import (
+    assert_super_packets_reach_the_nic, capture_trunks, icmp_in_echos, read_all,
+)
 from tests.lib.netns import NamespaceFactory
 from tests.lib.nvgre import IPPROTO_GRE, decode_nvgre, encode_nvgre
 from tests.lib.wait import wait_until
@@ -152,6 +154,10 @@ def test_parallel_tcp_flows_spread_over_flow_ids(lab, tmp_path):
     assert len(flow_ids) == 8, f"captured {len(flow_ids)} of the 8 flows"
     assert all(len(ids) == 1 for ids in flow_ids.values()), f"a flow changed FlowID: {dict(flow_ids)}"
     assert len({next(iter(ids)) for ids in flow_ids.values()}) > 1, f"one FlowID for all: {dict(flow_ids)}"
+
+
+def test_tenant_tcp_leaves_the_host_as_super_packets(lab):
+    assert_super_packets_reach_the_nic(lab, (naming.flow_tunnel(4),))
 
 
 def test_a_frame_for_a_remote_mac_is_sent_on_to_its_pa_and_never_back(lab, tmp_path):

@@ -21,6 +21,7 @@ Typical use, through the ``make_netns`` fixture of ``tests/conftest.py``::
 from __future__ import annotations
 
 import contextlib
+import json
 import secrets
 import signal
 import subprocess
@@ -72,6 +73,11 @@ class Namespace:
     def ip(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """``ip -n <ns> ARGS`` (no exec, cheaper than :meth:`run`)."""
         return run(["ip", "-n", self.name, *args], check=check)
+
+    def tx_packets(self, *ifnames: str) -> int:
+        """Packets the kernel counts as sent on these links of the namespace, summed."""
+        links = {link["ifname"]: link for link in json.loads(self.ip("-j", "-s", "link", "show").stdout)}
+        return sum(links[name]["stats64"]["tx"]["packets"] for name in ifnames)
 
     def popen(self, *argv: str, **kwargs) -> subprocess.Popen:
         """Start a long-running process in the namespace; it is stopped at teardown."""

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-from tests.lib.netns import Namespace, veth_pair
-
-
-def _tx_packets(ns: Namespace, ifname: str) -> int:
-    # /sys here is the namespace's own (ip netns exec remounts it).
-    return int(ns.run("cat", f"/sys/class/net/{ifname}/statistics/tx_packets").stdout)
+from tests.lib.netns import veth_pair
 
 
 def test_veth_pair_pings_both_ways(make_netns):
@@ -16,11 +11,11 @@ def test_veth_pair_pings_both_ways(make_netns):
     a.ip("addr", "add", "10.99.0.1/24", "dev", "veth-a")
     b.ip("addr", "add", "10.99.0.2/24", "dev", "veth-b")
 
-    sent_before = _tx_packets(a, "veth-a")
+    sent_before = a.tx_packets("veth-a")
     assert a.ping("10.99.0.2", count=2), "10.99.0.2 (namespace b) did not answer over the veth"
     assert b.ping("10.99.0.1"), "10.99.0.1 (namespace a) did not answer over the veth"
     # The echo requests (and ARP) really left through veth-a, not some other path.
-    assert _tx_packets(a, "veth-a") >= sent_before + 2
+    assert a.tx_packets("veth-a") >= sent_before + 2
 
 
 def test_unassigned_address_and_unconnected_namespace_do_not_answer(make_netns):

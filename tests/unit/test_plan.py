@@ -217,16 +217,47 @@ def test_recreated_link_gets_what_lived_on_it_back_in_the_same_plan():
     assert f"delete neighbour 192.168.0.10 on {BRIDGE} -> 00:15:5d:01:02:03" in lines
 
 
-def test_vlan_device_is_rebuilt_with_its_lower_switch():
+def test_provider_vlan_device_sits_on_the_team_beside_the_switch():
+    """So that encapsulated super-packets keep their size to the NICs (a bridge offers no
+    segmentation offload for them): the switch carries no provider VLAN at all."""
     want = desired_kernel_state(state())
+    vlan_dev = naming.provider_vlan("hnv-sw", 802)
+    assert want.links[vlan_dev].option("link") == "hnv-team"
+    assert not [v for v in want.vlans.values() if v.vid == 802]
+    # Without a team there is nothing beside the switch: the device is on it, tagged.
+    teamless = desired_kernel_state(state(lambda d: d.pop("team")))
+    assert teamless.links[vlan_dev].option("link") == "hnv-sw"
+    assert {(v.device, v.vid) for v in teamless.vlans.values() if v.vid == 802} == {("hnv-sw", 802)}
+
+
+def test_vlan_device_is_rebuilt_with_its_lower_team_and_survives_a_new_switch():
+    want = desired_kernel_state(state())
+    vlan_dev = naming.provider_vlan("hnv-sw", 802)
+    have = as_observed(want)
+    have.links["hnv-team"] = replace(have.links["hnv-team"], options=(("mode", "balance-xor"),))
+    lines = diff(want, have).describe().splitlines()
+    assert lines[0].startswith("replace team hnv-team")
+    assert f"add provider {vlan_dev} vlan_id 802 link hnv-team" in lines
+    assert f"add address 10.80.2.20/24 on {vlan_dev}" in lines
+
     have = as_observed(want)
     have.links["hnv-sw"] = replace(have.links["hnv-sw"], options=(("vlan_default_pvid", 7),))
     lines = diff(want, have).describe().splitlines()
-    vlan_dev = naming.provider_vlan("hnv-sw", 802)
     assert lines[0].startswith("replace switch hnv-sw")
-    assert f"add provider {vlan_dev} vlan_id 802 link hnv-sw" in lines
-    assert f"add address 10.80.2.20/24 on {vlan_dev}" in lines
     assert "set team hnv-team master none -> hnv-sw" in lines
+    assert not [l for l in lines if vlan_dev in l]
+
+
+def test_provider_vlan_device_on_the_switch_moves_to_the_team():
+    """A host whose agent put the device on the switch (before it went on the team): one
+    plan moves it, its addresses with it."""
+    want = desired_kernel_state(state())
+    vlan_dev = naming.provider_vlan("hnv-sw", 802)
+    have = as_observed(want)
+    have.links[vlan_dev] = replace(have.links[vlan_dev], options=(("link", "hnv-sw"), ("vlan_id", 802)))
+    lines = diff(want, have).describe().splitlines()
+    assert lines[0].startswith(f"replace provider {vlan_dev}") and "link hnv-sw -> hnv-team" in lines[0]
+    assert f"add address 10.80.2.20/24 on {vlan_dev}" in lines
 
 
 def test_with_vm_dhcp_an_ipv4_tenant_vm_is_left_to_its_dhcp_client_and_a_vlan_vm_is_not():
