@@ -35,7 +35,7 @@ unexport PYTHONDONTWRITEBYTECODE
 DEB_PACKAGES := python3 python3-venv python3-pip \
 	qemu-system-x86 linux-image-amd64 busybox-static kmod udev \
 	iproute2 iputils-ping tcpdump procps util-linux nftables \
-	systemd vagrant vagrant-libvirt graphviz iperf3 \
+	systemd vagrant vagrant-libvirt graphviz iperf3 ethtool \
 	prometheus mmdebstrap e2fsprogs \
 	postgresql libpq5 libpq-dev gcc python3-dev \
 	dnsmasq-base \

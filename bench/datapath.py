@@ -52,7 +52,7 @@ RESULT_FILE = "datapath.json"
 IPERF_PORT = 5201
 
 
-def host_state(host: str, encapsulation: str, generation: int) -> dict:
+def host_state(host: str, encapsulation: str, generation: int, mode: str = "device") -> dict:
     """The HostState document the controller would send host ``host`` ("a" or "b")."""
     records = [{"vsid": VSID, "ca": CA[h], "mac": VM_MAC[h], "pa": PA[h], "vm_name": f"vm{h}"}
                for h in ("a", "b")]
@@ -65,7 +65,7 @@ def host_state(host: str, encapsulation: str, generation: int) -> dict:
         "switch": {"logical_switch": "Virtualization"},
         "management": {"address": f"{MANAGEMENT[host]}/24"},
         "provider": {"logical_network": "Virtualization", "vlan": PROVIDER_VLAN, "subnet": "10.80.2.0/24",
-                     "encapsulation": encapsulation,
+                     "encapsulation": encapsulation, "tunnel_mode": mode,
                      "addresses": [{"routing_domain": "Fabrikam2", "address": PA[host]}]},
         "routing_domains": [{"id": 2, "name": "Fabrikam2", "subnets": [
             {"vsid": VSID, "prefix": "192.168.0.0/24", "gateway": "192.168.0.1"}]}],
@@ -119,7 +119,7 @@ def teardown() -> None:
         sh("ip", "netns", "del", name, check=False)
 
 
-def configure_hosts(encapsulation: str, generation: int) -> float:
+def configure_hosts(encapsulation: str, generation: int, mode: str = "device") -> float:
     """Reconcile both hosts with the agent; returns the slower host's reconcile seconds."""
     from agent.reconcile import Reconciler
     from agent.state import parse_host_state
@@ -127,7 +127,7 @@ def configure_hosts(encapsulation: str, generation: int) -> float:
     slowest = 0.0
     for host in ("a", "b"):
         with Reconciler(netns=host_netns(host)) as reconciler:
-            result = reconciler.reconcile(parse_host_state(host_state(host, encapsulation, generation)))
+            result = reconciler.reconcile(parse_host_state(host_state(host, encapsulation, generation, mode)))
         if result.errors:
             raise RuntimeError(f"agent on host {host} ({encapsulation}): "
                                + "; ".join(e.message for e in result.errors[:3]))
@@ -198,32 +198,92 @@ def describe_mtus() -> str:
     return ", ".join(shown)
 
 
+# The tenant paths measured, in this order: (encapsulation, tunnel mode, where the PA's
+# VLAN device sits). "team" is the agent's layout; "switch" is the one it replaced (the
+# VLAN device on the virtual switch's bridge), rebuilt by hand for the comparison.
+PATHS = (("nvgre", "device", "team"), ("nvgre", "device", "switch"), ("nvgre", "flow", "team"),
+         ("vxlan", "device", "team"), ("vxlan", "device", "switch"))
+TUNNEL_PREFIXES = ("hnvt", "hnvx", "hnvf")  # agent.naming: per-peer gretap, VXLAN, flow tunnel
+
+
+def path_key(encapsulation: str, mode: str, layout: str) -> str:
+    return f"{encapsulation}-{mode}" + ("-on-switch" if layout == "switch" else "")
+
+
+def tx_packets(netns: str) -> dict[str, int]:
+    """Packets sent per device of a host: the tunnels (summed as "tunnel"), every other link."""
+    counts: dict[str, int] = {"tunnel": 0}
+    for link in json.loads(sh("ip", "-j", "-s", "link", "show", netns=netns)):
+        sent = link["stats64"]["tx"]["packets"]
+        if link["ifname"].startswith(TUNNEL_PREFIXES):
+            counts["tunnel"] += sent
+        else:
+            counts[link["ifname"]] = sent
+    return counts
+
+
+def provider_vlan_device(host: str) -> tuple[str, str, str, int]:
+    """(provider VLAN device, switch, team, provider MTU) of host ``host``, as the agent names them."""
+    from agent import naming
+    from agent.state import parse_host_state
+
+    state = parse_host_state(host_state(host, "nvgre", 1))
+    assert state.switch and state.team and state.provider
+    return (naming.provider_vlan(state.switch.name, PROVIDER_VLAN), state.switch.name, state.team.name,
+            state.provider.mtu)
+
+
+def move_provider_vlan_to_switch() -> None:
+    """The layout before the agent put the PA's VLAN device on the team: on the switch's
+    bridge, the bridge and the team tagged in the VLAN. The next reconcile moves it back."""
+    for host in ("a", "b"):
+        device, switch, team, mtu = provider_vlan_device(host)
+        ns = host_netns(host)
+        sh("ip", "link", "del", device, netns=ns)
+        sh("ip", "link", "add", "link", switch, "name", device, "mtu", str(mtu), "type", "vlan", "id",
+           str(PROVIDER_VLAN), netns=ns)
+        sh("bridge", "vlan", "add", "dev", switch, "vid", str(PROVIDER_VLAN), "self", netns=ns)
+        sh("bridge", "vlan", "add", "dev", team, "vid", str(PROVIDER_VLAN), netns=ns)
+        sh("ip", "addr", "add", f"{PA[host]}/24", "dev", device, netns=ns)
+        sh("ip", "link", "set", device, "up", netns=ns)
+
+
 def measure(seconds: float, pings: int, log) -> dict:
     """Inside a kernel with every feature: build, measure, tear down; the figures as a dict."""
     teardown()
     build_physical()
-    figures: dict = {"reconcile_s": {}}
+    figures: dict = {"reconcile_s": {}, "segments": {}}
+    device = provider_vlan_device("a")[0]
     try:
-        for generation, encapsulation in enumerate(("nvgre", "vxlan"), start=1):
-            figures["reconcile_s"][encapsulation] = configure_hosts(encapsulation, generation)
+        for generation, (encapsulation, mode, layout) in enumerate(PATHS, start=1):
+            key = path_key(encapsulation, mode, layout)
+            figures["reconcile_s"][key] = configure_hosts(encapsulation, generation, mode)
+            if layout == "switch":
+                move_provider_vlan_to_switch()
             wait_for_ping(host_netns("a"), PA["b"])
             wait_for_ping(vm_netns("a"), CA["b"])
-            log(f"datapath: {encapsulation}: MTUs " + describe_mtus())
+            if generation == 1:
+                log("datapath: MTUs " + describe_mtus())
             # A warm-up, so neither path pays for ARP, route or conntrack set-up in its figure.
             ping_rtt_ms(vm_netns("a"), CA["b"], 3)
             ping_rtt_ms(host_netns("a"), PA["b"], 3)
-            paths = {"tenant": (vm_netns("b"), CA["b"], vm_netns("a"))}
-            if encapsulation == "nvgre":
+            paths = {key: (vm_netns("b"), CA["b"], vm_netns("a"))}
+            if generation == 1:
                 paths["pa"] = (host_netns("b"), PA["b"], host_netns("a"))
             for _ in range(REPEATS):
                 for path, (server_ns, address, client_ns) in paths.items():
-                    key = f"{path}" if path == "pa" else f"{encapsulation}"
+                    before = tx_packets(host_netns("a"))
                     bps, retransmits = iperf3(server_ns, address, client_ns, seconds)
+                    after = tx_packets(host_netns("a"))
+                    sent = {name: after[name] - before.get(name, 0) for name in after}
                     rtt = ping_rtt_ms(client_ns, address, pings)
-                    log(f"datapath: {key}: {bps / 1e6:.0f} Mbit/s, {retransmits} retransmits, rtt {rtt:.3f} ms")
-                    figures.setdefault(f"{key}_bps", 0.0)
-                    figures[f"{key}_bps"] = max(figures[f"{key}_bps"], bps)
-                    figures[f"{key}_rtt_ms"] = min(figures.get(f"{key}_rtt_ms", rtt), rtt)
+                    log(f"datapath: {path}: {bps / 1e6:.0f} Mbit/s, {retransmits} retransmits, rtt {rtt:.3f} ms, "
+                        f"packets sent: tunnel {sent['tunnel']}, {device} {sent[device]}, eth0 {sent['eth0']}")
+                    figures.setdefault(f"{path}_bps", 0.0)
+                    if path != "pa" and bps > figures[f"{path}_bps"]:
+                        figures["segments"][path] = sent["eth0"] / max(sent["tunnel"], 1)
+                    figures[f"{path}_bps"] = max(figures[f"{path}_bps"], bps)
+                    figures[f"{path}_rtt_ms"] = min(figures.get(f"{path}_rtt_ms", rtt), rtt)
         figures["kernel"] = sh("uname", "-r").strip()
     finally:
         teardown()
@@ -233,20 +293,31 @@ def measure(seconds: float, pings: int, log) -> dict:
 # --- the host side ------------------------------------------------------------------------------
 
 
+def _describe(key: str) -> str:
+    encapsulation, mode, *rest = key.split("-")
+    where = "PA VLAN on the switch (before)" if rest else "PA VLAN on the team"
+    return f"{encapsulation.upper()} {mode} mode, {where}"
+
+
 def _rows(figures: dict, where: str) -> list[Row]:
-    rows = [Row(SECTION, f"PA to PA, iperf3 TCP ({where})", f"{figures['pa_bps'] / 1e6:,.0f} Mbit/s",
+    pa = figures["pa_bps"]
+    rows = [Row(SECTION, f"PA to PA, iperf3 TCP ({where})", f"{pa / 1e6:,.0f} Mbit/s",
                 f"rtt {figures['pa_rtt_ms']:.3f} ms")]
-    for encapsulation in ("nvgre", "vxlan"):
-        bps, rtt = figures[f"{encapsulation}_bps"], figures[f"{encapsulation}_rtt_ms"]
-        ratio = bps / figures["pa_bps"]
-        rows.append(Row(SECTION, f"tenant to tenant over {encapsulation.upper()}, iperf3 TCP",
-                        f"{bps / 1e6:,.0f} Mbit/s", f"{figures['pa_bps'] / 1e6:,.0f} Mbit/s (PA to PA)",
-                        f"{ratio:.2f}x", f">= {TARGET_RATIO}x", ratio >= TARGET_RATIO))
-        rows.append(Row(SECTION, f"tenant ping RTT over {encapsulation.upper()}", f"{rtt:.3f} ms",
-                        f"{figures['pa_rtt_ms']:.3f} ms (PA to PA)",
-                        f"+{rtt - figures['pa_rtt_ms']:.3f} ms"))
-    rows.append(Row(SECTION, "agent reconcile of a host from empty (nvgre / vxlan switch-over)",
-                    f"{figures['reconcile_s']['nvgre']:.2f} s / {figures['reconcile_s']['vxlan']:.2f} s"))
+    for encapsulation, mode, layout in PATHS:
+        key = path_key(encapsulation, mode, layout)
+        bps, rtt = figures[f"{key}_bps"], figures[f"{key}_rtt_ms"]
+        ratio = bps / pa
+        # Only the agent's own layout is held to the target; the old one is the comparison.
+        target, met = (f">= {TARGET_RATIO}x", ratio >= TARGET_RATIO) if layout == "team" else ("", None)
+        rows.append(Row(SECTION, f"tenant TCP, {_describe(key)}; NIC packets per tunnel packet "
+                                 f"{figures['segments'][key]:.1f}",
+                        f"{bps / 1e6:,.0f} Mbit/s", f"{pa / 1e6:,.0f} Mbit/s (PA to PA)",
+                        f"{ratio:.2f}x", target, met))
+        rows.append(Row(SECTION, f"tenant ping RTT, {_describe(key)}", f"{rtt:.3f} ms",
+                        f"{figures['pa_rtt_ms']:.3f} ms (PA to PA)", f"+{rtt - figures['pa_rtt_ms']:.3f} ms"))
+    rows.append(Row(SECTION, "agent reconcile of a host (first build / NVGRE flow mode / VXLAN switch-over)",
+                    f"{figures['reconcile_s']['nvgre-device']:.2f} s / {figures['reconcile_s']['nvgre-flow']:.2f} s"
+                    f" / {figures['reconcile_s']['vxlan-device']:.2f} s"))
     return rows
 
 
