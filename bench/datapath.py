@@ -236,6 +236,8 @@ def provider_vlan_device(host: str) -> tuple[str, str, str, int]:
 def move_provider_vlan_to_switch() -> None:
     """The layout before the agent put the PA's VLAN device on the team: on the switch's
     bridge, the bridge and the team tagged in the VLAN. The next reconcile moves it back."""
+    from agent import naming
+
     for host in ("a", "b"):
         device, switch, team, mtu = provider_vlan_device(host)
         ns = host_netns(host)
@@ -245,6 +247,9 @@ def move_provider_vlan_to_switch() -> None:
         sh("bridge", "vlan", "add", "dev", switch, "vid", str(PROVIDER_VLAN), "self", netns=ns)
         sh("bridge", "vlan", "add", "dev", team, "vid", str(PROVIDER_VLAN), netns=ns)
         sh("ip", "addr", "add", f"{PA[host]}/24", "dev", device, netns=ns)
+        # The agent's ownership marker, as the agents of that layout left it: the next
+        # reconcile may then replace the device (it never touches a device not its own).
+        sh("ip", "link", "set", device, "alias", naming.marker(naming.PROVIDER, str(PROVIDER_VLAN)), netns=ns)
         sh("ip", "link", "set", device, "up", netns=ns)
 
 
