@@ -191,9 +191,10 @@ def desired_kernel_state(state: HostState, *, vm_dhcp: bool = False) -> KernelSt
         # The provider VLAN device sits on the team, beside the switch rather than on it:
         # the kernel hands a tagged frame to a port's VLAN device before the bridge sees
         # it, and a bridge offers no segmentation offload for encapsulated packets (its
-        # hw_enc_features are empty), so a VLAN device on the switch would segment every
-        # tunnelled TCP super-packet in software while one on the bond passes it on to
-        # NICs that segment GRE and UDP tunnels themselves (docs/benchmarks.md).
+        # hw_enc_features are empty), so a VLAN device on the switch segments every
+        # tunnelled TCP super-packet in software. One on the bond passes it on to the NICs
+        # where the bonding driver lets its VLAN devices offer encapsulated segmentation
+        # (stable kernels from late 2024; not Debian 12's 6.1: docs/benchmarks.md).
         vlan_dev = naming.provider_vlan(switch, provider.vlan)
         lower = state.team.name if state.team is not None else switch
         want.add(Link(
