@@ -47,8 +47,12 @@ ICMPv6 router and neighbour discovery (types 133-137). As on a Hyper-V switch, e
 tenant ARP and neighbour solicitation is answered on the host or not at all. The table
 is checked and repaired like the servers (operations of kind ``tunnel-guard``).
 
-dnsmasq runs with ``user=root``: it re-reads the hosts file on SIGHUP after dropping
-privileges, and the file is owner-only (root) in a 0700 directory.
+dnsmasq runs with ``user=root`` and an empty ``group=``: it re-reads the hosts file on
+SIGHUP after dropping privileges, and the file is owner-only (root) in a 0700 directory.
+Without ``group=`` it would switch to group ``dip`` (``setgroups``, ``setgid``), which
+needs CAP_SETGID; the agent's unit does not grant it, and dnsmasq exited 5 ("failed to
+change group-id to dip") on every booted host. Its router advertisements open a raw
+ICMPv6 socket, so the unit grants CAP_NET_RAW.
 
 It may not touch netlink (agent.observe, agent.apply) nor decide what the kernel holds
 (agent.plan); it only starts, signals and stops the processes it started.
@@ -180,6 +184,7 @@ def desired_servers(state: HostState, run_dir: Path) -> dict[str, DhcpServer]:
             "no-resolv",
             "no-hosts",
             "user=root",
+            "group=",  # keep root's group: no setgid (the module's docstring says why)
             f"pid-file={files.pid}",
             "leasefile-ro",
             "dhcp-authoritative",

@@ -86,10 +86,9 @@ def link_local(mac: str) -> str:
     return str(ipaddress.IPv6Address(bytes([0xFE, 0x80] + [0] * 6 + eui)))
 
 
-def serve(make_netns, tmp_path, vrf: str | None = None, state=None):
-    """The host namespace's VSID bridge (in VRF `vrf` if given, as the agent builds it),
-    its server for `state` (default: ipv6_state()), the VM namespace behind a port;
-    yields (host, vm), stops the server."""
+def bridge_and_vm(make_netns, vrf: str | None = None):
+    """The host namespace's VSID bridge (in VRF `vrf` if given, as the agent builds it)
+    holding the IPv6 gateway, and the VM namespace behind a port: (host, vm)."""
     host, vm = make_netns(), make_netns()
     host.ip("link", "add", BRIDGE, "address", naming.gateway_mac(VSID), "type", "bridge")
     if vrf is not None:
@@ -105,6 +104,13 @@ def serve(make_netns, tmp_path, vrf: str | None = None, state=None):
     vm.ip("link", "set", "eth0", "address", MAC)
     vm.run("sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0")
     vm.ip("link", "set", "eth0", "up")
+    return host, vm
+
+
+def serve(make_netns, tmp_path, vrf: str | None = None, state=None):
+    """bridge_and_vm() and the host's server for `state` (default: ipv6_state());
+    yields (host, vm), stops the server."""
+    host, vm = bridge_and_vm(make_netns, vrf)
     manager = DhcpManager(host.name, tmp_path / "dhcp")
     state = state or ipv6_state()
     applied, errors = manager.apply(manager.plan(state))

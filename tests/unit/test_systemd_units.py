@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.lib.units import SYSTEMD, unit_settings
+
 CHECKOUT = Path(__file__).resolve().parents[2]
-SYSTEMD = CHECKOUT / "systemd"
 UNITS = ("hnv-agent.service", "hnv-controller.service")
 INSTALLED_BIN = "/opt/openhnv/bin"
 VENV_BIN = Path(sys.executable).parent
@@ -49,19 +50,6 @@ def _install_copy(directory: Path, *, with_lab_dropin: bool = False) -> dict[str
 def _verify(*units: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([_analyze(), "verify", *map(str, units)], capture_output=True,
                           text=True, check=False, timeout=60, cwd=units[0].parent)
-
-
-def _unit_settings(path: Path) -> dict[str, list[str]]:
-    """Key -> values of a unit file, continuation lines joined (enough for these units)."""
-    settings: dict[str, list[str]] = {}
-    text = re.sub(r"\\\n\s*", " ", path.read_text())
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";", "[")):
-            continue
-        key, _, value = line.partition("=")
-        settings.setdefault(key.strip(), []).append(value.strip())
-    return settings
 
 
 def test_units_verify_without_a_single_complaint(tmp_path):
@@ -104,24 +92,25 @@ def test_exposure_stays_low(tmp_path, unit, threshold):
     assert result.returncode == 0, f"{unit}: {overall and overall.group(0)}, above {threshold / 10}"
 
 
-def test_agent_holds_only_cap_net_admin_and_cannot_clean_up_on_stop():
-    agent = _unit_settings(SYSTEMD / "hnv-agent.service")
-    # CAP_NET_BIND_SERVICE: the DHCP servers it starts bind port 67.
-    assert agent["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_BIND_SERVICE"]
+def test_agent_holds_only_the_network_capabilities_and_cannot_clean_up_on_stop():
+    agent = unit_settings(SYSTEMD / "hnv-agent.service")
+    # CAP_NET_BIND_SERVICE: the DHCP servers it starts bind port 67; CAP_NET_RAW: their
+    # router advertisements (tests/netns/test_dhcp_under_the_unit.py starts them under it).
+    assert agent["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_NET_BIND_SERVICE CAP_NET_RAW"]
     assert agent["NoNewPrivileges"] == ["yes"]
     assert agent["RestrictAddressFamilies"] == ["AF_NETLINK AF_INET AF_INET6 AF_UNIX"]
     assert agent["Restart"] == ["on-failure"]
     # Stop = SIGTERM to the agent only; no ExecStop that could tear the data plane down.
     assert agent["KillMode"] == ["mixed"]
     assert "ExecStop" not in agent and "ExecStopPost" not in agent
-    controller = _unit_settings(SYSTEMD / "hnv-controller.service")
+    controller = unit_settings(SYSTEMD / "hnv-controller.service")
     assert controller["CapabilityBoundingSet"] == [""]
     assert controller["User"] == ["openhnv"]
 
 
 @pytest.mark.parametrize("unit", UNITS)
 def test_execstart_uses_only_flags_the_command_accepts(unit):
-    settings = _unit_settings(SYSTEMD / unit)
+    settings = unit_settings(SYSTEMD / unit)
     argv = settings["ExecStart"][0].split()
     binary = Path(argv[0].replace(INSTALLED_BIN, str(VENV_BIN)))
     help_text = subprocess.run([str(binary), argv[1], "--help"], capture_output=True,
@@ -146,7 +135,7 @@ def test_units_are_supervised_by_notify_and_watchdog(unit):
     # The daemons send READY=1 and WATCHDOG=1 themselves (agent.sd_notify; the protocol
     # is tested in test_sd_notify.py); the unit must ask systemd to listen to the main
     # process only and to restart the service when the pings stop.
-    settings = _unit_settings(SYSTEMD / unit)
+    settings = unit_settings(SYSTEMD / unit)
     assert settings["Type"] == ["notify"]
     assert settings["NotifyAccess"] == ["main"]
     assert settings["WatchdogSec"] == ["30s"]

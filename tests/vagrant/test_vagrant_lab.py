@@ -83,8 +83,7 @@ def test_tenant_pings_cross_the_hosts_inside_nvgre(vagrant_lab, tenants, tmp_pat
     results = {}
     try:
         for network in ("Fabrikam2", "Fabrikam3"):
-            pair = sorted((name, vm) for name, vm in tenants.items() if vm.get("network") == network
-                          or vm.get("vmNetwork") == network)
+            pair = sorted((name, vm) for name, vm in tenants.items() if vm["vm_network"] == network)
             local, peer = pair[0], pair[1]
             assert local[1]["host"] != peer[1]["host"], (local, peer)
             host, ca = local[1]["host"], _ca(peer[1])
